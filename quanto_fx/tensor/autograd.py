@@ -1,0 +1,48 @@
+"""Straight-through estimators: gradients pass through quantize, dequantize and rescale unchanged.
+
+This is what lets quantization-aware training update float weights through quantized forwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qtensor import QTensor
+from .quantization import quantize_data, round_and_clamp
+
+
+class QuantizeSTE(torch.autograd.Function):
+    """float -> QTensor with the given scale; the gradient goes straight through."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax, dtype, axis):
+        return QTensor(quantize_data(x, scale, qmin, qmax, dtype), scale, axis, _trusted=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None, None
+
+
+class DequantizeSTE(torch.autograd.Function):
+    """QTensor -> float (``data * scale``); the gradient goes straight through."""
+
+    @staticmethod
+    def forward(ctx, qt):
+        return qt._data.to(qt._scale.dtype) * qt._scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class RescaleSTE(torch.autograd.Function):
+    """QTensor -> QTensor at a new scale, re-rounded and saturated; the gradient goes straight through."""
+
+    @staticmethod
+    def forward(ctx, qt, scale, qmin, qmax, dtype, axis):
+        values = qt._data.to(scale.dtype) * (qt._scale / scale)
+        return QTensor(round_and_clamp(values, qmin, qmax, dtype), scale, axis, _trusted=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None, None

@@ -1,0 +1,43 @@
+"""Exact int8 x int8 -> int32 matrix products on any device, through ``aten._int_mm`` where it applies."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# cuBLAS int8 GEMM (behind aten._int_mm on CUDA) requires M > 16 and K, N multiples of 8.
+_CUDA_MIN_M = 17
+_CUDA_MULTIPLE = 8
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for int8 matrices ``a`` (M, K) and ``b`` (K, N), accumulated exactly in int32.
+
+    Exact while K * 127 * 127 < 2**31, i.e. K < 133,152. On CUDA the operands are zero-padded to the shapes
+    cuBLAS accepts (zeros add nothing to the sums) and the result is sliced back, so any shape works.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_mm expects int8 operands, got {a.dtype} and {b.dtype}")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"int8_mm: incompatible shapes {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"int8_mm: operands on different devices ({a.device} and {b.device})")
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or k == 0 or n == 0:
+        return torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    if a.device.type == "cuda":
+        pm, pk, pn = max(m, _CUDA_MIN_M), _round_up(k, _CUDA_MULTIPLE), _round_up(n, _CUDA_MULTIPLE)
+        if (pm, pk, pn) != (m, k, n):
+            a = F.pad(a, (0, pk - k, 0, pm - m))
+            b = F.pad(b, (0, pn - n, 0, pk - k))
+            return torch._int_mm(a, b)[:m, :n]
+        return torch._int_mm(a, b)
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    # Other devices: exact int32 through a widened matmul where the backend has one.
+    return torch.mm(a.to(torch.int32), b.to(torch.int32))

@@ -1,0 +1,128 @@
+"""Integer element-wise ops: add, mul, relu, softmax, and the in-place forms linear/load_state_dict use."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .dispatch import register_handler
+from .ops_matmul import add_int32_bias
+from .qtensor import QTensor, dequantize_value
+
+aten = torch.ops.aten
+
+# Adding two values of one integer type needs one more bit: widen so the sum cannot overflow.
+_WIDER = {torch.int8: torch.int16, torch.int16: torch.int32, torch.int32: torch.int32}
+_SOFTMAX_QMAX = 127
+
+
+def same_scale(a: QTensor, b: QTensor) -> bool:
+    """True when two QTensors share their quantization (same axis and equal scale values)."""
+    if a._axis != b._axis:
+        return False
+    if a._scale is b._scale:
+        return True
+    return a._scale.shape == b._scale.shape and bool(torch.equal(a._scale, b._scale.to(a._scale.device)))
+
+
+def require_same_scale(op: str, tensors) -> None:
+    first = tensors[0]
+    for other in tensors[1:]:
+        if not same_scale(first, other):
+            raise ValueError(
+                f"{op}: QTensor operands have different scales "
+                f"({_scale_repr(first)} vs {_scale_repr(other)}); "
+                "rescale them to a common scale or dequantize() first"
+            )
+
+
+def _scale_repr(t: QTensor) -> str:
+    s = t._scale
+    return f"{s.item():.6g}" if s.numel() == 1 else f"per-axis {t._axis} shape {tuple(s.shape)}"
+
+
+@register_handler(aten.add)
+def add(func, args, kwargs):
+    a, b = args[:2]
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    if alpha != 1 or not isinstance(a, QTensor):
+        return NotImplemented
+    if isinstance(b, QTensor):
+        if a.shape != b.shape:
+            return NotImplemented  # broadcasting per-axis scales is not worth an integer path
+        require_same_scale("add", [a, b])
+        wide = max(_WIDER[a._data.dtype], _WIDER[b._data.dtype], key=lambda d: torch.iinfo(d).bits)
+        return QTensor(a._data.to(wide) + b._data.to(wide), a._scale, a._axis, _trusted=True)
+    if isinstance(b, torch.Tensor) and b.is_floating_point() and a._data.dtype == torch.int32:
+        # An int32 accumulator plus a float bias: the bias joins the accumulator at its scale.
+        return add_int32_bias(a, b)
+    return NotImplemented
+
+
+@register_handler(aten.add_)
+def add_(func, args, kwargs):
+    a, b = args[:2]
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    if alpha != 1 or not isinstance(a, QTensor) or a._data.dtype != torch.int32 or isinstance(b, QTensor):
+        return NotImplemented
+    out = add_int32_bias(a, b)
+    a._data.copy_(out._data)
+    return a
+
+
+@register_handler(aten.mul)
+def mul(func, args, kwargs):
+    a, b = args
+    if isinstance(b, QTensor) and not isinstance(a, QTensor):
+        a, b = b, a
+    if not isinstance(a, QTensor):
+        return NotImplemented
+    if isinstance(b, numbers.Real) and not isinstance(b, bool) and b > 0:
+        # A positive constant only changes the scale; the integers stay as they are.
+        return QTensor(a._data, a._scale * b, a._axis, _trusted=True)
+    if not isinstance(b, QTensor):
+        return NotImplemented
+    if a.shape != b.shape or (a._axis is not None and b._axis is not None and a._axis != b._axis):
+        return NotImplemented
+    axis = a._axis if a._axis is not None else b._axis
+    data = a._data.to(torch.int32) * b._data.to(torch.int32)
+    return QTensor(data, a._scale * b._scale, axis, _trusted=True)
+
+
+@register_handler(aten.relu)
+def relu(func, args, kwargs):
+    (a,) = args
+    return QTensor(a._data.clamp_min(0), a._scale, a._axis, _trusted=True)
+
+
+@register_handler(aten._softmax)
+def softmax(func, args, kwargs):
+    x, dim, half_to_float = args
+    if half_to_float:
+        return NotImplemented
+    probs = torch.softmax(dequantize_value(x), dim)
+    # Probabilities lie in [0, 1]: a fixed scale of 1/127 covers them with int8.
+    scale = torch.full((), 1.0 / _SOFTMAX_QMAX, dtype=x.dtype, device=x.device)
+    data = torch.round(probs * _SOFTMAX_QMAX).to(torch.int8)
+    return QTensor(data, scale, None, _trusted=True)
+
+
+@register_handler(aten.copy_)
+def copy_(func, args, kwargs):
+    dst, src = args[:2]
+    if not isinstance(dst, QTensor):
+        return NotImplemented  # a float destination receives the dequantized value (fallback)
+    if not isinstance(src, QTensor) or src._data.dtype != dst._data.dtype or src._axis != dst._axis:
+        raise NotImplementedError(
+            "copy_ into a QTensor needs a QTensor source of the same integer dtype and axis, got "
+            f"{type(src).__name__}"
+            + (f" with {src._data.dtype}, axis {src._axis}" if isinstance(src, QTensor) else "")
+        )
+    if src.shape != dst.shape:
+        raise ValueError(
+            f"copy_: shape mismatch, destination {tuple(dst.shape)} vs source {tuple(src.shape)}"
+        )
+    dst._data.copy_(src._data)
+    dst._scale.copy_(src._scale)
+    return dst

@@ -1,0 +1,96 @@
+"""Integer matrix products: int8 x int8 QTensors -> int32 QTensor whose scale is the product of scales.
+
+``torch.matmul`` and ``F.linear`` decompose (above the dispatcher) into the ops handled here plus the
+shape ops of ops_shape.py, so they run in integers too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import register_handler
+from .integer_matmul import int8_mm
+from .qtensor import QTensor
+from .quantization import quantize_data
+
+aten = torch.ops.aten
+
+_INT32_MIN, _INT32_MAX = -(2**31) + 1, 2**31 - 1
+
+
+def _int8_operands(*xs) -> bool:
+    return all(isinstance(x, QTensor) and x._data.dtype == torch.int8 for x in xs)
+
+
+def _rescaled_product(acc: torch.Tensor, a: QTensor, b: QTensor):
+    """Attach the product scale to an int32 accumulator of ``a @ b``.
+
+    Left rows may carry per-row scales (axis -2), right columns per-column scales (axis -1). When both do,
+    their product is an outer product no single-axis QTensor can hold, so the result is float.
+    """
+    a_axis = None if a._axis is None else a._axis - a.ndim
+    b_axis = None if b._axis is None else b._axis - b.ndim
+    if a_axis not in (None, -2) or b_axis not in (None, -1):
+        return NotImplemented
+    a_scale = a._scale if a_axis is None else a._scale.reshape(acc.shape[-2], 1)
+    b_scale = b._scale if b_axis is None else b._scale.reshape(1, acc.shape[-1])
+    scale = a_scale * b_scale
+    if a_axis is not None and b_axis is not None:
+        return acc.to(scale.dtype) * scale
+    axis = None if scale.ndim == 0 else acc.ndim + (a_axis if a_axis is not None else b_axis)
+    if axis is not None:
+        scale = scale.reshape([1] * (acc.ndim - 2) + list(scale.shape))
+    return QTensor(acc, scale, axis, _trusted=True)
+
+
+def add_int32_bias(out, bias):
+    """``out + bias`` where ``out`` is an int32 QTensor: the bias is quantized to int32 at ``out``'s scale."""
+    if not isinstance(out, QTensor):
+        return out + (bias.dequantize() if isinstance(bias, QTensor) else bias)
+    if isinstance(bias, QTensor):
+        bias = bias._data.to(bias.dtype) * bias._scale
+    qbias = quantize_data(bias.to(out.dtype), out._scale, _INT32_MIN, _INT32_MAX, torch.int32)
+    return QTensor(out._data + qbias, out._scale, out._axis, _trusted=True)
+
+
+@register_handler(aten.mm)
+def mm(func, args, kwargs):
+    a, b = args
+    if not _int8_operands(a, b):
+        return NotImplemented
+    return _rescaled_product(int8_mm(a._data, b._data), a, b)
+
+
+@register_handler(aten.addmm)
+def addmm(func, args, kwargs):
+    bias, a, b = args[:3]
+    if not _int8_operands(a, b) or kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+        return NotImplemented
+    out = _rescaled_product(int8_mm(a._data, b._data), a, b)
+    if out is NotImplemented:
+        return out
+    return add_int32_bias(out, bias)
+
+
+@register_handler(aten.bmm)
+def bmm(func, args, kwargs):
+    a, b = args
+    if not _int8_operands(a, b):
+        return NotImplemented
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"bmm: incompatible shapes {tuple(a.shape)} @ {tuple(b.shape)}")
+    acc = torch.stack([int8_mm(x, y) for x, y in zip(a._data, b._data, strict=True)])
+    return _rescaled_product(acc, a, b)
+
+
+@register_handler(aten.dot)
+def dot(func, args, kwargs):
+    a, b = args
+    if not _int8_operands(a, b) or a._axis is not None or b._axis is not None:
+        return NotImplemented
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"dot: expects two 1-d tensors of equal size, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    acc = (a._data.to(torch.int32) * b._data.to(torch.int32)).sum(dtype=torch.int32)
+    return QTensor(acc, a._scale * b._scale, None, _trusted=True)

@@ -1,0 +1,216 @@
+"""Shape and movement ops: they move integer data and keep (or move) the scale along with it.
+
+A per-channel scale is stored with size 1 on every dimension but ``axis``, so ops that permute or insert
+dimensions apply unchanged to the scale; ops that would mix channels fall back to float.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import register_handler
+from .ops_arithmetic import require_same_scale
+from .qtensor import QTensor
+
+aten = torch.ops.aten
+
+
+def _dim(dim: int, ndim: int) -> int:
+    return dim % ndim if ndim else 0
+
+
+def _qtensor(data: torch.Tensor, scale: torch.Tensor, axis: int | None) -> QTensor:
+    return QTensor(data, scale, axis, _trusted=True)
+
+
+def _keepdim_scale(scale: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = scale.numel()
+    return scale.reshape(shape)
+
+
+@register_handler(aten.detach, aten.alias)
+def detach(func, args, kwargs):
+    (x,) = args
+    return _qtensor(func(x._data), func(x._scale), x._axis)
+
+
+@register_handler(aten.clone)
+def clone(func, args, kwargs):
+    (x,) = args
+    return _qtensor(func(x._data, **kwargs), x._scale.clone(), x._axis)
+
+
+@register_handler(aten._to_copy)
+def to_copy(func, args, kwargs):
+    (x,) = args
+    dtype = kwargs.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        return NotImplemented  # casting to an integer dtype means casting the float value: fallback
+    data_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "layout")}
+    data = func(x._data, **data_kwargs)
+    scale = func(x._scale, dtype=dtype or x._scale.dtype, device=data.device)
+    return _qtensor(data, scale, x._axis)
+
+
+@register_handler(aten.view, aten._unsafe_view, aten.reshape)
+def view(func, args, kwargs):
+    x, shape = args
+    data = func(x._data, shape)
+    if x._axis is None:
+        return _qtensor(data, x._scale, None)
+    # A per-channel scale survives when its axis stays the first or the last dimension, unchanged.
+    if x._axis == 0 and data.ndim and data.shape[0] == x.shape[0]:
+        axis = 0
+    elif x._axis == x.ndim - 1 and data.ndim and data.shape[-1] == x.shape[-1]:
+        axis = data.ndim - 1
+    else:
+        return NotImplemented
+    return _qtensor(data, _keepdim_scale(x._scale, data.ndim, axis), axis)
+
+
+@register_handler(aten.t)
+def t(func, args, kwargs):
+    (x,) = args
+    if x._axis is None or x.ndim < 2:
+        return _qtensor(func(x._data), x._scale, x._axis)
+    return _qtensor(func(x._data), func(x._scale), 1 - x._axis)
+
+
+@register_handler(aten.transpose)
+def transpose(func, args, kwargs):
+    x, d0, d1 = args
+    d0, d1 = _dim(d0, x.ndim), _dim(d1, x.ndim)
+    if x._axis is None:
+        return _qtensor(func(x._data, d0, d1), x._scale, None)
+    axis = {d0: d1, d1: d0}.get(x._axis, x._axis)
+    return _qtensor(func(x._data, d0, d1), func(x._scale, d0, d1), axis)
+
+
+@register_handler(aten.permute)
+def permute(func, args, kwargs):
+    x, dims = args
+    dims = [_dim(d, x.ndim) for d in dims]
+    if x._axis is None:
+        return _qtensor(func(x._data, dims), x._scale, None)
+    return _qtensor(func(x._data, dims), func(x._scale, dims), dims.index(x._axis))
+
+
+@register_handler(aten.unsqueeze)
+def unsqueeze(func, args, kwargs):
+    x, dim = args
+    dim = _dim(dim, x.ndim + 1)
+    if x._axis is None:
+        return _qtensor(func(x._data, dim), x._scale, None)
+    return _qtensor(func(x._data, dim), func(x._scale, dim), x._axis + (dim <= x._axis))
+
+
+@register_handler(aten.squeeze)
+def squeeze(func, args, kwargs):
+    x = args[0]
+    data = func(x._data, *args[1:])
+    if x._axis is None:
+        return _qtensor(data, x._scale, None)
+    if func is not aten.squeeze.dim:
+        return NotImplemented
+    dim = _dim(args[1], x.ndim)
+    if x.shape[dim] != 1:
+        return _qtensor(data, x._scale, x._axis)  # squeeze of a non-unit dim is a no-op
+    if dim == x._axis:
+        return _qtensor(data, x._scale.reshape(()), None)
+    return _qtensor(data, func(x._scale, dim), x._axis - (dim < x._axis))
+
+
+@register_handler(aten.expand)
+def expand(func, args, kwargs):
+    x, size = args[:2]
+    data = func(x._data, size, **kwargs)
+    if x._axis is None:
+        return _qtensor(data, x._scale, None)
+    if data.ndim != x.ndim or data.shape[x._axis] != x.shape[x._axis]:
+        return NotImplemented
+    return _qtensor(data, x._scale, x._axis)
+
+
+@register_handler(aten.slice)
+def slice_(func, args, kwargs):
+    x = args[0]
+    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), x.ndim)
+    data = func(x._data, *args[1:], **kwargs)
+    scale = func(x._scale, *args[1:], **kwargs) if dim == x._axis else x._scale
+    return _qtensor(data, scale, x._axis)
+
+
+@register_handler(aten.select)
+def select(func, args, kwargs):
+    x, dim, index = args
+    dim = _dim(dim, x.ndim)
+    data = func(x._data, dim, index)
+    if x._axis is None:
+        return _qtensor(data, x._scale, None)
+    if dim == x._axis:
+        return _qtensor(data, x._scale.select(dim, index).reshape(()), None)
+    return _qtensor(data, x._scale.select(dim, 0), x._axis - (dim < x._axis))
+
+
+@register_handler(aten.unbind)
+def unbind(func, args, kwargs):
+    x = args[0]
+    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), x.ndim)
+    return [select(aten.select.int, (x, dim, i), {}) for i in range(x.shape[dim])]
+
+
+@register_handler(aten.index)
+def index(func, args, kwargs):
+    x, indices = args
+    if x._axis is not None or any(isinstance(i, QTensor) for i in indices):
+        return NotImplemented
+    return _qtensor(func(x._data, indices), x._scale, None)
+
+
+@register_handler(aten.split, aten.split_with_sizes)
+def split(func, args, kwargs):
+    x, sizes = args[:2]
+    dim = _dim(args[2] if len(args) > 2 else kwargs.get("dim", 0), x.ndim)
+    pieces = func(x._data, sizes, dim)
+    if dim != x._axis:
+        return [_qtensor(p, x._scale, x._axis) for p in pieces]
+    scales = func(x._scale, sizes, dim)
+    return [_qtensor(p, s, x._axis) for p, s in zip(pieces, scales, strict=True)]
+
+
+def _joinable(op: str, tensors) -> bool:
+    """True when every tensor is a QTensor with one integer dtype and axis; mixed lists fall back."""
+    if not all(isinstance(t, QTensor) for t in tensors):
+        return False
+    if len({t._data.dtype for t in tensors}) > 1 or len({t._axis for t in tensors}) > 1:
+        raise ValueError(f"{op}: QTensors differ in integer dtype or axis; rescale them first")
+    return True
+
+
+@register_handler(aten.cat)
+def cat(func, args, kwargs):
+    tensors = list(args[0])
+    if not _joinable("cat", tensors):
+        return NotImplemented
+    first = tensors[0]
+    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.ndim)
+    data = func([t._data for t in tensors], dim)
+    if first._axis is not None and dim == first._axis:
+        return _qtensor(data, func([t._scale for t in tensors], dim), dim)
+    require_same_scale("cat", tensors)
+    return _qtensor(data, first._scale, first._axis)
+
+
+@register_handler(aten.stack)
+def stack(func, args, kwargs):
+    tensors = list(args[0])
+    if not _joinable("stack", tensors):
+        return NotImplemented
+    first = tensors[0]
+    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.ndim + 1)
+    require_same_scale("stack", tensors)
+    data = func([t._data for t in tensors], dim)
+    if first._axis is None:
+        return _qtensor(data, first._scale, None)
+    return _qtensor(data, first._scale.unsqueeze(dim), first._axis + (dim <= first._axis))

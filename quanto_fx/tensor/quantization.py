@@ -1,0 +1,119 @@
+"""Symmetric quantization arithmetic on plain tensors: integer ranges, absmax scales, rounding.
+
+Everything here is pure torch and works on any device. QTensor and the quantized modules build on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..qtypes import qtype
+
+# Integer storage dtypes a QTensor may hold.
+INT_DTYPES = (torch.int8, torch.int16, torch.int32)
+
+
+def int_range(int_dtype: torch.dtype | qtype) -> tuple[int, int, torch.dtype]:
+    """Return ``(qmin, qmax, storage dtype)`` of a symmetric integer range.
+
+    The range is symmetric (``qmin == -qmax``, e.g. [-127, 127] for int8) so that negation never saturates
+    and zero needs no zero-point, as the seed's strict symmetric scheme requires.
+    """
+    if isinstance(int_dtype, qtype):
+        if int_dtype.is_floating_point:
+            raise ValueError(
+                f"{int_dtype.name} is a float8 qtype; QTensor holds integer data (use qint8, qint4 or qint2)"
+            )
+        return int(int_dtype.qmin), int(int_dtype.qmax), int_dtype.dtype
+    if int_dtype not in INT_DTYPES:
+        raise ValueError(
+            f"unsupported integer dtype {int_dtype}; expected one of {[str(d) for d in INT_DTYPES]} "
+            "or a quanto_fx qtype"
+        )
+    qmax = torch.iinfo(int_dtype).max
+    return -qmax, qmax, int_dtype
+
+
+def normalize_axis(axis: int | None, ndim: int) -> int | None:
+    """Return ``axis`` as a non-negative dimension index (None stays None)."""
+    if axis is None:
+        return None
+    if not isinstance(axis, int) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be None or a dimension of a {ndim}-d tensor, got {axis!r}")
+    return axis % ndim
+
+
+def reduce_dims(ndim: int, axis: int | None) -> list[int]:
+    """The dimensions a per-``axis`` statistic reduces over (all of them for per-tensor)."""
+    return [d for d in range(ndim) if d != axis]
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise ValueError when ``values`` holds NaN or +-Inf.
+
+    Skipped while torch.compile traces, where a data-dependent branch would break the graph.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{what} contains non-finite values (NaN or Inf); cannot quantize it")
+
+
+def absmax_scale(x: torch.Tensor, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """Scale that maps the absolute maximum of ``x`` (per tensor, or per slice along ``axis``) to ``qmax``.
+
+    The result is a 0-d tensor for per-tensor scales, else shaped like ``x`` with size 1 on every dimension
+    but ``axis`` (it broadcasts against ``x``). It is never zero: an all-zero slice gets the smallest
+    normal float of ``x.dtype``, which quantizes it exactly to zeros.
+    """
+    if x.ndim == 0 or axis is None:
+        absmax = x.abs().amax() if x.numel() else x.new_zeros(())
+    else:
+        absmax = x.abs().amax(dim=reduce_dims(x.ndim, axis), keepdim=True)
+    check_finite(absmax, "input")
+    return (absmax / qmax).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def round_and_clamp(x: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype) -> torch.Tensor:
+    """Round half to even, saturate to [qmin, qmax] and cast to ``dtype``."""
+    return torch.round(x).clamp_(qmin, qmax).to(dtype)
+
+
+def quantize_data(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Integer data of ``x`` at ``scale``: ``clamp(round(x / scale), qmin, qmax)``."""
+    return round_and_clamp(x / scale, qmin, qmax, dtype)
+
+
+def check_scale(scale: torch.Tensor, data: torch.Tensor, axis: int | None) -> None:
+    """Check that ``scale`` is a float tensor of the shape a per-tensor or per-``axis`` scale must have."""
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        raise TypeError(
+            f"scale must be a floating point tensor, got {type(scale).__name__}"
+            f"{'' if not isinstance(scale, torch.Tensor) else ' of dtype ' + str(scale.dtype)}"
+        )
+    if scale.device != data.device:
+        raise ValueError(f"scale is on {scale.device} but data is on {data.device}")
+    if axis is None:
+        if scale.ndim != 0:
+            raise ValueError(f"a per-tensor scale must be 0-d, got shape {tuple(scale.shape)}")
+        return
+    expected = [1] * data.ndim
+    expected[axis] = data.shape[axis]
+    if list(scale.shape) != expected:
+        raise ValueError(
+            f"a scale along axis {axis} of data shaped {tuple(data.shape)} must have shape "
+            f"{tuple(expected)}, got {tuple(scale.shape)}"
+        )
+
+
+def check_scale_values(scale: torch.Tensor) -> None:
+    """Raise ValueError unless every scale is finite and strictly positive (skipped while compiling)."""
+    if torch.compiler.is_compiling():
+        return
+    check_finite(scale, "scale")
+    if not bool((scale > 0).all()):
+        raise ValueError(
+            "scale must be strictly positive (symmetric quantization has no zero or negative scale)"
+        )

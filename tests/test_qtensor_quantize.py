@@ -1,0 +1,128 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4, qint8
+
+shapes = st.lists(st.integers(1, 9), min_size=1, max_size=3)
+
+
+@st.composite
+def float_tensors(draw):
+    shape = draw(shapes)
+    seed = draw(st.integers(0, 2**16))
+    magnitude = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * magnitude
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=float_tensors(),
+    per_axis=st.booleans(),
+    int_dtype=st.sampled_from([torch.int8, torch.int16, qint4, qint2]),
+)
+def test_quantize_error_at_most_half_a_step(x, per_axis, int_dtype):
+    axis = (0 if x.ndim == 1 else -1) if per_axis else None
+    qx = QTensor.quantize(x, int_dtype, axis=axis)
+    step = qx._scale
+    err = (qx.dequantize() - x).abs()
+    # half a step, plus float32 rounding of x / scale and data * scale (a few ulps of |x|)
+    assert torch.all(err <= step / 2 + 4 * torch.finfo(x.dtype).eps * x.abs())
+    qmax = {torch.int8: 127, torch.int16: 32767, qint4: 7, qint2: 1}[int_dtype]
+    assert int(qx._data.abs().max()) <= qmax
+
+
+def test_per_axis_scale_shapes():
+    x = torch.randn(4, 6)
+    assert QTensor.quantize(x)._scale.shape == ()
+    assert QTensor.quantize(x, axis=0)._scale.shape == (4, 1)
+    q = QTensor.quantize(x, axis=-1)
+    assert q._scale.shape == (1, 6) and q.axis == 1
+    expected = x.abs().amax(dim=0, keepdim=True) / 127
+    torch.testing.assert_close(q._scale, expected)
+
+
+def test_quantize_rounds_half_to_even():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 200.0])
+    q = QTensor.quantize(x, scale=torch.tensor(1.0))
+    assert q._data.tolist() == [0, 2, 2, 0, -2, 127]  # ties to even, saturation at qmax
+
+
+def test_all_zero_tensor_gets_a_positive_scale():
+    q = QTensor.quantize(torch.zeros(3, 4), axis=0)
+    assert torch.all(q._scale > 0)
+    assert torch.equal(q.dequantize(), torch.zeros(3, 4))
+
+
+def test_quantize_keeps_device_and_float_dtype(device):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(8, 8, device=device, dtype=dtype)
+        q = QTensor.quantize(x)
+        assert q.device.type == device.type and q.dtype == dtype and q._data.dtype == torch.int8
+        assert q.dequantize().dtype == dtype
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_refused(bad):
+    x = torch.randn(4, 4)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        QTensor.quantize(x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_bad_scales_are_refused(bad):
+    with pytest.raises(ValueError, match="scale"):
+        QTensor.quantize(torch.randn(3), scale=torch.tensor(bad))
+    with pytest.raises(ValueError, match="scale"):
+        QTensor(torch.zeros(3, dtype=torch.int8), torch.tensor(bad))
+
+
+def test_constructor_checks():
+    with pytest.raises(TypeError, match="int8, int16 or int32"):
+        QTensor(torch.zeros(3), torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating point"):
+        QTensor(torch.zeros(3, dtype=torch.int8), torch.tensor(1))
+    with pytest.raises(ValueError, match="must be 0-d"):
+        QTensor(torch.zeros(3, dtype=torch.int8), torch.ones(3))
+    with pytest.raises(ValueError, match=r"must have shape \(3, 1\)"):
+        QTensor(torch.zeros(3, 2, dtype=torch.int8), torch.ones(2), axis=0)
+    with pytest.raises(ValueError, match="axis"):
+        QTensor.quantize(torch.randn(3, 2), axis=2)
+
+
+def test_bad_int_dtypes_are_named():
+    with pytest.raises(ValueError, match="unsupported integer dtype torch.int64"):
+        QTensor.quantize(torch.randn(3), torch.int64)
+    with pytest.raises(ValueError, match="qfloat8_e4m3fn is a float8 qtype"):
+        QTensor.quantize(torch.randn(3), qfloat8_e4m3fn)
+    with pytest.raises(TypeError, match="floating point tensor"):
+        QTensor.quantize(torch.arange(3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=float_tensors(), acc=st.sampled_from([torch.int16, torch.int32]), per_axis=st.booleans())
+def test_rescale_to_int8(x, acc, per_axis):
+    axis = 0 if per_axis else None
+    wide = QTensor.quantize(x, acc, axis=axis)
+    q8 = wide.rescale(torch.int8)
+    assert q8._data.dtype == torch.int8 and q8.axis == wide.axis
+    err = (q8.dequantize() - wide.dequantize()).abs()
+    ulps = 4 * torch.finfo(x.dtype).eps * wide.dequantize().abs()
+    assert torch.all(err <= q8._scale / 2 + ulps)
+
+
+def test_rescale_with_explicit_scale_saturates_and_rounds_half_even():
+    wide = QTensor(torch.tensor([5, 15, 25, 10_000], dtype=torch.int32), torch.tensor(0.1))
+    q8 = wide.rescale(qint8, torch.tensor(1.0))
+    assert q8._data.tolist() == [0, 2, 2, 127]
+
+
+def test_rescale_per_axis_to_per_tensor():
+    wide = QTensor.quantize(torch.randn(4, 5), torch.int32, axis=0)
+    q8 = wide.rescale(torch.int8, torch.tensor(0.05))
+    assert q8.axis is None
+    expected = torch.round(wide.dequantize() / 0.05).clamp(-127, 127)
+    assert torch.equal(q8._data.float(), expected)
