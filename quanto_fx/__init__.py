@@ -1,14 +1,20 @@
 """quanto_fx: quantize PyTorch models to integers that run fast in eager mode and under torch.compile."""
 
+from .calibrate import calibration
 from .qtypes import get_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtype, qtypes
+from .quantize import freeze, quantization_map, quantize, requantize
+from .serialization import load, save
 from .tensor import QTensor, fallback_counts, reset_fallback_counts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QTensor",
+    "calibration",
     "fallback_counts",
+    "freeze",
     "get_qtype",
+    "load",
     "qfloat8_e4m3fn",
     "qfloat8_e5m2",
     "qint2",
@@ -16,5 +22,9 @@ __all__ = [
     "qint8",
     "qtype",
     "qtypes",
+    "quantization_map",
+    "quantize",
+    "requantize",
     "reset_fallback_counts",
+    "save",
 ]

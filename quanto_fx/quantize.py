@@ -1,0 +1,155 @@
+"""The model-level verbs: quantize, freeze, quantization_map, requantize."""
+
+from __future__ import annotations
+
+import copy
+from fnmatch import fnmatch
+
+import torch
+
+from .nn.qmodule import QModuleMixin, check_qtypes, qmodule_class_for
+from .qtypes import qint8, qtype
+
+__all__ = ["quantize", "freeze", "quantization_map", "requantize"]
+
+
+def _patterns(patterns: str | list[str] | None) -> list[str] | None:
+    return [patterns] if isinstance(patterns, str) else patterns
+
+
+def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    if include is not None and not any(fnmatch(name, p) for p in include):
+        return False
+    return not (exclude is not None and any(fnmatch(name, p) for p in exclude))
+
+
+def _unmatched(patterns: list[str] | None, names: list[str]) -> list[str]:
+    return [p for p in patterns or [] if not any(fnmatch(n, p) for n in names)]
+
+
+def quantize(
+    model: torch.nn.Module,
+    weights: qtype | str | None = qint8,
+    activations: qtype | str | None = qint8,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    inplace: bool = True,
+    activation_mode: str = "static",
+) -> torch.nn.Module:
+    """Replace the supported modules of ``model`` by quantized ones and return the model.
+
+    Supported: ``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``, ``nn.RMSNorm`` and Llama-style RMSNorm
+    classes (plus anything added with ``quanto_fx.nn.register_qmodule``). Weights stay float until
+    ``freeze(model)``, so the quantized model can still be calibrated and trained.
+
+    Args:
+        model: the float model.
+        weights: weight qtype (qint8) or None to keep float weights.
+        activations: activation qtype (qint8) or None for weight-only quantization.
+        include / exclude: fnmatch patterns on module names (``"encoder.*"``); a pattern that matches no
+            module name raises, as it is almost always a typo.
+        inplace: False quantizes a deep copy and leaves ``model`` untouched.
+        activation_mode: "static" (per-tensor scales from ``calibration()``) or "dynamic" (per-token
+            scales computed at run time; no calibration needed).
+
+    Raises:
+        ValueError: unsupported qtypes or mode, patterns matching nothing, an already quantized model.
+    """
+    weights, activations = check_qtypes(weights, activations, activation_mode)
+    include, exclude = _patterns(include), _patterns(exclude)
+    names = [name for name, _ in model.named_modules()]
+    for kind, patterns in (("include", include), ("exclude", exclude)):
+        if missing := _unmatched(patterns, names):
+            raise ValueError(f"{kind} pattern(s) {missing} match no module name of the model")
+    already = [name or "<root>" for name, m in model.named_modules() if isinstance(m, QModuleMixin)]
+    if already:
+        raise ValueError(f"model is already quantized (quantized modules: {already[:5]}); quantize it once")
+    if not inplace:
+        model = copy.deepcopy(model)
+    settings = dict(weights=weights, activations=activations, activation_mode=activation_mode)
+    # Build every replacement first, then swap: a failure leaves the model unmodified.
+    replacements = {
+        name: qcls.from_module(module, **settings)
+        for name, module in model.named_modules()
+        if (qcls := qmodule_class_for(module)) is not None and _selected(name, include, exclude)
+    }
+    root = replacements.pop("", None)
+    for name, qmodule in replacements.items():
+        model.set_submodule(name, qmodule)
+    return root if root is not None else model
+
+
+def _qmodules(model: torch.nn.Module) -> list[tuple[str, QModuleMixin]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QModuleMixin)]
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Store the weights of every quantized module as integer QTensors (int8: ~0.25x the fp32 bytes).
+
+    Raises:
+        ValueError: the model holds no quantized module (call ``quantize(model)`` first).
+    """
+    qmodules = _qmodules(model)
+    if not qmodules:
+        raise ValueError("freeze: the model has no quantized module; call quantize(model) first")
+    for _, module in qmodules:
+        module.freeze()
+    return model
+
+
+def quantization_map(model: torch.nn.Module) -> dict[str, dict]:
+    """Describe every quantized module: its class, qtypes, activation mode and whether it is frozen.
+
+    The map is JSON-serializable; with a state_dict it is all ``requantize`` needs to rebuild the model.
+    """
+    return {
+        name: {
+            "class": type(m).__name__,
+            "weights": m.weight_qtype.name if m.weight_qtype else None,
+            "activations": m.activation_qtype.name if m.activation_qtype else None,
+            "activation_mode": m.activation_mode,
+            "frozen": m.frozen,
+        }
+        for name, m in _qmodules(model)
+    }
+
+
+def requantize(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], qmap: dict[str, dict], strict: bool = True
+) -> torch.nn.Module:
+    """Rebuild a quantized model from its float skeleton, a quantized state_dict and its quantization map.
+
+    The skeleton may live on the meta device (``with torch.device("meta"): model = Model()``): tensors of
+    the state_dict are assigned, not copied.
+
+    Raises:
+        ValueError: a map entry names no module, or a module whose quantized class differs from the map;
+            RuntimeError (from ``load_state_dict``): missing, unexpected or mis-shaped keys.
+    """
+    replacements = {}
+    for name, entry in qmap.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"quantization map names module {name!r}, which the model does not have") from e
+        qcls = qmodule_class_for(module)
+        if qcls is None or qcls.__name__ != entry.get("class"):
+            raise ValueError(
+                f"module {name!r} is a {type(module).__name__}, "
+                f"which does not quantize to {entry.get('class')}"
+            )
+        qmodule = qcls.from_module(
+            module,
+            weights=entry["weights"],
+            activations=entry["activations"],
+            activation_mode=entry["activation_mode"],
+        )
+        if entry.get("frozen"):
+            qmodule.freeze()
+        replacements[name] = qmodule
+    root = replacements.pop("", None)
+    for name, qmodule in replacements.items():
+        model.set_submodule(name, qmodule)
+    model = root if root is not None else model
+    model.load_state_dict(state_dict, strict=strict, assign=True)
+    return model
