@@ -5,7 +5,7 @@ import torch
 
 def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better; int8 typically gives > 35 dB)."""
-    reference, approx = reference.double(), approx.double()
+    reference, approx = reference.detach().double(), approx.detach().double()
     noise = (reference - approx).pow(2).mean()
     if noise == 0:
         return float("inf")

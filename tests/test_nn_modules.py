@@ -1,0 +1,133 @@
+"""Quantized modules against their float twins (SQNR bounds), in every activation mode."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from quanto_fx import QTensor, calibration, qint4, qint8
+from quanto_fx.nn import QConv2d, QLayerNorm, QLinear, QRMSNorm, qmodule_class_for
+
+from .utils import dequantized, sqnr
+
+MODES = [("static", qint8), ("dynamic", qint8), ("weight-only", None)]
+
+
+def qmodule(cls, module, mode, activations):
+    return cls.from_module(
+        module, activations=activations, activation_mode="static" if mode == "weight-only" else mode
+    )
+
+
+def calibrate(module, *inputs):
+    with torch.no_grad(), calibration():
+        for x in inputs:
+            module(x)
+
+
+@pytest.mark.parametrize("mode, activations", MODES)
+def test_qlinear_matches_float(device, mode, activations):
+    linear = torch.nn.Linear(64, 32).to(device)
+    x = torch.randn(4, 10, 64, device=device)
+    q = qmodule(QLinear, linear, mode, activations)
+    assert q.weight is linear.weight and q.bias is linear.bias  # shared: QAT trains the float parameters
+    if mode == "static":
+        calibrate(q, x)
+    out = q(x)
+    if mode == "static":
+        assert isinstance(out, QTensor) and out.qdtype == torch.int8 and out.axis is None
+        assert torch.equal(out._scale, q.out_scale)
+    else:
+        assert type(out) is torch.Tensor
+    assert out.shape == (4, 10, 32)
+    assert sqnr(linear(x), dequantized(out)) > {"static": 30, "dynamic": 35, "weight-only": 38}[mode]
+
+
+def test_qlinear_scales_are_one_until_calibrated():
+    q = QLinear.from_module(torch.nn.Linear(8, 4))
+    assert q.in_scale.item() == 1.0 and q.out_scale.item() == 1.0
+    x = torch.randn(16, 8)
+    calibrate(q, x)
+    torch.testing.assert_close(q.in_scale, x.abs().max() / 127)
+
+
+def test_qlinear_takes_an_int8_qtensor_input_as_is():
+    q = QLinear.from_module(torch.nn.Linear(8, 4))
+    x = torch.randn(16, 8)
+    calibrate(q, x)
+    qx = QTensor.quantize(x, scale=q.in_scale)
+    assert torch.equal(q(qx)._data, q(x)._data)
+
+
+def test_qlinear_uses_int32_bias_at_product_scale():
+    linear = torch.nn.Linear(8, 4)
+    q = QLinear.from_module(linear)
+    x = torch.randn(5, 8)
+    calibrate(q, x)
+    acc = torch.nn.functional.linear(QTensor.quantize(x, scale=q.in_scale), q.qweight, linear.bias)
+    assert acc.qdtype == torch.int32
+    product_scale = (q.in_scale * q.qweight._scale).reshape(-1)
+    expected = (
+        QTensor.quantize(x, scale=q.in_scale)._data.long() @ q.qweight._data.long().t()
+    ) + torch.round(linear.bias / product_scale).long()
+    assert torch.equal(acc._data.long(), expected)
+
+
+@pytest.mark.parametrize("mode, activations", MODES)
+def test_qconv2d_matches_float(device, mode, activations):
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1, stride=2).to(device)
+    x = torch.randn(2, 3, 12, 12, device=device)
+    q = qmodule(QConv2d, conv, mode, activations)
+    if mode == "static":
+        calibrate(q, x)
+    out = q(x)
+    assert out.shape == (2, 16, 6, 6)
+    assert sqnr(conv(x), dequantized(out)) > 30
+
+
+@pytest.mark.parametrize("mode, activations", MODES)
+def test_norms_match_float(device, mode, activations):
+    x = torch.randn(3, 7, 32, device=device) * 3 + 1
+    for norm in (torch.nn.LayerNorm(32), torch.nn.RMSNorm(32, eps=1e-6)):
+        norm = norm.to(device)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        q = qmodule_class_for(norm).from_module(
+            norm, activations=activations, activation_mode="static" if mode == "weight-only" else mode
+        )
+        if mode == "static":
+            calibrate(q, x)
+            assert isinstance(q(x), QTensor)
+        assert sqnr(norm(x), dequantized(q(x))) > 35
+
+
+def test_llama_rmsnorm_is_recognized_and_matches():
+    config = LlamaConfig(hidden_size=32, rms_norm_eps=1e-5)
+    norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    assert not isinstance(norm, torch.nn.RMSNorm)
+    assert qmodule_class_for(norm) is QRMSNorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    q = QRMSNorm.from_module(norm, activations=None)
+    assert q.eps == 1e-5
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(q(x), norm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_qlayernorm_registry_and_unsupported_qtypes():
+    assert qmodule_class_for(torch.nn.LayerNorm(4)) is QLayerNorm
+    assert qmodule_class_for(torch.nn.ReLU()) is None
+    with pytest.raises(ValueError, match="weights=qint4 is not supported yet"):
+        QLinear.from_module(torch.nn.Linear(4, 4), weights=qint4)
+    with pytest.raises(ValueError, match="activation_mode must be one of"):
+        QLinear.from_module(torch.nn.Linear(4, 4), activation_mode="per_token")
+
+
+def test_freeze_quantizes_weights_and_keeps_outputs():
+    linear = torch.nn.Linear(32, 16)
+    q = QLinear.from_module(linear, activations=None)
+    x = torch.randn(4, 32)
+    before = q(x)
+    q.freeze()
+    assert isinstance(q.weight, QTensor) and q.weight.qdtype == torch.int8 and not q.weight.requires_grad
+    assert torch.equal(q(x), before)

@@ -1,0 +1,193 @@
+"""quantize / freeze / quantization_map / requantize on whole models."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from quanto_fx import QTensor, calibration, freeze, qint4, quantization_map, quantize, requantize
+from quanto_fx.nn import QConv2d, QLayerNorm, QLinear, QModuleMixin
+
+from .utils import dequantized, sqnr
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(8 * 6 * 6)
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(8 * 6 * 6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)
+        )
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu(self.conv(x)).flatten(1)))
+
+
+def inputs(n=16):
+    return torch.randn(n, 3, 6, 6)
+
+
+def test_quantize_swaps_supported_modules_in_place():
+    net = Net()
+    out = quantize(net)
+    assert out is net
+    assert isinstance(net.conv, QConv2d) and isinstance(net.norm, QLayerNorm)
+    assert isinstance(net.head[0], QLinear) and isinstance(net.head[2], QLinear)
+    assert isinstance(net.head[1], torch.nn.ReLU)
+
+
+def test_quantize_clone_leaves_the_float_model_untouched():
+    net = Net()
+    state = copy.deepcopy(net.state_dict())
+    qnet = quantize(net, inplace=False)
+    assert qnet is not net and isinstance(qnet.conv, QConv2d)
+    assert not any(isinstance(m, QModuleMixin) for m in net.modules())
+    freeze(qnet)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_include_exclude_patterns():
+    qnet = quantize(Net(), include="head.*", exclude="head.2")
+    assert isinstance(qnet.head[0], QLinear)
+    assert type(qnet.head[2]) is torch.nn.Linear and type(qnet.conv) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"include": "decoder.*"}, r"include pattern\(s\) \['decoder.\*'\] match no module"),
+    ({"exclude": ["head.9"]}, r"exclude pattern\(s\) \['head.9'\] match no module"),
+    ({"weights": qint4}, "weights=qint4 is not supported yet"),
+    ({"weights": "qint7"}, "unknown qtype 'qint7'"),
+])  # fmt: skip
+def test_bad_arguments_leave_the_model_unmodified(kwargs, message):
+    net = Net()
+    with pytest.raises(ValueError, match=message):
+        quantize(net, **kwargs)
+    assert not any(isinstance(m, QModuleMixin) for m in net.modules())
+
+
+def test_quantizing_twice_and_freezing_a_float_model_are_refused():
+    net = quantize(Net())
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(net)
+    with pytest.raises(ValueError, match="call quantize"):
+        freeze(Net())
+
+
+def test_root_module_is_quantized_too():
+    q = quantize(torch.nn.Linear(4, 4), activations=None)
+    assert isinstance(q, QLinear)
+
+
+@pytest.mark.parametrize("activation_mode", ["static", "dynamic"])
+def test_quantized_model_tracks_float(activation_mode):
+    net = Net()
+    x = inputs()
+    qnet = quantize(net, inplace=False, activation_mode=activation_mode)
+    if activation_mode == "static":  # dynamic scales need no calibration
+        with torch.no_grad(), calibration():
+            qnet(x)
+    assert sqnr(net(x), dequantized(qnet(x))) > 25
+
+
+def test_weight_only_gives_float_outputs():
+    net = Net()
+    x = inputs()
+    qnet = quantize(net, activations=None, inplace=False)
+    out = qnet(x)
+    assert type(out) is torch.Tensor and sqnr(net(x), out) > 35
+
+
+def test_qat_trains_float_weights_through_quantized_forward():
+    torch.manual_seed(0)
+    net = quantize(Net())
+    x, y = inputs(64), torch.randint(0, 5, (64,))
+    with torch.no_grad(), calibration():
+        net(x)
+    weight_before = net.head[0].weight.detach().clone()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(net(x).dequantize(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert not torch.equal(net.head[0].weight, weight_before)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def parameter_bytes(model):
+    total = 0
+    for p in model.parameters():
+        tensors = (p._data, p._scale) if isinstance(p, QTensor) else (p,)
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def test_freeze_shrinks_parameters_to_a_quarter():
+    big = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    float_bytes = parameter_bytes(big)
+    frozen = freeze(quantize(big, inplace=False))
+    assert all(isinstance(m.weight, QTensor) for m in frozen)
+    assert parameter_bytes(frozen) <= 0.26 * float_bytes
+
+
+def test_quantization_map_describes_modules():
+    qnet = freeze(quantize(Net(), exclude="conv", activation_mode="dynamic"))
+    qmap = quantization_map(qnet)
+    assert set(qmap) == {"norm", "head.0", "head.2"}
+    assert qmap["head.0"] == {
+        "class": "QLinear",
+        "weights": "qint8",
+        "activations": "qint8",
+        "activation_mode": "dynamic",
+        "frozen": True,
+    }
+    assert qmap["norm"]["weights"] is None and qmap["norm"]["frozen"] is False
+
+
+def calibrated_frozen_net():
+    net = quantize(Net())
+    with torch.no_grad(), calibration():
+        net(inputs())
+    return freeze(net)
+
+
+def test_state_dict_roundtrip_with_weights_only_load_and_assign():
+    qnet = calibrated_frozen_net()
+    buf = io.BytesIO()
+    torch.save(qnet.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf)  # weights_only=True by default
+    fresh = freeze(quantize(Net()))
+    fresh.load_state_dict(state, assign=True)
+    for key, value in qnet.state_dict().items():
+        loaded = fresh.state_dict()[key]
+        if isinstance(value, QTensor):
+            assert torch.equal(loaded._data, value._data) and torch.equal(loaded._scale, value._scale)
+        else:
+            assert torch.equal(loaded, value)
+    x = inputs()
+    assert torch.equal(fresh(x)._data, qnet(x)._data)
+
+
+def test_requantize_from_a_meta_skeleton():
+    qnet = calibrated_frozen_net()
+    with torch.device("meta"):
+        skeleton = Net()
+    rebuilt = requantize(skeleton, qnet.state_dict(), quantization_map(qnet))
+    assert not any(t.is_meta for t in rebuilt.state_dict().values())
+    x = inputs()
+    assert torch.equal(rebuilt(x)._data, qnet(x)._data)
+
+
+def test_requantize_errors_name_the_module():
+    qnet = calibrated_frozen_net()
+    qmap = quantization_map(qnet)
+    with pytest.raises(ValueError, match="names module 'decoder'"):
+        requantize(Net(), qnet.state_dict(), {"decoder": qmap["norm"]})
+    with pytest.raises(ValueError, match="module 'norm' is a LayerNorm, which does not quantize to QLinear"):
+        requantize(Net(), qnet.state_dict(), {"norm": qmap["head.0"]})

@@ -1,0 +1,163 @@
+"""quanto_fx.save / load: bit-exact round trips, and clear refusals that leave the model as it was."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import quanto_fx
+from quanto_fx import QTensor, calibration, freeze, quantize
+from quanto_fx.nn import QModuleMixin
+
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)
+    )
+
+
+@pytest.fixture
+def saved(tmp_path):
+    qnet = quantize(net())
+    x = torch.randn(8, 16)
+    with torch.no_grad(), calibration():
+        qnet(x)
+    freeze(qnet)
+    path = tmp_path / "model.safetensors"
+    quanto_fx.save(qnet, path)
+    return qnet, path, x
+
+
+def read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def assert_untouched(model):
+    assert not any(isinstance(m, QModuleMixin) for m in model.modules())
+    for key, value in net().state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_roundtrip_is_bit_exact(saved):
+    qnet, path, x = saved
+    loaded = quanto_fx.load(path, net())
+    assert quanto_fx.quantization_map(loaded) == quanto_fx.quantization_map(qnet)
+    for key, value in qnet.state_dict().items():
+        other = loaded.state_dict()[key]
+        if isinstance(value, QTensor):
+            assert isinstance(other, QTensor) and other.axis == value.axis
+            assert torch.equal(other._data, value._data) and torch.equal(other._scale, value._scale)
+        else:
+            assert torch.equal(other, value)
+    assert torch.equal(loaded(x)._data, qnet(x)._data) and torch.equal(loaded(x)._scale, qnet(x)._scale)
+
+
+def test_load_into_a_meta_skeleton(saved):
+    qnet, path, x = saved
+    with torch.device("meta"):
+        skeleton = net()
+    loaded = quanto_fx.load(path, skeleton)
+    assert torch.equal(loaded(x)._data, qnet(x)._data)
+
+
+def test_checkpoint_is_about_a_quarter_of_float(saved, tmp_path):
+    big = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    float_path, quant_path = tmp_path / "f.safetensors", tmp_path / "q.safetensors"
+    save_file(big.state_dict(), str(float_path))
+    quanto_fx.save(freeze(quantize(big, inplace=False)), quant_path)
+    assert quant_path.stat().st_size <= 0.3 * float_path.stat().st_size
+
+
+def rewrite(path, tensors=None, metadata=None):
+    old_tensors, old_metadata = read(path)
+    save_file(
+        tensors if tensors is not None else old_tensors,
+        str(path),
+        metadata=metadata if metadata is not None else old_metadata,
+    )
+
+
+def test_missing_key(saved):
+    _, path, _ = saved
+    tensors, _ = read(path)
+    del tensors["3.bias"]
+    rewrite(path, tensors=tensors)
+    model = net()
+    with pytest.raises(ValueError, match="(?s)does not fit the model.*3.bias"):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+def test_extra_key(saved):
+    _, path, _ = saved
+    tensors, _ = read(path)
+    tensors["9.weight"] = torch.zeros(2)
+    rewrite(path, tensors=tensors)
+    model = net()
+    with pytest.raises(ValueError, match="9.weight"):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+def test_misshaped_key(saved):
+    _, path, _ = saved
+    tensors, _ = read(path)
+    tensors["3.bias"] = torch.zeros(7)
+    rewrite(path, tensors=tensors)
+    model = net()
+    with pytest.raises(ValueError, match="3.bias"):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+def test_unknown_qtype(saved):
+    _, path, _ = saved
+    _, metadata = read(path)
+    qmap = json.loads(metadata["quantization_map"])
+    qmap["0"]["weights"] = "qint9"
+    rewrite(path, metadata=metadata | {"quantization_map": json.dumps(qmap)})
+    model = net()
+    with pytest.raises(ValueError, match="unknown qtype 'qint9'"):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+def test_nan_scale_is_refused(saved):
+    _, path, _ = saved
+    tensors, _ = read(path)
+    tensors["0.weight._scale"][0] = float("nan")
+    rewrite(path, tensors=tensors)
+    with pytest.raises(ValueError, match="QTensor '0.weight'.*non-finite"):
+        quanto_fx.load(path, net())
+
+
+def test_foreign_safetensors_file(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file(net().state_dict(), str(path))
+    with pytest.raises(ValueError, match="not a quanto_fx checkpoint"):
+        quanto_fx.load(path, net())
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a safetensors file at all", b"\x10\x00\x00\x00\x00\x00\x00\x00{"]
+)
+def test_garbage_and_truncated_files(tmp_path, saved, content):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        quanto_fx.load(path, net())
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(saved[1].read_bytes()[:-100])
+    model = net()
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        quanto_fx.load(truncated, model)
+    assert_untouched(model)
+
+
+def test_save_refuses_a_float_model(tmp_path):
+    with pytest.raises(ValueError, match="no quantized module"):
+        quanto_fx.save(net(), tmp_path / "x.safetensors")
