@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# cuBLAS int8 GEMM (behind aten._int_mm on CUDA) requires M > 16 and K, N multiples of 8.
-_CUDA_MIN_M = 17
+# cuBLAS int8 GEMM (behind aten._int_mm on CUDA) requires M > 16 and K, N multiples of 8. An H200 run also
+# refused (17, 104) @ (104, 40) with CUBLAS_STATUS_NOT_SUPPORTED: M is padded to a multiple of 8 as well and
+# b is passed column-major, the layout cuBLASLt's int8 kernels take.
+_CUDA_MIN_M = 24
 _CUDA_MULTIPLE = 8
 
 
@@ -31,12 +33,13 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if m == 0 or k == 0 or n == 0:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
     if a.device.type == "cuda":
-        pm, pk, pn = max(m, _CUDA_MIN_M), _round_up(k, _CUDA_MULTIPLE), _round_up(n, _CUDA_MULTIPLE)
+        pm = max(_round_up(m, _CUDA_MULTIPLE), _CUDA_MIN_M)
+        pk, pn = _round_up(k, _CUDA_MULTIPLE), _round_up(n, _CUDA_MULTIPLE)
         if (pm, pk, pn) != (m, k, n):
             a = F.pad(a, (0, pk - k, 0, pm - m))
             b = F.pad(b, (0, pn - n, 0, pk - k))
-            return torch._int_mm(a, b)[:m, :n]
-        return torch._int_mm(a, b)
+        out = torch._int_mm(a.contiguous(), b.t().contiguous().t())
+        return out[:m, :n] if (pm, pn) != (m, n) else out
     if a.device.type == "cpu":
         return torch._int_mm(a, b)
     # Other devices: exact int32 through a widened matmul where the backend has one.

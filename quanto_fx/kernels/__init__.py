@@ -1,0 +1,33 @@
+"""Fused integer ops as ``torch.library`` ops in the ``quanto_fx`` namespace; importing this registers them.
+
+- ``torch.ops.quanto_fx.int8_mm_rescale``: int8 GEMM -> float (per-row x per-column scales, bias, relu).
+- ``torch.ops.quanto_fx.int8_mm_requantize``: int8 GEMM -> int8 (int32 bias, output scale, relu).
+
+Each op has one schema, a pure-torch reference (``reference.py``), a fake implementation, a torch
+implementation for CPU and any other device, and on CUDA a Triton kernel with the epilogue fused into the
+GEMM. The ops are opaque to inductor, which calls them as extern kernels.
+"""
+
+from importlib.util import find_spec
+
+from .int8_mm_requantize import int8_mm_requantize
+from .int8_mm_rescale import int8_mm_rescale
+from .library import LIB
+from .reference import int8_mm_requantize_reference, int8_mm_rescale_reference
+
+# triton is optional (absent on macOS, Windows and most CPU-only installs): without it the CUDA path is the
+# torch implementation (cuBLAS _int_mm, then the epilogue).
+HAS_TRITON = find_spec("triton") is not None
+if HAS_TRITON:
+    from .triton_launch import int8_mm_requantize_triton, int8_mm_rescale_triton
+
+    LIB.impl("int8_mm_rescale", int8_mm_rescale_triton, "CUDA")
+    LIB.impl("int8_mm_requantize", int8_mm_requantize_triton, "CUDA")
+
+__all__ = [
+    "HAS_TRITON",
+    "int8_mm_requantize",
+    "int8_mm_requantize_reference",
+    "int8_mm_rescale",
+    "int8_mm_rescale_reference",
+]

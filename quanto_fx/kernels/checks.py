@@ -1,0 +1,69 @@
+"""Argument checks shared by every implementation of the fused int8 ops (fake, torch and Triton).
+
+The fake implementation runs them too, so a malformed call fails while torch.compile traces, not at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Float dtypes of a rescale's bias and output; the math is float32 either way.
+RESCALE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_scale(scale: torch.Tensor, name: str, vector_shape: tuple[int, int], device: torch.device) -> None:
+    if not scale.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {scale.dtype}")
+    if scale.ndim != 0 and tuple(scale.shape) != vector_shape:
+        raise ValueError(f"{name} must be 0-d or shaped {vector_shape}, got {tuple(scale.shape)}")
+    if scale.device != device:
+        raise ValueError(f"{name} is on {scale.device} but the operands are on {device}")
+
+
+def _check_int8_mm_args(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bias_dtypes: tuple[torch.dtype, ...],
+) -> None:
+    """The operands shared by ``int8_mm_rescale`` and ``int8_mm_requantize``.
+
+    ``a`` int8 (M, K), ``b`` int8 (K, N), ``a_scale`` float 0-d or (M, 1), ``b_scale`` float 0-d or (1, N),
+    ``bias`` None or (N,) of one of ``bias_dtypes``; all on one device.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"expected int8 operands, got {a.dtype} and {b.dtype}")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"incompatible shapes {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"operands on different devices ({a.device} and {b.device})")
+    m, n = a.shape[0], b.shape[1]
+    _check_scale(a_scale, "a_scale", (m, 1), a.device)
+    _check_scale(b_scale, "b_scale", (1, n), a.device)
+    if bias is None:
+        return
+    if bias.dtype not in bias_dtypes:
+        raise TypeError(f"bias must have dtype in {[str(d) for d in bias_dtypes]}, got {bias.dtype}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be shaped ({n},), got {tuple(bias.shape)}")
+    if bias.device != a.device:
+        raise ValueError(f"bias is on {bias.device} but the operands are on {a.device}")
+
+
+def check_rescale_args(a, b, a_scale, b_scale, bias, out_dtype: torch.dtype) -> None:
+    """Check the arguments of ``int8_mm_rescale``: a float (N,) bias and a float ``out_dtype``."""
+    _check_int8_mm_args(a, b, a_scale, b_scale, bias, bias_dtypes=RESCALE_OUT_DTYPES)
+    if out_dtype not in RESCALE_OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in RESCALE_OUT_DTYPES]}, got {out_dtype}")
+
+
+def check_requantize_args(a, b, a_scale, b_scale, bias, out_scale: torch.Tensor) -> None:
+    """Check the arguments of ``int8_mm_requantize``: an int32 (N,) bias and a 0-d float ``out_scale``."""
+    _check_int8_mm_args(a, b, a_scale, b_scale, bias, bias_dtypes=(torch.int32,))
+    if not out_scale.is_floating_point() or out_scale.ndim != 0:
+        shape = tuple(out_scale.shape)
+        raise TypeError(f"out_scale must be a 0-d float tensor, got {out_scale.dtype} {shape}")
+    if out_scale.device != a.device:
+        raise ValueError(f"out_scale is on {out_scale.device} but the operands are on {a.device}")
