@@ -1,4 +1,6 @@
-"""The torch.compile backend (installed as quanto_fx.backend).
+"""The torch.compile backend (installed as quanto_fx.backend): ``backend="quanto"`` and ``explain()``."""
 
-Arrives with the torch.compile backend work.
-"""
+from .compiler import BackendOptions, quanto_backend
+from .explain import ExplainReport, explain
+
+__all__ = ["BackendOptions", "ExplainReport", "explain", "quanto_backend"]

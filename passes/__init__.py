@@ -1,4 +1,10 @@
 """FX graph passes on the post-grad aten graph (installed as quanto_fx.passes).
 
-The rewrite rules arrive with the torch.compile backend work.
+``run_passes(graph)`` rewrites int8 GEMM chains into the fused ops of ``quanto_fx.kernels`` following the
+rules table in ``rules.py``; see README.md for the invariants every pass keeps.
 """
+
+from .pipeline import FUSED_OPS, GraphReport, counters, run_passes
+from .rules import RULES, STAGES, Rule
+
+__all__ = ["FUSED_OPS", "GraphReport", "RULES", "Rule", "STAGES", "counters", "run_passes"]

@@ -8,9 +8,24 @@ from .tensor import QTensor, fallback_counts, reset_fallback_counts
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The compiler side loads inductor: keep `import quanto_fx` light and load it on first use.
+    if name == "explain":
+        from .backend import explain
+
+        return explain
+    if name in ("backend", "passes", "kernels"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "QTensor",
     "calibration",
+    "explain",
     "fallback_counts",
     "freeze",
     "get_qtype",

@@ -1,0 +1,148 @@
+"""``torch.compile(model, backend="quanto")``: inductor with the quanto_fx fusion passes.
+
+The backend is registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so the name
+works after installation without importing quanto_fx first. Do not also call ``register_backend`` here:
+dynamo would then fail with "duplicate name: quanto".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+log = logging.getLogger("quanto_fx.backend")
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+# Every file whose content changes what the pass writes: a change must change the FX-graph-cache key.
+_SOURCES = tuple(sorted(str(p) for folder in ("passes", "kernels") for p in (_PACKAGE / folder).glob("*.py")))
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """Options of the quanto backend, given as ``torch.compile(..., options={...})``.
+
+    Attributes:
+        fusion: rewrite int8 GEMM chains into fused kernels (False: plain inductor, for comparison).
+        dump_dir: write each graph before and after every pass stage, and a JSON report, to this folder.
+        report: print a fusion summary of every compiled graph.
+    """
+
+    fusion: bool = True
+    dump_dir: str | None = None
+    report: bool = False
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> BackendOptions:
+        options = dict(options or {})
+        valid = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown quanto backend option(s) {unknown}; valid options: {sorted(valid)}")
+        if not isinstance(options.get("fusion", True), bool) or not isinstance(
+            options.get("report", False), bool
+        ):
+            raise TypeError("quanto backend options 'fusion' and 'report' must be booleans")
+        if options.get("dump_dir") is not None:
+            options["dump_dir"] = str(options["dump_dir"])
+        return cls(**options)
+
+    @property
+    def observed(self) -> bool:
+        """Whether the passes must run even when a cached compilation exists (to report or dump)."""
+        return self.report or self.dump_dir is not None
+
+
+class Session:
+    """Everything the backend saw during one compilation: captured graphs and per-graph pass reports."""
+
+    def __init__(self) -> None:
+        self.captured: list[str] = []
+        self.reports: list = []
+
+
+_local = threading.local()
+_graph_ids = itertools.count()
+
+
+def active_session() -> Session | None:
+    return getattr(_local, "session", None)
+
+
+class QuantoGraphPass(CustomGraphPass):
+    """The post-grad pass inductor runs: the fusion stages of ``quanto_fx.passes``."""
+
+    def __init__(self, options: BackendOptions, graph_id: int) -> None:
+        self.options = options
+        self.graph_id = graph_id
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from quanto_fx.passes import GraphReport, run_passes
+
+        report = GraphReport()
+        if self.options.fusion:
+            run_passes(graph, report, keep_graphs=self.options.observed or active_session() is not None)
+        self._publish(report)
+
+    def _publish(self, report) -> None:
+        if (session := active_session()) is not None:
+            session.reports.append(report)
+        if self.options.dump_dir is not None:
+            from .explain import dump_graph_report
+
+            dump_graph_report(Path(self.options.dump_dir), self.graph_id, report)
+        if self.options.report:
+            from .explain import format_graph_report
+
+            print(format_graph_report(self.graph_id, report))
+
+    def uuid(self) -> bytes:
+        options = repr(sorted(dataclasses.asdict(self.options).items())).encode()
+        return hashlib.sha256(get_hash_for_files(_SOURCES) + options).digest()
+
+
+def quanto_backend(
+    gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None
+):
+    """The dynamo backend: inductor's ``compile_fx`` with the quanto_fx fusion passes."""
+    from torch._inductor.compile_fx import compile_fx
+
+    import quanto_fx.kernels  # noqa: F401  (registers the fused ops the passes write)
+
+    opts = BackendOptions.from_dict(options)
+    graph_id = next(_graph_ids)
+    if (session := active_session()) is not None:
+        session.captured.append(gm.code)
+    if opts.dump_dir is not None:
+        from .explain import dump_text
+
+        dump_text(Path(opts.dump_dir), f"graph_{graph_id}_captured.py", gm.code)
+    patches: dict = {"post_grad_custom_pre_pass": QuantoGraphPass(opts, graph_id)}
+    if opts.observed or session is not None:
+        patches["fx_graph_cache"] = False  # a cache hit would skip the passes and leave nothing to report
+    if mode == "max-autotune":
+        patches["max_autotune"] = True
+    log.debug("compiling graph %d with %s", graph_id, opts)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def with_session(fn):
+    """Run ``fn`` with a fresh Session active in this thread; returns ``(result, session)``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        session = Session()
+        _local.session = session
+        try:
+            return fn(*args, **kwargs), session
+        finally:
+            _local.session = None
+
+    return wrapper

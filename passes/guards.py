@@ -1,0 +1,114 @@
+"""The checks a rule runs on a match before rewriting it: dtypes, shapes and constants that the traced
+pattern left as wildcards. Each returns None when the match may be fused, else the reason it may not."""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor.pattern_matcher import Match
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+INT8_QMAX = 127
+# The float dtypes a fused rescale computes in float32 and writes out (quanto_fx.kernels.checks).
+RESCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def value(match: Match, name: str):
+    """The example value (FakeTensor) of the matched argument ``name``; None if absent or a constant None."""
+    node = match.kwargs.get(name)
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+
+
+def _nodes(match: Match, target) -> list[torch.fx.Node]:
+    return [n for n in match.nodes if n.target == target]
+
+
+def _gemm_n(match: Match) -> int:
+    return value(match, "b").shape[1]
+
+
+def _varies_only_along_last_dim(t: torch.Tensor, n: int) -> bool:
+    return t.numel() == 1 or (t.numel() == n and t.shape[-1] == n)
+
+
+def _reshape_keeps_columns(match: Match, n: int) -> str | None:
+    for node in _nodes(match, aten.reshape.default) + _nodes(match, aten.view.default):
+        if node.meta["val"].shape[-1] != n:
+            return f"the reshape after the int8 GEMM moves columns (to {tuple(node.meta['val'].shape)})"
+    return None
+
+
+def check_requantize(match: Match) -> str | None:
+    """int32 [+ bias] -> int8: symmetric int8 bounds, per-tensor or per-column ratio, int32 (N,) bias."""
+    n = _gemm_n(match)
+    (clamp_min,) = _nodes(match, aten.clamp_min.default)
+    (clamp_max,) = _nodes(match, aten.clamp_max.default)
+    if (clamp_min.args[1], clamp_max.args[1]) != (-INT8_QMAX, INT8_QMAX):
+        return f"clamp bounds ({clamp_min.args[1]}, {clamp_max.args[1]}) are not the symmetric int8 range"
+    to_int8, to_float = sorted(
+        _nodes(match, prims.convert_element_type.default), key=lambda n: n.args[1].is_floating_point
+    )
+    if to_int8.args[1] != torch.int8 or not to_float.args[1].is_floating_point:
+        return f"the chain converts to {to_float.args[1]} then {to_int8.args[1]}, not float then int8"
+    ratio = value(match, "ratio")
+    if not isinstance(ratio, torch.Tensor) or not _varies_only_along_last_dim(ratio, n):
+        return "the requantization scale is neither per tensor nor per output column"
+    bias = value(match, "bias")
+    if bias is not None and (
+        bias.dtype != torch.int32 or not _varies_only_along_last_dim(bias, n) or bias.numel() != n
+    ):
+        return "the bias added to the int32 accumulator is not an int32 (N,) vector"
+    return _reshape_keeps_columns(match, n)
+
+
+def check_rescale(match: Match) -> str | None:
+    """int32 -> float with per-tensor, per-row or per-column scales [+ (N,) bias], all in one float dtype."""
+    n = _gemm_n(match)
+    m = value(match, "a").shape[0]
+    (to_float,) = _nodes(match, prims.convert_element_type.default)
+    out_dtype = match.output_node().meta["val"].dtype
+    if to_float.args[1] not in RESCALE_DTYPES or out_dtype != to_float.args[1]:
+        return f"the int32 accumulator is converted to {to_float.args[1]} and the chain returns {out_dtype}"
+    scale = value(match, "scale")
+    if scale is not None:
+        per_row = scale.ndim == 2 and tuple(scale.shape) == (m, 1)
+        if not (per_row or _varies_only_along_last_dim(scale, n)):
+            return f"the scale shaped {tuple(scale.shape)} is neither per tensor, per row nor per column"
+        if scale.ndim > 2:
+            return "the scale has more than two dimensions"
+    a_scale, b_scale = value(match, "a_scale"), value(match, "b_scale")
+    if a_scale is not None:
+        if not (a_scale.numel() == 1 or tuple(a_scale.shape) == (m, 1)):
+            return f"the row scale shaped {tuple(a_scale.shape)} is not (M, 1)"
+        if not (b_scale.numel() == 1 or tuple(b_scale.shape) == (1, n)):
+            return f"the column scale shaped {tuple(b_scale.shape)} is not (1, N)"
+    bias = value(match, "bias")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) not in ((n,), (1, n))):
+        return "the bias is not a float (N,) vector"
+    if bias is not None and bias.dtype != out_dtype:
+        return f"the bias is {bias.dtype} but the chain computes in {out_dtype}"
+    return None
+
+
+def check_relu_bound(match: Match) -> str | None:
+    """clamp_min(int8, 0) is a relu only with the bound 0."""
+    (clamp_min,) = _nodes(match, aten.clamp_min.default)
+    return None if clamp_min.args[1] == 0 else f"clamp_min bound {clamp_min.args[1]} is not a relu"
+
+
+def check_sink_requantize(match: Match) -> str | None:
+    (reshape,) = _nodes(match, aten.reshape.default) or _nodes(match, aten.view.default)
+    if reshape.args[0].target is not torch.ops.quanto_fx.int8_mm_requantize.default:
+        return "the reshape does not follow a fused requantize"
+    return check_relu_bound(match)
+
+
+def check_sink_rescale(match: Match) -> str | None:
+    (reshape,) = _nodes(match, aten.reshape.default) or _nodes(match, aten.view.default)
+    if reshape.args[0].target is not torch.ops.quanto_fx.int8_mm_rescale.default:
+        return "the reshape does not follow a fused rescale"
+    return None
+
+
+def always(match: Match) -> str | None:
+    return None

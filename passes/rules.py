@@ -1,0 +1,244 @@
+"""The rewrite rules: each chain the eager runtime produces after AOTAutograd, beside the fused op that
+replaces it. Patterns are plain eager functions; inductor's pattern matcher traces them into graph patterns
+(constants such as clamp bounds and dtypes become wildcards, so each rule's ``check`` verifies them).
+
+Stages, in order: "fuse" rewrites int8 GEMM chains into fused ops; "sink" moves a relu that follows a
+fused op through the reshape between them; "epilogue" folds that relu into the fused op. See README.md for
+the invariants every rule keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from quanto_fx.kernels import int8_mm_requantize, int8_mm_rescale
+
+from . import guards
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+INT8_QMAX = 127
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rewrite: ``pattern`` (eager chain) is replaced by ``replacement`` (fused op) when ``check`` passes.
+
+    ``replacement`` takes the pattern's tensors plus ``out``, the example value of the matched chain's
+    output (its shape restores a 3-d result). ``check`` returns None when the match may be fused, else
+    the reason it may not (reported by explain()).
+    """
+
+    name: str
+    stage: str
+    pattern: Callable
+    replacement: Callable
+    example_inputs: Callable[[], list[torch.Tensor]]
+    check: Callable[[dict], str | None]
+    comment: str
+
+
+def _i8(*shape):
+    return torch.empty(shape, dtype=torch.int8)
+
+
+def _f32(*shape):
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def _i32(*shape):
+    return torch.empty(shape, dtype=torch.int32)
+
+
+def _as_row(scale: torch.Tensor) -> torch.Tensor:
+    """A (…, 1, N) or 0-d scale as the (1, N) / 0-d vector the fused ops take."""
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(1, -1)
+
+
+def _as_column(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+
+
+def _requantize(a, b, ratio, bias, out):
+    one = ratio.new_ones(())
+    bias = None if bias is None else bias.reshape(-1)
+    return int8_mm_requantize(a, b, one, _as_row(ratio), bias, one).reshape(out.shape)
+
+
+def _requantize_round(x):
+    return torch.round(x).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+
+
+# -- stage "fuse": static activations, int32 -> int8 ------------------------------------------------------
+
+
+# int8(clamp(round(f32(a @ b) * ratio))) -> int8_mm_requantize(a, b, ratio)
+def requantize_pattern(a, b, ratio):
+    return _requantize_round(torch._int_mm(a, b).to(torch.float32) * ratio)
+
+
+def requantize_replacement(a, b, ratio, *, out):
+    return _requantize(a, b, ratio, None, out)
+
+
+# int8(clamp(round(f32(a @ b + bias32) * ratio))) -> int8_mm_requantize(a, b, ratio, bias32)
+def requantize_bias_pattern(a, b, bias, ratio):
+    return _requantize_round((torch._int_mm(a, b) + bias).to(torch.float32) * ratio)
+
+
+def requantize_bias_replacement(a, b, bias, ratio, *, out):
+    return _requantize(a, b, ratio, bias, out)
+
+
+# 3-d input: the int32 accumulator is reshaped back to (B, S, N) before the requantization.
+def requantize_3d_pattern(a, b, ratio):
+    acc = torch._int_mm(a, b).reshape(2, -1, b.shape[1])
+    return _requantize_round(acc.to(torch.float32) * ratio)
+
+
+def requantize_bias_3d_pattern(a, b, bias, ratio):
+    acc = (torch._int_mm(a, b) + bias).reshape(2, -1, b.shape[1])
+    return _requantize_round(acc.to(torch.float32) * ratio)
+
+
+# -- stage "fuse": dynamic activations or float outputs, int32 -> float ------------------------------------
+
+
+# f32(a @ b) * (a_scale * b_scale) -> int8_mm_rescale(a, b, a_scale, b_scale): no (M, N) scale tensor
+def rescale_outer_pattern(a, b, a_scale, b_scale):
+    return torch._int_mm(a, b).to(torch.float32) * (a_scale * b_scale)
+
+
+def rescale_outer_replacement(a, b, a_scale, b_scale, *, out):
+    return int8_mm_rescale(a, b, _as_column(a_scale), _as_row(b_scale), None, out.dtype).reshape(out.shape)
+
+
+# f32(a @ b) * (a_scale * b_scale) + bias -> int8_mm_rescale(a, b, a_scale, b_scale, bias)
+def rescale_outer_bias_pattern(a, b, a_scale, b_scale, bias):
+    return torch._int_mm(a, b).to(torch.float32) * (a_scale * b_scale) + bias
+
+
+def rescale_outer_bias_replacement(a, b, a_scale, b_scale, bias, *, out):
+    out = int8_mm_rescale(a, b, _as_column(a_scale), _as_row(b_scale), bias.reshape(-1), out.dtype)
+    return out.reshape(out.shape)
+
+
+# f32(a @ b) * scale -> int8_mm_rescale(a, b, 1, scale), scale per tensor or per column
+def rescale_pattern(a, b, scale):
+    return torch._int_mm(a, b).to(torch.float32) * scale
+
+
+def rescale_replacement(a, b, scale, *, out):
+    one = scale.new_ones(())
+    if scale.ndim == 2 and scale.shape[1] == 1 and scale.shape[0] > 1:  # per row
+        return int8_mm_rescale(a, b, scale, one, None, out.dtype).reshape(out.shape)
+    return int8_mm_rescale(a, b, one, _as_row(scale), None, out.dtype).reshape(out.shape)
+
+
+# -- stage "sink": relu(reshape(fused)) -> reshape(relu(fused)), so the epilogue stage sees them adjacent ----
+
+
+# clamp_min(reshape(requantize(...)), 0) -> reshape(clamp_min(...)): pointwise ops commute with reshapes
+def sink_requantize_relu_pattern(x):
+    return x.reshape(2, -1).clamp_min(0)
+
+
+def sink_rescale_relu_pattern(x):
+    return torch.relu(x.reshape(2, -1))
+
+
+def sink_requantize_relu_replacement(x, *, out):
+    return x.clamp_min(0).reshape(out.shape)
+
+
+def sink_rescale_relu_replacement(x, *, out):
+    return torch.relu(x).reshape(out.shape)
+
+
+# -- stage "epilogue": fold a relu into the fused op ------------------------------------------------------
+
+
+# clamp_min(int8_mm_requantize(...), 0) -> int8_mm_requantize(..., relu=True): clamping commutes with rounding
+def requantize_relu_pattern(a, b, a_scale, b_scale, out_scale):
+    return int8_mm_requantize(a, b, a_scale, b_scale, None, out_scale).clamp_min(0)
+
+
+def requantize_relu_replacement(a, b, a_scale, b_scale, out_scale, *, out):
+    return int8_mm_requantize(a, b, a_scale, b_scale, None, out_scale, relu=True)
+
+
+def requantize_bias_relu_pattern(a, b, a_scale, b_scale, bias, out_scale):
+    return int8_mm_requantize(a, b, a_scale, b_scale, bias, out_scale).clamp_min(0)
+
+
+def requantize_bias_relu_replacement(a, b, a_scale, b_scale, bias, out_scale, *, out):
+    return int8_mm_requantize(a, b, a_scale, b_scale, bias, out_scale, relu=True)
+
+
+# relu(int8_mm_rescale(...)) -> int8_mm_rescale(..., relu=True)
+def rescale_relu_pattern(a, b, a_scale, b_scale):
+    return torch.relu(int8_mm_rescale(a, b, a_scale, b_scale, None, torch.float32))
+
+
+def rescale_relu_replacement(a, b, a_scale, b_scale, *, out):
+    return int8_mm_rescale(a, b, a_scale, b_scale, None, out.dtype, relu=True)
+
+
+def rescale_bias_relu_pattern(a, b, a_scale, b_scale, bias):
+    return torch.relu(int8_mm_rescale(a, b, a_scale, b_scale, bias, torch.float32))
+
+
+def rescale_bias_relu_replacement(a, b, a_scale, b_scale, bias, *, out):
+    return int8_mm_rescale(a, b, a_scale, b_scale, bias, out.dtype, relu=True)
+
+
+# -- the table --------------------------------------------------------------------------------------------
+
+_M, _K, _N = 8, 16, 8
+
+RULES: tuple[Rule, ...] = (
+    Rule("requantize", "fuse", requantize_pattern, requantize_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, _N)], guards.check_requantize,
+         "int32 -> int8 at a per-tensor or per-column ratio"),
+    Rule("requantize_bias", "fuse", requantize_bias_pattern, requantize_bias_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _i32(1, _N), _f32(1, _N)], guards.check_requantize,
+         "int32 + int32 bias -> int8"),
+    Rule("requantize_3d", "fuse", requantize_3d_pattern, requantize_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, 1, _N)], guards.check_requantize,
+         "as requantize, with the (B, S, N) reshape of a 3-d input in between"),
+    Rule("requantize_bias_3d", "fuse", requantize_bias_3d_pattern, requantize_bias_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _i32(1, _N), _f32(1, 1, _N)], guards.check_requantize,
+         "as requantize_bias, with the (B, S, N) reshape of a 3-d input in between"),
+    Rule("rescale_outer_bias", "fuse", rescale_outer_bias_pattern, rescale_outer_bias_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(_M, 1), _f32(1, _N), _f32(_N)], guards.check_rescale,
+         "int32 -> float by per-row x per-column scales, + bias (dynamic activations)"),
+    Rule("rescale_outer", "fuse", rescale_outer_pattern, rescale_outer_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(_M, 1), _f32(1, _N)], guards.check_rescale,
+         "int32 -> float by per-row x per-column scales"),
+    Rule("rescale", "fuse", rescale_pattern, rescale_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, _N)], guards.check_rescale,
+         "int32 -> float by one scale per tensor, row or column"),
+    Rule("sink_requantize_relu", "sink", sink_requantize_relu_pattern, sink_requantize_relu_replacement,
+         lambda: [_i8(_M, _N)], guards.check_sink_requantize,
+         "relu(reshape(requantize)) -> reshape(relu(requantize))"),
+    Rule("sink_rescale_relu", "sink", sink_rescale_relu_pattern, sink_rescale_relu_replacement,
+         lambda: [_f32(_M, _N)], guards.check_sink_rescale,
+         "relu(reshape(rescale)) -> reshape(relu(rescale))"),
+    Rule("requantize_relu", "epilogue", requantize_relu_pattern, requantize_relu_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(), _f32(1, _N), _f32()], guards.check_relu_bound,
+         "relu folded into requantize"),
+    Rule("requantize_bias_relu", "epilogue", requantize_bias_relu_pattern, requantize_bias_relu_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(), _f32(1, _N), _i32(_N), _f32()], guards.check_relu_bound,
+         "relu folded into requantize with bias"),
+    Rule("rescale_relu", "epilogue", rescale_relu_pattern, rescale_relu_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(_M, 1), _f32(1, _N)], guards.always,
+         "relu folded into rescale"),
+    Rule("rescale_bias_relu", "epilogue", rescale_bias_relu_pattern, rescale_bias_relu_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _f32(_M, 1), _f32(1, _N), _f32(_N)], guards.always,
+         "relu folded into rescale with bias"),
+)  # fmt: skip
+
+STAGES: tuple[str, ...] = ("fuse", "sink", "epilogue")

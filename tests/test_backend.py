@@ -1,0 +1,241 @@
+"""torch.compile(model, backend="quanto"): correctness vs eager, fusion proven in the generated code,
+options, caching, graph breaks and recompilation."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import quanto_fx
+from quanto_fx import QTensor, calibration, freeze, quantize
+from quanto_fx.passes import counters
+
+from .utils import dequantized, sqnr
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+
+
+def quantized(model, x, mode="static", activations=quanto_fx.qint8):
+    q = quantize(model, activation_mode=mode, activations=activations)
+    if mode == "static" and activations is not None:
+        with torch.no_grad(), calibration():
+            q(x)
+    return freeze(q)
+
+
+def compile_and_run(model, *inputs, **compile_kwargs):
+    """Compile afresh (no dynamo or FX-graph cache, so the passes run and bump their counters)."""
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        out, codes = run_and_get_code(torch.compile(model, backend="quanto", **compile_kwargs), *inputs)
+    return out, "\n".join(codes)
+
+
+@pytest.fixture(scope="module")
+def static_run():
+    x = torch.randn(2, 16, 64)
+    q = quantized(mlp(), x)
+    counters.clear()
+    out, code = compile_and_run(q, x)
+    return q, x, out, code, dict(counters)
+
+
+def test_static_mlp_is_fused_and_bit_exact(static_run):
+    q, x, out, code, rule_counts = static_run
+    with torch.no_grad():
+        ref = q(x)
+    assert isinstance(out, QTensor)
+    assert torch.equal(out._data, ref._data) and torch.equal(out._scale, ref._scale)
+    # Two fused requantizing GEMMs, the relu folded into the first; no bare _int_mm or rescale left.
+    FileCheck().check_count("torch.ops.quanto_fx.int8_mm_requantize.default(", 2, exactly=True).run(code)
+    FileCheck().check("torch.ops.quanto_fx.int8_mm_requantize.default(").check("True").run(code)
+    FileCheck().check_not("aten._int_mm").run(code)
+    assert rule_counts["requantize_bias_3d"] == 2
+    assert rule_counts["sink_requantize_relu"] == 1 and rule_counts["requantize_bias_relu"] == 1
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dynamic_mlp_is_fused(dims):
+    x = torch.randn(32, 64) if dims == 2 else torch.randn(2, 16, 64)
+    q = quantized(mlp(), x, mode="dynamic")
+    counters.clear()
+    out, code = compile_and_run(q, x)
+    with torch.no_grad():
+        ref = q(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    FileCheck().check_count("torch.ops.quanto_fx.int8_mm_rescale.default(", 2, exactly=True).run(code)
+    FileCheck().check_not("aten._int_mm").run(code)
+    assert counters["rescale_outer_bias"] == 2 and counters["rescale_bias_relu"] == 1
+
+
+def test_weight_only_and_norms_compile_like_eager():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(32)
+            self.rms = torch.nn.RMSNorm(32)
+            self.proj = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.proj(self.rms(self.norm(x)))
+
+    x = torch.randn(4, 8, 32)
+    for mode, activations in (("static", quanto_fx.qint8), ("static", None)):
+        q = quantized(Block(), x, mode, activations)
+        out, _ = compile_and_run(q, x)
+        with torch.no_grad():
+            ref = q(x)
+        torch.testing.assert_close(dequantized(out), dequantized(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_model_compiles_like_eager():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)
+    )
+    x = torch.randn(2, 3, 10, 10)
+    q = quantized(model, x)
+    out, _ = compile_and_run(q, x)
+    with torch.no_grad():
+        ref = q(x)
+    # unfused conv requantization: the same int8 values up to rounding ties of a different float order
+    assert (out._data.int() - ref._data.int()).abs().max() <= 1
+    assert sqnr(dequantized(ref), dequantized(out)) > 40
+
+
+def test_fusion_can_be_disabled():
+    x = torch.randn(2, 16, 64)
+    q = quantized(mlp(), x)
+    out, code = compile_and_run(q, x, options={"fusion": False})
+    FileCheck().check("_int_mm").run(code)
+    FileCheck().check_not("quanto_fx.int8_mm").run(code)
+    with torch.no_grad():
+        assert torch.equal(out._data, q(x)._data)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(Exception, match="unknown quanto backend option"):
+        compile_and_run(mlp(), torch.randn(2, 64), options={"fusoin": True})
+
+
+def test_dump_dir_and_report(tmp_path, capsys):
+    x = torch.randn(2, 16, 64)
+    q = quantized(mlp(), x)
+    compile_and_run(q, x, options={"dump_dir": str(tmp_path), "report": True})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith("_captured.py") for n in names)
+    for stage in ("before", "after_fuse", "after_sink", "after_epilogue"):
+        assert any(n.endswith(f"_post_grad_{stage}.txt") for n in names), stage
+    report = json.loads(next(tmp_path.glob("*_report.json")).read_text())
+    assert {f["rule"] for f in report["fused"]} >= {"requantize_bias_3d", "requantize_bias_relu"}
+    after = next(tmp_path.glob("*_post_grad_after_epilogue.txt")).read_text()
+    assert "int8_mm_requantize" in after and "_int_mm" not in after
+    assert "rewrite(s)" in capsys.readouterr().out
+
+
+def test_batch_size_change_recompiles_at_most_once():
+    x = torch.randn(4, 64)
+    q = quantized(mlp(), x, mode="dynamic")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(q, backend="quanto")
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        for batch in (4, 8, 16, 32):
+            xb = torch.randn(batch, 64)
+            torch.testing.assert_close(compiled(xb), q(xb), rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+class BranchyModel(torch.nn.Module):
+    """Data-dependent Python control flow and .item(): dynamo must break the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.a(x)
+        gate = torch.tanh(h)  # tanh has no integer handler: dequantize fallback
+        if gate.sum().item() > 0:
+            return self.b(h)
+        return self.b(-gate)
+
+
+def test_graph_breaks_fall_back_to_eager_and_fullgraph_errors_clearly():
+    x = torch.randn(8, 16)
+    q = quantized(BranchyModel(), x)
+    out, _ = compile_and_run(q, x)
+    with torch.no_grad():
+        ref = q(x)
+    assert torch.equal(out._data, ref._data)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="item"):
+        with torch.no_grad():
+            torch.compile(q, backend="quanto", fullgraph=True)(x)
+
+
+def test_explain_reports_breaks_fusion_and_fallbacks():
+    x = torch.randn(8, 16)
+    q = quantized(BranchyModel(), x)
+    report = quanto_fx.backend.explain(q, x)
+    assert report.graph_count >= 2 and len(report.graph_breaks) >= 1
+    assert any("item" in b["reason"].lower() or "data" in b["reason"].lower() for b in report.graph_breaks)
+    assert report.fused_kernels.get("int8_mm_requantize", 0) >= 2
+    assert report.fallbacks.get("tanh", 0) >= 1
+    text = str(report)
+    assert "graph breaks:" in text and "fused kernels: int8_mm_requantize" in text
+    json.dumps(report.to_dict())  # serializable
+
+
+def run_python(code: str, env: dict | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_backend_name_works_in_a_fresh_process_without_importing_quanto_fx():
+    out = run_python("""
+        import sys, torch
+        f = torch.compile(lambda x: torch.relu(x) * 2, backend="quanto")
+        y = f(torch.tensor([-1.0, 3.0]))
+        print(y.tolist(), "quanto_fx" in sys.modules)
+    """)
+    assert out.strip() == "[0.0, 6.0] True"
+
+
+_CACHED_RUN = """
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    from torch._dynamo.utils import counters
+    import quanto_fx
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+    q = quanto_fx.freeze(quanto_fx.quantize(m, activation_mode="dynamic"))
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(q, backend="quanto", options=OPTIONS), x)
+    code = "\\n".join(codes)
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    print(hits, code.count("quanto_fx.int8_mm_rescale.default("), code.count("aten._int_mm"))
+"""
+
+
+def test_fx_graph_cache_hits_keep_fused_code_and_options_change_the_key(tmp_path):
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    first = run_python(_CACHED_RUN.replace("OPTIONS", "None"), env).split()
+    second = run_python(_CACHED_RUN.replace("OPTIONS", "None"), env).split()
+    unfused = run_python(_CACHED_RUN.replace("OPTIONS", "{'fusion': False}"), env).split()
+    assert first[0] == "0" and int(first[1]) == 2
+    assert int(second[0]) >= 1 and int(second[1]) == 2 and second[2] == "0"  # served from cache, still fused
+    assert int(unfused[1]) == 0 and int(unfused[2]) >= 1  # another option: not the stale fused entry

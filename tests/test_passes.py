@@ -1,0 +1,145 @@
+"""Each rule on the chains user code writes with QTensor ops, and the reasons reported when none applies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+from quanto_fx import QTensor
+from quanto_fx.passes import RULES, STAGES, GraphReport, counters, run_passes
+
+
+def compile_with_report(fn, *inputs):
+    """Compile ``fn`` with inductor and our passes, returning (output, code, reports)."""
+    reports = []
+
+    def passes(graph):
+        reports.append(run_passes(graph))
+
+    torch._dynamo.reset()
+    counters.clear()
+    with (
+        torch.no_grad(),
+        torch._inductor.config.patch(fx_graph_cache=False, post_grad_custom_pre_pass=passes),
+    ):
+        out, codes = run_and_get_code(torch.compile(fn, backend="inductor"), *inputs)
+    return out, "\n".join(codes), reports
+
+
+def operands(x_axis=None, w_axis=0, m=24, k=32, n=16):
+    x = QTensor.quantize(torch.randn(m, k), axis=x_axis)
+    w = QTensor.quantize(torch.randn(n, k), axis=w_axis)
+    return x, w
+
+
+@pytest.mark.parametrize("x_axis, w_axis", [(None, 0), (None, None), (0, None)])
+def test_rescale_rule_per_tensor_column_or_row(x_axis, w_axis):
+    def fn(x, w):
+        return F.linear(x, w).dequantize()
+
+    x, w = operands(x_axis, w_axis)
+    out, code, _ = compile_with_report(fn, x, w)
+    torch.testing.assert_close(out, fn(x, w), rtol=1e-6, atol=1e-6)
+    # the runtime multiplies by (x_scale * w_scale): the outer-product rule takes both factors
+    assert counters["rescale_outer"] == 1 and "quanto_fx.int8_mm_rescale.default(" in code
+    assert "_int_mm" not in code
+
+
+def test_rescale_rule_with_a_precomputed_scale():
+    def fn(a, b, scale):
+        return torch._int_mm(a, b).to(torch.float32) * scale
+
+    a = torch.randint(-127, 128, (24, 32), dtype=torch.int8)
+    b = torch.randint(-127, 128, (32, 16), dtype=torch.int8)
+    for scale in (torch.rand(1, 16), torch.rand(24, 1), torch.rand(())):
+        out, code, _ = compile_with_report(fn, a, b, scale)
+        torch.testing.assert_close(out, fn(a, b, scale), rtol=1e-6, atol=1e-6)
+        assert counters["rescale"] == 1 and "_int_mm" not in code
+
+
+def test_a_full_matrix_scale_is_refused_with_a_reason():
+    def fn(a, b, scale):
+        return torch._int_mm(a, b).to(torch.float32) * scale
+
+    a = torch.randint(-127, 128, (24, 32), dtype=torch.int8)
+    b = torch.randint(-127, 128, (32, 16), dtype=torch.int8)
+    out, code, reports = compile_with_report(fn, a, b, torch.rand(24, 16))
+    assert "_int_mm" in code
+    assert "neither per tensor, per row nor per column" in reports[0].unfused[0]["reason"]
+
+
+def test_rescale_outer_rule_for_per_row_times_per_column():
+    def fn(x, w, bias):
+        return F.linear(x, w, bias)  # float result: per-row x per-column scales
+
+    x, w = operands(0, 0)
+    bias = torch.randn(16)
+    out, code, _ = compile_with_report(fn, x, w, bias)
+    torch.testing.assert_close(out, fn(x, w, bias), rtol=1e-5, atol=1e-5)
+    assert counters["rescale_outer_bias"] == 1 and "_int_mm" not in code
+
+
+def test_requantize_rule_is_bit_exact():
+    def fn(x, w, out_scale):
+        return (x @ w.t()).rescale(torch.int8, out_scale)._data
+
+    x, w = operands(None, 0)
+    out_scale = torch.tensor(0.05)
+    out, code, _ = compile_with_report(fn, x, w, out_scale)
+    assert torch.equal(out, fn(x, w, out_scale))
+    assert counters["requantize"] == 1 and "_int_mm" not in code
+
+
+def test_requantize_3d_with_relu_epilogue():
+    def fn(x, w, bias, out_scale):
+        return torch.relu(F.linear(x, w, bias).rescale(torch.int8, out_scale))._data
+
+    x = QTensor.quantize(torch.randn(2, 12, 32))
+    w = QTensor.quantize(torch.randn(16, 32), axis=0)
+    bias, out_scale = torch.randn(16), torch.tensor(0.05)
+    out, code, _ = compile_with_report(fn, x, w, bias, out_scale)
+    assert torch.equal(out, fn(x, w, bias, out_scale)) and out.min() >= 0
+    assert counters["requantize_bias_3d"] == 1
+    assert counters["sink_requantize_relu"] == 1 and counters["requantize_bias_relu"] == 1
+
+
+def test_a_rescale_to_int16_keeps_its_own_requantization():
+    def fn(x, w, out_scale):
+        return (x @ w.t()).rescale(torch.int16, out_scale)._data
+
+    x, w = operands()
+    out, code, reports = compile_with_report(fn, x, w, torch.tensor(1e-3))
+    assert torch.equal(out, fn(x, w, torch.tensor(1e-3)))
+    (report,) = reports
+    # the int8 requantize rule refuses (and says why); the int32 -> float rescale still fuses
+    assert any(
+        r["rule"] == "requantize" and "not the symmetric int8 range" in r["reason"] for r in report.rejected
+    )
+    assert counters["rescale"] == 1 and counters["requantize"] == 0
+
+
+def test_an_int32_result_with_two_users_is_not_fused():
+    def fn(x, w, out_scale):
+        acc = x @ w.t()
+        return acc.dequantize(), acc.rescale(torch.int8, out_scale)._data
+
+    x, w = operands()
+    (deq, q8), code, reports = compile_with_report(fn, x, w, torch.tensor(0.05))
+    ref_deq, ref_q8 = fn(x, w, torch.tensor(0.05))
+    assert torch.equal(q8, ref_q8) and torch.equal(deq, ref_deq)
+    assert "has 2 users" in reports[0].unfused[0]["reason"]
+    assert not counters
+
+
+def test_rules_table_is_well_formed():
+    names = [r.name for r in RULES]
+    assert len(names) == len(set(names))
+    assert {r.stage for r in RULES} == set(STAGES)
+    assert all(r.comment for r in RULES)
+
+
+def test_run_passes_on_a_graph_without_int8_gemms_changes_nothing():
+    graph = torch.fx.symbolic_trace(lambda x: torch.relu(x) + 1).graph
+    before = str(graph)
+    report = run_passes(graph, GraphReport())
+    assert str(graph) == before and not report.fused and not report.unfused
