@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-# Reproducible property tests in CI: the same examples every run (a long fuzz run opts out with --runslow).
+# Reproducible property tests: the same examples on every run and machine.
 settings.register_profile("default", derandomize=True, deadline=None)
 settings.load_profile("default")
 

@@ -126,3 +126,11 @@ def test_rescale_per_axis_to_per_tensor():
     assert q8.axis is None
     expected = torch.round(wide.dequantize() / 0.05).clamp(-127, 127)
     assert torch.equal(q8._data.float(), expected)
+
+
+def test_mixed_devices_are_refused():
+    # meta stands in for a second device on machines without a GPU
+    with pytest.raises(ValueError, match="scale is on meta but data is on cpu"):
+        QTensor(torch.zeros(3, dtype=torch.int8), torch.tensor(1.0, device="meta"))
+    with pytest.raises(ValueError, match="scale is on meta but data is on cpu"):
+        QTensor.quantize(torch.randn(3), scale=torch.tensor(1.0, device="meta"))
