@@ -101,7 +101,8 @@ class QTensor(torch.Tensor):
         if scale is None:
             scale = absmax_scale(tensor.detach(), qmax, axis)
         else:
-            scale = torch.as_tensor(scale, device=tensor.device)
+            if not isinstance(scale, torch.Tensor):
+                scale = torch.tensor(scale, dtype=tensor.dtype, device=tensor.device)
             check_scale(scale, tensor, axis)
             check_scale_values(scale)
         return QuantizeSTE.apply(tensor, scale, qmin, qmax, dtype, axis)
@@ -127,7 +128,9 @@ class QTensor(torch.Tensor):
             axis = self._axis
             scale = absmax_scale(self._data.to(self.dtype).detach() * self._scale, qmax, axis)
         else:
-            scale = torch.as_tensor(scale, dtype=self.dtype, device=self.device)
+            if not isinstance(scale, torch.Tensor):
+                scale = torch.tensor(scale, dtype=self.dtype, device=self.device)
+            scale = scale.to(dtype=self.dtype)  # the result keeps this QTensor's float dtype
             axis = None if scale.ndim == 0 else self._axis
             if axis is None and scale.ndim != 0:
                 raise ValueError(f"a per-tensor QTensor needs a 0-d scale, got shape {tuple(scale.shape)}")
