@@ -117,7 +117,8 @@ def update_scale(scale: torch.Tensor, values: torch.Tensor, qmax: int, state: Ca
     observed = state.observer(values, qmax).to(scale.dtype)
     if not torch.isfinite(observed).all():
         raise ValueError("calibration observed non-finite activations (NaN or Inf)")
-    observed = observed.clamp_min(torch.finfo(scale.dtype).tiny)
+    if not bool(observed > 0):
+        return  # an all-zero batch says nothing about the range: keep the scale as it is
     # 1.0 is the uncalibrated sentinel (as in the seed): the first observation replaces it.
     if bool(scale == 1):
         scale.copy_(observed)

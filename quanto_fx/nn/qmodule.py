@@ -102,6 +102,8 @@ class QModuleMixin:
 
     def take_parameters_of(self, module: torch.nn.Module):
         """Share ``module``'s weight and bias, with fresh activation scales on its device; returns self."""
+        if isinstance(module, QModuleMixin):
+            raise ValueError(f"{type(module).__name__} is already quantized; quantize the float module once")
         self.weight = module.weight
         if "bias" in self._parameters:
             self.bias = module.bias

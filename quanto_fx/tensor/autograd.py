@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .qtensor import QTensor
-from .quantization import quantize_data, round_and_clamp
+from .quantization import dequantize_data, quantize_data, round_and_clamp
 
 
 class QuantizeSTE(torch.autograd.Function):
@@ -28,7 +28,7 @@ class DequantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qt):
-        return qt._data.to(qt._scale.dtype) * qt._scale
+        return dequantize_data(qt._data, qt._scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -40,7 +40,8 @@ class RescaleSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qt, scale, qmin, qmax, dtype, axis):
-        values = qt._data.to(scale.dtype) * (qt._scale / scale)
+        # in float32: an int32 accumulator does not fit float16 (see dequantize_data)
+        values = qt._data.to(torch.float32) * (qt._scale.to(torch.float32) / scale.to(torch.float32))
         return QTensor(round_and_clamp(values, qmin, qmax, dtype), scale, axis, _trusted=True)
 
     @staticmethod

@@ -12,6 +12,11 @@ _CUDA_MIN_M = 24
 _CUDA_MULTIPLE = 8
 
 
+# An int8 x int8 product is at most 128 * 128 in magnitude, so int32 sums of K of them cannot overflow while
+# K * 128 * 128 <= 2**31 - 1, i.e. K <= 131,071.
+MAX_K = (2**31 - 1) // (128 * 128)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
@@ -19,8 +24,9 @@ def _round_up(n: int, multiple: int) -> int:
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for int8 matrices ``a`` (M, K) and ``b`` (K, N), accumulated exactly in int32.
 
-    Exact while K * 127 * 127 < 2**31, i.e. K < 133,152. On CUDA the operands are zero-padded to the shapes
-    cuBLAS accepts (zeros add nothing to the sums) and the result is sliced back, so any shape works.
+    Exact for K <= MAX_K (131,071), where no int32 sum can overflow; a larger K is refused. On CUDA the
+    operands are zero-padded to the shapes cuBLAS accepts (zeros add nothing to the sums) and the result is
+    sliced back, so any shape works.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_mm expects int8 operands, got {a.dtype} and {b.dtype}")
@@ -30,6 +36,8 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"int8_mm: operands on different devices ({a.device} and {b.device})")
     m, k = a.shape
     n = b.shape[1]
+    if k > MAX_K:
+        raise ValueError(f"int8_mm: K={k} exceeds {MAX_K}, beyond which int32 accumulation could overflow")
     if m == 0 or k == 0 or n == 0:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
     if a.device.type == "cuda":

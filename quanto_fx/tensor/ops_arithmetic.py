@@ -12,8 +12,21 @@ from .qtensor import QTensor, dequantize_value
 
 aten = torch.ops.aten
 
-# Adding two values of one integer type needs one more bit: widen so the sum cannot overflow.
+# Adding two values of one integer type needs one more bit: widen so the sum cannot overflow. int32 has no
+# wider QTensor type: int32 sums and products are computed in int64 and refused if they leave int32.
 _WIDER = {torch.int8: torch.int16, torch.int16: torch.int32, torch.int32: torch.int32}
+_INT32 = torch.iinfo(torch.int32)
+
+
+def _checked_int32(op: str, wide: torch.Tensor) -> torch.Tensor:
+    """``wide`` (int64) as int32, or OverflowError when a value does not fit."""
+    if torch.compiler.is_compiling() or not wide.numel():
+        return wide.to(torch.int32)
+    if not _INT32.min <= wide.min() <= wide.max() <= _INT32.max:
+        raise OverflowError(f"{op}: the int32 result of two QTensors overflows; rescale them first")
+    return wide.to(torch.int32)
+
+
 _SOFTMAX_QMAX = 127
 
 
@@ -53,10 +66,14 @@ def add(func, args, kwargs):
             return NotImplemented  # broadcasting per-axis scales is not worth an integer path
         require_same_scale("add", [a, b])
         wide = max(_WIDER[a._data.dtype], _WIDER[b._data.dtype], key=lambda d: torch.iinfo(d).bits)
-        return QTensor(a._data.to(wide) + b._data.to(wide), a._scale, a._axis, _trusted=True)
+        if wide == torch.int32 and torch.int32 in (a._data.dtype, b._data.dtype):
+            data = _checked_int32("add", a._data.long() + b._data.long())
+        else:
+            data = a._data.to(wide) + b._data.to(wide)
+        return QTensor(data, a._scale, a._axis, _trusted=True)
     if isinstance(b, torch.Tensor) and b.is_floating_point() and a._data.dtype == torch.int32:
         # An int32 accumulator plus a float bias: the bias joins the accumulator at its scale.
-        return add_int32_bias(a, b)
+        return add_int32_bias(a, b, a._data.abs().amax())
     return NotImplemented
 
 
@@ -66,7 +83,7 @@ def add_(func, args, kwargs):
     alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
     if alpha != 1 or not isinstance(a, QTensor) or a._data.dtype != torch.int32 or isinstance(b, QTensor):
         return NotImplemented
-    out = add_int32_bias(a, b)
+    out = add_int32_bias(a, b, a._data.abs().amax())
     a._data.copy_(out._data)
     return a
 
@@ -86,7 +103,10 @@ def mul(func, args, kwargs):
     if a.shape != b.shape or (a._axis is not None and b._axis is not None and a._axis != b._axis):
         return NotImplemented
     axis = a._axis if a._axis is not None else b._axis
-    data = a._data.to(torch.int32) * b._data.to(torch.int32)
+    if torch.int32 in (a._data.dtype, b._data.dtype):
+        data = _checked_int32("mul", a._data.long() * b._data.long())
+    else:  # int8 / int16 products fit int32
+        data = a._data.to(torch.int32) * b._data.to(torch.int32)
     return QTensor(data, a._scale * b._scale, axis, _trusted=True)
 
 

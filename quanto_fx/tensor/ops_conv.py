@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from .dispatch import register_handler
 from .integer_matmul import int8_mm
-from .ops_matmul import add_int32_bias
+from .ops_matmul import add_int32_bias, gemm_bound
 from .qtensor import QTensor
+from .quantization import dequantize_data
 
 aten = torch.ops.aten
 
@@ -34,10 +35,10 @@ def convolution(func, args, kwargs):
     w_scale = w._scale.reshape(1, -1, 1, 1)  # (1, 1 or out_channels, 1, 1)
     scale = x_scale * w_scale
     if x._axis is not None and w._axis is not None:
-        out = acc.to(scale.dtype) * scale  # per-image x per-channel scales: float out
+        out = dequantize_data(acc, scale)  # per-image x per-channel scales: float out
         return out if bias is None else out + bias.reshape(-1, 1, 1)
     if x._axis is None and w._axis is None:
         out = QTensor(acc, scale.reshape(()), None, _trusted=True)
     else:
         out = QTensor(acc, scale, 0 if x._axis == 0 else 1, _trusted=True)
-    return out if bias is None else add_int32_bias(out, bias.reshape(-1, 1, 1))
+    return out if bias is None else add_int32_bias(out, bias.reshape(-1, 1, 1), gemm_bound(patches.shape[1]))

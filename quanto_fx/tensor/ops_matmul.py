@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 
 from .dispatch import register_handler
-from .integer_matmul import int8_mm
-from .qtensor import QTensor
-from .quantization import quantize_data
+from .integer_matmul import MAX_K, int8_mm
+from .qtensor import QTensor, dequantize_value
+from .quantization import dequantize_data
 
 aten = torch.ops.aten
 
-_INT32_MIN, _INT32_MAX = -(2**31) + 1, 2**31 - 1
+_INT32_MAX = 2**31 - 1
 
 
 def _int8_operands(*xs) -> bool:
@@ -36,21 +36,32 @@ def _rescaled_product(acc: torch.Tensor, a: QTensor, b: QTensor):
     b_scale = b._scale if b_axis is None else b._scale.reshape(1, acc.shape[-1])
     scale = a_scale * b_scale
     if a_axis is not None and b_axis is not None:
-        return acc.to(scale.dtype) * scale
+        return dequantize_data(acc, scale)
     axis = None if scale.ndim == 0 else acc.ndim + (a_axis if a_axis is not None else b_axis)
     if axis is not None:
         scale = scale.reshape([1] * (acc.ndim - 2) + list(scale.shape))
     return QTensor(acc, scale, axis, _trusted=True)
 
 
-def add_int32_bias(out, bias):
-    """``out + bias`` where ``out`` is an int32 QTensor: the bias is quantized to int32 at ``out``'s scale."""
+def add_int32_bias(out, bias, acc_bound):
+    """``out + bias`` where ``out`` is an int32 QTensor: the bias is quantized to int32 at ``out``'s scale.
+
+    ``acc_bound`` bounds |accumulator| (K * 128 * 128 for a GEMM over K, or a 0-d tensor). The bias saturates
+    at +-(2**31 - 1 - acc_bound), so the int32 sum never overflows; in float64, where 2**31 is exact.
+    """
     if not isinstance(out, QTensor):
         return out + (bias.dequantize() if isinstance(bias, QTensor) else bias)
     if isinstance(bias, QTensor):
-        bias = bias._data.to(bias.dtype) * bias._scale
-    qbias = quantize_data(bias.to(out.dtype), out._scale, _INT32_MIN, _INT32_MAX, torch.int32)
+        bias = dequantize_value(bias)
+    limit = _INT32_MAX - acc_bound
+    qbias = torch.round(bias.to(torch.float64) / out._scale.to(torch.float64))
+    qbias = torch.clamp(qbias, -limit, limit).to(torch.int32)
     return QTensor(out._data + qbias, out._scale, out._axis, _trusted=True)
+
+
+def gemm_bound(k: int) -> int:
+    """The largest |int32 accumulator| of a GEMM over ``k`` int8 products."""
+    return k * 128 * 128
 
 
 @register_handler(aten.mm)
@@ -69,7 +80,7 @@ def addmm(func, args, kwargs):
     out = _rescaled_product(int8_mm(a._data, b._data), a, b)
     if out is NotImplemented:
         return out
-    return add_int32_bias(out, bias)
+    return add_int32_bias(out, bias, gemm_bound(a.shape[1]))
 
 
 @register_handler(aten.bmm)
@@ -92,5 +103,7 @@ def dot(func, args, kwargs):
         raise ValueError(
             f"dot: expects two 1-d tensors of equal size, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+    if a.shape[0] > MAX_K:
+        raise ValueError(f"dot: length {a.shape[0]} exceeds {MAX_K}, beyond which int32 sums could overflow")
     acc = (a._data.to(torch.int32) * b._data.to(torch.int32)).sum(dtype=torch.int32)
     return QTensor(acc, a._scale * b._scale, None, _trusted=True)

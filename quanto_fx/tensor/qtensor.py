@@ -10,8 +10,10 @@ from .dispatch import HANDLERS, count_fallback
 from .quantization import (
     INT_DTYPES,
     absmax_scale,
+    check_finite,
     check_scale,
     check_scale_values,
+    dequantize_data,
     int_range,
     normalize_axis,
 )
@@ -105,6 +107,7 @@ class QTensor(torch.Tensor):
                 scale = torch.tensor(scale, dtype=tensor.dtype, device=tensor.device)
             check_scale(scale, tensor, axis)
             check_scale_values(scale)
+            check_finite(tensor.detach(), "input")  # NaN would otherwise become an arbitrary integer
         return QuantizeSTE.apply(tensor, scale, qmin, qmax, dtype, axis)
 
     def dequantize(self) -> torch.Tensor:
@@ -126,7 +129,7 @@ class QTensor(torch.Tensor):
         qmin, qmax, dtype = int_range(int_dtype)
         if scale is None:
             axis = self._axis
-            scale = absmax_scale(self._data.to(self.dtype).detach() * self._scale, qmax, axis)
+            scale = absmax_scale(dequantize_data(self._data, self._scale).detach(), qmax, axis)
         else:
             if not isinstance(scale, torch.Tensor):
                 scale = torch.tensor(scale, dtype=self.dtype, device=self.device)
@@ -193,7 +196,7 @@ def _describe(x) -> str:
 def dequantize_value(x):
     """``x`` dequantized if it is a QTensor (without autograd: for use below the dispatcher), else ``x``."""
     if isinstance(x, QTensor):
-        return x._data.to(x._scale.dtype) * x._scale
+        return dequantize_data(x._data, x._scale)
     return x
 
 

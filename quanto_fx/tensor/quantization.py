@@ -53,7 +53,7 @@ def check_finite(values: torch.Tensor, what: str) -> None:
 
     Skipped while torch.compile traces, where a data-dependent branch would break the graph.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or values.is_meta:
         return
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"{what} contains non-finite values (NaN or Inf); cannot quantize it")
@@ -110,10 +110,21 @@ def check_scale(scale: torch.Tensor, data: torch.Tensor, axis: int | None) -> No
 
 def check_scale_values(scale: torch.Tensor) -> None:
     """Raise ValueError unless every scale is finite and strictly positive (skipped while compiling)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or scale.is_meta:
         return
     check_finite(scale, "scale")
     if not bool((scale > 0).all()):
         raise ValueError(
             "scale must be strictly positive (symmetric quantization has no zero or negative scale)"
         )
+
+
+def dequantize_data(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``data * scale`` in the scale's float dtype.
+
+    int16 / int32 data (accumulators) is multiplied in float32 first: float16 cannot hold values past 65504
+    and bfloat16 keeps only 8 bits of them.
+    """
+    if data.dtype == torch.int8 or scale.dtype == torch.float32:
+        return data.to(scale.dtype) * scale
+    return (data.to(torch.float32) * scale.to(torch.float32)).to(scale.dtype)
