@@ -216,11 +216,15 @@ def test_saturation_is_symmetric_and_rounding_is_half_to_even():
     assert q._data.tolist() == [-127, -127, 0, 0, 2, 126, 127]
 
 
-def test_int32_bias_saturates_instead_of_wrapping():
+def test_a_bias_beyond_int32_at_the_accumulator_scale_gives_a_float_result():
+    quanto_fx.reset_fallback_counts()
     x = QTensor.quantize(torch.randn(2, 4), scale=torch.tensor(1e-3))
     w = QTensor.quantize(torch.randn(3, 4), scale=torch.tensor(1e-3))
-    out = F.linear(x, w, torch.full((3,), 1e9))  # bias / (1e-6) is far beyond int32
-    assert out._data.dtype == torch.int32 and (out._data > 0).all()
+    bias = torch.full((3,), 1e4)  # bias / 1e-6 is far beyond int32: it would saturate or wrap
+    out = F.linear(x, w, bias)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, F.linear(dequantized(x), dequantized(w), bias))
+    assert quanto_fx.fallback_counts() == {"int32_bias": 1}
 
 
 def test_qint8_weights_stay_within_the_symmetric_range():

@@ -37,6 +37,13 @@ def test_int8_mm_equals_int64_reference(m, k, n, seed):
     assert torch.equal(out.long(), a.long() @ b.long())
 
 
+def test_int8_mm_with_a_single_column_of_k():
+    # aten._int_mm on CPU sums wrongly for K == 1 and N > 1 (torch 2.13); int8_mm must not
+    a = torch.randint(-127, 128, (5, 1), dtype=torch.int8)
+    b = torch.randint(-127, 128, (1, 16), dtype=torch.int8)
+    assert torch.equal(int8_mm(a, b).long(), a.long() @ b.long())
+
+
 def test_int8_mm_on_device_handles_any_shape(device):
     # On CUDA, cuBLAS needs M > 16 and K, N multiples of 8: these shapes need padding.
     for m, k, n in [(1, 5, 3), (16, 8, 8), (17, 24, 40), (3, 100, 7)]:

@@ -34,9 +34,11 @@ def register_handler(*ops: torch._ops.OpOverloadPacket) -> Callable[[Handler], H
     return decorator
 
 
-def count_fallback(func: torch._ops.OpOverload) -> None:
+def count_fallback(func: torch._ops.OpOverload | str) -> None:
+    """Count one float fallback of an aten op (or of a named integer step, e.g. "int32_bias")."""
+    name = func if isinstance(func, str) else func.overloadpacket.__name__
     with _fallbacks_lock:
-        _fallbacks[str(func.overloadpacket.__name__)] += 1
+        _fallbacks[name] += 1
 
 
 def fallback_counts() -> dict[str, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import register_handler
+from .dispatch import count_fallback, register_handler
 from .integer_matmul import MAX_K, int8_mm
 from .qtensor import QTensor, dequantize_value
 from .quantization import dequantize_data
@@ -46,8 +46,10 @@ def _rescaled_product(acc: torch.Tensor, a: QTensor, b: QTensor):
 def add_int32_bias(out, bias, acc_bound):
     """``out + bias`` where ``out`` is an int32 QTensor: the bias is quantized to int32 at ``out``'s scale.
 
-    ``acc_bound`` bounds |accumulator| (K * 128 * 128 for a GEMM over K, or a 0-d tensor). The bias saturates
-    at +-(2**31 - 1 - acc_bound), so the int32 sum never overflows; in float64, where 2**31 is exact.
+    ``acc_bound`` bounds |accumulator| (K * 128 * 128 for a GEMM over K, or a 0-d tensor); the int32 sum
+    cannot overflow while |bias| <= 2**31 - 1 - acc_bound. A bias beyond that (tiny accumulator scales) makes
+    the result float instead, counted as an "int32_bias" fallback; while torch.compile traces, where no
+    data-dependent check can run, it saturates at that bound. Quantized in float64, where 2**31 is exact.
     """
     if not isinstance(out, QTensor):
         return out + (bias.dequantize() if isinstance(bias, QTensor) else bias)
@@ -55,6 +57,9 @@ def add_int32_bias(out, bias, acc_bound):
         bias = dequantize_value(bias)
     limit = _INT32_MAX - acc_bound
     qbias = torch.round(bias.to(torch.float64) / out._scale.to(torch.float64))
+    if not torch.compiler.is_compiling() and bool((qbias.abs() > limit).any()):
+        count_fallback("int32_bias")
+        return dequantize_value(out) + bias.to(out.dtype)
     qbias = torch.clamp(qbias, -limit, limit).to(torch.int32)
     return QTensor(out._data + qbias, out._scale, out._axis, _trusted=True)
 

@@ -43,11 +43,6 @@ def normalize_axis(axis: int | None, ndim: int) -> int | None:
     return axis % ndim
 
 
-def reduce_dims(ndim: int, axis: int | None) -> list[int]:
-    """The dimensions a per-``axis`` statistic reduces over (all of them for per-tensor)."""
-    return [d for d in range(ndim) if d != axis]
-
-
 def check_finite(values: torch.Tensor, what: str) -> None:
     """Raise ValueError when ``values`` holds NaN or +-Inf.
 
@@ -59,6 +54,20 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains non-finite values (NaN or Inf); cannot quantize it")
 
 
+def absmax(x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """max |x| per tensor (0-d) or per slice along ``axis`` (keepdim shape), without an |x| temporary."""
+    if x.numel() == 0:
+        shape = () if axis is None else [x.shape[d] if d == axis else 1 for d in range(x.ndim)]
+        return x.new_zeros(shape)
+    if axis is None or x.ndim == 0:
+        low, high = torch.aminmax(x)
+        return torch.maximum(-low, high)
+    rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    low, high = torch.aminmax(rows, dim=1)
+    shape = [x.shape[axis] if d == axis else 1 for d in range(x.ndim)]
+    return torch.maximum(-low, high).reshape(shape)
+
+
 def absmax_scale(x: torch.Tensor, qmax: int, axis: int | None = None) -> torch.Tensor:
     """Scale that maps the absolute maximum of ``x`` (per tensor, or per slice along ``axis``) to ``qmax``.
 
@@ -66,12 +75,9 @@ def absmax_scale(x: torch.Tensor, qmax: int, axis: int | None = None) -> torch.T
     but ``axis`` (it broadcasts against ``x``). It is never zero: an all-zero slice gets the smallest
     normal float of ``x.dtype``, which quantizes it exactly to zeros.
     """
-    if x.ndim == 0 or axis is None:
-        absmax = x.abs().amax() if x.numel() else x.new_zeros(())
-    else:
-        absmax = x.abs().amax(dim=reduce_dims(x.ndim, axis), keepdim=True)
-    check_finite(absmax, "input")
-    return (absmax / qmax).clamp_min(torch.finfo(x.dtype).tiny)
+    peak = absmax(x, axis)
+    check_finite(peak, "input")
+    return (peak / qmax).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def round_and_clamp(x: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype) -> torch.Tensor:
