@@ -15,30 +15,15 @@ Reports perplexity, next-token agreement with the float model and logits SQNR.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
+from stdlib_text import load_text
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import quanto_fx
 from quanto_fx import calibration, quantize
-
-_MODULES = """
-abc argparse bisect calendar collections contextlib copy csv dataclasses datetime decimal difflib
-email enum fractions functools gettext glob gzip hashlib heapq hmac html http inspect io ipaddress
-itertools json logging mailbox mimetypes numbers operator optparse os pathlib pickle pprint queue
-random re sched secrets selectors shelve shlex shutil signal smtplib socket statistics string
-struct subprocess tarfile tempfile textwrap threading timeit tokenize trace traceback types typing
-unittest urllib uuid warnings weakref zipfile
-""".split()
-
-
-def load_text() -> str:
-    """English prose shipped with Python: module docstrings of the standard library."""
-    docs = [importlib.import_module(name).__doc__ or "" for name in _MODULES]
-    return "\n".join(d for d in docs if d)
 
 
 def encode(text: str, vocab: list[str]) -> torch.Tensor:

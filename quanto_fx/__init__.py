@@ -1,6 +1,7 @@
 """quanto_fx: quantize PyTorch models to integers that run fast in eager mode and under torch.compile."""
 
-from .calibrate import calibration
+from .calibrate import calibrate, calibration
+from .debug import LayerReport, layer_report
 from .qtypes import get_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtype, qtypes
 from .quantize import freeze, quantization_map, quantize, requantize
 from .serialization import load, save
@@ -23,12 +24,15 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "LayerReport",
     "QTensor",
+    "calibrate",
     "calibration",
     "explain",
     "fallback_counts",
     "freeze",
     "get_qtype",
+    "layer_report",
     "load",
     "qfloat8_e4m3fn",
     "qfloat8_e5m2",

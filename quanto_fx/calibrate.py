@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["calibration", "Observer", "absmax_observer", "percentile_observer", "mse_observer"]
+__all__ = ["calibration", "calibrate", "Observer", "absmax_observer", "percentile_observer", "mse_observer"]
 
 # An observer maps a batch of float activations to the scale it wants for a symmetric range [-qmax, qmax].
 Observer = Callable[[torch.Tensor, int], torch.Tensor]
@@ -124,3 +124,48 @@ def update_scale(scale: torch.Tensor, values: torch.Tensor, qmax: int, state: Ca
         scale.copy_(observed)
     else:
         scale.mul_(state.momentum).add_(observed * (1 - state.momentum))
+
+
+def _progress(iterable, total: int | None, enabled: bool, desc: str):
+    """tqdm when it is installed and wanted; the plain iterable otherwise."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional: no bar then
+            return iterable
+        return tqdm(iterable, total=total, desc=desc, leave=False)
+    return iterable
+
+
+def calibrate(
+    model: torch.nn.Module,
+    batches,
+    max_batches: int | None = None,
+    progress: bool = True,
+    momentum: float = 0.9,
+    observer: str | Observer = "absmax",
+) -> int:
+    """Run ``model`` over ``batches`` (a DataLoader or any iterable) inside ``calibration()``, under no_grad.
+
+    A batch may be a tensor (``model(batch)``), a tuple or list (``model(*batch)``) or a dict
+    (``model(**batch)``). Stops after ``max_batches`` when given; shows a tqdm progress bar when tqdm is
+    installed and ``progress`` is true. Returns the number of batches run.
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be a positive number of batches, got {max_batches}")
+    total = len(batches) if hasattr(batches, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    count = 0
+    with torch.no_grad(), calibration(momentum, observer):
+        for batch in _progress(batches, total, progress, "calibrating"):
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+            count += 1
+            if count == max_batches:
+                break
+    return count

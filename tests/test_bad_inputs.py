@@ -94,8 +94,6 @@ ERRORS = [
     ("K beyond the int32-exact bound", lambda: int8_mm(torch.zeros(1, MAX_K + 1, dtype=torch.int8),
                                                        torch.zeros(MAX_K + 1, 1, dtype=torch.int8)),
      ValueError, "exceeds 131071"),
-    ("add with different scales", lambda: QTensor.quantize(torch.randn(4)) + QTensor.quantize(torch.randn(4) * 9),
-     ValueError, "different scales"),
     ("int32 add overflow", lambda: QTensor(torch.full((2,), 2**31 - 1, dtype=torch.int32), torch.tensor(1.0))
      + QTensor(torch.ones(2, dtype=torch.int32), torch.tensor(1.0)), OverflowError, "overflows"),
     ("in-place op on a QTensor", lambda: QTensor.quantize(torch.randn(3)).add_(1.0), NotImplementedError,
@@ -107,6 +105,10 @@ ERRORS = [
     ("backend option of the wrong type", lambda: quanto_fx.backend.BackendOptions.from_dict({"fusion": "yes"}),
      TypeError, "booleans"),
     ("bad calibration momentum", lambda: calibration(momentum=1.0).__enter__(), ValueError, "momentum"),
+    ("calibrate over zero batches", lambda: quanto_fx.calibrate(quantize(mlp()), [torch.randn(2, 8)], max_batches=0),
+     ValueError, "max_batches"),
+    ("layer report of a float model", lambda: quanto_fx.layer_report(mlp(), mlp(), torch.randn(2, 8)),
+     ValueError, "no quantized module"),
 ]  # fmt: skip
 
 

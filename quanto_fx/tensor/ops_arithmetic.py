@@ -30,29 +30,23 @@ def _checked_int32(op: str, wide: torch.Tensor) -> torch.Tensor:
 _SOFTMAX_QMAX = 127
 
 
-def same_scale(a: QTensor, b: QTensor) -> bool:
-    """True when two QTensors share their quantization (same axis and equal scale values)."""
-    if a._axis != b._axis:
-        return False
-    if a._scale is b._scale:
-        return True
-    return a._scale.shape == b._scale.shape and bool(torch.equal(a._scale, b._scale.to(a._scale.device)))
+def same_scales(tensors) -> bool:
+    """True when QTensors share their quantization: same axis and equal scale values.
 
-
-def require_same_scale(op: str, tensors) -> None:
+    Comparing values needs data, which torch.compile cannot branch on: while tracing, only scales that are
+    the same tensor count as equal (others take the float path, which gives the same values).
+    """
     first = tensors[0]
     for other in tensors[1:]:
-        if not same_scale(first, other):
-            raise ValueError(
-                f"{op}: QTensor operands have different scales "
-                f"({_scale_repr(first)} vs {_scale_repr(other)}); "
-                "rescale them to a common scale or dequantize() first"
-            )
-
-
-def _scale_repr(t: QTensor) -> str:
-    s = t._scale
-    return f"{s.item():.6g}" if s.numel() == 1 else f"per-axis {t._axis} shape {tuple(s.shape)}"
+        if other._axis != first._axis or other._scale.shape != first._scale.shape:
+            return False
+        if other._scale is first._scale:
+            continue
+        if torch.compiler.is_compiling():
+            return False
+        if not torch.equal(other._scale, first._scale.to(other._scale.device)):
+            return False
+    return True
 
 
 @register_handler(aten.add)
@@ -62,9 +56,9 @@ def add(func, args, kwargs):
     if alpha != 1 or not isinstance(a, QTensor):
         return NotImplemented
     if isinstance(b, QTensor):
-        if a.shape != b.shape:
-            return NotImplemented  # broadcasting per-axis scales is not worth an integer path
-        require_same_scale("add", [a, b])
+        if a.shape != b.shape or not same_scales([a, b]):
+            # broadcasting, or different scales (residual connections): the float sum, counted as a fallback
+            return NotImplemented
         wide = max(_WIDER[a._data.dtype], _WIDER[b._data.dtype], key=lambda d: torch.iinfo(d).bits)
         if wide == torch.int32 and torch.int32 in (a._data.dtype, b._data.dtype):
             data = _checked_int32("add", a._data.long() + b._data.long())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import register_handler
-from .ops_arithmetic import require_same_scale
+from .ops_arithmetic import same_scales
 from .qtensor import QTensor
 
 aten = torch.ops.aten
@@ -179,37 +179,37 @@ def split(func, args, kwargs):
     return [_qtensor(p, s, x._axis) for p, s in zip(pieces, scales, strict=True)]
 
 
-def _joinable(op: str, tensors) -> bool:
-    """True when every tensor is a QTensor with one integer dtype and axis; mixed lists fall back."""
-    if not all(isinstance(t, QTensor) for t in tensors):
-        return False
-    if len({t._data.dtype for t in tensors}) > 1 or len({t._axis for t in tensors}) > 1:
-        raise ValueError(f"{op}: QTensors differ in integer dtype or axis; rescale them first")
-    return True
+def _joinable(tensors) -> bool:
+    """True when every tensor is a QTensor of one integer dtype and axis; other lists join in float."""
+    return (
+        all(isinstance(t, QTensor) for t in tensors)
+        and len({t._data.dtype for t in tensors}) == 1
+        and len({t._axis for t in tensors}) == 1
+    )
 
 
 @register_handler(aten.cat)
 def cat(func, args, kwargs):
     tensors = list(args[0])
-    if not _joinable("cat", tensors):
+    if not _joinable(tensors):
         return NotImplemented
     first = tensors[0]
     dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.ndim)
+    along_axis = first._axis is not None and dim == first._axis  # the scales are concatenated too
+    if not along_axis and not same_scales(tensors):
+        return NotImplemented  # different scales: the float concatenation, counted as a fallback
     data = func([t._data for t in tensors], dim)
-    if first._axis is not None and dim == first._axis:
-        return _qtensor(data, func([t._scale for t in tensors], dim), dim)
-    require_same_scale("cat", tensors)
-    return _qtensor(data, first._scale, first._axis)
+    scale = func([t._scale for t in tensors], dim) if along_axis else first._scale
+    return _qtensor(data, scale, first._axis)
 
 
 @register_handler(aten.stack)
 def stack(func, args, kwargs):
     tensors = list(args[0])
-    if not _joinable("stack", tensors):
-        return NotImplemented
+    if not _joinable(tensors) or not same_scales(tensors):
+        return NotImplemented  # different scales: the float stack, counted as a fallback
     first = tensors[0]
     dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.ndim + 1)
-    require_same_scale("stack", tensors)
     data = func([t._data for t in tensors], dim)
     if first._axis is None:
         return _qtensor(data, first._scale, None)

@@ -1,0 +1,43 @@
+"""The main job (make demo) on a real pretrained encoder: accuracy, fusion and the per-layer report."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("all_minilm_l6_v2", reason="make test installs the demo's model package")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(eval_sentences=64, calibration_batches=2, repeats=1, verbose=False)
+
+
+def test_w8a8_dynamic_keeps_the_embeddings(demo):
+    variants = demo["variants"]
+    eager, compiled = variants["W8A8 dynamic, eager"], variants["W8A8 dynamic, quanto"]
+    assert eager["cosine"] > 0.995 and eager["neighbours"] >= 90
+    assert abs(compiled["cosine"] - eager["cosine"]) < 1e-4  # compiled = eager within float rounding
+    assert variants["float32 compiled (inductor)"]["cosine"] > 0.9999
+
+
+def test_static_graph_is_fused_and_smaller_checkpoint(demo):
+    explained = demo["explain"]
+    # 6 layers x 6 linear layers, every one a fused requantizing int8 GEMM, no graph break
+    assert explained.fused_kernels.get("int8_mm_requantize") == 36
+    assert explained.unfused_int_mm_in_code == 0 and not explained.graph_breaks
+    assert demo["sizes"]["W8A8 dynamic, eager"] < 0.7 * demo["sizes"]["float32 eager"]
+
+
+def test_layer_report_covers_every_quantized_module_worst_first(demo):
+    rows = demo["layers"].rows
+    # linear layers, two LayerNorms per layer, the embeddings LayerNorm
+    assert len(rows) == 6 * 6 + 6 * 2 + 1
+    values = [r["sqnr_db"] for r in rows]
+    assert values == sorted(values) and values[0] > 10
