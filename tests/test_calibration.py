@@ -3,7 +3,7 @@ import threading
 import pytest
 import torch
 
-from quanto_fx import calibration, quantize
+from quanto_fx import calibrate, calibration, quantize
 from quanto_fx.calibrate import absmax_observer, mse_observer, percentile_observer
 
 
@@ -101,3 +101,30 @@ def test_two_threads_calibrate_two_models_without_mixing():
     assert not errors
     torch.testing.assert_close(small[0].in_scale, xs.abs().max() / 127)
     torch.testing.assert_close(large[0].in_scale, xl.abs().max() / 127)
+
+
+def test_calibrate_over_a_dataloader_with_a_batch_limit():
+    data = torch.utils.data.TensorDataset(torch.randn(40, 8))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    by_hand, by_loader = quantize(model()), quantize(model())
+    by_loader.load_state_dict(by_hand.state_dict())
+    with torch.no_grad(), calibration():
+        for (batch,) in list(loader)[:3]:
+            by_hand(batch)
+    assert calibrate(by_loader, loader, max_batches=3, progress=False) == 3
+    for a, b in zip(by_hand.state_dict().values(), by_loader.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_calibrate_passes_dict_batches_as_keywords():
+    class Keyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, *, features):
+            return self.proj(features)
+
+    q = quantize(Keyword())
+    assert calibrate(q, [{"features": torch.randn(2, 8)}] * 2) == 2
+    assert q.proj.in_scale.item() != 1.0
