@@ -114,3 +114,12 @@ def test_torch_requirement_is_a_range(wheel):
     assert ops & {">=", ">"}, f"torch needs a lower bound: {torch_req}"
     # torch belongs to `dependencies` only; every extra stays free of it
     assert all(r.name != "torch" for r in reqs if r.marker is not None)
+
+
+def test_import_stays_light():
+    # the compiler side (inductor, triton, the backend) loads on first use, not on `import quanto_fx`
+    code = "import sys, quanto_fx; print(sorted(m for m in ('torch._inductor.compile_fx', 'triton', "
+    code += "'quanto_fx.backend') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

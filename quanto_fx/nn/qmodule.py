@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ..calibrate import active_calibration, update_scale
-from ..qtypes import qint8, qtype
+from ..qtypes import get_qtype, qint8, qtype
 from ..tensor import QTensor
 from ..tensor.quantization import int_range
 
@@ -59,8 +59,6 @@ def qmodule_class_for(module: torch.nn.Module) -> type[QModuleMixin] | None:
 
 def check_qtypes(weights: qtype | str | None, activations: qtype | str | None, activation_mode: str):
     """Validate the quantization settings; returns ``(weights, activations)`` as qtypes."""
-    from ..qtypes import get_qtype
-
     weights = None if weights is None else get_qtype(weights)
     activations = None if activations is None else get_qtype(activations)
     if weights is not None and weights not in _SUPPORTED_WEIGHTS:
