@@ -131,3 +131,32 @@ def test_freeze_quantizes_weights_and_keeps_outputs():
     q.freeze()
     assert isinstance(q.weight, QTensor) and q.weight.qdtype == torch.int8 and not q.weight.requires_grad
     assert torch.equal(q(x), before)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_inference_runs_the_fused_kernels_with_the_training_path_results(mode, monkeypatch):
+    import quanto_fx.nn.qlinear as qlinear_module
+
+    linear = torch.nn.Linear(48, 24)
+    x = torch.randn(3, 5, 48)
+    q = QLinear.from_module(linear, activation_mode=mode)
+    if mode == "static":
+        calibrate(q, x)
+    q.freeze()
+    training_path = q(x.requires_grad_())  # a gradient is needed: QTensor ops
+    calls = []
+    real = qlinear_module._fused_ops
+
+    def spy():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(qlinear_module, "_fused_ops", spy)
+    with torch.no_grad():
+        fused = q(x)
+    assert calls, "inference did not use the fused kernels"
+    if mode == "static":
+        assert torch.equal(fused._data, training_path._data)
+        assert torch.equal(fused._scale, training_path._scale)
+    else:
+        torch.testing.assert_close(fused, training_path.detach(), rtol=1e-5, atol=1e-6)

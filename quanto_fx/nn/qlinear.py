@@ -5,9 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..calibrate import active_calibration
 from ..qtypes import qint8
 from ..tensor import QTensor
+from ..tensor.ops_matmul import gemm_bound, quantize_int32_bias
 from .qmodule import QModuleMixin, float_value, register_qmodule
+
+# Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused_ops():
+    """The fused int8 GEMM ops (loaded on first use: the kernels package may import triton)."""
+    import quanto_fx.kernels  # noqa: F401
+
+    return torch.ops.quanto_fx
 
 
 @register_qmodule(torch.nn.Linear)
@@ -18,6 +30,10 @@ class QLinear(QModuleMixin, torch.nn.Linear):
     - static: input quantized at ``in_scale``, int8 x int8 -> int32 (``aten._int_mm``) plus an int32 bias
       (at scale ``in_scale * weight_scale``), requantized to an int8 QTensor at ``out_scale``.
     - dynamic: per-token int8 input scales computed at run time; int32 accumulation rescaled to float.
+
+    For inference (no gradient needed, not calibrating) the activation paths call the fused kernels of
+    ``quanto_fx.kernels`` (GEMM and epilogue in one op, the same results); training and calibration go through
+    QTensor ops, whose straight-through gradients QAT needs.
     """
 
     def __init__(
@@ -53,6 +69,37 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         if self.activation_mode == "dynamic":
             x = float_value(input)
             rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
-            out = F.linear(rows, self.qweight, self.bias)  # per-row x per-column scales: float out
+            if self._inference(x):
+                w = self.qweight
+                out = _fused_ops().int8_mm_rescale(
+                    rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype
+                )
+            else:
+                out = F.linear(rows, self.qweight, self.bias)  # per-row x per-column scales: float out
             return out.reshape(*x.shape[:-1], self.out_features)
-        return self.quantize_output(F.linear(self.quantize_input(input), self.qweight, self.bias))
+        qx = self.quantize_input(input)
+        if self._inference(qx) and active_calibration() is None:
+            out = self._fused_static(qx)
+            if out is not None:
+                return out
+        return self.quantize_output(F.linear(qx, self.qweight, self.bias))
+
+    def _inference(self, x: torch.Tensor) -> bool:
+        """Whether the fused kernels may run: nothing needs a gradient and the dtype is one they take."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return not needs_grad and x.dtype in _FUSED_DTYPES
+
+    def _fused_static(self, qx: QTensor) -> QTensor | None:
+        """int8 GEMM + int32 bias + requantization at ``out_scale`` in one op; None if the bias overflows."""
+        w = self.qweight
+        w_scale = w._scale.t()  # (1, N): per output column
+        qbias = None
+        if self.bias is not None:
+            qbias = quantize_int32_bias(self.bias, qx._scale * w_scale, gemm_bound(self.in_features))
+            if qbias is None:
+                return None  # the QTensor path computes this layer in float (counted as a fallback)
+            qbias = qbias.reshape(-1)
+        out_scale = self.out_scale.to(qx.dtype)
+        rows = qx._data.reshape(-1, self.in_features)
+        data = _fused_ops().int8_mm_requantize(rows, w._data.t(), qx._scale, w_scale, qbias, out_scale)
+        return QTensor(data.reshape(*qx.shape[:-1], self.out_features), out_scale, None, _trusted=True)

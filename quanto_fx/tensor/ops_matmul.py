@@ -43,24 +43,34 @@ def _rescaled_product(acc: torch.Tensor, a: QTensor, b: QTensor):
     return QTensor(acc, scale, axis, _trusted=True)
 
 
-def add_int32_bias(out, bias, acc_bound):
-    """``out + bias`` where ``out`` is an int32 QTensor: the bias is quantized to int32 at ``out``'s scale.
+def quantize_int32_bias(bias: torch.Tensor, scale: torch.Tensor, acc_bound) -> torch.Tensor | None:
+    """``bias`` as int32 at ``scale`` (an accumulator's scale), or None when it does not fit.
 
-    ``acc_bound`` bounds |accumulator| (K * 128 * 128 for a GEMM over K, or a 0-d tensor); the int32 sum
-    cannot overflow while |bias| <= 2**31 - 1 - acc_bound. A bias beyond that (tiny accumulator scales) makes
-    the result float instead, counted as an "int32_bias" fallback; while torch.compile traces, where no
-    data-dependent check can run, it saturates at that bound. Quantized in float64, where 2**31 is exact.
+    ``acc_bound`` bounds |accumulator| (``gemm_bound(K)``, or a 0-d tensor); the int32 sum cannot overflow
+    while |bias| <= 2**31 - 1 - acc_bound. While torch.compile traces, where no data-dependent check can run,
+    the bias saturates at that bound instead of returning None. Quantized in float64, where 2**31 is exact.
+    """
+    limit = _INT32_MAX - acc_bound
+    qbias = torch.round(bias.to(torch.float64) / scale.to(torch.float64))
+    if not torch.compiler.is_compiling() and bool((qbias.abs() > limit).any()):
+        return None
+    return torch.clamp(qbias, -limit, limit).to(torch.int32)
+
+
+def add_int32_bias(out, bias, acc_bound):
+    """``out + bias`` where ``out`` is an int32 QTensor: the bias joins the accumulator at its scale.
+
+    A bias that does not fit int32 at that scale (tiny accumulator scales) makes the result float instead,
+    counted as an "int32_bias" fallback (see ``quantize_int32_bias``).
     """
     if not isinstance(out, QTensor):
         return out + (bias.dequantize() if isinstance(bias, QTensor) else bias)
     if isinstance(bias, QTensor):
         bias = dequantize_value(bias)
-    limit = _INT32_MAX - acc_bound
-    qbias = torch.round(bias.to(torch.float64) / out._scale.to(torch.float64))
-    if not torch.compiler.is_compiling() and bool((qbias.abs() > limit).any()):
+    qbias = quantize_int32_bias(bias, out._scale, acc_bound)
+    if qbias is None:
         count_fallback("int32_bias")
         return dequantize_value(out) + bias.to(out.dtype)
-    qbias = torch.clamp(qbias, -limit, limit).to(torch.int32)
     return QTensor(out._data + qbias, out._scale, out._axis, _trusted=True)
 
 
