@@ -60,8 +60,8 @@ def test_static_mlp_is_fused_and_bit_exact(static_run):
     FileCheck().check_count("torch.ops.quanto_fx.int8_mm_requantize.default(", 2, exactly=True).run(code)
     FileCheck().check("torch.ops.quanto_fx.int8_mm_requantize.default(").check("True").run(code)
     FileCheck().check_not("aten._int_mm").run(code)
-    # inference calls the fused op from QLinear; the passes fold the relu module that follows into it
-    assert rule_counts == {"sink_requantize_relu": 1, "requantize_bias_relu": 1}
+    # the traced 3-d chains are fused, and the relu module that follows folds into the first
+    assert rule_counts == {"requantize_bias_3d": 2, "sink_requantize_relu": 1, "requantize_bias_relu": 1}
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -75,12 +75,12 @@ def test_dynamic_mlp_is_fused(dims):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     FileCheck().check_count("torch.ops.quanto_fx.int8_mm_rescale.default(", 2, exactly=True).run(code)
     FileCheck().check_not("aten._int_mm").run(code)
-    assert counters["rescale_bias_relu"] == 1
+    assert counters["rescale_outer_bias"] == 2 and counters["rescale_bias_relu"] == 1
 
 
 @pytest.mark.parametrize("mode, rule", [("dynamic", "rescale_outer_bias"), ("static", "requantize_bias_3d")])
 def test_training_graphs_fuse_the_runtime_chains_and_keep_gradients(mode, rule):
-    # With gradients (QAT), QLinear runs QTensor ops: the compiled forward holds the _int_mm chains.
+    # QAT under torch.compile: the forward graph holds the runtime's _int_mm chains, fused by the rules.
     x = torch.randn(2, 16, 64)
     torch.manual_seed(0)
     eager_model = quantize(mlp(), activation_mode=mode)
@@ -169,7 +169,8 @@ def test_dump_dir_and_report(tmp_path, capsys):
     for stage in ("before", "after_fuse", "after_sink", "after_epilogue"):
         assert any(n.endswith(f"_post_grad_{stage}.txt") for n in names), stage
     report = json.loads(next(tmp_path.glob("*_report.json")).read_text())
-    assert {f["rule"] for f in report["fused"]} == {"sink_requantize_relu", "requantize_bias_relu"}
+    rules = {f["rule"] for f in report["fused"]}
+    assert rules == {"requantize_bias_3d", "sink_requantize_relu", "requantize_bias_relu"}
     after = next(tmp_path.glob("*_post_grad_after_epilogue.txt")).read_text()
     assert "int8_mm_requantize" in after and "_int_mm" not in after
     assert "rewrite(s)" in capsys.readouterr().out

@@ -31,9 +31,10 @@ class QLinear(QModuleMixin, torch.nn.Linear):
       (at scale ``in_scale * weight_scale``), requantized to an int8 QTensor at ``out_scale``.
     - dynamic: per-token int8 input scales computed at run time; int32 accumulation rescaled to float.
 
-    For inference (no gradient needed, not calibrating) the activation paths call the fused kernels of
-    ``quanto_fx.kernels`` (GEMM and epilogue in one op, the same results); training and calibration go through
-    QTensor ops, whose straight-through gradients QAT needs.
+    In eager inference (no gradient needed, not calibrating) the activation paths call the fused kernels of
+    ``quanto_fx.kernels`` (GEMM and epilogue in one op, the same results). Training, calibration and
+    torch.compile tracing go through QTensor ops: their straight-through gradients are what QAT needs, and
+    under ``backend="quanto"`` the passes rewrite the traced chains into the same fused kernels.
     """
 
     def __init__(
@@ -85,7 +86,9 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         return self.quantize_output(F.linear(qx, self.qweight, self.bias))
 
     def _inference(self, x: torch.Tensor) -> bool:
-        """Whether the fused kernels may run: nothing needs a gradient and the dtype is one they take."""
+        """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""
+        if torch.compiler.is_compiling():
+            return False  # trace the QTensor chain: the backend's passes fuse it (and report it)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         return not needs_grad and x.dtype in _FUSED_DTYPES
 
