@@ -42,7 +42,9 @@ def contenders(m: int, k: int, n: int) -> dict:
     """The calls to time on one (M, K, N): a per-row x per-column scaled, biased linear layer."""
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()  # a transposed (N, K) weight
+    # rescale serves dynamic activations (a scale per row); requantize static ones (one scale per tensor)
     a_scale, b_scale = torch.rand(m, 1) * 0.01, torch.rand(1, n) * 0.01
+    static_scale = torch.rand(()) * 0.01
     bias, out_scale = torch.randn(n), torch.tensor(1.0)
     ibias = torch.randint(-1000, 1000, (n,), dtype=torch.int32)
     ops = torch.ops.quanto_fx
@@ -50,8 +52,8 @@ def contenders(m: int, k: int, n: int) -> dict:
         "int_mm": lambda: torch._int_mm(a, b),
         "unfused_rescale": lambda: unfused_rescale(a, b, a_scale, b_scale, bias),
         "rescale": lambda: ops.int8_mm_rescale(a, b, a_scale, b_scale, bias, torch.float32),
-        "unfused_requantize": lambda: unfused_requantize(a, b, a_scale, b_scale, ibias, out_scale),
-        "requantize": lambda: ops.int8_mm_requantize(a, b, a_scale, b_scale, ibias, out_scale),
+        "unfused_requantize": lambda: unfused_requantize(a, b, static_scale, b_scale, ibias, out_scale),
+        "requantize": lambda: ops.int8_mm_requantize(a, b, static_scale, b_scale, ibias, out_scale),
     }
 
 
