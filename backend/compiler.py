@@ -111,7 +111,11 @@ class QuantoGraphPass(CustomGraphPass):
 def quanto_backend(
     gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None
 ):
-    """The dynamo backend: inductor's ``compile_fx`` with the quanto_fx fusion passes."""
+    """The dynamo backend: inductor's ``compile_fx`` with the quanto_fx fusion passes.
+
+    ``options`` are :class:`BackendOptions` (``torch.compile(..., options={...})``); ``mode`` is
+    ``torch.compile``'s and sets inductor's config for that mode ("reduce-overhead", "max-autotune", ...).
+    """
     from torch._inductor.compile_fx import compile_fx
 
     import quanto_fx.kernels  # noqa: F401  (registers the fused ops the passes write)
@@ -127,8 +131,9 @@ def quanto_backend(
     patches: dict = {"post_grad_custom_pre_pass": QuantoGraphPass(opts, graph_id)}
     if opts.observed or session is not None:
         patches["fx_graph_cache"] = False  # a cache hit would skip the passes and leave nothing to report
-    if mode == "max-autotune":
-        patches["max_autotune"] = True
+    if mode is not None:
+        # torch.compile(mode=...) means for us what it means for inductor (raises on an unknown mode)
+        patches.update(torch._inductor.list_mode_options(mode))
     log.debug("compiling graph %d with %s", graph_id, opts)
     return compile_fx(gm, example_inputs, config_patches=patches)
 

@@ -155,6 +155,16 @@ def test_fusion_can_be_disabled():
     torch.testing.assert_close(out, linear_chain(x, w, bias))
 
 
+def test_compile_modes_mean_what_they_mean_for_inductor():
+    x = torch.randn(2, 16, 64)
+    q = quantized(mlp(), x, mode="dynamic")
+    out, code = compile_and_run(q, x, mode="reduce-overhead")  # CUDA graphs: no effect on the CPU
+    torch.testing.assert_close(out, q(x), rtol=1e-5, atol=1e-5)
+    assert "quanto_fx.int8_mm_rescale.default(" in code
+    with pytest.raises(Exception, match="Unrecognized mode=turbo"):
+        compile_and_run(q, x, mode="turbo")
+
+
 def test_unknown_option_is_refused():
     with pytest.raises(Exception, match="unknown quanto backend option"):
         compile_and_run(mlp(), torch.randn(2, 64), options={"fusoin": True})
