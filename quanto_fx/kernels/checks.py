@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tensor.integer_matmul import check_int8_operands
+
 # Float dtypes of a rescale's bias and output; the math is float32 either way.
 RESCALE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,12 +35,7 @@ def _check_int8_mm_args(
     ``a`` int8 (M, K), ``b`` int8 (K, N), ``a_scale`` float 0-d or (M, 1), ``b_scale`` float 0-d or (1, N),
     ``bias`` None or (N,) of one of ``bias_dtypes``; all on one device.
     """
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"expected int8 operands, got {a.dtype} and {b.dtype}")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"incompatible shapes {tuple(a.shape)} @ {tuple(b.shape)}")
-    if a.device != b.device:
-        raise ValueError(f"operands on different devices ({a.device} and {b.device})")
+    check_int8_operands(a, b)
     m, n = a.shape[0], b.shape[1]
     _check_scale(a_scale, "a_scale", (m, 1), a.device)
     _check_scale(b_scale, "b_scale", (1, n), a.device)

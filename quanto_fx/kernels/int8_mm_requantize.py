@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor.integer_matmul import int8_mm
+from ..tensor.integer_matmul import int8_gemm
 from .checks import check_requantize_args
 from .library import LIB, TAGS
 from .reference import INT8_QMAX, requantize_multiplier
@@ -36,7 +36,7 @@ def int8_mm_requantize_torch(
     Bit-exact with ``reference.int8_mm_requantize_reference``.
     """
     check_requantize_args(a, b, a_scale, b_scale, bias, out_scale)
-    acc = int8_mm(a, b)
+    acc = int8_gemm(a, b)  # operands checked above
     if bias is not None:
         acc.add_(bias)  # acc is a fresh buffer (or a fresh slice of one on CUDA): safe to update in place
     # The reference's steps, in place on one float32 buffer. Clamping before rounding gives the same result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor.integer_matmul import int8_mm
+from ..tensor.integer_matmul import int8_gemm
 from .checks import check_rescale_args
 from .library import LIB, TAGS
 
@@ -40,8 +40,9 @@ def int8_mm_rescale_torch(
     # unfused chain allocates one (M, N) tensor per op. Same rounding as the reference, step for step.
     # Planned speed-up (PERF.md): a prepacked oneDNN int8 linear (qlinear_prepack + qlinear_pointwise, u8
     # activations) that fuses the epilogue and skips aten._int_mm's per-call weight re-layout.
+    acc = int8_gemm(a, b)  # operands checked above
     # int32 * float32 -> float32 in one pass: the conversion rides along with the first scale.
-    out = torch.mul(int8_mm(a, b), a_scale.to(torch.float32))
+    out = torch.mul(acc, a_scale.to(torch.float32))
     out.mul_(b_scale.to(torch.float32))
     if bias is not None:
         out.add_(bias)

@@ -21,6 +21,20 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+def check_int8_operands(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise unless ``a`` (M, K) and ``b`` (K, N) are int8 matrices on one device with K <= MAX_K."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_mm expects int8 operands, got {a.dtype} and {b.dtype}")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"int8_mm: incompatible shapes {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"int8_mm: operands on different devices ({a.device} and {b.device})")
+    if a.shape[1] > MAX_K:
+        raise ValueError(
+            f"int8_mm: K={a.shape[1]} exceeds {MAX_K}, beyond which int32 accumulation could overflow"
+        )
+
+
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for int8 matrices ``a`` (M, K) and ``b`` (K, N), accumulated exactly in int32.
 
@@ -28,16 +42,14 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     operands are zero-padded to the shapes cuBLAS accepts (zeros add nothing to the sums) and the result is
     sliced back, so any shape works.
     """
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"int8_mm expects int8 operands, got {a.dtype} and {b.dtype}")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"int8_mm: incompatible shapes {tuple(a.shape)} @ {tuple(b.shape)}")
-    if a.device != b.device:
-        raise ValueError(f"int8_mm: operands on different devices ({a.device} and {b.device})")
+    check_int8_operands(a, b)
+    return int8_gemm(a, b)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``int8_mm`` without the argument checks, for callers that ran ``check_int8_operands`` already."""
     m, k = a.shape
     n = b.shape[1]
-    if k > MAX_K:
-        raise ValueError(f"int8_mm: K={k} exceeds {MAX_K}, beyond which int32 accumulation could overflow")
     if m == 0 or k == 0 or n == 0:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
     if a.device.type == "cuda":
