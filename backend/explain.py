@@ -100,6 +100,8 @@ def explain(model, *example_inputs, options: dict | None = None) -> ExplainRepor
     The report lists graph breaks with their reasons and locations, the graphs dynamo captured, every
     rewrite the passes made (and, for each int8 GEMM left alone, the reason), the fused kernels found in
     the generated code, and the ops that fell back to dequantize in an eager run. Runs under no_grad.
+    Like ``torch._dynamo.explain`` (which it calls), it resets dynamo: other compiled functions recompile on
+    their next call.
     """
     from torch._inductor.utils import run_and_get_code
 
@@ -110,7 +112,7 @@ def explain(model, *example_inputs, options: dict | None = None) -> ExplainRepor
         reset_fallback_counts()
         model(*example_inputs)
         fallbacks = fallback_counts()
-        torch._dynamo.reset()  # compile afresh: cached graphs would not run the passes again
+        torch._dynamo.reset()  # compile afresh: graphs cached by dynamo's explain would not run our passes
         compiled = torch.compile(model, backend=lambda gm, inputs: quanto_backend(gm, inputs, options))
         (_, codes), session = with_session(run_and_get_code)(compiled, *example_inputs)
     code = "\n".join(codes)
