@@ -172,6 +172,7 @@ SHAPE_OPS = {
     "select_col": lambda t: t[:, 1],
     "index": lambda t: t[torch.tensor([0, 2, 5])],
     "split": lambda t: t.split(2, dim=0)[1],
+    "split_sizes": lambda t: t.split([1, 3], dim=1)[1],
     "chunk_cols": lambda t: t.chunk(2, dim=1)[1],
     "unbind": lambda t: t.unbind(0)[3],
 }
@@ -251,6 +252,17 @@ def test_fallback_is_counted_per_op():
     torch.exp(qx)
     torch.tanh(qx)
     assert quanto_fx.fallback_counts() == {"exp": 2, "tanh": 1}
+
+
+def test_copy_into_a_qtensor_parameter():
+    # load_state_dict without assign=True copies into the existing QTensor parameters
+    lin = torch.nn.Linear(4, 3)
+    lin.weight = torch.nn.Parameter(q(torch.randn(3, 4), axis=0), requires_grad=False)
+    source = q(torch.randn(3, 4), axis=0)
+    lin.load_state_dict({"weight": source, "bias": lin.bias.detach()})
+    assert torch.equal(lin.weight._data, source._data) and torch.equal(lin.weight._scale, source._scale)
+    with pytest.raises(RuntimeError, match="copy_ into a QTensor needs a QTensor source"):
+        lin.load_state_dict({"weight": torch.randn(3, 4), "bias": lin.bias.detach()})
 
 
 def test_in_place_ops_on_qtensor_are_refused():

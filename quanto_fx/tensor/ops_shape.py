@@ -29,7 +29,7 @@ def _keepdim_scale(scale: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return scale.reshape(shape)
 
 
-@register_handler(aten.detach, aten.alias)
+@register_handler(aten.detach)
 def detach(func, args, kwargs):
     (x,) = args
     return _qtensor(func(x._data), func(x._scale), x._axis)
@@ -53,7 +53,7 @@ def to_copy(func, args, kwargs):
     return _qtensor(data, scale, x._axis)
 
 
-@register_handler(aten.view, aten._unsafe_view, aten.reshape)
+@register_handler(aten.view, aten._unsafe_view)  # reshape decomposes into these above the dispatcher
 def view(func, args, kwargs):
     x, shape = args
     data = func(x._data, shape)
