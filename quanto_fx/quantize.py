@@ -7,8 +7,10 @@ from fnmatch import fnmatch
 
 import torch
 
-from .nn.qmodule import QModuleMixin, check_qtypes, qmodule_class_for
+from .nn.qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, check_qtypes, qmodule_class_for
 from .qtypes import qint8, qtype
+from .tensor import PACKED_QTYPES
+from .tensor.groupwise import check_group_size
 
 __all__ = ["quantize", "freeze", "quantization_map", "requantize"]
 
@@ -35,6 +37,7 @@ def quantize(
     exclude: str | list[str] | None = None,
     inplace: bool = True,
     activation_mode: str = "static",
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> torch.nn.Module:
     """Replace the supported modules of ``model`` by quantized ones and return the model.
 
@@ -44,16 +47,21 @@ def quantize(
 
     Args:
         model: the float model.
-        weights: weight qtype (qint8) or None to keep float weights.
+        weights: weight qtype or None to keep float weights: qint8 (per output channel), qfloat8_e4m3fn /
+            qfloat8_e5m2 (per output channel), qint4 / qint2 (Linear layers only, weight-only, packed, one
+            scale and zero per ``group_size`` input features).
         activations: activation qtype (qint8) or None for weight-only quantization.
         include / exclude: fnmatch patterns on module names (``"encoder.*"``); a pattern that matches no
             module name raises, as it is almost always a typo.
         inplace: False quantizes a deep copy and leaves ``model`` untouched.
         activation_mode: "static" (per-tensor scales from ``calibration()``) or "dynamic" (per-token
             scales computed at run time; no calibration needed).
+        group_size: input features per group of qint4 / qint2 weights (a power of two dividing every
+            quantized Linear's in_features; exclude the layers it does not divide).
 
     Raises:
-        ValueError: unsupported qtypes or mode, patterns matching nothing, an already quantized model.
+        ValueError: unsupported qtypes or mode, patterns matching nothing, an already quantized model, a
+            group size that does not divide a layer's features (the message names the layer).
     """
     weights, activations = check_qtypes(weights, activations, activation_mode)
     include, exclude = _patterns(include), _patterns(exclude)
@@ -66,13 +74,20 @@ def quantize(
         raise ValueError(f"model is already quantized (quantized modules: {already[:5]}); quantize it once")
     if not inplace:
         model = copy.deepcopy(model)
-    settings = dict(weights=weights, activations=activations, activation_mode=activation_mode)
+    settings = dict(
+        weights=weights, activations=activations, activation_mode=activation_mode, group_size=group_size
+    )
     # Build every replacement first, then swap: a failure leaves the model unmodified.
-    replacements = {
-        name: qcls.from_module(module, **settings)
-        for name, module in model.named_modules()
-        if (qcls := qmodule_class_for(module)) is not None and _selected(name, include, exclude)
-    }
+    replacements = {}
+    for name, module in model.named_modules():
+        if (qcls := qmodule_class_for(module)) is None or not _selected(name, include, exclude):
+            continue
+        try:
+            if weights in PACKED_QTYPES and isinstance(module, torch.nn.Linear):
+                check_group_size(group_size, module.in_features)
+            replacements[name] = qcls.from_module(module, **settings)
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {name or '<root>'!r}: {e}") from e
     root = replacements.pop("", None)
     for name, qmodule in replacements.items():
         model.set_submodule(name, qmodule)
@@ -98,7 +113,8 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def quantization_map(model: torch.nn.Module) -> dict[str, dict]:
-    """Describe every quantized module: its class, qtypes, activation mode and whether it is frozen.
+    """Describe every quantized module: its class, qtypes, activation mode, group size (int4 / int2 weights)
+    and whether it is frozen.
 
     The map is JSON-serializable; with a state_dict it is all ``requantize`` needs to rebuild the model.
     """
@@ -110,6 +126,7 @@ def quantization_map(model: torch.nn.Module) -> dict[str, dict]:
             "activation_mode": m.activation_mode,
             "frozen": m.frozen,
         }
+        | ({"group_size": m.group_size} if m.weight_qtype in PACKED_QTYPES else {})
         for name, m in _qmodules(model)
     }
 
@@ -143,6 +160,7 @@ def requantize(
             weights=entry["weights"],
             activations=entry["activations"],
             activation_mode=entry["activation_mode"],
+            group_size=entry.get("group_size", DEFAULT_GROUP_SIZE),
         )
         if entry.get("frozen"):
             qmodule.freeze()

@@ -2,6 +2,8 @@
 
 - ``torch.ops.quanto_fx.int8_mm_rescale``: int8 GEMM -> float (per-row x per-column scales, bias, relu).
 - ``torch.ops.quanto_fx.int8_mm_requantize``: int8 GEMM -> int8 (int32 bias, output scale, relu).
+- ``torch.ops.quanto_fx.int8_weight_mm`` / ``lowbit_weight_mm``: weight-only GEMMs, float activations times
+  int8 or packed int4 / int2 weights (``weight_only.py``).
 
 Each op has one schema, a pure-torch reference (``reference.py``), a fake implementation, a torch
 implementation for CPU and any other device, and on CUDA a Triton kernel with the epilogue fused into the
@@ -14,6 +16,7 @@ from .int8_mm_requantize import int8_mm_requantize
 from .int8_mm_rescale import int8_mm_rescale
 from .library import LIB
 from .reference import int8_mm_requantize_reference, int8_mm_rescale_reference
+from .weight_only import int8_weight_mm, lowbit_weight_mm
 
 # triton is optional (absent on macOS, Windows and most CPU-only installs): without it the CUDA path is the
 # torch implementation (cuBLAS _int_mm, then the epilogue).
@@ -30,4 +33,6 @@ __all__ = [
     "int8_mm_requantize_reference",
     "int8_mm_rescale",
     "int8_mm_rescale_reference",
+    "int8_weight_mm",
+    "lowbit_weight_mm",
 ]

@@ -1,12 +1,12 @@
-"""QConv2d: int8 weights (per output channel) and static or dynamic int8 activations."""
+"""QConv2d: int8 or float8 weights (per output channel) and static or dynamic int8 activations."""
 
 from __future__ import annotations
 
 import torch
 
-from ..qtypes import qint8
-from ..tensor import QTensor
-from .qmodule import QModuleMixin, float_value, register_qmodule
+from ..qtypes import get_qtype, qint8
+from ..tensor import PACKED_QTYPES, QTensor
+from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmodule
 
 
 @register_qmodule(torch.nn.Conv2d)
@@ -52,7 +52,14 @@ class QConv2d(QModuleMixin, torch.nn.Conv2d):
         self.init_quantization(weights, activations, activation_mode, device=device)
 
     @classmethod
-    def from_module(cls, module, weights=qint8, activations=qint8, activation_mode="static"):
+    def from_module(
+        cls, module, weights=qint8, activations=qint8, activation_mode="static", group_size=DEFAULT_GROUP_SIZE
+    ):
+        if weights is not None and get_qtype(weights) in PACKED_QTYPES:
+            raise ValueError(
+                f"Conv2d layers take qint8 or float8 weights, not {get_qtype(weights).name} (group-wise "
+                "packed weights are for Linear layers); exclude the convolutions or quantize them separately"
+            )
         with torch.device("meta"):
             qmodule = cls(
                 module.in_channels,

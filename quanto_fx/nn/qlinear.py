@@ -1,4 +1,5 @@
-"""QLinear: int8 weights (per output channel) and static or dynamic int8 activations."""
+"""QLinear: int8 / float8 weights (per output channel) or packed int4 / int2 weights (per group), and static
+or dynamic int8 activations or none (weight-only)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch.nn.functional as F
 
 from ..calibrate import active_calibration
 from ..qtypes import qint8
-from ..tensor import QTensor
+from ..tensor import PackedQTensor, QTensor
 from ..tensor.ops_matmul import gemm_bound, quantize_int32_bias
-from .qmodule import QModuleMixin, float_value, register_qmodule
+from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmodule
 
 # Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,7 +27,9 @@ def _fused_ops():
 class QLinear(QModuleMixin, torch.nn.Linear):
     """A quantized ``nn.Linear``.
 
-    - weight-only (``activations=None``): float input times the dequantized int8 weight.
+    - weight-only (``activations=None``): float input times the weight dequantized inside the GEMM: int8 via
+      ``quanto_fx::int8_weight_mm``, packed int4 / int2 via ``quanto_fx::lowbit_weight_mm`` (``group_size``
+      input features per scale); float8 weights are dequantized, then multiplied.
     - static: input quantized at ``in_scale``, int8 x int8 -> int32 (``aten._int_mm``) plus an int32 bias
       (at scale ``in_scale * weight_scale``), requantized to an int8 QTensor at ``out_scale``.
     - dynamic: per-token int8 input scales computed at run time; int32 accumulation rescaled to float.
@@ -47,12 +50,15 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         weights=qint8,
         activations=qint8,
         activation_mode="static",
+        group_size=DEFAULT_GROUP_SIZE,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.init_quantization(weights, activations, activation_mode, device=device)
+        self.init_quantization(weights, activations, activation_mode, device=device, group_size=group_size)
 
     @classmethod
-    def from_module(cls, module, weights=qint8, activations=qint8, activation_mode="static"):
+    def from_module(
+        cls, module, weights=qint8, activations=qint8, activation_mode="static", group_size=DEFAULT_GROUP_SIZE
+    ):
         with torch.device("meta"):
             qmodule = cls(
                 module.in_features,
@@ -61,12 +67,13 @@ class QLinear(QModuleMixin, torch.nn.Linear):
                 weights=weights,
                 activations=activations,
                 activation_mode=activation_mode,
+                group_size=group_size,
             )
         return qmodule.take_parameters_of(module)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.activation_qtype is None:
-            return F.linear(float_value(input), float_value(self.qweight), self.bias)
+            return self._weight_only(float_value(input))
         if self.activation_mode == "dynamic":
             x = float_value(input)
             rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
@@ -84,6 +91,18 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             if out is not None:
                 return out
         return self.quantize_output(F.linear(qx, self.qweight, self.bias))
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight
+        if w.requires_grad:  # training the float weight: the straight-through float path
+            return F.linear(x, float_value(w), self.bias)
+        if isinstance(w, PackedQTensor):
+            return F.linear(x, w, self.bias)  # PackedQTensor dispatches the GEMM to lowbit_weight_mm
+        if self._inference(x) and w.qdtype == torch.int8 and x.dtype == w.dtype:
+            rows = x.reshape(-1, self.in_features)
+            out = _fused_ops().int8_weight_mm(rows, w._data, w._scale, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, float_value(w), self.bias)  # traced: the passes fuse int8 chains
 
     def _inference(self, x: torch.Tensor) -> bool:
         """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""

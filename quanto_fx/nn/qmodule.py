@@ -8,19 +8,23 @@ from collections.abc import Callable
 import torch
 
 from ..calibrate import active_calibration, update_scale
-from ..qtypes import get_qtype, qint8, qtype
-from ..tensor import QTensor
+from ..qtypes import get_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtype
+from ..tensor import PACKED_QTYPES, PackedQTensor, QTensor
 from ..tensor.quantization import int_range
 
-__all__ = ["QModuleMixin", "register_qmodule", "qmodule_class_for", "ACTIVATION_MODES"]
+__all__ = ["QModuleMixin", "register_qmodule", "qmodule_class_for", "ACTIVATION_MODES", "DEFAULT_GROUP_SIZE"]
 
 # static: per-tensor activation scales fixed by calibration (int8 in, int8 out; suits CNNs and batch work).
 # dynamic: per-token (per-row) activation scales computed at run time, float out (suits transformers,
 #          whose activations have per-token outliers; needs no calibration).
 ACTIVATION_MODES = ("static", "dynamic")
 
-_SUPPORTED_WEIGHTS = (qint8,)
+_SUPPORTED_WEIGHTS = (qint8, qint4, qint2, qfloat8_e4m3fn, qfloat8_e5m2)
 _SUPPORTED_ACTIVATIONS = (qint8,)
+DEFAULT_GROUP_SIZE = 128
+# Whether int4 / int2 groups use the shifted (min-max, float zero) scheme rather than the symmetric one:
+# chosen by the accuracy measured on a pretrained encoder (bench/RESULTS.md, "Low-bit weights").
+SHIFTED_GROUPS = {qint4: True, qint2: True}
 
 _QMODULES: dict[type[torch.nn.Module], type[QModuleMixin]] = {}
 _STRUCTURAL: list[tuple[Callable[[torch.nn.Module], bool], type[QModuleMixin]]] = []
@@ -62,7 +66,13 @@ def check_qtypes(weights: qtype | str | None, activations: qtype | str | None, a
     weights = None if weights is None else get_qtype(weights)
     activations = None if activations is None else get_qtype(activations)
     if weights is not None and weights not in _SUPPORTED_WEIGHTS:
-        raise ValueError(f"weights={weights.name} is not supported yet; supported: qint8 (or None)")
+        names = ", ".join(q.name for q in _SUPPORTED_WEIGHTS)
+        raise ValueError(f"weights={weights.name} is not supported; supported: {names} (or None)")
+    if weights in PACKED_QTYPES and activations is not None:
+        raise ValueError(
+            f"weights={weights.name} is weight-only quantization: pass activations=None "
+            "(int4 / int2 weights are dequantized inside a float GEMM)"
+        )
     if activations is not None and activations not in _SUPPORTED_ACTIVATIONS:
         raise ValueError(f"activations={activations.name} is not supported; supported: qint8 or None")
     if activation_mode not in ACTIVATION_MODES:
@@ -77,6 +87,7 @@ class QModuleMixin:
         weight_qtype: qtype of the weights (None: float weights).
         activation_qtype: qtype of the activations (None: weight-only quantization).
         activation_mode: "static" (calibrated per-tensor scales) or "dynamic" (per-token, at run time).
+        group_size: input features per scale group of int4 / int2 weights.
         in_scale / out_scale: buffers with the static activation scales; 1.0 until calibrated.
 
     Before ``freeze()``, weights stay float and are quantized on every forward (straight-through gradients
@@ -86,15 +97,26 @@ class QModuleMixin:
     weight_qtype: qtype | None
     activation_qtype: qtype | None
     activation_mode: str
+    group_size: int
 
-    def init_quantization(self, weights, activations, activation_mode: str, device=None) -> None:
+    def init_quantization(
+        self, weights, activations, activation_mode: str, device=None, group_size: int = DEFAULT_GROUP_SIZE
+    ) -> None:
         self.weight_qtype, self.activation_qtype = check_qtypes(weights, activations, activation_mode)
         self.activation_mode = activation_mode
+        self.group_size = group_size
         self.register_buffer("in_scale", torch.ones((), device=device))
         self.register_buffer("out_scale", torch.ones((), device=device))
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module, weights=qint8, activations=qint8, activation_mode="static"):
+    def from_module(
+        cls,
+        module: torch.nn.Module,
+        weights=qint8,
+        activations=qint8,
+        activation_mode="static",
+        group_size=DEFAULT_GROUP_SIZE,
+    ):
         """The quantized twin of ``module``; it shares ``module``'s parameters (no copy)."""
         raise NotImplementedError
 
@@ -115,14 +137,22 @@ class QModuleMixin:
 
     @property
     def frozen(self) -> bool:
-        return isinstance(getattr(self, "weight", None), QTensor)
+        return isinstance(getattr(self, "weight", None), (QTensor, PackedQTensor))
 
     @property
     def qweight(self):
-        """The quantized weight: stored if frozen, else quantized now (per output channel)."""
+        """The quantized weight: stored if frozen, else quantized now (straight-through gradients)."""
         weight = self.weight
-        if isinstance(weight, QTensor) or self.weight_qtype is None:
+        if self.frozen or self.weight_qtype is None:
             return weight
+        return self._quantize_weight(weight)
+
+    def _quantize_weight(self, weight: torch.Tensor):
+        """int8 / float8: per output channel; int4 / int2: packed, per group of ``group_size`` inputs."""
+        if self.weight_qtype in PACKED_QTYPES:
+            return PackedQTensor.quantize(
+                weight, self.weight_qtype, self.group_size, shift=SHIFTED_GROUPS[self.weight_qtype]
+            )
         return QTensor.quantize(weight, self.weight_qtype, axis=0)
 
     def freeze(self) -> None:
@@ -130,9 +160,9 @@ class QModuleMixin:
         if self.weight_qtype is None or self.frozen:
             return
         if self.weight.is_meta:
-            weight = _meta_qtensor(self.weight, self.weight_qtype)
+            weight = _meta_qtensor(self.weight, self.weight_qtype, self.group_size)
         else:
-            weight = QTensor.quantize(self.weight.detach(), self.weight_qtype, axis=0)
+            weight = self._quantize_weight(self.weight.detach())
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
 
     # -- activations ------------------------------------------------------------------------------------
@@ -175,12 +205,17 @@ class QModuleMixin:
 
 
 def float_value(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a float tensor (QTensors are dequantized with straight-through gradients)."""
-    return x.dequantize() if isinstance(x, QTensor) else x
+    """``x`` as a float tensor (quantized tensors are dequantized with straight-through gradients)."""
+    return x.dequantize() if isinstance(x, (QTensor, PackedQTensor)) else x
 
 
-def _meta_qtensor(weight: torch.Tensor, wqtype: qtype) -> QTensor:
-    """A placeholder QTensor on the meta device, for skeletons whose real values are loaded afterwards."""
+def _meta_qtensor(weight: torch.Tensor, wqtype: qtype, group_size: int) -> QTensor | PackedQTensor:
+    """A placeholder on the meta device, for skeletons whose real values are loaded afterwards."""
+    if wqtype in PACKED_QTYPES:
+        out_features, in_features = weight.shape
+        packed = torch.empty((out_features, in_features * wqtype.bits // 8), dtype=torch.uint8, device="meta")
+        groups = torch.empty((in_features // group_size, out_features, 2), dtype=weight.dtype, device="meta")
+        return PackedQTensor(packed, groups, wqtype, group_size)
     scale_shape = [weight.shape[0]] + [1] * (weight.ndim - 1)
     data = torch.empty(weight.shape, dtype=wqtype.dtype, device="meta")
     return QTensor(data, torch.empty(scale_shape, dtype=weight.dtype, device="meta"), axis=0, _trusted=True)

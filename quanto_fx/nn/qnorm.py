@@ -28,7 +28,8 @@ class QNormMixin(QModuleMixin):
 
 
 def _norm_settings(weights, activations, activation_mode):
-    # Norm weights are never quantized; `weights` is accepted so quantize() can pass one setting to all.
+    # Norm weights are never quantized; `weights` (and from_module's `group_size`) are accepted so that
+    # quantize() can pass one setting to all.
     return None, activations, activation_mode
 
 
@@ -52,7 +53,7 @@ class QLayerNorm(QNormMixin, torch.nn.LayerNorm):
         self.init_quantization(*_norm_settings(weights, activations, activation_mode), device=device)
 
     @classmethod
-    def from_module(cls, module, weights=None, activations=qint8, activation_mode="static"):
+    def from_module(cls, module, weights=None, activations=qint8, activation_mode="static", group_size=None):
         with torch.device("meta"):
             qmodule = cls(
                 module.normalized_shape,
@@ -105,7 +106,7 @@ class QRMSNorm(QNormMixin, torch.nn.RMSNorm):
         self.init_quantization(*_norm_settings(weights, activations, activation_mode), device=device)
 
     @classmethod
-    def from_module(cls, module, weights=None, activations=qint8, activation_mode="static"):
+    def from_module(cls, module, weights=None, activations=qint8, activation_mode="static", group_size=None):
         if isinstance(module, torch.nn.RMSNorm):
             shape, eps, affine = module.normalized_shape, module.eps, module.elementwise_affine
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .qtensor import QTensor
-from .quantization import dequantize_data, quantize_data, round_and_clamp
+from .quantization import quantize_data, round_and_clamp
 
 
 class QuantizeSTE(torch.autograd.Function):
@@ -24,11 +24,11 @@ class QuantizeSTE(torch.autograd.Function):
 
 
 class DequantizeSTE(torch.autograd.Function):
-    """QTensor -> float (``data * scale``); the gradient goes straight through."""
+    """Quantized tensor -> its float value; the gradient goes straight through."""
 
     @staticmethod
     def forward(ctx, qt):
-        return dequantize_data(qt._data, qt._scale)
+        return qt.dequantized()
 
     @staticmethod
     def backward(ctx, grad):
@@ -47,3 +47,17 @@ class RescaleSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None, None, None, None, None
+
+
+class QuantizePackedSTE(torch.autograd.Function):
+    """float weight -> PackedQTensor (group-wise int4 / int2); the gradient goes straight through."""
+
+    @staticmethod
+    def forward(ctx, weight, wqtype, group_size, shift):
+        from .packed_qtensor import PackedQTensor
+
+        return PackedQTensor.from_float(weight, wqtype, group_size, shift)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None

@@ -6,9 +6,10 @@ import numbers
 
 import torch
 
+from .base import dequantize_value
 from .dispatch import register_handler
 from .ops_matmul import add_int32_bias
-from .qtensor import QTensor, dequantize_value
+from .qtensor import QTensor
 
 aten = torch.ops.aten
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .base import dequantize_value
 from .dispatch import count_fallback, register_handler
 from .integer_matmul import MAX_K, int8_mm
-from .qtensor import QTensor, dequantize_value
+from .qtensor import QTensor
 from .quantization import dequantize_data
 
 aten = torch.ops.aten

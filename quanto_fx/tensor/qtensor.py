@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch.utils._pytree import tree_map
 
 from ..qtypes import qtype
-from .dispatch import HANDLERS, count_fallback
+from .base import QuantizedTensor, dequantize_fallback
+from .dispatch import HANDLERS
 from .quantization import (
     INT_DTYPES,
     absmax_scale,
@@ -21,7 +21,7 @@ from .quantization import (
 __all__ = ["QTensor"]
 
 
-class QTensor(torch.Tensor):
+class QTensor(QuantizedTensor):
     """A quantized tensor: integer ``_data`` (int8, int16 or int32) times a float ``_scale``.
 
     Quantization is strictly symmetric (no zero-point). The scale is per tensor (a 0-d tensor, ``axis`` None)
@@ -110,6 +110,9 @@ class QTensor(torch.Tensor):
             check_finite(tensor.detach(), "input")  # NaN would otherwise become an arbitrary integer
         return QuantizeSTE.apply(tensor, scale, qmin, qmax, dtype, axis)
 
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_data(self._data, self._scale)
+
     def dequantize(self) -> torch.Tensor:
         """The float value ``data * scale`` (gradients flow straight through)."""
         from .autograd import DequantizeSTE
@@ -176,8 +179,6 @@ class QTensor(torch.Tensor):
         memo[id(self)] = copy
         return copy
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -186,33 +187,11 @@ class QTensor(torch.Tensor):
             result = handler(func, args, kwargs)
             if result is not NotImplemented:
                 return result
-        return _dequantize_fallback(func, args, kwargs)
+        return dequantize_fallback(func, args, kwargs)
 
 
 def _describe(x) -> str:
     return f"a tensor of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def dequantize_value(x):
-    """``x`` dequantized if it is a QTensor (without autograd: for use below the dispatcher), else ``x``."""
-    if isinstance(x, QTensor):
-        return dequantize_data(x._data, x._scale)
-    return x
-
-
-def _dequantize_fallback(func, args, kwargs):
-    """Run ``func`` on the dequantized arguments: always correct, counted per op."""
-    if func._schema.is_mutable:
-        schema_args = func._schema.arguments
-        named_args = dict(zip([a.name for a in schema_args], args, strict=False)) | kwargs
-        mutated = [a.name for a in schema_args if a.alias_info is not None and a.alias_info.is_write]
-        if any(isinstance(named_args.get(name), QTensor) for name in mutated):
-            raise NotImplementedError(
-                f"{func} would modify a QTensor in place; QTensor supports no in-place "
-                f"{func.overloadpacket.__name__} (use the out-of-place op or dequantize() first)"
-            )
-    count_fallback(func)
-    return func(*tree_map(dequantize_value, args), **tree_map(dequantize_value, kwargs))
 
 
 def _rebuild_qtensor(data, scale, axis, requires_grad):

@@ -1,0 +1,297 @@
+"""Triton kernel: weight-only int4 / int2 linear layers, dequantizing the packed weight inside the GEMM.
+
+``out = x @ w.T`` for a float ``x`` (M, K) and a low-bit weight ``w`` of logical shape (N, K)
+(N = out_features, K = in_features), accumulated in float32 and stored as ``x.dtype``. The weight is never
+materialized in float: each program reads its packed bytes, unpacks them with shifts and masks and applies
+the group's scale and zero.
+
+The packed weight format (portable: plain uint8 bytes and one float tensor, no device-specific layout):
+
+- ``bits`` in {2, 4}; ``per_byte = 8 // bits`` codes per byte.
+- ``packed``: uint8 (N, K // per_byte). Element (n, k) is the unsigned code q in [0, 2**bits - 1], stored in
+  byte ``packed[n, k // per_byte]`` at bit offset ``(k % per_byte) * bits``, least significant bits first.
+- ``scale_zeros``: float (K // group_size, N, 2), the layout of torch's ``aten._weight_int4pack_mm``; with
+  g = k // group_size, ``w[n, k] = (q[n, k] - 2**(bits - 1)) * scale_zeros[g, n, 0] + scale_zeros[g, n, 1]``.
+- ``K % group_size == 0``; ``group_size`` a power of two >= 16.
+
+Written for decode (M = 1..16: the GEMM is bound by reading the weight, which is 4 or 8 times smaller than in
+bfloat16) and correct for any M. Launch it through ``lowbit_mm_triton``; the kernel is a plain ``@triton.jit``
+function so that tests can interpret it on the CPU (``TRITON_INTERPRET=1``) and compile it for an H100 without
+one. Offsets are int32: fine while x, the output and ``packed`` hold fewer than 2**31 elements each.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_int8_mm import _tile_ids
+from .triton_launch import _bench_on_gpu_alone, _device_guard, _m_bucket
+
+LOWBIT_BITS = (2, 4)
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _load_codes(packed_ptr, rn, rk, N, stride_pn, stride_pk, BITS: tl.constexpr, PER_BYTE: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) int32 codes q[rn, rk], 0 for rows past N."""
+    # One load per code: the PER_BYTE codes of a byte read the same address, which the hardware merges. K is
+    # the tile's last (fastest) dimension, as in memory, so that neighbouring threads read neighbouring bytes.
+    ptrs = packed_ptr + rn[:, None] * stride_pn + (rk[None, :] // PER_BYTE) * stride_pk
+    byte = tl.load(ptrs, mask=rn[:, None] < N, other=0).to(tl.int32)  # uint8 -> int32 zero-extends
+    return (byte >> ((rk[None, :] % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def lowbit_mm_kernel(
+    x_ptr,
+    packed_ptr,
+    scale_zeros_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_pn,
+    stride_pk,
+    stride_sg,
+    stride_sn,
+    stride_sc,
+    stride_om,
+    stride_on,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out = x @ dequantize(packed, scale_zeros).T, float32 sums stored as out's dtype.
+
+    BLOCK_M == 1 is a GEMV (one row of x per program, multiply-add on the CUDA cores); BLOCK_M >= 16 a GEMM
+    on the tensor cores (``tl.dot``). Each K block lies in one quantization group (GROUP_SIZE % BLOCK_K == 0),
+    so it needs one scale and one zero per column, and K % BLOCK_K == 0: no mask along K. M_BUCKET is unused
+    here: it is the autotuner's key.
+    """
+    tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "a K block must lie in one quantization group")
+    tl.static_assert(BLOCK_M == 1 or BLOCK_M >= 16, "BLOCK_M is 1 (GEMV) or >= 16 (tl.dot)")
+    PER_BYTE: tl.constexpr = 8 // BITS
+    MID: tl.constexpr = 1 << (BITS - 1)  # the code of the zero point: w = (q - MID) * scale + zero
+
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    sz_ptrs = scale_zeros_ptr + rn * stride_sn
+
+    if BLOCK_M == 1:
+        # GEMV: dequantize in float32 and multiply-add into a (BLOCK_N, BLOCK_K) accumulator, summed over K
+        # once after the loop, so that the loop has no cross-thread reduction. x's row is loaded as a vector.
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            q = _load_codes(packed_ptr, rn, k0 + rk, N, stride_pn, stride_pk, BITS, PER_BYTE)
+            group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
+            scale = tl.load(group_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+            zero = tl.load(group_ptrs + stride_sc, mask=n_mask, other=0.0).to(tl.float32)
+            w = (q - MID).to(tl.float32) * scale[:, None] + zero[:, None]
+            x = tl.load(x_ptr + pid_m * stride_xm + (k0 + rk) * stride_xk).to(tl.float32)
+            acc2 += w * x[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
+    else:
+        # GEMM. The tensor cores multiply x by the centred codes q - MID, small integers that every float
+        # dtype holds exactly, so no weight is rounded to x's dtype; scale and zero apply in float32 to the
+        # block's partial sums, as sum_k x*((q - MID)*s + z) = s * sum_k x*(q - MID) + z * sum_k x.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+        for k0 in range(0, K, BLOCK_K):
+            q = _load_codes(packed_ptr, rn, k0 + rk, N, stride_pn, stride_pk, BITS, PER_BYTE)
+            group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
+            scale = tl.load(group_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+            zero = tl.load(group_ptrs + stride_sc, mask=n_mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            # Rows of x past M load 0 and their outputs are not stored: any M works.
+            # input_precision="ieee": a float32 x stays float32 (FMA, not the TF32 tensor cores, which would
+            # round x to 10 mantissa bits); it has no effect on 16-bit operands.
+            partial = tl.dot(x, tl.trans((q - MID).to(x.dtype)), input_precision="ieee")
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += partial * scale[None, :] + x_sum[:, None] * zero[None, :]
+            x_ptrs += BLOCK_K * stride_xk
+
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# -- the launcher --------------------------------------------------------------------------------------
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+# Block configs in tiers by M; the autotuner picks within the tier. NOT yet timed on a GPU: the sizes follow
+# the int8 kernel's tiers (triton_launch.CONFIG_TIERS) and the usual weight-only decode kernels. BLOCK_K is
+# cut to group_size where it exceeds it (_prune_configs), so every tier also runs with group_size 32.
+CONFIG_TIERS = {
+    # M == 1 (decode, one token): GEMV, bound by reading the weight. Narrow N tiles spread the weight over
+    # more SMs (N = 4096, BLOCK_N = 32: 128 programs for H100's 132 SMs); long K blocks keep loads in flight.
+    1: [
+        _config(1, 32, 128, 4, 3),
+        _config(1, 16, 256, 4, 3),
+        _config(1, 64, 64, 4, 4),
+        _config(1, 32, 64, 2, 4),
+    ],
+    # M <= 16: one 16-row tensor core tile (mma.sync; wgmma needs 64 rows), still bound by the weight.
+    16: [_config(16, 32, 128, 4, 3), _config(16, 64, 64, 4, 4), _config(16, 64, 128, 4, 3)],
+    # 16 < M <= 64: one row tile, every weight element unpacked once per 64 rows.
+    64: [_config(64, 64, 64, 4, 3), _config(64, 32, 128, 4, 3), _config(64, 128, 64, 4, 3)],
+    # M > 64 (prefill): compute bound; unpacking is amortized over 128 rows.
+    None: [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 3), _config(64, 128, 64, 4, 4)],
+}
+CONFIGS = [config for tier in CONFIG_TIERS.values() for config in tier]
+
+
+def _fit_to_group(config: triton.Config, group_size: int) -> triton.Config:
+    """``config`` with BLOCK_K cut to ``group_size`` (a K block must lie in one group)."""
+    if config.kwargs["BLOCK_K"] <= group_size:
+        return config
+    kwargs = {**config.kwargs, "BLOCK_K": group_size}
+    return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs of M's tier, fitted to the group size, without duplicates."""
+    m, group_size = named_args["M"], kwargs["GROUP_SIZE"]
+    tier = next(tier for max_m, tier in CONFIG_TIERS.items() if max_m is None or m <= max_m)
+    fitted = {}
+    for config in tier:
+        config = _fit_to_group(config, group_size)
+        fitted.setdefault((tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages), config)
+    return list(fitted.values())
+
+
+_autotuned = triton.autotune(
+    configs=CONFIGS,
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],  # the autotuner adds the tensors' dtypes
+    prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=_bench_on_gpu_alone,
+)(lowbit_mm_kernel)
+
+
+def _is_power_of_two(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def check_lowbit_mm_args(
+    x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, bits: int, group_size: int
+) -> None:
+    """Check ``lowbit_mm_triton``'s operands against the format in the module docstring."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in LOWBIT_BITS:
+        raise ValueError(f"bits must be one of {LOWBIT_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 16 or not _is_power_of_two(group_size):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
+    for name, t in (("x", x), ("packed", packed), ("scale_zeros", scale_zeros)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"x must have dtype in {[str(d) for d in X_DTYPES]}, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a torch.uint8 tensor, got {packed.dtype}")
+    if not scale_zeros.is_floating_point():
+        raise TypeError(f"scale_zeros must be a floating point tensor, got {scale_zeros.dtype}")
+    k = x.shape[1]
+    per_byte = 8 // bits
+    if k % group_size:
+        raise ValueError(f"K (x.shape[1]) = {k} is not a multiple of group_size = {group_size}")
+    if packed.ndim != 2 or packed.shape[1] * per_byte != k:
+        raise ValueError(
+            f"packed must be shaped (N, K // {per_byte}) = (N, {k // per_byte}) for K = {k} and "
+            f"bits = {bits}, got {tuple(packed.shape)}"
+        )
+    n = packed.shape[0]
+    expected = (k // group_size, n, 2)
+    if tuple(scale_zeros.shape) != expected:
+        raise ValueError(
+            f"scale_zeros must be shaped (K // group_size, N, 2) = {expected}, got {tuple(scale_zeros.shape)}"
+        )
+    for name, t in (("packed", packed), ("scale_zeros", scale_zeros)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _forced_config(config: dict, group_size: int) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a forced ``config`` dict, checked against the kernel's constraints."""
+    unknown = set(config) - {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(f"config has unknown keys {sorted(unknown)}")
+    missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(config)
+    if missing:
+        raise ValueError(f"config lacks {sorted(missing)}")
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    if not (block_m == 1 or (block_m >= 16 and _is_power_of_two(block_m))):
+        raise ValueError(f"config BLOCK_M must be 1 (GEMV) or a power of two >= 16 (tl.dot), got {block_m}")
+    if block_n < 16 or not _is_power_of_two(block_n):
+        raise ValueError(f"config BLOCK_N must be a power of two >= 16, got {block_n}")
+    if block_k < 16 or not _is_power_of_two(block_k) or block_k > group_size:
+        raise ValueError(
+            f"config BLOCK_K must be a power of two in [16, group_size = {group_size}], got {block_k}"
+        )
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
+    options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
+    return meta, options
+
+
+def lowbit_mm_triton(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x @ w.T`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype.
+
+    ``config`` runs one fixed config instead of autotuning (tests, the interpreter, benchmarks): a dict with
+    BLOCK_M (1 or a power of two >= 16), BLOCK_N (power of two >= 16), BLOCK_K (power of two, 16 to
+    group_size) and optionally GROUP_M, num_warps, num_stages. Any M and N; K is a multiple of group_size.
+    Operands may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
+    """
+    check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
+    (m, k), n = x.shape, packed.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # no K block to run: the empty sum
+        return out.zero_()
+    args = (
+        x,
+        packed,
+        scale_zeros,
+        out,
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        *x.stride(),
+        *packed.stride(),
+        *scale_zeros.stride(),
+        *out.stride(),
+    )
+    with _device_guard(x):
+        if config is None:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            _autotuned[grid](*args, BITS=bits, GROUP_SIZE=group_size)
+        else:
+            meta, options = _forced_config(config, group_size)
+            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            lowbit_mm_kernel[grid](*args, BITS=bits, GROUP_SIZE=group_size, **meta, **options)
+    return out

@@ -1,0 +1,149 @@
+"""Weight-only GEMM ops: float activations times int8 or packed int4 / int2 weights, dequantized in the GEMM.
+
+- ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU:
+  ``aten._weight_int8pack_mm``; elsewhere the dequantize-then-GEMM reference.
+- ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
+  int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU: ``aten._weight_int4pack_mm_for_cpu``
+  on the weight's kernel layout (int2 codes are int4 codes there); CUDA: the Triton kernel when triton is
+  installed; elsewhere the reference.
+
+Both compute ``x @ W.T (+ bias)`` in ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they pay:
+they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tensor.groupwise import dequantize_groupwise
+from ..tensor.packing import unpack
+from .library import LIB, TAGS
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What aten's CPU int4 kernel takes (checked by the kernel itself; outside these the reference runs).
+CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
+CPU_INT4_N_MULTIPLE = 16
+INT4_MID = 8
+
+
+def _check_x(x: torch.Tensor, in_features: int, device: torch.device) -> None:
+    if x.dtype not in FLOAT_DTYPES or x.ndim != 2:
+        raise TypeError(
+            f"x must be a 2-d float32, float16 or bfloat16 tensor, got {x.dtype} {tuple(x.shape)}"
+        )
+    if x.shape[1] != in_features:
+        raise ValueError(f"x has {x.shape[1]} features but the weight takes {in_features}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the weight is on {device}")
+
+
+def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
+def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+# -- int8 weights ------------------------------------------------------------------------------------------
+
+
+def int8_weight_mm_reference(x, w, scale, bias=None):
+    """``x @ (w * scale).T + bias``: the dequantized weight in x's dtype, then one GEMM."""
+    weight = w.to(x.dtype) * scale.reshape(-1, 1).to(x.dtype)
+    return _with_bias(x @ weight.t(), bias)
+
+
+def _check_int8_weight_args(x, w, scale, bias):
+    if w.dtype != torch.int8 or w.ndim != 2:
+        raise TypeError(f"w must be a 2-d int8 (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
+    _check_x(x, w.shape[1], w.device)
+    if not scale.is_floating_point() or scale.numel() != w.shape[0]:
+        raise ValueError(
+            f"scale must hold {w.shape[0]} float per-channel scales, got {scale.dtype} {tuple(scale.shape)}"
+        )
+    _check_bias(bias, w.shape[0])
+
+
+def int8_weight_mm_torch(x, w, scale, bias=None):
+    _check_int8_weight_args(x, w, scale, bias)
+    if x.device.type != "cpu":
+        return int8_weight_mm_reference(x, w, scale, bias)
+    out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.contiguous(), scale.reshape(-1).to(x.dtype))
+    return _with_bias(out, bias)
+
+
+def _int8_weight_mm_fake(x, w, scale, bias=None):
+    _check_int8_weight_args(x, w, scale, bias)
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+# -- packed int4 / int2 weights ------------------------------------------------------------------------
+
+
+def lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias=None):
+    """``x @ dequantize(packed).T + bias``: unpack, dequantize group-wise in x's dtype, then one GEMM."""
+    weight = dequantize_groupwise(unpack(packed, bits), scale_zeros.to(x.dtype), bits)
+    return _with_bias(x @ weight.t(), bias)
+
+
+def _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias):
+    if packed.dtype != torch.uint8 or packed.ndim != 2:
+        raise TypeError(f"packed must be a 2-d uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4, got {bits}")
+    out_features, in_features = packed.shape[0], packed.shape[1] * 8 // bits
+    _check_x(x, in_features, packed.device)
+    if in_features % group_size or tuple(scale_zeros.shape) != (in_features // group_size, out_features, 2):
+        raise ValueError(
+            f"scale_zeros must have shape ({in_features} // {group_size}, {out_features}, 2), "
+            f"got {tuple(scale_zeros.shape)}"
+        )
+    _check_bias(bias, out_features)
+
+
+def lowbit_kernel_layout(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor | None:
+    """The weight in the layout of this device's int4 GEMM kernel, or None when it has none (or the shape
+    does not suit it) and the portable packing is used as is.
+
+    CPU: ``aten._convert_weight_to_int4pack_for_cpu`` of the int4 codes; an int2 code ``q`` becomes the int4
+    code ``q + 6``, so that ``q - 2 == (q + 6) - 8`` and the same scales and zeros apply.
+    """
+    fake = torch._subclasses.fake_tensor.is_fake(packed) or packed.is_meta
+    if fake or torch.compiler.is_compiling() or packed.device.type != "cpu":
+        return None
+    if packed.shape[0] % CPU_INT4_N_MULTIPLE or group_size not in CPU_INT4_GROUP_SIZES:
+        return None
+    codes = unpack(packed, bits).to(torch.int32) + (INT4_MID - 2 ** (bits - 1))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+
+
+def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
+    _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
+    if kernel is None or x.device.type != "cpu":
+        return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.contiguous(), kernel, group_size, scale_zeros.to(x.dtype)
+    )
+    return _with_bias(out, bias)
+
+
+def _lowbit_fake(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
+    _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+LIB.define("int8_weight_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias=None) -> Tensor", tags=TAGS)
+LIB.impl("int8_weight_mm", int8_weight_mm_torch, "CompositeExplicitAutograd")
+torch.library.register_fake("quanto_fx::int8_weight_mm", _int8_weight_mm_fake, lib=LIB)
+LIB.define(
+    "lowbit_weight_mm(Tensor x, Tensor packed, Tensor scale_zeros, Tensor? kernel, int bits, int group_size, "
+    "Tensor? bias=None) -> Tensor",
+    tags=TAGS,
+)
+LIB.impl("lowbit_weight_mm", lowbit_weight_mm_torch, "CompositeExplicitAutograd")
+torch.library.register_fake("quanto_fx::lowbit_weight_mm", _lowbit_fake, lib=LIB)
+
+int8_weight_mm = torch.ops.quanto_fx.int8_weight_mm.default
+lowbit_weight_mm = torch.ops.quanto_fx.lowbit_weight_mm.default

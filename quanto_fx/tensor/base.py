@@ -1,0 +1,48 @@
+"""QuantizedTensor: what every quantized tensor subclass shares, chiefly the dequantize fallback.
+
+Subclasses (QTensor, PackedQTensor) stand for float tensors: an aten op without an integer handler runs on
+their dequantized values, which is always correct, and is counted (:func:`dispatch.fallback_counts`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .dispatch import count_fallback
+
+
+class QuantizedTensor(torch.Tensor):
+    """Base class of the quantized tensor subclasses; ``dequantized()`` gives the float value."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def dequantized(self) -> torch.Tensor:
+        """The float value, without autograd (for use below the dispatcher)."""
+        raise NotImplementedError
+
+
+def dequantize_value(x):
+    """``x`` dequantized if it is a quantized tensor (without autograd, below the dispatcher), else ``x``."""
+    return x.dequantized() if isinstance(x, QuantizedTensor) else x
+
+
+def dequantize_fallback(func, args, kwargs):
+    """Run ``func`` on the dequantized arguments: always correct, counted per op.
+
+    Raises:
+        NotImplementedError: ``func`` would write into a quantized tensor (its integer data cannot take it).
+    """
+    if func._schema.is_mutable:
+        schema_args = func._schema.arguments
+        named_args = dict(zip([a.name for a in schema_args], args, strict=False)) | kwargs
+        mutated = [a.name for a in schema_args if a.alias_info is not None and a.alias_info.is_write]
+        targets = [named_args.get(n) for n in mutated]
+        target = next((t for t in targets if isinstance(t, QuantizedTensor)), None)
+        if target is not None:
+            raise NotImplementedError(
+                f"{func} would modify a {type(target).__name__} in place; it supports no in-place "
+                f"{func.overloadpacket.__name__} (use the out-of-place op or dequantize() first)"
+            )
+    count_fallback(func)
+    return func(*tree_map(dequantize_value, args), **tree_map(dequantize_value, kwargs))

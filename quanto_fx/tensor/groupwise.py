@@ -1,0 +1,69 @@
+"""Group-wise low-bit weight quantization (int4, int2): one scale and one float zero per group of
+``group_size`` consecutive input features of each output row.
+
+Values are unsigned codes ``q`` in [0, 2**bits) with ``w = (q - mid) * scale + zero``, ``mid = 2**(bits-1)``:
+the formula of torch's int4 GEMM kernels (aten._weight_int4pack_mm*), so their scales_and_zeros layout
+``(K // group_size, N, 2)`` is stored as is.
+
+- symmetric (``shift=False``): codes ``mid + round(w / scale)`` within ``mid +- (mid - 1)`` and zero = 0, as
+  the seed's strict symmetric scheme (int4: 15 levels, int2: 3 levels -1, 0, 1).
+- shifted (``shift=True``): the group's [min, max] spread over all ``2**bits`` codes; zero carries the shift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantization import check_finite
+
+
+def check_group_size(group_size: int, in_features: int) -> None:
+    """Raise ValueError unless ``group_size`` is a power of two >= 8 dividing ``in_features``."""
+    if not isinstance(group_size, int) or group_size < 8 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 8, got {group_size!r}")
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide the {in_features} input features; choose a group size "
+            f"that divides it, or exclude the layer"
+        )
+
+
+def quantize_groupwise(
+    weight: torch.Tensor, bits: int, group_size: int, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (uint8, shaped like ``weight``) and scales_and_zeros ``(K // group_size, N, 2)`` of a 2-d weight.
+
+    Raises:
+        ValueError: not 2-d, a bad group size, or non-finite values.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"group-wise quantization takes a 2-d (out, in) weight, got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    check_group_size(group_size, in_features)
+    check_finite(weight, "weight")
+    groups = weight.reshape(out_features, in_features // group_size, group_size)
+    mid = 2 ** (bits - 1)
+    tiny = torch.finfo(weight.dtype).tiny
+    if shift:
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / (2**bits - 1)).clamp_min(tiny)
+        codes = torch.round((groups - low) / scale).clamp_(0, 2**bits - 1)
+        zero = low + mid * scale
+    else:
+        qmax = mid - 1
+        peak = torch.maximum(-groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True))
+        scale = (peak / qmax).clamp_min(tiny)
+        codes = torch.round(groups / scale).clamp_(-qmax, qmax) + mid
+        zero = torch.zeros_like(scale)
+    scale_zeros = torch.cat([scale, zero], dim=-1).permute(1, 0, 2).contiguous()
+    return codes.to(torch.uint8).reshape(out_features, in_features), scale_zeros
+
+
+def dequantize_groupwise(codes: torch.Tensor, scale_zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(q - mid) * scale + zero`` in the scales' dtype, shaped like ``codes`` (N, K)."""
+    out_features, in_features = codes.shape
+    n_groups = scale_zeros.shape[0]
+    per_group = scale_zeros.permute(1, 0, 2)  # (N, groups, 2)
+    centred = codes.reshape(out_features, n_groups, -1).to(scale_zeros.dtype) - 2 ** (bits - 1)
+    values = centred * per_group[..., :1] + per_group[..., 1:]
+    return values.reshape(out_features, in_features)
