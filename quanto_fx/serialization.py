@@ -1,5 +1,8 @@
-"""save / load: one safetensors file holding the state_dict (QTensors as data + scale) and, in its
-metadata, the quantization map. Loading parses tensors and JSON only: no pickle, no code execution."""
+"""save / load: one safetensors file holding the state_dict and, in its metadata, the quantization map.
+
+A QTensor is stored as its data and scale, a PackedQTensor as its portable packed codes and scales_and_zeros
+(never its machine-specific kernel layout, which is rebuilt on load). Loading parses tensors and JSON only:
+no pickle, no code execution."""
 
 from __future__ import annotations
 
@@ -13,13 +16,39 @@ from safetensors.torch import save_file
 
 from .qtypes import get_qtype
 from .quantize import quantization_map, requantize
-from .tensor import QTensor
+from .tensor import PackedQTensor, QTensor
+from .tensor.packed_qtensor import check_packed_values
 
 __all__ = ["save", "load"]
 
 FORMAT = "quanto_fx"
 FORMAT_VERSION = "1"
-_DATA, _SCALE = "._data", "._scale"
+# The stored parts of each quantized tensor class, as key suffixes of the tensor's state_dict key.
+_PARTS = {"QTensor": ("_data", "_scale"), "PackedQTensor": ("_packed", "_scale_zeros")}
+
+
+def _describe(value: torch.Tensor) -> tuple[str, dict] | None:
+    """(class name, JSON info) of a quantized tensor, None for a plain tensor."""
+    if isinstance(value, QTensor):
+        return "QTensor", {"axis": value.axis}
+    if isinstance(value, PackedQTensor):
+        info = {"qtype": value.qtype.name, "group_size": value.group_size, "transposed": value.transposed}
+        return "PackedQTensor", info
+    return None
+
+
+def _rebuild(kind: str, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
+    """The quantized tensor from its stored parts; TypeError / ValueError when they do not fit together."""
+    if kind == "QTensor":
+        return QTensor(parts["_data"], parts["_scale"], info.get("axis"))
+    group_size, transposed = info.get("group_size"), info.get("transposed", False)
+    if not isinstance(group_size, int) or not isinstance(transposed, bool):
+        raise ValueError(f"bad group_size {group_size!r} or transposed {transposed!r}")
+    w = PackedQTensor(
+        parts["_packed"], parts["_scale_zeros"], get_qtype(info.get("qtype")), group_size, transposed
+    )
+    check_packed_values(w)
+    return w
 
 
 def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -29,13 +58,11 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
         raise ValueError("save: the model has no quantized module; call quantize(model) first")
     tensors, qtensors, seen = {}, {}, set()
     for key, value in model.state_dict().items():
-        parts = (
-            {key + _DATA: value._data, key + _SCALE: value._scale}
-            if isinstance(value, QTensor)
-            else {key: value}
-        )
-        if isinstance(value, QTensor):
-            qtensors[key] = {"axis": value.axis}
+        parts = {key: value}
+        if (described := _describe(value)) is not None:
+            kind, info = described
+            qtensors[key] = {"type": kind} | info
+            parts = {f"{key}.{part}": getattr(value, part) for part in _PARTS[kind]}
         for name, tensor in parts.items():
             tensor = tensor.detach().contiguous()
             # safetensors refuses shared storage (tied weights): store a copy, values stay identical.
@@ -73,18 +100,18 @@ def _parse(metadata: dict[str, str], key: str):
 
 
 def _state_dict(tensors: dict[str, torch.Tensor], qtensors: dict[str, dict]) -> dict[str, torch.Tensor]:
-    state = {
-        k: v
-        for k, v in tensors.items()
-        if not (k.endswith((_DATA, _SCALE)) and k.rsplit(".", 1)[0] in qtensors)
-    }
+    state = dict(tensors)
     for key, info in qtensors.items():
-        if key + _DATA not in tensors or key + _SCALE not in tensors:
-            raise ValueError(f"corrupted quanto_fx checkpoint: QTensor {key!r} lacks its data or scale")
+        kind = info.get("type", "QTensor") if isinstance(info, dict) else None
+        if kind not in _PARTS:
+            raise ValueError(f"corrupted quanto_fx checkpoint: {key!r} has unknown tensor type {kind!r}")
+        names = {part: f"{key}.{part}" for part in _PARTS[kind]}
+        if any(name not in tensors for name in names.values()):
+            raise ValueError(f"corrupted quanto_fx checkpoint: {kind} {key!r} lacks one of {_PARTS[kind]}")
         try:
-            state[key] = QTensor(tensors[key + _DATA], tensors[key + _SCALE], info.get("axis"))
+            state[key] = _rebuild(kind, {part: state.pop(name) for part, name in names.items()}, info)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"corrupted quanto_fx checkpoint: QTensor {key!r}: {e}") from e
+            raise ValueError(f"corrupted quanto_fx checkpoint: {kind} {key!r}: {e}") from e
     return state
 
 

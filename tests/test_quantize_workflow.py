@@ -58,7 +58,8 @@ def test_include_exclude_patterns():
 @pytest.mark.parametrize("kwargs, message", [
     ({"include": "decoder.*"}, r"include pattern\(s\) \['decoder.\*'\] match no module"),
     ({"exclude": ["head.9"]}, r"exclude pattern\(s\) \['head.9'\] match no module"),
-    ({"weights": qint4}, "weights=qint4 is not supported yet"),
+    ({"weights": qint4}, "weights=qint4 is weight-only"),
+    ({"weights": qint4, "activations": None}, "cannot quantize .conv.: Conv2d layers take qint8 or float8"),
     ({"weights": "qint7"}, "unknown qtype 'qint7'"),
 ])  # fmt: skip
 def test_bad_arguments_leave_the_model_unmodified(kwargs, message):

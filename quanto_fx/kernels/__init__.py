@@ -4,6 +4,7 @@
 - ``torch.ops.quanto_fx.int8_mm_requantize``: int8 GEMM -> int8 (int32 bias, output scale, relu).
 - ``torch.ops.quanto_fx.int8_weight_mm`` / ``lowbit_weight_mm``: weight-only GEMMs, float activations times
   int8 or packed int4 / int2 weights (``weight_only.py``).
+- ``torch.ops.quanto_fx.float8_mm``: float8 x float8 GEMM, per-row x per-column scales (``float8_mm.py``).
 
 Each op has one schema, a pure-torch reference (``reference.py``), a fake implementation, a torch
 implementation for CPU and any other device, and on CUDA a Triton kernel with the epilogue fused into the
@@ -12,6 +13,7 @@ GEMM. The ops are opaque to inductor, which calls them as extern kernels.
 
 from importlib.util import find_spec
 
+from .float8_mm import float8_mm
 from .int8_mm_requantize import int8_mm_requantize
 from .int8_mm_rescale import int8_mm_rescale
 from .library import LIB
@@ -28,6 +30,7 @@ if HAS_TRITON:
     LIB.impl("int8_mm_requantize", int8_mm_requantize_triton, "CUDA")
 
 __all__ = [
+    "float8_mm",
     "HAS_TRITON",
     "int8_mm_requantize",
     "int8_mm_requantize_reference",

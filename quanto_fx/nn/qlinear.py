@@ -33,6 +33,7 @@ class QLinear(QModuleMixin, torch.nn.Linear):
     - static: input quantized at ``in_scale``, int8 x int8 -> int32 (``aten._int_mm``) plus an int32 bias
       (at scale ``in_scale * weight_scale``), requantized to an int8 QTensor at ``out_scale``.
     - dynamic: per-token int8 input scales computed at run time; int32 accumulation rescaled to float.
+      float8 activations (with float8 weights) are dynamic too: ``quanto_fx::float8_mm`` (torch._scaled_mm).
 
     In eager inference (no gradient needed, not calibrating) the activation paths call the fused kernels of
     ``quanto_fx.kernels`` (GEMM and epilogue in one op, the same results). Training, calibration and
@@ -79,9 +80,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
             if self._inference(x):
                 w = self.qweight
-                out = _fused_ops().int8_mm_rescale(
-                    rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype
-                )
+                gemm = _fused_ops().float8_mm if w._data.is_floating_point() else _fused_ops().int8_mm_rescale
+                out = gemm(rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype)
             else:
                 out = F.linear(rows, self.qweight, self.bias)  # per-row x per-column scales: float out
             return out.reshape(*x.shape[:-1], self.out_features)

@@ -10,7 +10,7 @@ import torch
 from ..calibrate import active_calibration, update_scale
 from ..qtypes import get_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtype
 from ..tensor import PACKED_QTYPES, PackedQTensor, QTensor
-from ..tensor.quantization import int_range
+from ..tensor.quantization import value_range
 
 __all__ = ["QModuleMixin", "register_qmodule", "qmodule_class_for", "ACTIVATION_MODES", "DEFAULT_GROUP_SIZE"]
 
@@ -20,7 +20,7 @@ __all__ = ["QModuleMixin", "register_qmodule", "qmodule_class_for", "ACTIVATION_
 ACTIVATION_MODES = ("static", "dynamic")
 
 _SUPPORTED_WEIGHTS = (qint8, qint4, qint2, qfloat8_e4m3fn, qfloat8_e5m2)
-_SUPPORTED_ACTIVATIONS = (qint8,)
+_SUPPORTED_ACTIVATIONS = (qint8, qfloat8_e4m3fn, qfloat8_e5m2)
 DEFAULT_GROUP_SIZE = 128
 # Whether int4 / int2 groups use the shifted (min-max, float zero) scheme rather than the symmetric one:
 # chosen by the accuracy measured on a pretrained encoder (bench/RESULTS.md, "Low-bit weights").
@@ -74,7 +74,15 @@ def check_qtypes(weights: qtype | str | None, activations: qtype | str | None, a
             "(int4 / int2 weights are dequantized inside a float GEMM)"
         )
     if activations is not None and activations not in _SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"activations={activations.name} is not supported; supported: qint8 or None")
+        names = ", ".join(q.name for q in _SUPPORTED_ACTIVATIONS)
+        raise ValueError(f"activations={activations.name} is not supported; supported: {names} or None")
+    if activations is not None and activations.is_floating_point:
+        if activation_mode != "dynamic":
+            raise ValueError(
+                f"activations={activations.name} needs activation_mode='dynamic' (per-token float8 scales)"
+            )
+        if weights is not None and not weights.is_floating_point:
+            raise ValueError(f"activations={activations.name} needs float8 weights, not {weights.name}")
     if activation_mode not in ACTIVATION_MODES:
         raise ValueError(f"activation_mode must be one of {ACTIVATION_MODES}, got {activation_mode!r}")
     return weights, activations
@@ -169,7 +177,7 @@ class QModuleMixin:
 
     def quantize_input(self, x: torch.Tensor) -> QTensor:
         """Static int8 input at ``in_scale`` (an int8 per-tensor QTensor input is taken as it is)."""
-        qmin, qmax, _ = int_range(self.activation_qtype)
+        qmin, qmax, _ = value_range(self.activation_qtype)
         state = active_calibration()
         if isinstance(x, QTensor):
             if x.qdtype == torch.int8 and x.axis is None:
@@ -185,7 +193,7 @@ class QModuleMixin:
 
     def quantize_output(self, y: torch.Tensor) -> QTensor:
         """Static int8 output at ``out_scale`` (int32 accumulators are rescaled, floats quantized)."""
-        qmin, qmax, _ = int_range(self.activation_qtype)
+        qmin, qmax, _ = value_range(self.activation_qtype)
         state = active_calibration()
         if state is not None:
             values = y.dequantize() if isinstance(y, QTensor) else y

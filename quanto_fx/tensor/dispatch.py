@@ -16,19 +16,26 @@ import torch
 Handler = Callable[[torch._ops.OpOverload, tuple, dict], object]
 
 HANDLERS: dict[torch._ops.OpOverloadPacket, Handler] = {}
+# Ops whose handlers move values without computing on them: they also take float8 data.
+LAYOUT_OPS: set[torch._ops.OpOverloadPacket] = set()
 
 _fallbacks: Counter[str] = Counter()
 _fallbacks_lock = threading.Lock()
 
 
-def register_handler(*ops: torch._ops.OpOverloadPacket) -> Callable[[Handler], Handler]:
-    """Decorator: handle every overload of the given aten ops with the decorated function."""
+def register_handler(*ops: torch._ops.OpOverloadPacket, layout: bool = False) -> Callable[[Handler], Handler]:
+    """Decorator: handle every overload of the given aten ops with the decorated function.
+
+    ``layout=True`` marks handlers that only move values (views, copies), valid for float8 data too.
+    """
 
     def decorator(fn: Handler) -> Handler:
         for op in ops:
             if op in HANDLERS:
                 raise RuntimeError(f"{op} already has a QTensor handler: {HANDLERS[op].__name__}")
             HANDLERS[op] = fn
+            if layout:
+                LAYOUT_OPS.add(op)
         return fn
 
     return decorator

@@ -123,7 +123,7 @@ def softmax(func, args, kwargs):
     return QTensor(data, scale, None, _trusted=True)
 
 
-@register_handler(aten.copy_)
+@register_handler(aten.copy_, layout=True)
 def copy_(func, args, kwargs):
     dst, src = args[:2]
     if not isinstance(dst, QTensor):

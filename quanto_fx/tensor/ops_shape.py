@@ -29,19 +29,19 @@ def _keepdim_scale(scale: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return scale.reshape(shape)
 
 
-@register_handler(aten.detach)
+@register_handler(aten.detach, layout=True)
 def detach(func, args, kwargs):
     (x,) = args
     return _qtensor(func(x._data), func(x._scale), x._axis)
 
 
-@register_handler(aten.clone)
+@register_handler(aten.clone, layout=True)
 def clone(func, args, kwargs):
     (x,) = args
     return _qtensor(func(x._data, **kwargs), x._scale.clone(), x._axis)
 
 
-@register_handler(aten._to_copy)
+@register_handler(aten._to_copy, layout=True)
 def to_copy(func, args, kwargs):
     (x,) = args
     dtype = kwargs.get("dtype")
@@ -53,7 +53,8 @@ def to_copy(func, args, kwargs):
     return _qtensor(data, scale, x._axis)
 
 
-@register_handler(aten.view, aten._unsafe_view)  # reshape decomposes into these above the dispatcher
+# reshape decomposes into these above the dispatcher
+@register_handler(aten.view, aten._unsafe_view, layout=True)
 def view(func, args, kwargs):
     x, shape = args
     data = func(x._data, shape)
@@ -69,7 +70,7 @@ def view(func, args, kwargs):
     return _qtensor(data, _keepdim_scale(x._scale, data.ndim, axis), axis)
 
 
-@register_handler(aten.t)
+@register_handler(aten.t, layout=True)
 def t(func, args, kwargs):
     (x,) = args
     if x._axis is None or x.ndim < 2:
@@ -77,7 +78,7 @@ def t(func, args, kwargs):
     return _qtensor(func(x._data), func(x._scale), 1 - x._axis)
 
 
-@register_handler(aten.transpose)
+@register_handler(aten.transpose, layout=True)
 def transpose(func, args, kwargs):
     x, d0, d1 = args
     d0, d1 = _dim(d0, x.ndim), _dim(d1, x.ndim)
@@ -87,7 +88,7 @@ def transpose(func, args, kwargs):
     return _qtensor(func(x._data, d0, d1), func(x._scale, d0, d1), axis)
 
 
-@register_handler(aten.permute)
+@register_handler(aten.permute, layout=True)
 def permute(func, args, kwargs):
     x, dims = args
     dims = [_dim(d, x.ndim) for d in dims]
@@ -96,7 +97,7 @@ def permute(func, args, kwargs):
     return _qtensor(func(x._data, dims), func(x._scale, dims), dims.index(x._axis))
 
 
-@register_handler(aten.unsqueeze)
+@register_handler(aten.unsqueeze, layout=True)
 def unsqueeze(func, args, kwargs):
     x, dim = args
     dim = _dim(dim, x.ndim + 1)
@@ -105,7 +106,7 @@ def unsqueeze(func, args, kwargs):
     return _qtensor(func(x._data, dim), func(x._scale, dim), x._axis + (dim <= x._axis))
 
 
-@register_handler(aten.squeeze)
+@register_handler(aten.squeeze, layout=True)
 def squeeze(func, args, kwargs):
     x = args[0]
     data = func(x._data, *args[1:])
@@ -121,7 +122,7 @@ def squeeze(func, args, kwargs):
     return _qtensor(data, func(x._scale, dim), x._axis - (dim < x._axis))
 
 
-@register_handler(aten.expand)
+@register_handler(aten.expand, layout=True)
 def expand(func, args, kwargs):
     x, size = args[:2]
     data = func(x._data, size, **kwargs)
@@ -132,7 +133,7 @@ def expand(func, args, kwargs):
     return _qtensor(data, x._scale, x._axis)
 
 
-@register_handler(aten.slice)
+@register_handler(aten.slice, layout=True)
 def slice_(func, args, kwargs):
     x = args[0]
     dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), x.ndim)
@@ -141,7 +142,7 @@ def slice_(func, args, kwargs):
     return _qtensor(data, scale, x._axis)
 
 
-@register_handler(aten.select)
+@register_handler(aten.select, layout=True)
 def select(func, args, kwargs):
     x, dim, index = args
     dim = _dim(dim, x.ndim)
@@ -153,14 +154,14 @@ def select(func, args, kwargs):
     return _qtensor(data, x._scale.select(dim, 0), x._axis - (dim < x._axis))
 
 
-@register_handler(aten.unbind)
+@register_handler(aten.unbind, layout=True)
 def unbind(func, args, kwargs):
     x = args[0]
     dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), x.ndim)
     return [select(aten.select.int, (x, dim, i), {}) for i in range(x.shape[dim])]
 
 
-@register_handler(aten.index)
+@register_handler(aten.index, layout=True)
 def index(func, args, kwargs):
     x, indices = args
     if x._axis is not None or any(isinstance(i, QTensor) for i in indices):
@@ -168,7 +169,7 @@ def index(func, args, kwargs):
     return _qtensor(func(x._data, indices), x._scale, None)
 
 
-@register_handler(aten.split, aten.split_with_sizes)
+@register_handler(aten.split, aten.split_with_sizes, layout=True)
 def split(func, args, kwargs):
     x, sizes = args[:2]
     dim = _dim(args[2] if len(args) > 2 else kwargs.get("dim", 0), x.ndim)
@@ -188,7 +189,7 @@ def _joinable(tensors) -> bool:
     )
 
 
-@register_handler(aten.cat)
+@register_handler(aten.cat, layout=True)
 def cat(func, args, kwargs):
     tensors = list(args[0])
     if not _joinable(tensors):
@@ -203,7 +204,7 @@ def cat(func, args, kwargs):
     return _qtensor(data, scale, first._axis)
 
 
-@register_handler(aten.stack)
+@register_handler(aten.stack, layout=True)
 def stack(func, args, kwargs):
     tensors = list(args[0])
     if not _joinable(tensors) or not same_scales(tensors):

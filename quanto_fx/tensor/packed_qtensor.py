@@ -13,8 +13,9 @@ from ..qtypes import get_qtype, qint2, qint4, qtype
 from .base import QuantizedTensor, dequantize_fallback
 from .groupwise import check_group_size, dequantize_groupwise, quantize_groupwise
 from .packing import pack, unpack
+from .quantization import check_finite, check_scale_values
 
-__all__ = ["PackedQTensor", "PACKED_QTYPES"]
+__all__ = ["PackedQTensor", "PACKED_QTYPES", "check_packed_values"]
 
 PACKED_QTYPES = (qint4, qint2)
 aten = torch.ops.aten
@@ -193,6 +194,12 @@ class PackedQTensor(QuantizedTensor):
         return dequantize_fallback(func, args, kwargs)
 
 
+def check_packed_values(w: PackedQTensor) -> None:
+    """Raise ValueError unless every scale is finite and positive and every zero finite (loaders call it)."""
+    check_scale_values(w.scale)
+    check_finite(w.zero, "zero")
+
+
 def _check_parts(packed, scale_zeros, bits, group_size) -> None:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.ndim != 2:
         raise TypeError(f"packed must be a 2-d torch.uint8 tensor, got {packed!r:.80}")
@@ -299,7 +306,9 @@ _HANDLERS = {
 
 
 def _rebuild_packed_qtensor(packed, scale_zeros, qtype_name, group_size, transposed, requires_grad):
-    return PackedQTensor(packed, scale_zeros, qtype_name, group_size, transposed, requires_grad=requires_grad)
+    w = PackedQTensor(packed, scale_zeros, qtype_name, group_size, transposed, requires_grad=requires_grad)
+    check_packed_values(w)
+    return w
 
 
 torch.serialization.add_safe_globals([_rebuild_packed_qtensor])

@@ -3,34 +3,37 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from ..qtypes import qtype
 from .base import QuantizedTensor, dequantize_fallback
-from .dispatch import HANDLERS
+from .dispatch import HANDLERS, LAYOUT_OPS
 from .quantization import (
-    INT_DTYPES,
+    DATA_DTYPES,
+    FLOAT8_DTYPES,
     absmax_scale,
     check_finite,
     check_scale,
     check_scale_values,
     dequantize_data,
-    int_range,
     normalize_axis,
+    value_range,
 )
 
 __all__ = ["QTensor"]
 
 
 class QTensor(QuantizedTensor):
-    """A quantized tensor: integer ``_data`` (int8, int16 or int32) times a float ``_scale``.
+    """A quantized tensor: ``_data`` (int8, int16, int32 or float8) times a float ``_scale``.
 
     Quantization is strictly symmetric (no zero-point). The scale is per tensor (a 0-d tensor, ``axis`` None)
     or per channel along ``axis``, shaped to broadcast against the data (size 1 on every other dimension).
     The QTensor's own dtype is the scale's float dtype: it stands for a float tensor everywhere, and aten ops
-    without an integer handler run on its dequantized value (see :mod:`quanto_fx.tensor.dispatch`).
+    without an integer handler run on its dequantized value (see :mod:`quanto_fx.tensor.dispatch`). float8
+    data takes the layout handlers only (views, copies, moves); arithmetic runs on its dequantized value.
 
     Args:
-        data: integer tensor (int8, int16 or int32).
+        data: integer tensor (int8, int16 or int32) or float8 tensor (float8_e4m3fn, float8_e5m2).
         scale: float scale, 0-d for per-tensor, else broadcastable along ``axis``.
         axis: None for a per-tensor scale, else the dimension the scale varies along (0 or -1 usually).
         requires_grad: whether the QTensor takes part in autograd as a leaf.
@@ -46,9 +49,9 @@ class QTensor(QuantizedTensor):
 
     @staticmethod
     def __new__(cls, data, scale, axis=None, requires_grad=False, *, _trusted=False):
-        if not isinstance(data, torch.Tensor) or data.dtype not in INT_DTYPES:
+        if not isinstance(data, torch.Tensor) or data.dtype not in DATA_DTYPES:
             got = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
-            raise TypeError(f"QTensor data must be an int8, int16 or int32 tensor, got {got}")
+            raise TypeError(f"QTensor data must be an int8, int16, int32 or float8 tensor, got {got}")
         axis = normalize_axis(axis, data.ndim)
         if not _trusted:
             check_scale(scale, data, axis)
@@ -83,7 +86,8 @@ class QTensor(QuantizedTensor):
 
         Args:
             tensor: the float tensor.
-            int_dtype: torch.int8 / int16 / int32, or a quanto_fx integer qtype (qint8, qint4, qint2).
+            int_dtype: torch.int8 / int16 / int32 / a float8 dtype, or a quanto_fx qtype (qint8, qint4, qint2,
+                qfloat8_e4m3fn, qfloat8_e5m2). float8 values are saturated, then rounded by the cast.
             scale: the scale to use; by default the absmax scale (per tensor or per ``axis``).
             axis: None for a per-tensor scale, else the dimension of per-channel scales.
 
@@ -98,7 +102,7 @@ class QTensor(QuantizedTensor):
             raise TypeError(f"QTensor.quantize expects a floating point tensor, got {_describe(tensor)}")
         if isinstance(tensor, QTensor):
             raise TypeError("tensor is already a QTensor; use rescale() to change its scale or integer type")
-        qmin, qmax, dtype = int_range(int_dtype)
+        qmin, qmax, dtype = value_range(int_dtype)
         axis = normalize_axis(axis, tensor.ndim)
         if scale is None:
             scale = absmax_scale(tensor.detach(), qmax, axis)
@@ -129,7 +133,7 @@ class QTensor(QuantizedTensor):
         """
         from .autograd import RescaleSTE
 
-        qmin, qmax, dtype = int_range(int_dtype)
+        qmin, qmax, dtype = value_range(int_dtype)
         if scale is None:
             axis = self._axis
             scale = absmax_scale(dequantize_data(self._data, self._scale).detach(), qmax, axis)
@@ -183,11 +187,17 @@ class QTensor(QuantizedTensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = HANDLERS.get(func.overloadpacket)
+        if handler is not None and func.overloadpacket not in LAYOUT_OPS and _has_float8_data(args):
+            handler = None  # the integer handlers compute on integers: float8 values take the fallback
         if handler is not None:
             result = handler(func, args, kwargs)
             if result is not NotImplemented:
                 return result
         return dequantize_fallback(func, args, kwargs)
+
+
+def _has_float8_data(args) -> bool:
+    return any(isinstance(a, QTensor) and a._data.dtype in FLOAT8_DTYPES for a in tree_leaves(args))
 
 
 def _describe(x) -> str:

@@ -1,4 +1,4 @@
-"""Symmetric quantization arithmetic on plain tensors: integer ranges, absmax scales, rounding.
+"""Symmetric quantization arithmetic on plain tensors: value ranges, absmax scales, rounding.
 
 Everything here is pure torch and works on any device. QTensor and the quantized modules build on it.
 """
@@ -9,29 +9,32 @@ import torch
 
 from ..qtypes import qtype
 
-# Integer storage dtypes a QTensor may hold.
+# Storage dtypes a QTensor may hold: integers, and float8 (values scaled into the float8 range).
 INT_DTYPES = (torch.int8, torch.int16, torch.int32)
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+DATA_DTYPES = INT_DTYPES + FLOAT8_DTYPES
 
 
-def int_range(int_dtype: torch.dtype | qtype) -> tuple[int, int, torch.dtype]:
-    """Return ``(qmin, qmax, storage dtype)`` of a symmetric integer range.
+def value_range(qdtype: torch.dtype | qtype) -> tuple[float, float, torch.dtype]:
+    """Return ``(qmin, qmax, storage dtype)`` of a symmetric range: integers or a float8 format.
 
-    The range is symmetric (``qmin == -qmax``, e.g. [-127, 127] for int8) so that negation never saturates
-    and zero needs no zero-point, as the seed's strict symmetric scheme requires.
+    The range is symmetric (``qmin == -qmax``, e.g. [-127, 127] for int8, +-448 for float8_e4m3fn) so that
+    negation never saturates and zero needs no zero-point, as the seed's strict symmetric scheme requires.
     """
-    if isinstance(int_dtype, qtype):
-        if int_dtype.is_floating_point:
-            raise ValueError(
-                f"{int_dtype.name} is a float8 qtype; QTensor holds integer data (use qint8, qint4 or qint2)"
-            )
-        return int(int_dtype.qmin), int(int_dtype.qmax), int_dtype.dtype
-    if int_dtype not in INT_DTYPES:
+    if isinstance(qdtype, qtype):
+        if qdtype.is_floating_point:
+            return qdtype.qmin, qdtype.qmax, qdtype.dtype
+        return int(qdtype.qmin), int(qdtype.qmax), qdtype.dtype
+    if qdtype in FLOAT8_DTYPES:
+        qmax = torch.finfo(qdtype).max
+        return -qmax, qmax, qdtype
+    if qdtype not in INT_DTYPES:
         raise ValueError(
-            f"unsupported integer dtype {int_dtype}; expected one of {[str(d) for d in INT_DTYPES]} "
+            f"unsupported quantized dtype {qdtype}; expected one of {[str(d) for d in DATA_DTYPES]} "
             "or a quanto_fx qtype"
         )
-    qmax = torch.iinfo(int_dtype).max
-    return -qmax, qmax, int_dtype
+    qmax = torch.iinfo(qdtype).max
+    return -qmax, qmax, qdtype
 
 
 def normalize_axis(axis: int | None, ndim: int) -> int | None:
@@ -84,8 +87,10 @@ def absmax_scale(x: torch.Tensor, qmax: int, axis: int | None = None) -> torch.T
     return (peak / qmax).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def round_and_clamp(x: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype) -> torch.Tensor:
-    """Round half to even, saturate to [qmin, qmax] and cast to ``dtype``."""
+def round_and_clamp(x: torch.Tensor, qmin: float, qmax: float, dtype: torch.dtype) -> torch.Tensor:
+    """Round half to even, saturate to [qmin, qmax] and cast to ``dtype`` (float8: the cast rounds)."""
+    if dtype in FLOAT8_DTYPES:
+        return x.clamp(qmin, qmax).to(dtype)
     return torch.round(x).clamp_(qmin, qmax).to(dtype)
 
 

@@ -1,0 +1,85 @@
+"""``quanto_fx::float8_mm``: float8 x float8 GEMM with per-row x per-column scales, float output.
+
+``torch._scaled_mm`` where the device has it (CUDA GPUs with float8 tensor cores, compute capability 8.9+;
+CPU builds that implement it); elsewhere the reference, which dequantizes both operands to float32 first.
+Whether ``_scaled_mm`` works is probed once per device type and output dtype with a tiny product.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..tensor.quantization import FLOAT8_DTYPES
+from .library import LIB, TAGS
+
+# cuBLAS float8 GEMMs want K and N in multiples of 16.
+SCALED_MM_MULTIPLE = 16
+
+
+def float8_mm_reference(a, b, a_scale, b_scale, bias, out_dtype):
+    """``(a * a_scale) @ (b * b_scale) + bias`` in float32, then cast."""
+    out = (a.to(torch.float32) * a_scale.to(torch.float32)) @ (
+        b.to(torch.float32) * b_scale.to(torch.float32)
+    )
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
+    if a.dtype not in FLOAT8_DTYPES or b.dtype not in FLOAT8_DTYPES or a.ndim != 2 or b.ndim != 2:
+        raise TypeError(f"a and b must be 2-d float8 tensors, got {a.dtype} {tuple(a.shape)}, {b.dtype}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"cannot multiply {tuple(a.shape)} by {tuple(b.shape)}")
+    if a_scale.numel() not in (1, a.shape[0]) or b_scale.numel() not in (1, b.shape[1]):
+        raise ValueError("a_scale must be 0-d or (M, 1) and b_scale 0-d or (1, N)")
+    if bias is not None and tuple(bias.shape) != (b.shape[1],):
+        raise ValueError(f"bias must have shape ({b.shape[1]},), got {tuple(bias.shape)}")
+    if not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}")
+
+
+@functools.cache
+def scaled_mm_works(device_type: str, out_dtype: torch.dtype) -> bool:
+    """Whether ``torch._scaled_mm`` with row-wise scales runs on this device type for ``out_dtype``."""
+    if device_type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        return False
+    try:
+        a = torch.ones(16, 16, device=device_type).to(torch.float8_e4m3fn)
+        scale_a = torch.ones(16, 1, device=device_type)
+        scale_b = torch.ones(1, 16, device=device_type)
+        out = torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        return bool((out == 16).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def float8_mm_torch(a, b, a_scale, b_scale, bias, out_dtype):
+    _check_args(a, b, a_scale, b_scale, bias, out_dtype)
+    aligned = a.shape[1] % SCALED_MM_MULTIPLE == 0 and b.shape[1] % SCALED_MM_MULTIPLE == 0
+    if not aligned or not scaled_mm_works(a.device.type, out_dtype):
+        return float8_mm_reference(a, b, a_scale, b_scale, bias, out_dtype)
+    m, n = a.shape[0], b.shape[1]
+    scale_a = a_scale.to(torch.float32).expand(m, 1).contiguous()
+    scale_b = b_scale.to(torch.float32).expand(1, n).contiguous()
+    bias = None if bias is None else bias.to(out_dtype)
+    return torch._scaled_mm(
+        a.contiguous(), b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype
+    )
+
+
+def _fake(a, b, a_scale, b_scale, bias, out_dtype):
+    _check_args(a, b, a_scale, b_scale, bias, out_dtype)
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+LIB.define(
+    "float8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype) "
+    "-> Tensor",
+    tags=TAGS,
+)
+LIB.impl("float8_mm", float8_mm_torch, "CompositeExplicitAutograd")
+torch.library.register_fake("quanto_fx::float8_mm", _fake, lib=LIB)
+float8_mm = torch.ops.quanto_fx.float8_mm.default
