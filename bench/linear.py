@@ -101,22 +101,31 @@ def relative_error(out, ref) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--shapes", nargs="*", default=None, help="M,K,N triples")
-    args = parser.parse_args()
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs")
+def report(variants_of, shapes, repeats: int) -> None:
+    """Time ``variants_of(m, k, n)`` for each shape and print ms, the ratio to fp32 and the relative error."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} runs")
     for m, k, n in shapes:
-        medians, outputs = measure(variants(m, k, n), args.repeats)
+        medians, outputs = measure(variants_of(m, k, n), repeats)
         ref = outputs["fp32"]
         print(f"\n(M, K, N) = ({m}, {k}, {n})")
         print(f"  {'variant':<32}{'ms':>9}{'vs fp32':>9}{'rel.err':>10}")
         for name, ms in medians.items():
             error = relative_error(outputs[name], ref)
             print(f"  {name:<32}{ms:>9.3f}{ms / medians['fp32']:>9.3f}{error:>10.4f}")
+
+
+def parse_args(doc: str, repeats: int, default_shapes) -> tuple[list, int]:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--shapes", nargs="*", default=None, help="M,K,N triples")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else default_shapes
+    return shapes, args.repeats
+
+
+def main() -> None:
+    shapes, repeats = parse_args(__doc__, 20, SHAPES)
+    report(variants, shapes, repeats)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from quanto_fx import freeze, quantize  # noqa: E402
 def parameter_bytes(model) -> int:
     total = 0
     for p in model.parameters():
-        parts = (p._data, p._scale) if isinstance(p, quanto_fx.QTensor) else (p,)
-        total += sum(t.numel() * t.element_size() for t in parts)
+        quantized = isinstance(p, quanto_fx.tensor.base.QuantizedTensor)
+        total += p.nbytes_in_memory() if quantized else p.numel() * p.element_size()
     return total
 
 

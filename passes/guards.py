@@ -90,6 +90,22 @@ def check_rescale(match: Match) -> str | None:
     return None
 
 
+def check_weight_only(match: Match) -> str | None:
+    """x @ (float(w) * scale).T [+ bias]: int8 (N, K) weight, per-output-channel scale, one float dtype."""
+    x, w, scale = value(match, "x"), value(match, "w"), value(match, "scale")
+    if w.dtype != torch.int8 or w.ndim != 2 or x.ndim != 2:
+        return f"the weight is {w.dtype} {w.ndim}-d (int8 2-d needed), the input {x.ndim}-d"
+    (to_float,) = _nodes(match, prims.convert_element_type.default)
+    if x.dtype not in RESCALE_DTYPES or to_float.args[1] != x.dtype or scale.dtype != x.dtype:
+        return f"dequantized to {to_float.args[1]} by a {scale.dtype} scale for a {x.dtype} input"
+    if tuple(scale.shape) != (w.shape[0], 1):
+        return f"the weight scale shaped {tuple(scale.shape)} is not per output channel ({w.shape[0]}, 1)"
+    bias = value(match, "bias")
+    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (w.shape[0],)):
+        return f"the bias ({bias.dtype}, {tuple(bias.shape)}) is not a {x.dtype} ({w.shape[0]},) vector"
+    return None
+
+
 def check_relu_bound(match: Match) -> str | None:
     """clamp_min(int8, 0) is a relu only with the bound 0."""
     (clamp_min,) = _nodes(match, aten.clamp_min.default)

@@ -2,9 +2,9 @@
 replaces it. Patterns are plain eager functions; inductor's pattern matcher traces them into graph patterns
 (constants such as clamp bounds and dtypes become wildcards, so each rule's ``check`` verifies them).
 
-Stages, in order: "fuse" rewrites int8 GEMM chains into fused ops; "sink" moves a relu that follows a
-fused op through the reshape between them; "epilogue" folds that relu into the fused op. See README.md for
-the invariants every rule keeps.
+Stages, in order: "fuse" rewrites int8 GEMM chains and int8 weight-only GEMMs into fused ops; "sink" moves
+a relu that follows a fused op through the reshape between them; "epilogue" folds that relu into the fused
+op. See README.md for the invariants every rule keeps.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quanto_fx.kernels import int8_mm_requantize, int8_mm_rescale
+from quanto_fx.kernels import int8_mm_requantize, int8_mm_rescale, int8_weight_mm
 
 from . import guards
 
@@ -138,6 +138,27 @@ def rescale_replacement(a, b, scale, *, out):
     return int8_mm_rescale(a, b, one, _as_row(scale), None, out.dtype).reshape(out.shape)
 
 
+# -- stage "fuse": int8 weight-only, float activations ---------------------------------------------------
+
+
+# x @ (float(w) * scale).T -> int8_weight_mm(x, w, scale): the weight is dequantized inside the GEMM
+def weight_only_pattern(x, w, scale):
+    return torch.mm(x, (w.to(torch.float32) * scale).permute(1, 0))
+
+
+def weight_only_replacement(x, w, scale, *, out):
+    return int8_weight_mm(x, w, scale.reshape(-1), None)
+
+
+# bias + x @ (float(w) * scale).T -> int8_weight_mm(x, w, scale, bias)
+def weight_only_bias_pattern(x, w, scale, bias):
+    return torch.addmm(bias, x, (w.to(torch.float32) * scale).permute(1, 0))
+
+
+def weight_only_bias_replacement(x, w, scale, bias, *, out):
+    return int8_weight_mm(x, w, scale.reshape(-1), bias)
+
+
 # -- stage "sink": relu(reshape(fused)) -> reshape(relu(fused)), so the epilogue stage sees them adjacent ----
 
 
@@ -221,6 +242,12 @@ RULES: tuple[Rule, ...] = (
     Rule("rescale", "fuse", rescale_pattern, rescale_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, _N)], guards.check_rescale,
          "int32 -> float by one scale per tensor, row or column"),
+    Rule("weight_only", "fuse", weight_only_pattern, weight_only_replacement,
+         lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1)], guards.check_weight_only,
+         "float x times an int8 weight dequantized per output channel"),
+    Rule("weight_only_bias", "fuse", weight_only_bias_pattern, weight_only_bias_replacement,
+         lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1), _f32(_N)], guards.check_weight_only,
+         "as weight_only, + bias"),
     Rule("sink_requantize_relu", "sink", sink_requantize_relu_pattern, sink_requantize_relu_replacement,
          lambda: [_i8(_M, _N)], guards.check_sink_requantize,
          "relu(reshape(requantize)) -> reshape(relu(requantize))"),

@@ -285,3 +285,18 @@ def test_fx_graph_cache_hits_keep_fused_code_and_options_change_the_key(tmp_path
     assert first[0] == "0" and int(first[1]) == 1
     assert int(second[0]) >= 1 and int(second[1]) == 1 and second[2] == "0"  # served from cache, still fused
     assert int(unfused[1]) == 0 and int(unfused[2]) >= 1  # another option: not the stale fused entry
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weight_only_chains_are_fused_into_the_weight_only_kernel(dtype):
+    q = freeze(quantize(mlp().to(dtype), weights=quanto_fx.qint8, activations=None))
+    x = torch.randn(2, 5, 64, dtype=dtype)
+    with torch.no_grad():
+        hidden = F.relu(F.linear(x, q[0].weight.dequantize(), q[0].bias))
+        expected = F.linear(hidden, q[2].weight.dequantize(), q[2].bias)
+    counters.clear()
+    out, code = compile_and_run(q, x)
+    assert counters["weight_only_bias"] == 2
+    assert "quanto_fx.int8_weight_mm" in code and "extern_kernels.addmm" not in code
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((out - expected).abs().max()) <= tolerance * float(expected.abs().max())

@@ -21,7 +21,9 @@ def test_float8_quantization_error_is_within_half_an_ulp(fqtype, half_ulp):
     w = torch.randn(16, 64)
     q = QTensor.quantize(w, fqtype, axis=0)
     assert q._data.dtype == fqtype.dtype and q.axis == 0
-    assert q._scale.shape == (16, 1) and torch.allclose(q._data.float().abs().amax(1), torch.tensor(fqtype.qmax))
+    assert q._scale.shape == (16, 1) and torch.allclose(
+        q._data.float().abs().amax(1), torch.tensor(fqtype.qmax)
+    )
     relative = (q.dequantize() - w).abs() / w.abs().clamp_min(1e-2 * float(w.abs().max()))
     assert float(relative.max()) <= half_ulp * (1 + 1e-3)
 
@@ -46,7 +48,9 @@ def test_float8_mm_matches_its_reference(dtype):
     expected = float8_mm_reference(*args)
     assert out.dtype == dtype
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: where the bias is added rounds differently
-    assert float((out.float() - expected.float()).abs().max()) <= tolerance * float(expected.float().abs().max())
+    assert float((out.float() - expected.float()).abs().max()) <= tolerance * float(
+        expected.float().abs().max()
+    )
 
 
 def test_float8_mm_refuses_integer_operands():

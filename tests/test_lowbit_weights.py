@@ -21,7 +21,12 @@ from .utils import sqnr
 BITS = {qint4: 4, qint2: 2}
 
 
-@given(bits=st.sampled_from([2, 4]), rows=st.integers(1, 5), bytes_per_row=st.integers(1, 9), seed=st.integers(0, 99))
+@given(
+    bits=st.sampled_from([2, 4]),
+    rows=st.integers(1, 5),
+    bytes_per_row=st.integers(1, 9),
+    seed=st.integers(0, 99),
+)
 def test_pack_unpack_round_trip_is_exact(bits, rows, bytes_per_row, seed):
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (rows, bytes_per_row * 8 // bits), generator=gen, dtype=torch.uint8)
@@ -81,7 +86,9 @@ def test_packed_qtensor_describes_a_float_weight():
 
 
 @pytest.mark.parametrize("wqtype", [qint4, qint2])
-@pytest.mark.parametrize("out_features", [48, 20])  # 48: aten's CPU int4 kernel; 20 (not a multiple of 16): reference
+@pytest.mark.parametrize(
+    "out_features", [48, 20]
+)  # 48: aten's CPU int4 kernel; 20 (not a multiple of 16): reference
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_on_packed_weight_matches_the_dequantized_weight(wqtype, out_features, dtype):
     w = PackedQTensor.quantize(torch.randn(out_features, 256, dtype=dtype), wqtype, 64)
@@ -187,7 +194,9 @@ def test_checkpoint_round_trip_is_bit_exact_and_small(tmp_path):
     quanto_fx.save(q, path)
     assert path.stat().st_size <= 0.16 * float_bytes
     with torch.device("meta"):
-        skeleton = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 512, bias=False))
+        skeleton = torch.nn.Sequential(
+            torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 512, bias=False)
+        )
     loaded = quanto_fx.load(path, skeleton)
     for a, b in zip(q, loaded, strict=True):
         assert torch.equal(a.weight._packed, b.weight._packed)

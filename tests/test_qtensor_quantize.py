@@ -81,7 +81,7 @@ def test_bad_scales_are_refused(bad):
 
 
 def test_constructor_checks():
-    with pytest.raises(TypeError, match="int8, int16 or int32"):
+    with pytest.raises(TypeError, match="int8, int16, int32 or float8"):
         QTensor(torch.zeros(3), torch.tensor(1.0))
     with pytest.raises(TypeError, match="floating point"):
         QTensor(torch.zeros(3, dtype=torch.int8), torch.tensor(1))

@@ -12,7 +12,8 @@ The packed weight format (portable: plain uint8 bytes and one float tensor, no d
   byte ``packed[n, k // per_byte]`` at bit offset ``(k % per_byte) * bits``, least significant bits first.
 - ``scale_zeros``: float (K // group_size, N, 2), the layout of torch's ``aten._weight_int4pack_mm``; with
   g = k // group_size, ``w[n, k] = (q[n, k] - 2**(bits - 1)) * scale_zeros[g, n, 0] + scale_zeros[g, n, 1]``.
-- ``K % group_size == 0``; ``group_size`` a power of two >= 16.
+- ``K % group_size == 0``; ``group_size`` a power of two >= 16: a K block lies in one group and tl.dot
+  needs K blocks of 16 or more (quanto_fx.tensor.groupwise requires the same).
 
 Written for decode (M = 1..16: the GEMM is bound by reading the weight, which is 4 or 8 times smaller than in
 bfloat16) and correct for any M. Launch it through ``lowbit_mm_triton``; the kernel is a plain ``@triton.jit``
@@ -21,6 +22,8 @@ one. Offsets are int32: fine while x, the output and ``packed`` hold fewer than 
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -31,16 +34,6 @@ from .triton_launch import _bench_on_gpu_alone, _device_guard, _m_bucket
 
 LOWBIT_BITS = (2, 4)
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _load_codes(packed_ptr, rn, rk, N, stride_pn, stride_pk, BITS: tl.constexpr, PER_BYTE: tl.constexpr):
-    """The (BLOCK_N, BLOCK_K) int32 codes q[rn, rk], 0 for rows past N."""
-    # One load per code: the PER_BYTE codes of a byte read the same address, which the hardware merges. K is
-    # the tile's last (fastest) dimension, as in memory, so that neighbouring threads read neighbouring bytes.
-    ptrs = packed_ptr + rn[:, None] * stride_pn + (rk[None, :] // PER_BYTE) * stride_pk
-    byte = tl.load(ptrs, mask=rn[:, None] < N, other=0).to(tl.int32)  # uint8 -> int32 zero-extends
-    return (byte >> ((rk[None, :] % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
 
 
 @triton.jit
@@ -71,56 +64,57 @@ def lowbit_mm_kernel(
 ):
     """out = x @ dequantize(packed, scale_zeros).T, float32 sums stored as out's dtype.
 
-    BLOCK_M == 1 is a GEMV (one row of x per program, multiply-add on the CUDA cores); BLOCK_M >= 16 a GEMM
-    on the tensor cores (``tl.dot``). Each K block lies in one quantization group (GROUP_SIZE % BLOCK_K == 0),
-    so it needs one scale and one zero per column, and K % BLOCK_K == 0: no mask along K. M_BUCKET is unused
-    here: it is the autotuner's key.
+    Each K block lies in one quantization group (GROUP_SIZE % BLOCK_K == 0): one scale and one zero per
+    column, and K % BLOCK_K == 0, so nothing is masked along K. Rows past M and columns past N load 0 and
+    are not stored: any M and N work. M_BUCKET is unused here: it is the autotuner's key.
+
+    Why tl.dot even for M = 1 (a 16-row tile, 15 rows of zeros): decode is bound by reading the weight, and
+    triton pipelines (cp.async, num_stages deep) only the loads that feed a tl.dot. A multiply-and-reduce
+    loop gets plain loads, one K block in flight per program, far too few bytes in flight for HBM (checked
+    in the PTX for triton 3.6.0, sm_90). The 16x redundant tensor core math should cost little next to the
+    weight's bytes and unpacking, but no GPU has timed it yet (see CONFIG_TIERS).
     """
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "a K block must lie in one quantization group")
-    tl.static_assert(BLOCK_M == 1 or BLOCK_M >= 16, "BLOCK_M is 1 (GEMV) or >= 16 (tl.dot)")
     PER_BYTE: tl.constexpr = 8 // BITS
     MID: tl.constexpr = 1 << (BITS - 1)  # the code of the zero point: w = (q - MID) * scale + zero
 
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
+    # The weight tile is loaded as bytes, each byte once, contiguous along K: vector cp.async copies (the
+    # loads that feed tl.dot are the ones triton pipelines).
+    rb = tl.arange(0, BLOCK_K // PER_BYTE)
+    packed_ptrs = packed_ptr + rn[:, None] * stride_pn + rb[None, :] * stride_pk
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :] * stride_xk
     sz_ptrs = scale_zeros_ptr + rn * stride_sn
 
-    if BLOCK_M == 1:
-        # GEMV: dequantize in float32 and multiply-add into a (BLOCK_N, BLOCK_K) accumulator, summed over K
-        # once after the loop, so that the loop has no cross-thread reduction. x's row is loaded as a vector.
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            q = _load_codes(packed_ptr, rn, k0 + rk, N, stride_pn, stride_pk, BITS, PER_BYTE)
-            group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
-            scale = tl.load(group_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-            zero = tl.load(group_ptrs + stride_sc, mask=n_mask, other=0.0).to(tl.float32)
-            w = (q - MID).to(tl.float32) * scale[:, None] + zero[:, None]
-            x = tl.load(x_ptr + pid_m * stride_xm + (k0 + rk) * stride_xk).to(tl.float32)
-            acc2 += w * x[None, :]
-        acc = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
-    else:
-        # GEMM. The tensor cores multiply x by the centred codes q - MID, small integers that every float
-        # dtype holds exactly, so no weight is rounded to x's dtype; scale and zero apply in float32 to the
-        # block's partial sums, as sum_k x*((q - MID)*s + z) = s * sum_k x*(q - MID) + z * sum_k x.
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
-        for k0 in range(0, K, BLOCK_K):
-            q = _load_codes(packed_ptr, rn, k0 + rk, N, stride_pn, stride_pk, BITS, PER_BYTE)
-            group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
-            scale = tl.load(group_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-            zero = tl.load(group_ptrs + stride_sc, mask=n_mask, other=0.0).to(tl.float32)
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            # Rows of x past M load 0 and their outputs are not stored: any M works.
-            # input_precision="ieee": a float32 x stays float32 (FMA, not the TF32 tensor cores, which would
-            # round x to 10 mantissa bits); it has no effect on 16-bit operands.
-            partial = tl.dot(x, tl.trans((q - MID).to(x.dtype)), input_precision="ieee")
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            acc += partial * scale[None, :] + x_sum[:, None] * zero[None, :]
-            x_ptrs += BLOCK_K * stride_xk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = tl.load(packed_ptrs, mask=n_mask[:, None], other=0).to(tl.int32)  # zero-extends the uint8
+        # Split each byte into its PER_BYTE codes along a new last axis, least significant bits first:
+        # [n, b, j] is k = k0 + b * PER_BYTE + j, so the row-major reshape puts the ks in order.
+        q = (byte[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+        group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
+        scale = tl.load(group_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+        zero = tl.load(group_ptrs + stride_sc, mask=n_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        # The tensor cores multiply x by the centred codes q - MID: small integers, exact in every float
+        # dtype, so no weight is rounded to x's dtype. Scale and zero then apply in float32 to the block's
+        # sums, as sum_k x * ((q - MID) * s + z) = s * sum_k x * (q - MID) + z * sum_k x.
+        # The cast goes through float32 because the 3.6.0 interpreter casts int32 to bfloat16 wrongly (it
+        # reinterprets the int as bfloat16 bits); compiled, the two casts fold into one cvt.rn.bf16.s32.
+        codes = (q - MID).to(tl.float32).to(x_ptr.dtype.element_ty)
+        # input_precision="ieee": a float32 x stays float32 (FMA), not TF32 (10 mantissa bits), as torch
+        # computes float32 matmuls by default. It has no effect on 16-bit operands.
+        partial = tl.dot(x, tl.trans(codes), input_precision="ieee")
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        acc += partial * scale[None, :] + x_sum[:, None] * zero[None, :]
+        packed_ptrs += (BLOCK_K // PER_BYTE) * stride_pk
+        x_ptrs += BLOCK_K * stride_xk
 
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -134,24 +128,26 @@ def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# Block configs in tiers by M; the autotuner picks within the tier. NOT yet timed on a GPU: the sizes follow
-# the int8 kernel's tiers (triton_launch.CONFIG_TIERS) and the usual weight-only decode kernels. BLOCK_K is
-# cut to group_size where it exceeds it (_prune_configs), so every tier also runs with group_size 32.
+# Block configs in tiers by M; the autotuner picks within the tier. NOT timed on a GPU yet (none was at
+# hand): the sizes follow the int8 kernel's measured tiers (triton_launch.CONFIG_TIERS) and the
+# bytes-in-flight arithmetic below. _prune_configs cuts BLOCK_K to group_size where it exceeds it.
+# Decode reads the weight once, and HBM needs megabytes in flight: the pipeline holds about
+# (num_stages - 1) * N * BLOCK_K / per_byte weight bytes whatever BLOCK_N (N = 4096, int4, BLOCK_K = 128
+# and 6 stages: 1.3 MB), so small tiers get deep pipelines; their stages are small (a 16-row x tile and
+# packed bytes). A group_size below BLOCK_K shrinks that: group_size 32 decodes slower than 128.
 CONFIG_TIERS = {
-    # M == 1 (decode, one token): GEMV, bound by reading the weight. Narrow N tiles spread the weight over
-    # more SMs (N = 4096, BLOCK_N = 32: 128 programs for H100's 132 SMs); long K blocks keep loads in flight.
-    1: [
-        _config(1, 32, 128, 4, 3),
-        _config(1, 16, 256, 4, 3),
-        _config(1, 64, 64, 4, 4),
-        _config(1, 32, 64, 2, 4),
+    # M <= 16 (decode): one 16-row tile (mma.sync; wgmma needs 64 rows), bound by reading the weight.
+    # Narrow N tiles spread the weight over the SMs (N = 4096, BLOCK_N = 32: 128 programs, 132 SMs on H100).
+    16: [
+        _config(16, 32, 128, 4, 6),
+        _config(16, 64, 128, 4, 5),
+        _config(16, 16, 256, 4, 5),
+        _config(16, 32, 64, 4, 8),
     ],
-    # M <= 16: one 16-row tensor core tile (mma.sync; wgmma needs 64 rows), still bound by the weight.
-    16: [_config(16, 32, 128, 4, 3), _config(16, 64, 64, 4, 4), _config(16, 64, 128, 4, 3)],
-    # 16 < M <= 64: one row tile, every weight element unpacked once per 64 rows.
-    64: [_config(64, 64, 64, 4, 3), _config(64, 32, 128, 4, 3), _config(64, 128, 64, 4, 3)],
-    # M > 64 (prefill): compute bound; unpacking is amortized over 128 rows.
-    None: [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 3), _config(64, 128, 64, 4, 4)],
+    # 16 < M <= 64: one row tile, so each weight element is unpacked once per 64 rows.
+    64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
+    # M > 64 (prefill): compute bound; unpacking amortized over 64 or 128 rows, wgmma tiles.
+    None: [_config(128, 128, 64, 8, 3), _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4)],
 }
 CONFIGS = [config for tier in CONFIG_TIERS.values() for config in tier]
 
@@ -237,13 +233,12 @@ def _forced_config(config: dict, group_size: int) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"config lacks {sorted(missing)}")
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    if not (block_m == 1 or (block_m >= 16 and _is_power_of_two(block_m))):
-        raise ValueError(f"config BLOCK_M must be 1 (GEMV) or a power of two >= 16 (tl.dot), got {block_m}")
-    if block_n < 16 or not _is_power_of_two(block_n):
-        raise ValueError(f"config BLOCK_N must be a power of two >= 16, got {block_n}")
-    if block_k < 16 or not _is_power_of_two(block_k) or block_k > group_size:
+    for name, block in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
+        if not isinstance(block, int) or block < 16 or not _is_power_of_two(block):
+            raise ValueError(f"config {name} must be a power of two >= 16 (tl.dot's tile), got {block!r}")
+    if not isinstance(block_k, int) or block_k < 16 or not _is_power_of_two(block_k) or block_k > group_size:
         raise ValueError(
-            f"config BLOCK_K must be a power of two in [16, group_size = {group_size}], got {block_k}"
+            f"config BLOCK_K must be a power of two in [16, group_size = {group_size}], got {block_k!r}"
         )
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
@@ -261,11 +256,16 @@ def lowbit_mm_triton(
     """``x @ w.T`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype.
 
     ``config`` runs one fixed config instead of autotuning (tests, the interpreter, benchmarks): a dict with
-    BLOCK_M (1 or a power of two >= 16), BLOCK_N (power of two >= 16), BLOCK_K (power of two, 16 to
-    group_size) and optionally GROUP_M, num_warps, num_stages. Any M and N; K is a multiple of group_size.
+    BLOCK_M and BLOCK_N (powers of two >= 16), BLOCK_K (a power of two, 16 to group_size) and optionally
+    GROUP_M, num_warps, num_stages (default 8, 4, 3). Any M and N; K is a multiple of group_size.
     Operands may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
+    forced = None if config is None else _forced_config(config, group_size)
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
+        )
     (m, k), n = x.shape, packed.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -287,11 +287,11 @@ def lowbit_mm_triton(
         *out.stride(),
     )
     with _device_guard(x):
-        if config is None:
+        if forced is None:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             _autotuned[grid](*args, BITS=bits, GROUP_SIZE=group_size)
         else:
-            meta, options = _forced_config(config, group_size)
+            meta, options = forced
             grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             lowbit_mm_kernel[grid](*args, BITS=bits, GROUP_SIZE=group_size, **meta, **options)
     return out

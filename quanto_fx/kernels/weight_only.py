@@ -129,6 +129,14 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
     return _with_bias(out, bias)
 
 
+def lowbit_weight_mm_cuda(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
+    """CUDA (with triton installed): the Triton dequantize-in-the-GEMM kernel of ``triton_lowbit_mm.py``."""
+    from .triton_lowbit_mm import lowbit_mm_triton
+
+    _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
+    return _with_bias(lowbit_mm_triton(x, packed, scale_zeros, bits, group_size), bias)
+
+
 def _lowbit_fake(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
     return x.new_empty((x.shape[0], packed.shape[0]))

@@ -21,6 +21,15 @@ class QuantizedTensor(torch.Tensor):
         """The float value, without autograd (for use below the dispatcher)."""
         raise NotImplementedError
 
+    def inner_tensors(self) -> list[torch.Tensor]:
+        """The plain tensors that hold this tensor's values (what it costs in memory)."""
+        names, _ = self.__tensor_flatten__()
+        return [getattr(self, name) for name in names]
+
+    def nbytes_in_memory(self) -> int:
+        """Bytes of memory the inner tensors take (data, scales and any kernel layout)."""
+        return sum(t.numel() * t.element_size() for t in self.inner_tensors())
+
 
 def dequantize_value(x):
     """``x`` dequantized if it is a quantized tensor (without autograd, below the dispatcher), else ``x``."""

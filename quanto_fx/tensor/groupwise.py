@@ -18,9 +18,12 @@ from .quantization import check_finite
 
 
 def check_group_size(group_size: int, in_features: int) -> None:
-    """Raise ValueError unless ``group_size`` is a power of two >= 8 dividing ``in_features``."""
-    if not isinstance(group_size, int) or group_size < 8 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 8, got {group_size!r}")
+    """Raise ValueError unless ``group_size`` is a power of two >= 16 dividing ``in_features``.
+
+    16: the smallest K block of the tensor-core GEMM kernels (a block lies in one group).
+    """
+    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
     if in_features % group_size:
         raise ValueError(
             f"group_size {group_size} does not divide the {in_features} input features; choose a group size "

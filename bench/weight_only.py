@@ -1,0 +1,77 @@
+"""Weight-only linear benchmark on the CPU (memory-bound decoding, M = 1 to 16): fp32 and bf16 against
+quanto_fx int8 / int4 / int2 / float8 weights, eager and compiled with backend="quanto", and the peers that
+are installed (optimum-quanto, torchao; bench/requirements.txt).
+
+    .venv/bin/python bench/weight_only.py [--repeats 30] [--shapes 1,4096,4096 16,4096,4096 ...]
+
+All variants of a shape are timed round-robin in one process (median ms per call, see linear.py); ratios are
+to fp32 F.linear; "rel.err" is ||y - y_fp32|| / ||y_fp32||. Float32 activations unless the name says bf16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from linear import parse_args, report
+
+from quanto_fx import freeze, qfloat8_e4m3fn, qint2, qint4, qint8, quantize
+
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1, 384, 1536)]
+QUANTO_WEIGHTS = {"int8": qint8, "int4": qint4, "int2": qint2, "float8": qfloat8_e4m3fn}
+
+
+def variants(m: int, k: int, n: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(m, k)
+    linear = torch.nn.Linear(k, n)
+    lb = torch.nn.Linear(k, n).bfloat16()
+    lb.load_state_dict(linear.state_dict())
+    xb = x.bfloat16()
+    out = {"fp32": lambda: linear(x), "bf16": lambda: lb(xb).float()}
+    for name, wqtype in QUANTO_WEIGHTS.items():
+        q = freeze(quantize(linear, weights=wqtype, activations=None, inplace=False))
+        out[f"quanto_fx {name} eager"] = lambda q=q: q(x)
+        if name in ("int8", "int4"):
+            out[f"quanto_fx {name} quanto"] = torch.compile(lambda q=q: q(x), backend="quanto")
+    qb = freeze(quantize(lb, weights=qint4, activations=None, inplace=False))
+    out["quanto_fx int4 bf16 eager"] = lambda: qb(xb).float()
+    out.update(_optional_peers(linear, x))
+    return out
+
+
+def _optional_peers(linear, x) -> dict:
+    def copy():
+        model = torch.nn.Sequential(torch.nn.Linear(linear.in_features, linear.out_features))
+        model.load_state_dict(torch.nn.Sequential(linear).state_dict())
+        return model
+
+    peers = {}
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
+        from optimum.quanto import freeze as oq_freeze
+        from optimum.quanto import qint4 as oq_int4
+        from optimum.quanto import qint8 as oq_int8
+        from optimum.quanto import quantize as oq_quantize
+
+        for name, wqtype in (("W8", oq_int8), ("W4", oq_int4)):
+            model = copy()
+            oq_quantize(model, weights=wqtype, activations=None)
+            oq_freeze(model)
+            peers[f"optimum-quanto {name}"] = lambda model=model: model(x)
+    if importlib.util.find_spec("torchao"):
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        model = copy()
+        quantize_(model, Int8WeightOnlyConfig())
+        compiled = torch.compile(model)
+        peers["torchao int8-wo compiled"] = lambda: compiled(x)
+    return peers
+
+
+def main() -> None:
+    shapes, repeats = parse_args(__doc__, 30, SHAPES)
+    report(variants, shapes, repeats)
+
+
+if __name__ == "__main__":
+    main()

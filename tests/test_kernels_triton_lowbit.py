@@ -1,0 +1,450 @@
+"""The low-bit (int4 / int2) weight-only Triton kernel without a GPU (interpreter, compiled for an H100) and,
+where there is one, on it.
+
+The reference below is written from the format in ``quanto_fx/kernels/triton_lowbit_mm.py``'s docstring, in
+plain torch: unpack the codes with shifts, dequantize per group, ``x.float() @ w.T``.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
+    CONFIG_TIERS,
+    CONFIGS,
+    _fit_to_group,
+    _prune_configs,
+    lowbit_mm_kernel,
+    lowbit_mm_triton,
+)
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when the module above is imported: the
+# interpreted tests run in a child pytest that starts with it set (test_lowbit_kernel_in_the_interpreter).
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# -- the format, in plain torch ------------------------------------------------------------------------
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) codes in [0, 2**bits) -> uint8 (N, K // per_byte), code k at bit (k % per_byte) * bits."""
+    per_byte = 8 // bits
+    q = q.to(torch.int32).reshape(q.shape[0], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=q.device) * bits
+    return (q << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 (N, K // per_byte) -> int32 codes (N, K)."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(packed.shape[0], -1)
+
+
+def dequantize_reference(packed, scale_zeros, bits: int, group_size: int) -> torch.Tensor:
+    """w (N, K) float32: (q - 2**(bits - 1)) * scale + zero, scale and zero of group k // group_size."""
+    q = unpack_codes(packed, bits)
+    scale = scale_zeros[..., 0].float().T.repeat_interleave(group_size, dim=1)
+    zero = scale_zeros[..., 1].float().T.repeat_interleave(group_size, dim=1)
+    return (q - 2 ** (bits - 1)).float() * scale + zero
+
+
+def lowbit_mm_reference(x, packed, scale_zeros, bits: int, group_size: int) -> torch.Tensor:
+    """x @ w.T in float32."""
+    return x.float() @ dequantize_reference(packed, scale_zeros, bits, group_size).T
+
+
+def make_operands(m, n, k, bits, group_size, dtype=torch.float32, device="cpu", seed=0):
+    """x (M, K) of ``dtype``, random codes packed (N, K // per_byte), float32 scale_zeros (K // g, N, 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    packed = pack_codes(torch.randint(0, 2**bits, (n, k), generator=gen), bits)
+    scale = torch.rand(k // group_size, n, generator=gen) * 0.1 + 0.01
+    zero = torch.randn(k // group_size, n, generator=gen) * 0.05
+    scale_zeros = torch.stack([scale, zero], dim=-1)
+    return x.to(device), packed.to(device), scale_zeros.to(device)
+
+
+# Relative error allowed: max |out - reference| / max |reference|. float32 sums in another order; a 16-bit
+# output is rounded once (the interpreter truncates float32 to bfloat16: up to 2**-7 relative).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_matches_reference(out, x, packed, scale_zeros, bits, group_size):
+    ref = lowbit_mm_reference(x.cpu(), packed.cpu(), scale_zeros.cpu(), bits, group_size)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    err = (out.cpu().float() - ref).abs().max() / ref.abs().max()
+    assert err <= TOLERANCE[x.dtype], f"relative error {err:.3g}"
+
+
+def run(m, n, k, bits, group_size, config, dtype=torch.float32, device="cpu", seed=0):
+    x, packed, scale_zeros = make_operands(m, n, k, bits, group_size, dtype, device, seed)
+    out = lowbit_mm_triton(x, packed, scale_zeros, bits, group_size, config)
+    assert_matches_reference(out, x, packed, scale_zeros, bits, group_size)
+
+
+# -- the reference's own format checks (no kernel) -------------------------------------------------------
+
+
+def test_unpack_reads_the_documented_bit_layout():
+    # Least significant bits first: byte 0x21 holds int4 codes 1 (k = 0) and 2 (k = 1); 0b11_10_01_00 holds
+    # int2 codes 0, 1, 2, 3.
+    assert unpack_codes(torch.tensor([[0x21, 0xF0]], dtype=torch.uint8), 4).tolist() == [[1, 2, 0, 15]]
+    assert unpack_codes(torch.tensor([[0b11100100]], dtype=torch.uint8), 2).tolist() == [[0, 1, 2, 3]]
+    packed = torch.tensor([[0x21]], dtype=torch.uint8)
+    scale_zeros = torch.tensor([[[0.5, 1.0]]])  # one group of K = 2 (fine for the reference)
+    assert dequantize_reference(packed, scale_zeros, 4, 2).tolist() == [
+        [(1 - 8) * 0.5 + 1, (2 - 8) * 0.5 + 1]
+    ]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_pack_unpack_round_trip(bits):
+    q = torch.randint(0, 2**bits, (5, 64))
+    packed = pack_codes(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 64 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), q.to(torch.int32))
+
+
+def test_reference_agrees_with_the_library_format():
+    # The format is shared with quanto_fx.tensor (PackedQTensor): same bytes, same dequantization.
+    from quanto_fx.tensor.groupwise import dequantize_groupwise
+    from quanto_fx.tensor.packing import pack, unpack
+
+    for bits in (4, 2):
+        _, packed, scale_zeros = make_operands(1, 24, 128, bits, 32, seed=bits)
+        codes = unpack_codes(packed, bits)
+        assert torch.equal(pack(codes, bits), packed)
+        assert torch.equal(unpack(packed, bits).to(torch.int32), codes)
+        expected = dequantize_groupwise(codes, scale_zeros, bits)
+        torch.testing.assert_close(dequantize_reference(packed, scale_zeros, bits, 32), expected)
+
+
+# -- bad inputs: checked before any launch ---------------------------------------------------------------
+
+
+def _bad_inputs():
+    x, packed, sz = make_operands(3, 40, 64, 4, 32)
+    g = 32
+    return [
+        # (id, args, exception, words the message must contain)
+        ("packed-int8", (x, packed.to(torch.int8), sz, 4, g), TypeError, ["packed", "uint8"]),
+        ("scale_zeros-shape", (x, packed, sz[:, :-1], 4, g), ValueError, ["scale_zeros", "(2, 40, 2)"]),
+        ("scale_zeros-transposed", (x, packed, sz.transpose(0, 1), 4, g), ValueError, ["scale_zeros"]),
+        ("scale_zeros-int", (x, packed, sz.to(torch.int32), 4, g), TypeError, ["scale_zeros"]),
+        (
+            "K-not-multiple-of-group",
+            (x[:, :48], packed[:, :24], sz[:1], 4, g),
+            ValueError,
+            ["group_size", "48"],
+        ),
+        ("packed-width", (x, packed[:, :16], sz, 4, g), ValueError, ["packed", "(N, 32)"]),
+        ("packed-for-int2", (x, packed, sz, 2, g), ValueError, ["packed", "bits = 2"]),
+        ("packed-1d", (x, packed.flatten(), sz, 4, g), ValueError, ["packed"]),
+        ("x-int8", (x.to(torch.int8), packed, sz, 4, g), TypeError, ["x must have dtype"]),
+        ("x-3d", (x[None], packed, sz, 4, g), ValueError, ["x must be 2-D"]),
+        ("bits-3", (x, packed, sz, 3, g), ValueError, ["bits"]),
+        ("bits-8", (x, packed, sz, 8, g), ValueError, ["bits"]),
+        ("group-48", (x, packed, sz, 4, 48), ValueError, ["group_size", "power of two"]),
+        ("group-8", (x, packed, sz, 4, 8), ValueError, ["group_size"]),
+        ("group-float", (x, packed, sz, 4, 32.0), TypeError, ["group_size"]),
+        ("packed-on-meta", (x, packed.to("meta"), sz, 4, g), ValueError, ["packed is on meta"]),
+    ]
+
+
+BAD_INPUTS = _bad_inputs()
+
+
+@pytest.mark.parametrize("args, exc, words", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_naming_the_problem(args, exc, words):
+    with pytest.raises(exc) as info:
+        lowbit_mm_triton(*args)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, ["BLOCK_K", "group_size = 32"]),  # spans two groups
+        ({"BLOCK_M": 16, "BLOCK_N": 8, "BLOCK_K": 32}, ["BLOCK_N"]),
+        ({"BLOCK_M": 24, "BLOCK_N": 16, "BLOCK_K": 32}, ["BLOCK_M"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16}, ["lacks", "BLOCK_K"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "block_n": 16}, ["unknown", "block_n"]),
+    ],
+    ids=["BLOCK_K-over-group", "BLOCK_N-8", "BLOCK_M-24", "missing", "unknown-key"],
+)
+def test_bad_configs_raise(config, words):
+    with pytest.raises(ValueError) as info:
+        lowbit_mm_triton(*make_operands(3, 40, 64, 4, 32), 4, 32, config)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="CPU tensors are allowed in the interpreter")
+def test_cpu_tensors_outside_the_interpreter_raise():
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        lowbit_mm_triton(*make_operands(3, 40, 64, 4, 32), 4, 32)
+
+
+# -- autotuning configs (no kernel) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
+def test_pruned_configs_fit_the_group_and_the_tier(m, group_size):
+    configs = _prune_configs(CONFIGS, {"M": m}, BITS=4, GROUP_SIZE=group_size)
+    tier = next(tier for max_m, tier in CONFIG_TIERS.items() if max_m is None or m <= max_m)
+    assert configs and len(configs) <= len(tier)
+    assert all(c.kwargs["BLOCK_K"] <= group_size and group_size % c.kwargs["BLOCK_K"] == 0 for c in configs)
+    keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs]
+    assert len(set(keys)) == len(keys)
+    # Same tiles as the tier's, BLOCK_K aside.
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs} == {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tier
+    }
+
+
+# -- the interpreter (CPU) -------------------------------------------------------------------------------
+
+# Small tiles so that the shapes below span several tiles in M, N and K, with a partial tile in M and N
+# (N = 40), and several K blocks per group (group_size 128).
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+@pytest.fixture(scope="class")
+def _interpreter_numpy_fix():
+    """Apply triton's own fix for numpy >= 2.4 to the 3.6.0 interpreter while the class runs.
+
+    Same fix as tests/test_kernels_triton.py: the interpreter turns a scalar into a Python int with
+    ``int(array of shape (1,))``, which numpy 2.4 rejects (so any ``range(0, K, BLOCK_K)`` fails):
+    triton-lang/triton#9171, fixed after 3.6.0 by ``.item()``-ing the array, as here.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+    yield
+    interpreter._patch_lang_tensor = original
+
+
+@pytest.fixture(scope="class")
+def _interpreter_bfloat16_dot_fix():
+    """Let the 3.6.0 interpreter run ``tl.dot`` on bfloat16 operands while the class runs.
+
+    The interpreter stores bfloat16 as uint16, and its ``create_dot`` hands those to ``np.matmul``, which
+    multiplies the bit patterns (triton-lang/triton#11584; the maintainers: bfloat16 is not supported there
+    yet). Converting the operands to float32 first, with the interpreter's own converter, gives the exact
+    products, as the tensor cores do. The compiled kernel is untouched: this only fixes the simulator.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def to_float32(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, to_float32(a), to_float32(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    yield
+    interpreter.InterpreterBuilder.create_dot = original
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child pytest")
+@pytest.mark.usefixtures("_interpreter_numpy_fix", "_interpreter_bfloat16_dot_fix")
+class TestInterpreted:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("group_size", [32, 128])
+    @pytest.mark.parametrize("m", [1, 3, 16, 33])
+    @pytest.mark.parametrize("bits", [4, 2])
+    def test_matches_reference(self, bits, m, group_size, dtype):
+        # K = 2 groups; N = 40 leaves a partial N tile.
+        run(m, 40, 2 * group_size, bits, group_size, INTERPRETER_CONFIG, dtype, seed=m)
+
+    @pytest.mark.parametrize("bits", [4, 2])
+    def test_one_k_block_per_group_and_wide_tiles(self, bits):
+        # BLOCK_K = group_size; BLOCK_N and BLOCK_M wider than N = 40 and M = 5.
+        run(5, 40, 256, bits, 64, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, torch.bfloat16)
+
+    def test_several_row_tiles_and_groups_of_tiles(self):
+        # 70 rows: 5 row tiles, GROUP_M = 2 leaves a partial group of row tiles; 3 column tiles.
+        run(70, 40, 64, 4, 32, INTERPRETER_CONFIG)
+
+    def test_float16(self):
+        run(3, 40, 128, 4, 64, INTERPRETER_CONFIG, torch.float16)
+
+    @pytest.mark.parametrize("bits", [4, 2])
+    def test_reads_the_weight(self, bits):
+        # x = identity: out.T is the dequantized weight itself, element by element.
+        k = 32
+        x, packed, scale_zeros = make_operands(k, 40, k, bits, 16)
+        out = lowbit_mm_triton(
+            torch.eye(k), packed, scale_zeros, bits, 16, {**INTERPRETER_CONFIG, "BLOCK_K": 16}
+        )
+        torch.testing.assert_close(
+            out.T, dequantize_reference(packed, scale_zeros, bits, 16), rtol=1e-6, atol=0
+        )
+
+    def test_strided_operands(self):
+        m, n, k, bits, g = 5, 40, 128, 4, 32
+        x, packed, scale_zeros = make_operands(m, n, k, bits, g)
+        x_t = x.T.contiguous().T  # column-major x
+        packed_wide = torch.zeros(n, k // 2 + 8, dtype=torch.uint8)
+        packed_wide[:, 3 : 3 + k // 2] = packed  # rows of packed further apart than K // 2
+        sz_n_first = scale_zeros.transpose(0, 1).contiguous().transpose(0, 1)  # stored (N, K // g, 2)
+        packed_view = packed_wide[:, 3 : 3 + k // 2]
+        assert not (x_t.is_contiguous() or packed_view.is_contiguous() or sz_n_first.is_contiguous())
+        out = lowbit_mm_triton(x_t, packed_view, sz_n_first, bits, g, INTERPRETER_CONFIG)
+        assert_matches_reference(out, x, packed, scale_zeros, bits, g)
+
+    def test_bfloat16_scale_zeros(self):
+        x, packed, scale_zeros = make_operands(3, 40, 64, 2, 32, torch.bfloat16)
+        scale_zeros = scale_zeros.to(torch.bfloat16)
+        out = lowbit_mm_triton(x, packed, scale_zeros, 2, 32, INTERPRETER_CONFIG)
+        assert_matches_reference(out, x, packed, scale_zeros, 2, 32)
+
+    def test_empty_operands(self):
+        x, packed, scale_zeros = make_operands(0, 40, 64, 4, 32)
+        assert lowbit_mm_triton(x, packed, scale_zeros, 4, 32, INTERPRETER_CONFIG).shape == (0, 40)
+        x, packed, scale_zeros = make_operands(3, 40, 0, 4, 32)
+        out = lowbit_mm_triton(x, packed, scale_zeros, 4, 32, INTERPRETER_CONFIG)
+        assert torch.equal(out, torch.zeros(3, 40))
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the interpreted run")
+def test_lowbit_kernel_in_the_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestInterpreted"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+# -- compiled for an H100, without one -------------------------------------------------------------------
+
+# H100's most shared memory for one block (227 KiB): a config over it fails to launch (OutOfResources).
+H100_MAX_SHARED = 232448
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_for_h100(bits, group_size, config, dtype):
+    """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it."""
+    from triton.backends.compiler import GPUTarget
+
+    # Ints equal to 1 become constants; pointers, N, K and the other strides (multiples of 16 for the usual
+    # K and N) carry a divisibility hint; stride_sn (2) carries none.
+    unit_strides = ("stride_xk", "stride_pk", "stride_sc", "stride_on")
+    constexprs = {**config.kwargs, "BITS": bits, "GROUP_SIZE": group_size, **dict.fromkeys(unit_strides, 1)}
+    pointer_types = {
+        "x_ptr": TYPES[dtype],
+        "packed_ptr": "u8",
+        "scale_zeros_ptr": "fp32",
+        "out_ptr": TYPES[dtype],
+    }
+    signature, attrs = {}, {}
+    for i, name in enumerate(lowbit_mm_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = "*" + pointer_types[name] if name.endswith("_ptr") else "i32"
+        if name.endswith("_ptr") or name in ("N", "K", "stride_xm", "stride_pn", "stride_sg", "stride_om"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(
+        fn=lowbit_mm_kernel, signature=signature, constexprs=constexprs, attrs=attrs
+    )
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def config_id(config) -> str:
+    kw = config.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
+
+
+def _unique(configs):
+    return list({config_id(c): c for c in configs}.values())
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("config", _unique(_fit_to_group(c, 128) for c in CONFIGS), ids=config_id)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_compiles_to_hopper_bf16_tensor_cores(bits, config):
+    kernel = compile_for_h100(bits, 128, config, torch.bfloat16)
+    ptx = kernel.asm["ptx"]
+    if config.kwargs["BLOCK_M"] >= 64:
+        assert re.search(r"wgmma\.mma_async\S*\.f32\.bf16\.bf16", ptx), "no bf16 wgmma"
+    else:  # a 16- or 32-row tile is below wgmma's 64 rows: bf16 mma.sync, still the tensor cores
+        assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.bf16\.bf16\.f32", ptx), "no bf16 mma.sync"
+    # The packed weight streams through the cp.async pipeline, as whole bytes (no per-code byte loads).
+    assert "cp.async.cg.shared.global" in ptx
+    assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
+    assert kernel.metadata.shared <= H100_MAX_SHARED
+
+
+# The decode tier's deepest pipeline and the largest tile: the most shared memory with 4-byte x tiles.
+FLOAT32_CONFIGS = [CONFIG_TIERS[16][0], CONFIG_TIERS[None][0]]
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("config", FLOAT32_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_float32_compiles_without_tf32(bits, config):
+    kernel = compile_for_h100(bits, 128, _fit_to_group(config, 128), torch.float32)
+    ptx = kernel.asm["ptx"]
+    # input_precision="ieee": float32 FMAs, no TF32 tensor cores (which round x to 10 mantissa bits).
+    assert "tf32" not in ptx and "mma" not in ptx
+    assert "fma.rn.f32" in ptx
+    assert kernel.metadata.shared <= H100_MAX_SHARED
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+def test_float16_compiles_to_f16_mma():
+    ptx = compile_for_h100(4, 32, _fit_to_group(CONFIG_TIERS[16][0], 32), torch.float16).asm["ptx"]
+    assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.f16\.f16\.f32", ptx)
+
+
+# -- on a GPU --------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("config", _unique(_fit_to_group(c, 64) for c in CONFIGS), ids=config_id)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_every_config_on_gpu(bits, config):
+    # 70 x 200 leaves a partial tile in M and N for every config; K = 4 groups of 64.
+    meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    for dtype in (torch.bfloat16, torch.float32):
+        run(70, 200, 256, bits, 64, meta, dtype, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 16, 100])
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 32), (2, 64)])
+def test_autotuned_llm_shapes_on_gpu(m, bits, group_size):
+    for dtype in (torch.bfloat16, torch.float16):
+        run(m, 4096, 4096, bits, group_size, None, dtype, device="cuda")
+    run(m, 1000, 4096, bits, group_size, None, torch.bfloat16, device="cuda")
