@@ -17,7 +17,7 @@ from linear import parse_args, report
 
 from quanto_fx import freeze, qfloat8_e4m3fn, qint2, qint4, qint8, quantize
 
-SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1, 384, 1536)]
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (1, 384, 1536)]
 QUANTO_WEIGHTS = {"int8": qint8, "int4": qint4, "int2": qint2, "float8": qfloat8_e4m3fn}
 
 

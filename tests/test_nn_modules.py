@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from quanto_fx import QTensor, calibration, qint4, qint8
 from quanto_fx.nn import QConv2d, QLayerNorm, QLinear, QRMSNorm, qmodule_class_for
 
-from .utils import dequantized, sqnr
+from .utils import WEIGHT_ONLY_TOLERANCE, assert_close_to_max, dequantized, sqnr
 
 MODES = [("static", qint8), ("dynamic", qint8), ("weight-only", None)]
 
@@ -130,8 +130,8 @@ def test_freeze_quantizes_weights_and_keeps_outputs():
     before = q(x)
     q.freeze()
     assert isinstance(q.weight, QTensor) and q.weight.qdtype == torch.int8 and not q.weight.requires_grad
-    # Frozen inference runs the int8 weight-only kernel: same weight values, another summation order.
-    torch.testing.assert_close(q(x), before, rtol=1e-5, atol=1e-5)
+    # Frozen inference runs the int8 weight-only kernel: same weight values, computed in bf16 on the CPU.
+    assert_close_to_max(q(x), before, WEIGHT_ONLY_TOLERANCE)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

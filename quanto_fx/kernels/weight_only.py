@@ -1,14 +1,19 @@
 """Weight-only GEMM ops: float activations times int8 or packed int4 / int2 weights, dequantized in the GEMM.
 
-- ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU:
-  ``aten._weight_int8pack_mm``; elsewhere the dequantize-then-GEMM reference.
+- ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU,
+  M <= 16: ``aten._weight_int8pack_mm``; otherwise the float GEMM on the converted weight.
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
-  int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU: ``aten._weight_int4pack_mm_for_cpu``
-  on the weight's kernel layout (int2 codes are int4 codes there); CUDA: the Triton kernel when triton is
-  installed; elsewhere the reference.
+  int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: ``aten.
+  _weight_int4pack_mm_for_cpu`` on the weight's kernel layout (int2 codes are int4 codes there); CUDA: the
+  Triton kernel when triton is installed; otherwise the dequantize-then-GEMM reference.
 
-Both compute ``x @ W.T (+ bias)`` in ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they pay:
-they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
+Both compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
+pay: they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
+
+CPU precision: aten's CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones
+they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are rounded to
+bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights) and the result
+is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then runs on the converted weight.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from ..tensor.packing import unpack
 from .library import LIB, TAGS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core EPYC: 0.4x at
+# M = 1 to 4, 0.85x at 16, 1.2x at 32).
+CPU_KERNEL_MAX_M = 16
 # What aten's CPU int4 kernel takes (checked by the kernel itself; outside these the reference runs).
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_INT4_N_MULTIPLE = 16
@@ -66,12 +74,22 @@ def _check_int8_weight_args(x, w, scale, bias):
     _check_bias(bias, w.shape[0])
 
 
+def _cpu_kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The 16-bit dtype aten's CPU weight-only kernels compute ``x`` in (see the module docstring)."""
+    return torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+
+
 def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
     if x.device.type != "cpu":
         return int8_weight_mm_reference(x, w, scale, bias)
-    out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.contiguous(), scale.reshape(-1).to(x.dtype))
-    return _with_bias(out, bias)
+    if x.shape[0] > CPU_KERNEL_MAX_M:  # compute bound: the float GEMM, the scale applied to its output
+        return _with_bias((x @ w.to(x.dtype).t()).mul_(scale.reshape(-1).to(x.dtype)), bias)
+    dtype = _cpu_kernel_dtype(x)
+    out = torch.ops.aten._weight_int8pack_mm(
+        x.to(dtype).contiguous(), w.contiguous(), scale.reshape(-1).to(dtype)
+    )
+    return _with_bias(out.to(x.dtype), bias)
 
 
 def _int8_weight_mm_fake(x, w, scale, bias=None):
@@ -121,12 +139,13 @@ def lowbit_kernel_layout(packed: torch.Tensor, bits: int, group_size: int) -> to
 
 def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
-    if kernel is None or x.device.type != "cpu":
+    if kernel is None or x.device.type != "cpu" or x.shape[0] > CPU_KERNEL_MAX_M:
         return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
+    dtype = _cpu_kernel_dtype(x)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.contiguous(), kernel, group_size, scale_zeros.to(x.dtype)
+        x.to(dtype).contiguous(), kernel, group_size, scale_zeros.to(dtype)
     )
-    return _with_bias(out, bias)
+    return _with_bias(out.to(x.dtype), bias)
 
 
 def lowbit_weight_mm_cuda(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
