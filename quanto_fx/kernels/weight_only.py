@@ -13,7 +13,8 @@ pay: they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32
 CPU precision: aten's CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones
 they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are rounded to
 bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights) and the result
-is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then runs on the converted weight.
+is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then runs on the weight dequantized
+block by block.
 """
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ def _check_int8_weight_args(x, w, scale, bias):
     _check_bias(bias, w.shape[0])
 
 
+# Dequantizing a whole weight allocates a fresh (N, K) float buffer per call; past glibc's mmap threshold
+# (32 MB at most) every page of it faults on first touch: int8 -> fp32 of 4096 x 4096 took 18 ms at once,
+# 3.5 ms in blocks. Larger blocks keep the GEMMs efficient: at M = 128, 1 / 8 / 16 MB blocks ran int8 at
+# 1.65 / 1.39 / 1.34x and int4 at 2.9 / 2.6 / 4.7x the fp32 GEMM.
+DEQUANTIZE_BLOCK_BYTES = 8 << 20
+
+
+def _blocked_gemm(x: torch.Tensor, out_features: int, weight_rows) -> torch.Tensor:
+    """``x @ W.T`` with W dequantized ``weight_rows(start, stop)`` one cache-sized block of rows at a time."""
+    rows = max(16, DEQUANTIZE_BLOCK_BYTES // (x.shape[1] * x.element_size()))
+    out = x.new_empty((x.shape[0], out_features))
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        out[:, start:stop] = x @ weight_rows(start, stop).t()
+    return out
+
+
 def _cpu_kernel_dtype(x: torch.Tensor) -> torch.dtype:
     """The 16-bit dtype aten's CPU weight-only kernels compute ``x`` in (see the module docstring)."""
     return torch.bfloat16 if x.dtype == torch.float32 else x.dtype
@@ -83,8 +101,10 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
     if x.device.type != "cpu":
         return int8_weight_mm_reference(x, w, scale, bias)
-    if x.shape[0] > CPU_KERNEL_MAX_M:  # compute bound: the float GEMM, the scale applied to its output
-        return _with_bias((x @ w.to(x.dtype).t()).mul_(scale.reshape(-1).to(x.dtype)), bias)
+    if x.shape[0] > CPU_KERNEL_MAX_M:  # compute bound: the float GEMM on dequantized blocks
+        scale = scale.reshape(-1, 1).to(x.dtype)
+        out = _blocked_gemm(x, w.shape[0], lambda start, stop: w[start:stop].to(x.dtype) * scale[start:stop])
+        return _with_bias(out, bias)
     dtype = _cpu_kernel_dtype(x)
     out = torch.ops.aten._weight_int8pack_mm(
         x.to(dtype).contiguous(), w.contiguous(), scale.reshape(-1).to(dtype)
@@ -139,8 +159,15 @@ def lowbit_kernel_layout(packed: torch.Tensor, bits: int, group_size: int) -> to
 
 def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
-    if kernel is None or x.device.type != "cpu" or x.shape[0] > CPU_KERNEL_MAX_M:
+    if x.device.type != "cpu":
         return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
+    if kernel is None or x.shape[0] > CPU_KERNEL_MAX_M:  # the float GEMM on dequantized blocks
+        scale_zeros = scale_zeros.to(x.dtype)
+
+        def weight_rows(start, stop):
+            return dequantize_groupwise(unpack(packed[start:stop], bits), scale_zeros[:, start:stop], bits)
+
+        return _with_bias(_blocked_gemm(x, packed.shape[0], weight_rows), bias)
     dtype = _cpu_kernel_dtype(x)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.to(dtype).contiguous(), kernel, group_size, scale_zeros.to(dtype)
