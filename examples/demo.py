@@ -28,10 +28,12 @@ from tokenizers import Tokenizer
 from transformers import BertConfig, BertModel
 
 import quanto_fx
-from quanto_fx import calibrate, freeze, layer_report, quantize
+from quanto_fx import calibrate, choose_precision, freeze, layer_report, qint4, quantize
 
 SEQ_LEN = 64  # every batch padded to one length: one compiled graph
 BATCH = 32
+DIMENSIONS = 384  # the embedding width
+MIXED_BUDGET = 0.99  # the mean cosine similarity to float that mixed precision must keep
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -97,6 +99,12 @@ def median_ms(model, batch, repeats: int) -> float:
     return statistics.median(times)
 
 
+def mean_cosine(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean cosine similarity of sentence embeddings, from their flattened concatenation."""
+    rows = reference.reshape(-1, DIMENSIONS), other.reshape(-1, DIMENSIONS)
+    return F.cosine_similarity(*rows, dim=-1).mean().item()
+
+
 def neighbour_agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
     """% of sentences whose nearest other sentence is the same under both embeddings."""
 
@@ -137,6 +145,11 @@ def run(eval_sentences: int = 128, calibration_batches: int = 4, repeats: int = 
     calibrate(static, calibration_set, max_batches=calibration_batches, observer="percentile")
     static = freeze(static)
     peer = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    int4 = freeze(quantize(model, weights=qint4, activations=None, inplace=False))
+    # Mixed precision: per layer the smallest of int4 / int8 / float weights that keeps the calibration
+    # sentences' embeddings within the cosine budget.
+    plan = choose_precision(model, calibration_set[:1], budget=MIXED_BUDGET, score=mean_cosine)
+    mixed = plan.apply(model)
 
     variants = {
         "float32 eager": model,
@@ -145,8 +158,12 @@ def run(eval_sentences: int = 128, calibration_batches: int = 4, repeats: int = 
         "W8A8 dynamic, eager": dynamic,
         "W8A8 dynamic, quanto": torch.compile(dynamic, backend="quanto"),
         "W8A8 static, quanto": torch.compile(static, backend="quanto"),
+        "W4 (int4 weights), eager": int4,
+        "W4/W8 mixed, eager": mixed,
+        "W4/W8 mixed, quanto": torch.compile(mixed, backend="quanto"),
     }
-    sizes = {"float32 eager": checkpoint_bytes(model), "W8A8 dynamic, eager": checkpoint_bytes(dynamic)}
+    sized = {"float32 eager": model, "W8A8 dynamic, eager": dynamic, "W4/W8 mixed, eager": mixed}
+    sizes = {name: checkpoint_bytes(m) for name, m in sized.items()}
     results = {}
     for name, variant in progress(variants.items(), "variants"):
         start = time.perf_counter()
@@ -163,9 +180,13 @@ def run(eval_sentences: int = 128, calibration_batches: int = 4, repeats: int = 
     for name, r in results.items():
         say(f"{name:<30}{r['cosine']:>9.4f}{r['neighbours']:>11.1f}{r['ms']:>10.1f}{r['ms'] / fp32_ms:>9.2f}"
             f"{r['first_s']:>13.1f}")  # fmt: skip
-    float_mb, w8a8_mb = sizes["float32 eager"] / 1e6, sizes["W8A8 dynamic, eager"] / 1e6
-    say(f"\ncheckpoint: float32 {float_mb:.1f} MB, W8A8 {w8a8_mb:.1f} MB ({w8a8_mb / float_mb:.2f}x; "
-        "the 11.7M-parameter embedding tables stay float)")
+    counts = ", ".join(f"{n} {f}" for f, n in plan.counts().items())
+    say(f"\nmixed precision (cosine >= {MIXED_BUDGET} on the calibration sentences): {counts} layers; "
+        f"Linear weights {plan.weight_bytes / plan.float_bytes:.2f}x their float32 bytes")  # fmt: skip
+    float_mb = sizes["float32 eager"] / 1e6
+    say(f"checkpoint: float32 {float_mb:.1f} MB, " + ", ".join(
+        f"{name.split(',')[0]} {b / 1e6:.1f} MB ({b / 1e6 / float_mb:.2f}x)" for name, b in sizes.items()
+        if name != "float32 eager") + " (the 11.7M-parameter embedding tables stay float)")  # fmt: skip
 
     explained = quanto_fx.explain(static, *timing_batch)
     fused = ", ".join(f"{k} x{v}" for k, v in explained.fused_kernels.items()) or "none"
@@ -179,7 +200,7 @@ def run(eval_sentences: int = 128, calibration_batches: int = 4, repeats: int = 
     report = layer_report(model, quantize(model, activation_mode="dynamic", inplace=False), *timing_batch)
     say("\nworst layers (W8A8 dynamic), output SQNR vs float:")
     say("\n".join(str(report).splitlines()[:6]))
-    return {"variants": results, "sizes": sizes, "explain": explained, "layers": report}
+    return {"variants": results, "sizes": sizes, "explain": explained, "layers": report, "plan": plan}
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 from .calibrate import calibrate, calibration
 from .debug import LayerReport, layer_report
+from .mixed_precision import PrecisionPlan, choose_precision
 from .qtypes import get_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtype, qtypes
 from .quantize import freeze, quantization_map, quantize, requantize
 from .serialization import load, save
-from .tensor import QTensor, fallback_counts, reset_fallback_counts
+from .tensor import PackedQTensor, QTensor, fallback_counts, reset_fallback_counts
 
 __version__ = "0.1.0"
 
@@ -25,9 +26,12 @@ def __getattr__(name: str):
 
 __all__ = [
     "LayerReport",
+    "PackedQTensor",
+    "PrecisionPlan",
     "QTensor",
     "calibrate",
     "calibration",
+    "choose_precision",
     "explain",
     "fallback_counts",
     "freeze",

@@ -52,7 +52,8 @@ def quantize(
             scale and zero per ``group_size`` input features).
         activations: activation qtype (qint8) or None for weight-only quantization.
         include / exclude: fnmatch patterns on module names (``"encoder.*"``); a pattern that matches no
-            module name raises, as it is almost always a typo.
+            module name raises, as it is almost always a typo. A model quantized in part can be quantized
+            again with other settings for the float layers that ``include`` names (mixed precision).
         inplace: False quantizes a deep copy and leaves ``model`` untouched.
         activation_mode: "static" (per-tensor scales from ``calibration()``) or "dynamic" (per-token
             scales computed at run time; no calibration needed).
@@ -69,9 +70,16 @@ def quantize(
     for kind, patterns in (("include", include), ("exclude", exclude)):
         if missing := _unmatched(patterns, names):
             raise ValueError(f"{kind} pattern(s) {missing} match no module name of the model")
-    already = [name or "<root>" for name, m in model.named_modules() if isinstance(m, QModuleMixin)]
+    # A second call may quantize more layers of a partly quantized model (mixed precision), but only layers
+    # it names with `include`, and none already quantized: anything else is a mistaken double quantize.
+    already = [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if isinstance(m, QModuleMixin) and (include is None or _selected(name, include, exclude))
+    ]
     if already:
-        raise ValueError(f"model is already quantized (quantized modules: {already[:5]}); quantize it once")
+        hint = "quantize it once" if include is None else "include only float layers"
+        raise ValueError(f"model is already quantized (quantized modules: {already[:5]}); {hint}")
     if not inplace:
         model = copy.deepcopy(model)
     settings = dict(

@@ -24,7 +24,7 @@ __all__ = ["save", "load"]
 FORMAT = "quanto_fx"
 FORMAT_VERSION = "1"
 # The stored parts of each quantized tensor class, as key suffixes of the tensor's state_dict key.
-_PARTS = {"QTensor": ("_data", "_scale"), "PackedQTensor": ("_packed", "_scale_zeros")}
+_PARTS = {cls.__name__: cls.STORED for cls in (QTensor, PackedQTensor)}
 
 
 def _describe(value: torch.Tensor) -> tuple[str, dict] | None:

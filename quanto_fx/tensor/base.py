@@ -21,14 +21,21 @@ class QuantizedTensor(torch.Tensor):
         """The float value, without autograd (for use below the dispatcher)."""
         raise NotImplementedError
 
-    def inner_tensors(self) -> list[torch.Tensor]:
-        """The plain tensors that hold this tensor's values (what it costs in memory)."""
-        names, _ = self.__tensor_flatten__()
-        return [getattr(self, name) for name in names]
+    # Names of the inner tensors a checkpoint stores (kernel layouts, rebuilt on load, are not among them).
+    STORED: tuple[str, ...] = ()
 
     def nbytes_in_memory(self) -> int:
         """Bytes of memory the inner tensors take (data, scales and any kernel layout)."""
-        return sum(t.numel() * t.element_size() for t in self.inner_tensors())
+        names, _ = self.__tensor_flatten__()
+        return sum(_nbytes(getattr(self, name)) for name in names)
+
+    def nbytes_stored(self) -> int:
+        """Bytes a checkpoint stores for this tensor."""
+        return sum(_nbytes(getattr(self, name)) for name in self.STORED)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def dequantize_value(x):

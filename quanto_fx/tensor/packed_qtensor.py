@@ -48,6 +48,7 @@ class PackedQTensor(QuantizedTensor):
     _packed: torch.Tensor
     _scale_zeros: torch.Tensor
     _kernel: torch.Tensor | None
+    STORED = ("_packed", "_scale_zeros")
 
     @staticmethod
     def __new__(

@@ -46,6 +46,7 @@ class QTensor(QuantizedTensor):
     _data: torch.Tensor
     _scale: torch.Tensor
     _axis: int | None
+    STORED = ("_data", "_scale")
 
     @staticmethod
     def __new__(cls, data, scale, axis=None, requires_grad=False, *, _trusted=False):

@@ -1,0 +1,97 @@
+"""Sensitivity-guided mixed precision: choose_precision and PrecisionPlan, and quantizing a model in parts."""
+
+import pytest
+import torch
+
+from quanto_fx import PackedQTensor, QTensor, choose_precision, freeze, qint4, qint8, quantize
+from quanto_fx.debug import sqnr_db
+
+
+def model_with_a_fragile_layer():
+    """Three Linear layers; the middle one has a few huge weights per row, which int4 groups cannot hold."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(),
+        torch.nn.Linear(128, 64),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[2].weight[:, ::16] *= 40
+    return model
+
+
+def samples():
+    torch.manual_seed(1)
+    return [torch.randn(16, 128) for _ in range(2)]
+
+
+def test_the_fragile_layer_gets_more_bits_and_the_budget_is_met():
+    model, inputs = model_with_a_fragile_layer(), samples()
+    plan = choose_precision(model, inputs, budget=15.0, progress=False)
+    assert plan.sensitivity["2"]["qint4"] == min(row["qint4"] for row in plan.sensitivity.values())
+    assert plan.choices["0"] == qint4 and plan.choices["4"] == qint4 and plan.choices["2"] in (qint8, None)
+    quantized = plan.apply(model)
+    # the plan's score is what the applied model scores in inference, measured again here
+    with torch.no_grad():
+        reference = torch.cat([model(x).reshape(-1) for x in inputs])
+        measured = sqnr_db(reference, torch.cat([quantized(x).reshape(-1) for x in inputs]))
+    assert measured == pytest.approx(plan.score, abs=1e-6) and measured >= 15.0
+    assert isinstance(quantized[0].weight, PackedQTensor) and isinstance(quantized[2].weight, QTensor)
+    assert not any(isinstance(p, (QTensor, PackedQTensor)) for p in model.parameters())  # model untouched
+    # every layer at int4 misses the budget: mixing was needed
+    all_int4 = freeze(quantize(model, weights=qint4, activations=None, inplace=False))
+    with torch.no_grad():
+        assert sqnr_db(reference, torch.cat([all_int4(x).reshape(-1) for x in inputs])) < 15.0
+
+
+def test_plan_bytes_and_table_describe_the_choice():
+    model = model_with_a_fragile_layer()
+    plan = choose_precision(model, samples(), budget=15.0, progress=False)
+    expected = sum(
+        (128 * 128 // 2 + 128 // 128 * 128 * 2 * 4) if plan.choices[n] == qint4 else (128 * 128 + 128 * 4)
+        for n in ("0", "2")
+    ) + (64 * 128 // 2 + 64 * 2 * 4 if plan.choices["4"] == qint4 else 64 * 128 + 64 * 4)
+    assert plan.weight_bytes == expected and plan.float_bytes == (128 * 128 * 2 + 64 * 128) * 4
+    table = str(plan)
+    assert "budget 15.0" in table and all(name in table for name in ("0", "2", "4"))
+    assert sum(plan.counts().values()) == 3
+
+
+def test_a_budget_reached_by_every_layer_at_int4_keeps_every_layer_at_int4():
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    plan = choose_precision(model, samples(), budget=5.0, progress=False)
+    assert plan.choices == {"0": qint4} and plan.steps == []
+
+
+def test_layers_whose_features_the_group_size_does_not_divide_skip_int4():
+    model = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 32))
+    plan = choose_precision(model, samples(), budget=0.0, progress=False)
+    assert plan.choices == {"0": qint4, "1": qint8}  # 96 input features: no group of 128
+    assert "qint4" not in plan.sensitivity["1"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"candidates": (qint8, qint4)}, "ordered smallest first"),
+        ({"candidates": (qint4,), "budget": 200.0}, "no choice of formats reaches the budget 200.0"),
+        ({"include": "nothing*"}, "no nn.Linear layer"),
+    ],
+)
+def test_impossible_requests_are_refused(kwargs, message):
+    kwargs = {"budget": 20.0} | kwargs
+    with pytest.raises(ValueError, match=message):
+        choose_precision(model_with_a_fragile_layer(), samples(), progress=False, **kwargs)
+
+
+def test_no_samples_is_refused():
+    with pytest.raises(ValueError, match="at least one sample"):
+        choose_precision(model_with_a_fragile_layer(), [], budget=1.0)
+
+
+def test_quantizing_more_layers_of_a_partly_quantized_model():
+    model = quantize(model_with_a_fragile_layer(), weights=qint4, activations=None, include="0")
+    quantize(model, weights=qint8, activations=None, include=["2", "4"])
+    freeze(model)
+    assert isinstance(model[0].weight, PackedQTensor) and model[2].weight.qdtype == torch.int8
+    with pytest.raises(ValueError, match="already quantized.*include only float layers"):
+        quantize(model, weights=qint8, include="0")
