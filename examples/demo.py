@@ -186,7 +186,7 @@ def run(eval_sentences: int = 128, calibration_batches: int = 4, repeats: int = 
     float_mb = sizes["float32 eager"] / 1e6
     say(f"checkpoint: float32 {float_mb:.1f} MB, " + ", ".join(
         f"{name.split(',')[0]} {b / 1e6:.1f} MB ({b / 1e6 / float_mb:.2f}x)" for name, b in sizes.items()
-        if name != "float32 eager") + " (the 11.7M-parameter embedding tables stay float)")  # fmt: skip
+        if name != "float32 eager"))  # fmt: skip
 
     explained = quanto_fx.explain(static, *timing_batch)
     fused = ", ".join(f"{k} x{v}" for k, v in explained.fused_kernels.items()) or "none"

@@ -32,7 +32,12 @@ def _describe(value: torch.Tensor) -> tuple[str, dict] | None:
     if isinstance(value, QTensor):
         return "QTensor", {"axis": value.axis}
     if isinstance(value, PackedQTensor):
-        info = {"qtype": value.qtype.name, "group_size": value.group_size, "transposed": value.transposed}
+        info = {
+            "qtype": value.qtype.name,
+            "group_size": value.group_size,
+            "transposed": value.transposed,
+            "gemm_layout": value.gemm_layout,
+        }
         return "PackedQTensor", info
     return None
 
@@ -42,10 +47,18 @@ def _rebuild(kind: str, parts: dict[str, torch.Tensor], info: dict) -> torch.Ten
     if kind == "QTensor":
         return QTensor(parts["_data"], parts["_scale"], info.get("axis"))
     group_size, transposed = info.get("group_size"), info.get("transposed", False)
-    if not isinstance(group_size, int) or not isinstance(transposed, bool):
-        raise ValueError(f"bad group_size {group_size!r} or transposed {transposed!r}")
+    gemm_layout = info.get("gemm_layout", True)
+    if (
+        not isinstance(group_size, int)
+        or not isinstance(transposed, bool)
+        or not isinstance(gemm_layout, bool)
+    ):
+        raise ValueError(
+            f"bad group_size {group_size!r}, transposed {transposed!r} or gemm_layout {gemm_layout!r}"
+        )
+    qtype = get_qtype(info.get("qtype"))
     w = PackedQTensor(
-        parts["_packed"], parts["_scale_zeros"], get_qtype(info.get("qtype")), group_size, transposed
+        parts["_packed"], parts["_scale_zeros"], qtype, group_size, transposed, gemm_layout=gemm_layout
     )
     check_packed_values(w)
     return w

@@ -106,6 +106,7 @@ class QModuleMixin:
     activation_qtype: qtype | None
     activation_mode: str
     group_size: int
+    GEMM_WEIGHT = True  # whether the weight feeds GEMMs (packed weights then keep a GEMM kernel layout)
 
     def init_quantization(
         self, weights, activations, activation_mode: str, device=None, group_size: int = DEFAULT_GROUP_SIZE
@@ -158,9 +159,8 @@ class QModuleMixin:
     def _quantize_weight(self, weight: torch.Tensor):
         """int8 / float8: per output channel; int4 / int2: packed, per group of ``group_size`` inputs."""
         if self.weight_qtype in PACKED_QTYPES:
-            return PackedQTensor.quantize(
-                weight, self.weight_qtype, self.group_size, shift=SHIFTED_GROUPS[self.weight_qtype]
-            )
+            shift = SHIFTED_GROUPS[self.weight_qtype]
+            return PackedQTensor.quantize(weight, self.weight_qtype, self.group_size, shift, self.GEMM_WEIGHT)
         return QTensor.quantize(weight, self.weight_qtype, axis=0)
 
     def freeze(self) -> None:

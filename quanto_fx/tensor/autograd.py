@@ -53,11 +53,11 @@ class QuantizePackedSTE(torch.autograd.Function):
     """float weight -> PackedQTensor (group-wise int4 / int2); the gradient goes straight through."""
 
     @staticmethod
-    def forward(ctx, weight, wqtype, group_size, shift):
+    def forward(ctx, weight, wqtype, group_size, shift, gemm_layout):
         from .packed_qtensor import PackedQTensor
 
-        return PackedQTensor.from_float(weight, wqtype, group_size, shift)
+        return PackedQTensor.from_float(weight, wqtype, group_size, shift, gemm_layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None

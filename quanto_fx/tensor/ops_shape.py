@@ -11,6 +11,7 @@ import torch
 from .dispatch import register_handler
 from .ops_arithmetic import same_scales
 from .qtensor import QTensor
+from .quantization import dequantize_data
 
 aten = torch.ops.aten
 
@@ -215,3 +216,14 @@ def stack(func, args, kwargs):
     if first._axis is None:
         return _qtensor(data, first._scale, None)
     return _qtensor(data, first._scale.unsqueeze(dim), first._axis + (dim <= first._axis))
+
+
+# A row lookup in a per-row quantized table (an embedding): gather the rows, dequantize only them. The rows'
+# scales would vary along every index dimension, which no QTensor axis describes, so the result is float.
+@register_handler(aten.embedding, layout=True)
+def embedding(func, args, kwargs):
+    weight, indices = args[:2]
+    per_row = isinstance(weight, QTensor) and weight._axis == 0 and weight.ndim == 2
+    if not per_row or isinstance(indices, QTensor):
+        return NotImplemented
+    return dequantize_data(weight._data[indices], weight._scale[indices])

@@ -40,6 +40,8 @@ class PackedQTensor(QuantizedTensor):
         transposed: True when this stands for the (K, N) transpose (what ``w.t()`` returns).
         kernel: the packed weight in the layout of this device's int4 GEMM kernel, if any; derived from
             ``packed`` when None (never serialized: layouts differ between machines).
+        gemm_layout: whether to keep that kernel layout at all (False for tables only looked up by row,
+            such as embeddings: the layout would double their memory for no use).
 
     Raises:
         TypeError / ValueError: wrong dtypes, shapes that do not match each other, devices that differ.
@@ -52,7 +54,15 @@ class PackedQTensor(QuantizedTensor):
 
     @staticmethod
     def __new__(
-        cls, packed, scale_zeros, wqtype, group_size, transposed=False, kernel=None, requires_grad=False
+        cls,
+        packed,
+        scale_zeros,
+        wqtype,
+        group_size,
+        transposed=False,
+        kernel=None,
+        requires_grad=False,
+        gemm_layout=True,
     ):
         wqtype = _check_qtype(wqtype)
         _check_parts(packed, scale_zeros, wqtype.bits, group_size)
@@ -70,21 +80,37 @@ class PackedQTensor(QuantizedTensor):
         )
 
     def __init__(
-        self, packed, scale_zeros, wqtype, group_size, transposed=False, kernel=None, requires_grad=False
+        self,
+        packed,
+        scale_zeros,
+        wqtype,
+        group_size,
+        transposed=False,
+        kernel=None,
+        requires_grad=False,
+        gemm_layout=True,
     ):
         self._packed = packed
         self._scale_zeros = scale_zeros
         self.qtype = _check_qtype(wqtype)
         self.group_size = group_size
         self.transposed = transposed
-        if kernel is None:
+        self.gemm_layout = gemm_layout
+        if kernel is None and gemm_layout:
             from ..kernels.weight_only import lowbit_kernel_layout
 
             kernel = lowbit_kernel_layout(packed, self.qtype.bits, group_size)
         self._kernel = kernel
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, wqtype: qtype | str = qint4, group_size: int = 128, shift=True):
+    def quantize(
+        cls,
+        weight: torch.Tensor,
+        wqtype: qtype | str = qint4,
+        group_size: int = 128,
+        shift: bool = True,
+        gemm_layout: bool = True,
+    ):
         """Quantize a float (out_features, in_features) weight group-wise and pack it.
 
         Gradients flow straight through (quantization-aware training of the float weight).
@@ -98,13 +124,13 @@ class PackedQTensor(QuantizedTensor):
         wqtype = _check_qtype(wqtype)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError(f"PackedQTensor.quantize expects a floating point tensor, got {weight!r:.60}")
-        return QuantizePackedSTE.apply(weight, wqtype, group_size, shift)
+        return QuantizePackedSTE.apply(weight, wqtype, group_size, shift, gemm_layout)
 
     @classmethod
-    def from_float(cls, weight, wqtype, group_size, shift) -> PackedQTensor:
+    def from_float(cls, weight, wqtype, group_size, shift, gemm_layout=True) -> PackedQTensor:
         """:meth:`quantize` without autograd."""
         codes, scale_zeros = quantize_groupwise(weight.detach(), wqtype.bits, group_size, shift)
-        return cls(pack(codes, wqtype.bits), scale_zeros, wqtype, group_size)
+        return cls(pack(codes, wqtype.bits), scale_zeros, wqtype, group_size, gemm_layout=gemm_layout)
 
     def codes(self) -> torch.Tensor:
         """The unsigned uint8 codes, (out_features, in_features)."""
@@ -141,6 +167,7 @@ class PackedQTensor(QuantizedTensor):
             self.group_size,
             self.transposed if transposed is None else transposed,
             kernel,
+            gemm_layout=self.gemm_layout,
         )
 
     # -- tensor-subclass protocol ---------------------------------------------------------------------
@@ -153,11 +180,11 @@ class PackedQTensor(QuantizedTensor):
 
     def __tensor_flatten__(self):
         names = ["_packed", "_scale_zeros"] + (["_kernel"] if self._kernel is not None else [])
-        return names, (self.qtype.name, self.group_size, self.transposed)
+        return names, (self.qtype.name, self.group_size, self.transposed, self.gemm_layout)
 
     @staticmethod
     def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
-        name, group_size, transposed = meta
+        name, group_size, transposed, gemm_layout = meta
         return PackedQTensor(
             inner_tensors["_packed"],
             inner_tensors["_scale_zeros"],
@@ -165,6 +192,7 @@ class PackedQTensor(QuantizedTensor):
             group_size,
             transposed,
             inner_tensors.get("_kernel"),
+            gemm_layout=gemm_layout,
         )
 
     def __reduce_ex__(self, protocol):
@@ -177,6 +205,7 @@ class PackedQTensor(QuantizedTensor):
             self.group_size,
             self.transposed,
             self.requires_grad,
+            self.gemm_layout,
         )
 
     def __deepcopy__(self, memo):
@@ -283,14 +312,21 @@ def _copy_(func, dst, src, non_blocking=False):
         )
     dst._packed.copy_(src._packed)
     dst._scale_zeros.copy_(src._scale_zeros)
-    dst._kernel = _rebuilt_kernel(dst)
+    if dst.gemm_layout:
+        from ..kernels.weight_only import lowbit_kernel_layout
+
+        dst._kernel = lowbit_kernel_layout(dst._packed, dst.qtype.bits, dst.group_size)
     return dst
 
 
-def _rebuilt_kernel(w):
-    from ..kernels.weight_only import lowbit_kernel_layout
-
-    return lowbit_kernel_layout(w._packed, w.qtype.bits, w.group_size)
+def _embedding(func, w, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    """Row lookup: unpack and dequantize only the rows asked for (float out)."""
+    if not isinstance(w, PackedQTensor) or w.transposed or isinstance(indices, QuantizedTensor):
+        return NotImplemented
+    rows = indices.reshape(-1)
+    codes = unpack(w._packed[rows], w.qtype.bits)
+    values = dequantize_groupwise(codes, w._scale_zeros[:, rows], w.qtype.bits)
+    return values.reshape(*indices.shape, w.shape[1])
 
 
 _HANDLERS = {
@@ -303,11 +339,22 @@ _HANDLERS = {
     aten._to_copy: _to_copy,
     aten.clone: _clone,
     aten.copy_: _copy_,
+    aten.embedding: _embedding,
 }
 
 
-def _rebuild_packed_qtensor(packed, scale_zeros, qtype_name, group_size, transposed, requires_grad):
-    w = PackedQTensor(packed, scale_zeros, qtype_name, group_size, transposed, requires_grad=requires_grad)
+def _rebuild_packed_qtensor(
+    packed, scale_zeros, qtype_name, group_size, transposed, requires_grad, gemm_layout
+):
+    w = PackedQTensor(
+        packed,
+        scale_zeros,
+        qtype_name,
+        group_size,
+        transposed,
+        requires_grad=requires_grad,
+        gemm_layout=gemm_layout,
+    )
     check_packed_values(w)
     return w
 
