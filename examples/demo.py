@@ -182,7 +182,7 @@ def run(eval_sentences: int = 128, calibration_batches: int = 4, repeats: int = 
             f"{r['first_s']:>13.1f}")  # fmt: skip
     counts = ", ".join(f"{n} {f}" for f, n in plan.counts().items())
     say(f"\nmixed precision (cosine >= {MIXED_BUDGET} on the calibration sentences): {counts} layers; "
-        f"Linear weights {plan.weight_bytes / plan.float_bytes:.2f}x their float32 bytes")  # fmt: skip
+        f"weights {plan.weight_bytes / plan.float_bytes:.2f}x their float32 bytes")  # fmt: skip
     float_mb = sizes["float32 eager"] / 1e6
     say(f"checkpoint: float32 {float_mb:.1f} MB, " + ", ".join(
         f"{name.split(',')[0]} {b / 1e6:.1f} MB ({b / 1e6 / float_mb:.2f}x)" for name, b in sizes.items()

@@ -1,5 +1,5 @@
-"""Sensitivity-guided mixed precision: per Linear layer, the smallest weight format that keeps the model's
-output within an accuracy budget.
+"""Sensitivity-guided mixed precision: per Linear or Embedding layer, the smallest weight format that keeps
+the model's output within an accuracy budget.
 
 ``choose_precision`` measures each layer's sensitivity (the model's score with that layer alone quantized to
 each candidate format), starts every layer at its smallest format and, while the whole model misses the
@@ -25,6 +25,7 @@ from .tensor.base import QuantizedTensor
 __all__ = ["PrecisionPlan", "choose_precision"]
 
 DEFAULT_CANDIDATES = (qint4, qint8, None)
+LAYER_TYPES = (torch.nn.Linear, torch.nn.Embedding)
 Score = Callable[[torch.Tensor, torch.Tensor], float]
 
 
@@ -34,7 +35,7 @@ def _name(choice: qtype | None) -> str:
 
 @dataclass
 class PrecisionPlan:
-    """The chosen weight format of every candidate Linear layer, and what it was chosen from.
+    """The chosen weight format of every candidate layer, and what it was chosen from.
 
     Attributes:
         choices: layer name -> weight qtype, or None for a layer kept float.
@@ -99,10 +100,11 @@ def _stored_bytes(weight: torch.Tensor) -> int:
 
 
 def _allowed(
-    layer: torch.nn.Linear, candidates: Sequence[qtype | None], group_size: int
+    layer: torch.nn.Module, candidates: Sequence[qtype | None], group_size: int
 ) -> list[qtype | None]:
-    """The candidates this layer can take (group-wise formats need group_size to divide in_features)."""
-    return [c for c in candidates if c not in PACKED_QTYPES or layer.in_features % group_size == 0]
+    """The candidates this layer can take (group-wise formats need group_size to divide the grouped dim)."""
+    grouped = layer.in_features if isinstance(layer, torch.nn.Linear) else layer.embedding_dim
+    return [c for c in candidates if c not in PACKED_QTYPES or grouped % group_size == 0]
 
 
 def _as_args(sample) -> tuple:
@@ -134,7 +136,7 @@ def choose_precision(
     group_size: int = DEFAULT_GROUP_SIZE,
     progress: bool = True,
 ) -> PrecisionPlan:
-    """Choose, per ``nn.Linear`` layer, the smallest weight format whose whole model meets ``budget``.
+    """Choose, per ``nn.Linear`` / ``nn.Embedding`` layer, the smallest weight format meeting ``budget``.
 
     Args:
         model: the float model (left untouched).
@@ -152,8 +154,8 @@ def choose_precision(
         a :class:`PrecisionPlan`; ``plan.apply(model)`` gives the quantized, frozen model.
 
     Raises:
-        ValueError: no samples, no Linear layer selected, candidates not ordered smallest first, or a
-            budget that even float weights everywhere miss.
+        ValueError: no samples, no Linear or Embedding layer selected, candidates not ordered smallest
+            first, or a budget that even float weights everywhere miss.
     """
     candidates = [None if c is None else get_qtype(c) for c in candidates]
     sizes = [c.bits if c is not None else 32 for c in candidates]
@@ -168,10 +170,10 @@ def choose_precision(
     layers = {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and _selected(name, include, exclude)
+        if isinstance(m, LAYER_TYPES) and _selected(name, include, exclude)
     }
     if not layers:
-        raise ValueError("choose_precision: no nn.Linear layer of the model is selected")
+        raise ValueError("choose_precision: no nn.Linear or nn.Embedding layer of the model is selected")
     allowed = {name: _allowed(layer, candidates, group_size) for name, layer in layers.items()}
     reference = _outputs(model, samples)
 

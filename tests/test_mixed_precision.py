@@ -74,7 +74,7 @@ def test_layers_whose_features_the_group_size_does_not_divide_skip_int4():
     [
         ({"candidates": (qint8, qint4)}, "ordered smallest first"),
         ({"candidates": (qint4,), "budget": 200.0}, "no choice of formats reaches the budget 200.0"),
-        ({"include": "nothing*"}, "no nn.Linear layer"),
+        ({"include": "nothing*"}, "no nn.Linear or nn.Embedding layer"),
     ],
 )
 def test_impossible_requests_are_refused(kwargs, message):
