@@ -6,9 +6,12 @@ library modules), then quantized three ways and compared with the float model on
 
 - W8A8 dynamic: int8 weights, per-token int8 activation scales computed at run time (no calibration);
 - W8A8 static, absmax calibration (the seed's observer);
-- W8A8 static, percentile calibration (outlier-robust).
+- W8A8 static, percentile calibration (outlier-robust);
+- W4: int4 weights (groups of 128), float activations;
+- W4/W8 mixed: per layer int4 / int8 / float weights chosen by ``choose_precision`` for a logits SQNR budget.
 
-Reports perplexity, next-token agreement with the float model and logits SQNR.
+Reports perplexity, next-token agreement with the float model and logits SQNR, and checks that the model
+compiled with ``backend="quanto"`` computes what the eager one does.
 
     python examples/transformer.py
 """
@@ -23,7 +26,9 @@ from stdlib_text import load_text
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import quanto_fx
-from quanto_fx import calibration, quantize
+from quanto_fx import calibration, choose_precision, freeze, qint4, quantize
+
+MIXED_BUDGET_DB = 30.0  # logits SQNR the mixed-precision plan must keep on the calibration windows
 
 
 def encode(text: str, vocab: list[str]) -> torch.Tensor:
@@ -98,16 +103,27 @@ def run(steps: int = 300, verbose: bool = True) -> dict[str, dict[str, float]]:
     results["W8A8 dynamic"] = evaluate(
         quantize(model, activation_mode="dynamic", inplace=False), reference, held_out
     )
+    dynamic = freeze(quantize(model, activation_mode="dynamic", inplace=False))
+    results["W8A8 dynamic, quanto"] = evaluate(torch.compile(dynamic, backend="quanto"), reference, held_out)
     for observer in ("absmax", "percentile"):
         qmodel = quantize(model, inplace=False)
         with torch.no_grad(), calibration(observer=observer):
             qmodel(input_ids=calibration_ids)
         results[f"W8A8 static ({observer})"] = evaluate(qmodel, reference, held_out)
+    results["W4 (int4 weights)"] = evaluate(
+        freeze(quantize(model, weights=qint4, activations=None, inplace=False)), reference, held_out
+    )
+    plan = choose_precision(model, [calibration_ids], budget=MIXED_BUDGET_DB, progress=verbose)
+    results["W4/W8 mixed"] = evaluate(plan.apply(model), reference, held_out) | {
+        "weights": plan.weight_bytes / plan.float_bytes
+    }
 
     if verbose:
         print(f"{'model':<28}{'perplexity':>12}{'agreement %':>14}{'logits SQNR dB':>17}")
         for name, r in results.items():
             print(f"{name:<28}{r['perplexity']:>12.3f}{r['agreement']:>14.2f}{r['sqnr_db']:>17.1f}")
+        share = results["W4/W8 mixed"]["weights"]
+        print(f"W4/W8 mixed: {plan.counts()} layers, weights {share:.2f}x their float bytes")
     return results
 
 

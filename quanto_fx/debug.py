@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -13,12 +14,16 @@ __all__ = ["LayerReport", "layer_report"]
 
 
 def _float(x) -> torch.Tensor | None:
+    """The float tensor a module output stands for: itself, or the first item of a tuple or a mapping
+    (transformers' ModelOutput: its first field set, e.g. logits or last_hidden_state)."""
     if isinstance(x, QTensor):
         return x.dequantize().detach()
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.detach()
     if isinstance(x, (tuple, list)) and x:
         return _float(x[0])
+    if isinstance(x, Mapping) and x:
+        return _float(next(iter(x.values())))
     return None
 
 
