@@ -1,0 +1,81 @@
+"""GPU check and timing of the weight-only and float8 GEMMs (decode shapes, PERF.md targets).
+
+Run on a CUDA machine with triton: ``PYTHONPATH=. python3 bench/gpu_weight_only.py`` (about 2 minutes). It
+first checks every op against its reference on the GPU (and stops on a mismatch), then times CUDA-graph
+replays (no host overhead), microseconds per call, against bf16 ``F.linear``. Targets (H100, M <= 16): int4
+weights <= 0.35x bf16, int8 weights <= 0.60x.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench_cudagraph
+
+import quanto_fx.kernels  # noqa: F401  (registers the ops)
+from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4
+from quanto_fx.kernels.float8_mm import float8_mm_reference, scaled_mm_works
+from quanto_fx.kernels.weight_only import int8_weight_mm_reference, lowbit_weight_mm_reference
+from quanto_fx.tensor import PackedQTensor
+
+print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+print("float8 _scaled_mm works:", scaled_mm_works("cuda", torch.bfloat16), flush=True)
+ops = torch.ops.quanto_fx
+
+
+def gpu_us(fn):
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=50) * 1e3
+
+
+def check(name, out, ref, tolerance):
+    error = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+    status = "ok" if error <= tolerance else "MISMATCH"
+    print(f"  check {name}: max error {error:.2e} of max |ref| ({status})", flush=True)
+    if status != "ok":
+        raise SystemExit(1)
+
+
+torch.manual_seed(0)
+for m, k, n in [(1, 4096, 4096), (16, 4096, 11008), (1, 4096, 14336), (64, 4096, 4096)]:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    packed = {q.name: PackedQTensor.quantize(w, q, 128) for q in (qint4, qint2)}
+    w8 = QTensor.quantize(w.float(), torch.int8, axis=0)
+    w8_data, w8_scale = w8._data, w8._scale.reshape(-1).to(torch.bfloat16)
+    f8 = QTensor.quantize(w.float(), qfloat8_e4m3fn, axis=0)
+    x8 = QTensor.quantize(x.float(), qfloat8_e4m3fn, axis=0)
+    print(f"{(m, k, n)}", flush=True)
+    for name, p in packed.items():
+        args = (x, p._packed, p._scale_zeros, p._kernel, p.qtype.bits, 128)
+        check(
+            name,
+            ops.lowbit_weight_mm(*args),
+            lowbit_weight_mm_reference(x.float(), *args[1:3], args[4]),
+            2e-2,
+        )
+    check(
+        "int8 weights",
+        ops.int8_weight_mm(x, w8_data, w8_scale),
+        int8_weight_mm_reference(x, w8_data, w8_scale),
+        2e-2,
+    )
+    f8_args = (x8._data, f8._data.t(), x8._scale, f8._scale.t(), None, torch.bfloat16)
+    check("float8 W8A8", ops.float8_mm(*f8_args), float8_mm_reference(*f8_args), 2e-2)
+    times = {
+        "bf16": gpu_us(lambda: F.linear(x, w)),
+        "int4 (Triton)": gpu_us(
+            lambda: ops.lowbit_weight_mm(
+                x, packed["qint4"]._packed, packed["qint4"]._scale_zeros, None, 4, 128
+            )
+        ),
+        "int2 (Triton)": gpu_us(
+            lambda: ops.lowbit_weight_mm(
+                x, packed["qint2"]._packed, packed["qint2"]._scale_zeros, None, 2, 128
+            )
+        ),
+        "int8 weights": gpu_us(lambda: ops.int8_weight_mm(x, w8_data, w8_scale)),
+        "float8 W8A8": gpu_us(lambda: ops.float8_mm(*f8_args)),
+    }
+    bf16 = times["bf16"]
+    print("  " + "  ".join(f"{k} {v:.1f} us ({v / bf16:.2f}x)" for k, v in times.items()), flush=True)
