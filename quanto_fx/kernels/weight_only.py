@@ -26,7 +26,7 @@ from ..tensor.packing import unpack
 from .library import LIB, TAGS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core EPYC: 0.4x at
+# Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core Xeon: 0.4x at
 # M = 1 to 4, 0.85x at 16, 1.2x at 32).
 CPU_KERNEL_MAX_M = 16
 # What aten's CPU int4 kernel takes (checked by the kernel itself; outside these the reference runs).
