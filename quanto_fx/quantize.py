@@ -48,9 +48,10 @@ def quantize(
     Args:
         model: the float model.
         weights: weight qtype or None to keep float weights: qint8 (per output channel), qfloat8_e4m3fn /
-            qfloat8_e5m2 (per output channel), qint4 / qint2 (Linear layers only, weight-only, packed, one
-            scale and zero per ``group_size`` input features).
-        activations: activation qtype (qint8) or None for weight-only quantization.
+            qfloat8_e5m2 (per output channel), qint4 / qint2 (Linear and Embedding layers, weight-only,
+            packed, one scale and zero per ``group_size`` input features).
+        activations: activation qtype or None for weight-only quantization: qint8 (with qint8 weights), or
+            a float8 qtype (with float8 weights, ``activation_mode="dynamic"``).
         include / exclude: fnmatch patterns on module names (``"encoder.*"``); a pattern that matches no
             module name raises, as it is almost always a typo. A model quantized in part can be quantized
             again with other settings for the float layers that ``include`` names (mixed precision).

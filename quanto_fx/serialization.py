@@ -22,7 +22,8 @@ from .tensor.packed_qtensor import check_packed_values
 __all__ = ["save", "load"]
 
 FORMAT = "quanto_fx"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2 added PackedQTensor entries; version 1 files (QTensors only) still load
+READABLE_VERSIONS = ("1", "2")
 # The stored parts of each quantized tensor class, as key suffixes of the tensor's state_dict key.
 _PARTS = {cls.__name__: cls.STORED for cls in (QTensor, PackedQTensor)}
 
@@ -138,7 +139,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
     tensors, metadata = _read(path)
     qmap = _parse(metadata, "quantization_map")
     qtensors = _parse(metadata, "qtensors")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported quanto_fx format version {metadata.get('format_version')!r}")
     if not isinstance(qmap, dict) or not isinstance(qtensors, dict):
         raise ValueError("corrupted quanto_fx checkpoint: quantization map is not a mapping")

@@ -95,3 +95,26 @@ def test_float8_checkpoints_round_trip_exactly(tmp_path):
     assert state["0.weight"]._data.dtype == torch.float8_e4m3fn
     x = torch.randn(2, 64)
     assert torch.equal(loaded(x), q(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"weights": qfloat8_e4m3fn, "activations": quanto_fx.qint8},
+            "float8 weights take float8 activations",
+        ),
+        ({"weights": None, "activations": quanto_fx.qint8}, "QLinear with activations=qint8 needs quantized"),
+        ({"weights": None, "activations": qfloat8_e4m3fn, "activation_mode": "dynamic"}, "needs quantized"),
+    ],
+)
+def test_weight_and_activation_formats_that_do_not_pair_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quantize(mlp(), **kwargs)
+
+
+def test_e5m2_by_e5m2_products_match_the_reference():
+    a = QTensor.quantize(torch.randn(4, 32), qfloat8_e5m2, axis=0)
+    b = QTensor.quantize(torch.randn(16, 32), qfloat8_e5m2, axis=0)
+    args = (a._data, b._data.t(), a._scale, b._scale.t(), None, torch.float32)
+    torch.testing.assert_close(float8_mm(*args), float8_mm_reference(*args), rtol=1e-5, atol=1e-5)

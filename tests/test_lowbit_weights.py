@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quanto_fx
-from quanto_fx import freeze, qint2, qint4, quantization_map, quantize, requantize
+from quanto_fx import freeze, qint2, qint4, qint8, quantization_map, quantize, requantize
 from quanto_fx.kernels.weight_only import lowbit_weight_mm, lowbit_weight_mm_reference
 from quanto_fx.tensor import PackedQTensor, fallback_counts, reset_fallback_counts
 from quanto_fx.tensor.groupwise import dequantize_groupwise, quantize_groupwise
@@ -111,7 +111,7 @@ def test_lowbit_weight_mm_checks_its_arguments():
         lowbit_weight_mm(torch.randn(2, 64), *args)
     with pytest.raises(TypeError, match="x must be a 2-d float"):
         lowbit_weight_mm(torch.ones(2, 128, dtype=torch.int32), *args)
-    with pytest.raises(ValueError, match="scale_zeros must have shape"):
+    with pytest.raises(ValueError, match=r"scale_zeros of a \(16, 128\) weight in groups of 64 must"):
         lowbit_weight_mm(torch.randn(2, 128), w._packed, w._scale_zeros[:1], None, 4, 64)
     ref = lowbit_weight_mm_reference(torch.ones(1, 128), w._packed, w._scale_zeros, 4)
     torch.testing.assert_close(ref, w.dequantize().sum(1, keepdim=True).t())
@@ -136,7 +136,7 @@ def test_moves_copies_and_conversions_keep_the_codes():
     target = PackedQTensor.quantize(torch.randn(32, 128), qint4, 64)
     target.copy_(w)
     torch.testing.assert_close(F.linear(torch.ones(1, 128), target), F.linear(torch.ones(1, 128), w))
-    with pytest.raises(NotImplementedError, match="same qtype, group size and shape"):
+    with pytest.raises(NotImplementedError, match="same qtype, group size, shape"):
         target.copy_(PackedQTensor.quantize(torch.randn(32, 128), qint2, 64))
 
 
@@ -260,3 +260,46 @@ def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32():
     assert_close_to_max(out, lowbit_weight_mm_reference(x, packed._packed, packed._scale_zeros, 4), 1e-5)
     w, scale = torch.randint(-127, 128, (32, 128), dtype=torch.int8), torch.rand(32)
     assert_close_to_max(int8_weight_mm(x, w, scale), int8_weight_mm_reference(x, w, scale), 1e-5)
+
+
+@pytest.mark.parametrize("in_features", [5, 24, 100])  # aten's int8 CPU kernel segfaults unless K % 16 == 0
+def test_int8_weight_only_takes_any_number_of_features(in_features):
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, 8))
+    q = freeze(quantize(model, weights=qint8, activations=None, inplace=False))
+    x = torch.randn(2, in_features)
+    with torch.no_grad():
+        assert_close_to_max(q(x), F.linear(x, q[0].weight.dequantize(), q[0].bias), 1e-5)
+
+
+def test_frozen_packed_state_dict_loads_into_a_float_weight_as_its_value():
+    frozen = freeze(quantize(mlp(), weights=qint4, activations=None, inplace=False))
+    unfrozen = quantize(mlp(), weights=qint4, activations=None, inplace=False)
+    unfrozen.load_state_dict(frozen.state_dict())  # copy_ of a PackedQTensor into a float Parameter
+    assert torch.equal(unfrozen[0].weight, frozen[0].weight.dequantize())
+
+
+def test_orientation_is_kept_by_copies_and_identity_permutations():
+    w = PackedQTensor.quantize(torch.randn(64, 64), qint4, 32)
+    assert not w.transpose(1, 1).transposed and not w.transpose(-1, 1).transposed
+    assert not w.permute([-2, 1]).transposed and w.permute([1, 0]).transposed
+    with pytest.raises(NotImplementedError, match="orientation"):
+        PackedQTensor.quantize(torch.randn(64, 64), qint4, 32).copy_(w.t())
+
+
+def test_casts_the_kernel_cannot_take_compute_on_the_value():
+    w = PackedQTensor.quantize(torch.randn(16, 64), qint4, 32)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    out = F.linear(x, w.to(torch.float64))  # float64 falls back to the float GEMM
+    torch.testing.assert_close(out, x @ w.dequantize().double().t(), rtol=1e-5, atol=1e-5)
+    as_float8 = w.to(torch.float8_e4m3fn)
+    assert type(as_float8) is torch.Tensor and as_float8.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(as_float8.float(), w.dequantize().to(torch.float8_e4m3fn).float())
+
+
+def test_deepcopy_keeps_requires_grad_and_training_builds_no_kernel_layout():
+    w = PackedQTensor.quantize(torch.randn(16, 64), qint4, 32).requires_grad_()
+    assert copy.deepcopy(w).requires_grad
+    q = quantize(mlp(), weights=qint4, activations=None, group_size=64)
+    assert q[0].qweight._kernel is None  # the float weight trains: dequantized at once, no GEMM layout
+    with torch.no_grad():
+        assert q[0].qweight._kernel is not None

@@ -80,3 +80,11 @@ def test_functional_embedding_on_an_int8_table_is_the_row_gather():
     table = QTensor.quantize(torch.randn(50, 8), qint8, axis=0)
     ids = torch.tensor([3, 3, 49])
     assert torch.equal(F.embedding(ids, table), table.dequantize()[ids])
+
+
+@pytest.mark.parametrize("wqtype", [qint8, qint4])
+def test_out_of_range_indices_raise_like_a_float_table(wqtype):
+    q = freeze(quantize(model(), weights=wqtype, activations=None, inplace=False, group_size=64))
+    for bad in (-1, 500):
+        with pytest.raises(IndexError):
+            q[0](torch.tensor([bad]))

@@ -2,7 +2,8 @@
 
 ``torch._scaled_mm`` where the device has it (CUDA GPUs with float8 tensor cores, compute capability 8.9+;
 CPU builds that implement it); elsewhere the reference, which dequantizes both operands to float32 first.
-Whether ``_scaled_mm`` works is probed once per device type and output dtype with a tiny product.
+Whether ``_scaled_mm`` works is probed once per device type and output dtype with a tiny e4m3 product;
+e5m2 x e5m2 on CUDA, which cuBLAS refuses, takes the reference.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def scaled_mm_works(device_type: str, out_dtype: torch.dtype) -> bool:
 def float8_mm_torch(a, b, a_scale, b_scale, bias, out_dtype):
     _check_args(a, b, a_scale, b_scale, bias, out_dtype)
     aligned = a.shape[1] % SCALED_MM_MULTIPLE == 0 and b.shape[1] % SCALED_MM_MULTIPLE == 0
-    if not aligned or not scaled_mm_works(a.device.type, out_dtype):
+    # cuBLAS refuses e5m2 x e5m2 (one operand must be e4m3); the CPU build takes it.
+    both_e5m2 = a.dtype == b.dtype == torch.float8_e5m2 and a.device.type == "cuda"
+    if not aligned or both_e5m2 or not scaled_mm_works(a.device.type, out_dtype):
         return float8_mm_reference(a, b, a_scale, b_scale, bias, out_dtype)
     m, n = a.shape[0], b.shape[1]
     scale_a = a_scale.to(torch.float32).expand(m, 1).contiguous()

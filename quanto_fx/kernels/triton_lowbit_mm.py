@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tensor.groupwise import check_packed_weight
 from .triton_int8_mm import _tile_ids
 from .triton_launch import _bench_on_gpu_alone, _device_guard, _m_bucket
 
@@ -191,8 +192,6 @@ def check_lowbit_mm_args(
         raise ValueError(f"bits must be one of {LOWBIT_BITS}, got {bits!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size < 16 or not _is_power_of_two(group_size):
-        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
     for name, t in (("x", x), ("packed", packed), ("scale_zeros", scale_zeros)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -200,25 +199,13 @@ def check_lowbit_mm_args(
         raise TypeError(f"x must have dtype in {[str(d) for d in X_DTYPES]}, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be a torch.uint8 tensor, got {packed.dtype}")
-    if not scale_zeros.is_floating_point():
-        raise TypeError(f"scale_zeros must be a floating point tensor, got {scale_zeros.dtype}")
-    k = x.shape[1]
-    per_byte = 8 // bits
-    if k % group_size:
-        raise ValueError(f"K (x.shape[1]) = {k} is not a multiple of group_size = {group_size}")
-    if packed.ndim != 2 or packed.shape[1] * per_byte != k:
+    k, per_byte = x.shape[1], 8 // bits
+    if packed.dtype == torch.uint8 and (packed.ndim != 2 or packed.shape[1] * per_byte != k):
         raise ValueError(
             f"packed must be shaped (N, K // {per_byte}) = (N, {k // per_byte}) for K = {k} and "
             f"bits = {bits}, got {tuple(packed.shape)}"
         )
-    n = packed.shape[0]
-    expected = (k // group_size, n, 2)
-    if tuple(scale_zeros.shape) != expected:
-        raise ValueError(
-            f"scale_zeros must be shaped (K // group_size, N, 2) = {expected}, got {tuple(scale_zeros.shape)}"
-        )
+    check_packed_weight(packed, scale_zeros, bits, group_size)  # dtypes, group size, scale_zeros' shape
     for name, t in (("packed", packed), ("scale_zeros", scale_zeros)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor.groupwise import dequantize_groupwise
+from ..tensor.groupwise import check_packed_weight, dequantize_groupwise
 from ..tensor.packing import unpack
 from .library import LIB, TAGS
 
@@ -29,6 +29,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core Xeon: 0.4x at
 # M = 1 to 4, 0.85x at 16, 1.2x at 32).
 CPU_KERNEL_MAX_M = 16
+# aten._weight_int8pack_mm crashes the process (segfault, torch 2.13 CPU) unless K is a multiple of 16.
+CPU_INT8_K_MULTIPLE = 16
 # What aten's CPU int4 kernel takes (checked by the kernel itself; outside these the reference runs).
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_INT4_N_MULTIPLE = 16
@@ -101,7 +103,7 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
     if x.device.type != "cpu":
         return int8_weight_mm_reference(x, w, scale, bias)
-    if x.shape[0] > CPU_KERNEL_MAX_M:  # compute bound: the float GEMM on dequantized blocks
+    if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE:  # float GEMM, dequantized blocks
         scale = scale.reshape(-1, 1).to(x.dtype)
         out = _blocked_gemm(x, w.shape[0], lambda start, stop: w[start:stop].to(x.dtype) * scale[start:stop])
         return _with_bias(out, bias)
@@ -127,17 +129,8 @@ def lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias=None):
 
 
 def _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias):
-    if packed.dtype != torch.uint8 or packed.ndim != 2:
-        raise TypeError(f"packed must be a 2-d uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if bits not in (2, 4):
-        raise ValueError(f"bits must be 2 or 4, got {bits}")
-    out_features, in_features = packed.shape[0], packed.shape[1] * 8 // bits
+    out_features, in_features = check_packed_weight(packed, scale_zeros, bits, group_size)
     _check_x(x, in_features, packed.device)
-    if in_features % group_size or tuple(scale_zeros.shape) != (in_features // group_size, out_features, 2):
-        raise ValueError(
-            f"scale_zeros must have shape ({in_features} // {group_size}, {out_features}, 2), "
-            f"got {tuple(scale_zeros.shape)}"
-        )
     _check_bias(bias, out_features)
 
 

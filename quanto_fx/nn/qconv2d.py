@@ -58,7 +58,8 @@ class QConv2d(QModuleMixin, torch.nn.Conv2d):
         if weights is not None and get_qtype(weights) in PACKED_QTYPES:
             raise ValueError(
                 f"Conv2d layers take qint8 or float8 weights, not {get_qtype(weights).name} (group-wise "
-                "packed weights are for Linear layers); exclude the convolutions or quantize them separately"
+                "packed weights are for Linear and Embedding layers); exclude the convolutions or quantize "
+                "them separately"
             )
         with torch.device("meta"):
             qmodule = cls(

@@ -83,6 +83,15 @@ def check_qtypes(weights: qtype | str | None, activations: qtype | str | None, a
             )
         if weights is not None and not weights.is_floating_point:
             raise ValueError(f"activations={activations.name} needs float8 weights, not {weights.name}")
+    if (
+        activations is not None
+        and weights is not None
+        and weights.is_floating_point != activations.is_floating_point
+    ):
+        raise ValueError(
+            f"weights={weights.name} with activations={activations.name}: float8 weights take float8 "
+            "activations or none, int8 weights int8 activations or none"
+        )
     if activation_mode not in ACTIVATION_MODES:
         raise ValueError(f"activation_mode must be one of {ACTIVATION_MODES}, got {activation_mode!r}")
     return weights, activations
@@ -112,6 +121,11 @@ class QModuleMixin:
         self, weights, activations, activation_mode: str, device=None, group_size: int = DEFAULT_GROUP_SIZE
     ) -> None:
         self.weight_qtype, self.activation_qtype = check_qtypes(weights, activations, activation_mode)
+        if self.GEMM_WEIGHT and self.weight_qtype is None and self.activation_qtype is not None:
+            raise ValueError(
+                f"{type(self).__name__} with activations={self.activation_qtype.name} needs quantized "
+                "weights (weights=qint8 or a float8 qtype), or activations=None"
+            )
         self.activation_mode = activation_mode
         self.group_size = group_size
         self.register_buffer("in_scale", torch.ones((), device=device))
@@ -160,7 +174,10 @@ class QModuleMixin:
         """int8 / float8: per output channel; int4 / int2: packed, per group of ``group_size`` inputs."""
         if self.weight_qtype in PACKED_QTYPES:
             shift = SHIFTED_GROUPS[self.weight_qtype]
-            return PackedQTensor.quantize(weight, self.weight_qtype, self.group_size, shift, self.GEMM_WEIGHT)
+            # A weight being trained is dequantized at once: no GEMM kernel layout to build for it.
+            training = weight.requires_grad and torch.is_grad_enabled()
+            gemm_layout = self.GEMM_WEIGHT and not training
+            return PackedQTensor.quantize(weight, self.weight_qtype, self.group_size, shift, gemm_layout)
         return QTensor.quantize(weight, self.weight_qtype, axis=0)
 
     def freeze(self) -> None:
@@ -168,7 +185,7 @@ class QModuleMixin:
         if self.weight_qtype is None or self.frozen:
             return
         if self.weight.is_meta:
-            weight = _meta_qtensor(self.weight, self.weight_qtype, self.group_size)
+            weight = _meta_qtensor(self.weight, self.weight_qtype, self.group_size, self.GEMM_WEIGHT)
         else:
             weight = self._quantize_weight(self.weight.detach())
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -217,13 +234,15 @@ def float_value(x: torch.Tensor) -> torch.Tensor:
     return x.dequantize() if isinstance(x, (QTensor, PackedQTensor)) else x
 
 
-def _meta_qtensor(weight: torch.Tensor, wqtype: qtype, group_size: int) -> QTensor | PackedQTensor:
+def _meta_qtensor(
+    weight: torch.Tensor, wqtype: qtype, group_size: int, gemm_layout: bool
+) -> QTensor | PackedQTensor:
     """A placeholder on the meta device, for skeletons whose real values are loaded afterwards."""
     if wqtype in PACKED_QTYPES:
         out_features, in_features = weight.shape
         packed = torch.empty((out_features, in_features * wqtype.bits // 8), dtype=torch.uint8, device="meta")
         groups = torch.empty((in_features // group_size, out_features, 2), dtype=weight.dtype, device="meta")
-        return PackedQTensor(packed, groups, wqtype, group_size)
+        return PackedQTensor(packed, groups, wqtype, group_size, gemm_layout=gemm_layout)
     scale_shape = [weight.shape[0]] + [1] * (weight.ndim - 1)
     data = torch.empty(weight.shape, dtype=wqtype.dtype, device="meta")
     return QTensor(data, torch.empty(scale_shape, dtype=weight.dtype, device="meta"), axis=0, _trusted=True)

@@ -16,6 +16,8 @@ from .qmodule import QModuleMixin, float_value, register_qmodule
 class QNormMixin(QModuleMixin):
     """Shared construction and output handling of the quantized norms (no quantized weights)."""
 
+    GEMM_WEIGHT = False  # an elementwise scale: quantized outputs need no quantized weight
+
     def quantized_output(self, y: torch.Tensor) -> torch.Tensor:
         return self.quantize_output(y) if self.is_static else y
 

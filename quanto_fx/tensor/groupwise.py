@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .packing import codes_per_byte
 from .quantization import check_finite
 
 
@@ -29,6 +30,39 @@ def check_group_size(group_size: int, in_features: int) -> None:
             f"group_size {group_size} does not divide the {in_features} input features; choose a group size "
             f"that divides it, or exclude the layer"
         )
+
+
+def check_packed_weight(
+    packed: torch.Tensor, scale_zeros: torch.Tensor, bits: int, group_size: int
+) -> tuple[int, int]:
+    """Check the parts of a packed group-wise weight against each other; returns (out, in) features.
+
+    Raises:
+        TypeError: ``packed`` not uint8, ``scale_zeros`` not float.
+        ValueError: bits not 2 or 4, shapes that do not fit, a bad group size, parts on different devices.
+    """
+    per_byte = codes_per_byte(bits)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a torch.uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    if not isinstance(scale_zeros, torch.Tensor) or not scale_zeros.is_floating_point():
+        raise TypeError(
+            f"scale_zeros must be a floating point tensor, got {getattr(scale_zeros, 'dtype', None)}"
+        )
+    if packed.ndim != 2:
+        raise ValueError(
+            f"packed must be 2-d (out_features, in_features / {per_byte}), got {tuple(packed.shape)}"
+        )
+    if packed.device != scale_zeros.device:
+        raise ValueError(f"packed is on {packed.device} but scale_zeros on {scale_zeros.device}")
+    out_features, in_features = packed.shape[0], packed.shape[1] * per_byte
+    check_group_size(group_size, in_features)
+    expected = (in_features // group_size, out_features, 2)
+    if tuple(scale_zeros.shape) != expected:
+        raise ValueError(
+            f"scale_zeros of a ({out_features}, {in_features}) weight in groups of {group_size} must have "
+            f"shape {expected}, got {tuple(scale_zeros.shape)}"
+        )
+    return out_features, in_features
 
 
 def quantize_groupwise(

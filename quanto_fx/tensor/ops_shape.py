@@ -11,7 +11,7 @@ import torch
 from .dispatch import register_handler
 from .ops_arithmetic import same_scales
 from .qtensor import QTensor
-from .quantization import dequantize_data
+from .quantization import FLOAT8_DTYPES, dequantize_data
 
 aten = torch.ops.aten
 
@@ -46,8 +46,8 @@ def clone(func, args, kwargs):
 def to_copy(func, args, kwargs):
     (x,) = args
     dtype = kwargs.get("dtype")
-    if dtype is not None and not dtype.is_floating_point:
-        return NotImplemented  # casting to an integer dtype means casting the float value: fallback
+    if dtype is not None and (not dtype.is_floating_point or dtype in FLOAT8_DTYPES):
+        return NotImplemented  # casting to integers or float8 means casting the float value: fallback
     data_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "layout")}
     data = func(x._data, **data_kwargs)
     scale = func(x._scale, dtype=dtype or x._scale.dtype, device=data.device)
@@ -226,4 +226,6 @@ def embedding(func, args, kwargs):
     per_row = isinstance(weight, QTensor) and weight._axis == 0 and weight.ndim == 2
     if not per_row or isinstance(indices, QTensor):
         return NotImplemented
-    return dequantize_data(weight._data[indices], weight._scale[indices])
+    rows = indices.reshape(-1)  # index_select checks bounds: a negative index is an error, as for floats
+    data, scale = weight._data.index_select(0, rows), weight._scale.index_select(0, rows)
+    return dequantize_data(data, scale).reshape(*indices.shape, weight.shape[1])

@@ -11,13 +11,15 @@ import torch
 
 from ..qtypes import get_qtype, qint2, qint4, qtype
 from .base import QuantizedTensor, dequantize_fallback
-from .groupwise import check_group_size, dequantize_groupwise, quantize_groupwise
+from .groupwise import check_packed_weight, dequantize_groupwise, quantize_groupwise
 from .packing import pack, unpack
-from .quantization import check_finite, check_scale_values
+from .quantization import FLOAT8_DTYPES, check_finite, check_scale_values
 
 __all__ = ["PackedQTensor", "PACKED_QTYPES", "check_packed_values"]
 
 PACKED_QTYPES = (qint4, qint2)
+# Activation dtypes the weight-only GEMM op takes (quanto_fx.kernels.weight_only.FLOAT_DTYPES).
+GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 aten = torch.ops.aten
 
 
@@ -65,7 +67,7 @@ class PackedQTensor(QuantizedTensor):
         gemm_layout=True,
     ):
         wqtype = _check_qtype(wqtype)
-        _check_parts(packed, scale_zeros, wqtype.bits, group_size)
+        check_packed_weight(packed, scale_zeros, wqtype.bits, group_size)
         out_features, in_features = packed.shape[0], packed.shape[1] * 8 // wqtype.bits
         shape, strides = (out_features, in_features), (in_features, 1)
         if transposed:
@@ -210,7 +212,8 @@ class PackedQTensor(QuantizedTensor):
 
     def __deepcopy__(self, memo):
         if id(self) not in memo:
-            memo[id(self)] = self._like(self._packed.clone(), self._scale_zeros.clone())
+            copy = self._like(self._packed.clone(), self._scale_zeros.clone())
+            memo[id(self)] = copy.requires_grad_(self.requires_grad)
         return memo[id(self)]
 
     @classmethod
@@ -230,23 +233,6 @@ def check_packed_values(w: PackedQTensor) -> None:
     check_finite(w.zero, "zero")
 
 
-def _check_parts(packed, scale_zeros, bits, group_size) -> None:
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.ndim != 2:
-        raise TypeError(f"packed must be a 2-d torch.uint8 tensor, got {packed!r:.80}")
-    if not isinstance(scale_zeros, torch.Tensor) or not scale_zeros.is_floating_point():
-        raise TypeError("scale_zeros must be a floating point tensor")
-    if packed.device != scale_zeros.device:
-        raise ValueError(f"packed is on {packed.device} but scale_zeros on {scale_zeros.device}")
-    in_features = packed.shape[1] * 8 // bits
-    check_group_size(group_size, in_features)
-    expected = (in_features // group_size, packed.shape[0], 2)
-    if tuple(scale_zeros.shape) != expected:
-        raise ValueError(
-            f"scale_zeros of a ({packed.shape[0]}, {in_features}) weight in groups of {group_size} must have "
-            f"shape {expected}, got {tuple(scale_zeros.shape)}"
-        )
-
-
 # -- aten handlers: (func, *args, **kwargs) -> result or NotImplemented -----------------------------------
 
 
@@ -255,15 +241,21 @@ def _detach(func, w):
 
 
 def _transpose(func, w, *dims):
-    if func.overloadpacket is aten.permute and list(dims[0]) in ([0, 1], [-2, -1]):
-        return w._like()
-    return w._like(transposed=not w.transposed)
+    if func.overloadpacket is aten.permute:
+        swaps = [d % 2 for d in dims[0]] == [1, 0]
+    elif func.overloadpacket is aten.transpose:
+        swaps = dims[0] % 2 != dims[1] % 2
+    else:  # aten.t
+        swaps = True
+    return w._like(transposed=w.transposed != swaps)
 
 
 def _weight_mm(x, w, bias):
     """``x @ w`` for a plain float 2-d ``x`` and a transposed (in, out) weight, else NotImplemented."""
     if isinstance(x, QuantizedTensor) or not w.transposed or x.ndim != 2 or x.dtype != w.dtype:
         return NotImplemented
+    if x.dtype not in GEMM_DTYPES:
+        return NotImplemented  # e.g. float64: the fallback's float GEMM
     if isinstance(bias, QuantizedTensor):
         return NotImplemented
     from ..kernels.weight_only import lowbit_weight_mm
@@ -284,8 +276,8 @@ def _addmm(func, bias, x, w, *, beta=1, alpha=1):
 def _to_copy(
     func, w, *, dtype=None, device=None, layout=None, pin_memory=None, non_blocking=False, memory_format=None
 ):
-    if dtype is not None and not dtype.is_floating_point:
-        return NotImplemented  # an integer cast of the value: the fallback dequantizes first
+    if dtype is not None and (not dtype.is_floating_point or dtype in FLOAT8_DTYPES):
+        return NotImplemented  # a cast of the value to integers or float8: the fallback dequantizes first
     if layout not in (None, torch.strided) or memory_format not in (None, torch.preserve_format):
         return NotImplemented
     device = w.device if device is None else torch.device(device)
@@ -299,16 +291,19 @@ def _clone(func, w, *, memory_format=None):
 
 
 def _copy_(func, dst, src, non_blocking=False):
+    if not isinstance(dst, PackedQTensor):
+        return NotImplemented  # into a float tensor: the fallback copies the dequantized value
     same = (
         isinstance(src, PackedQTensor)
-        and isinstance(dst, PackedQTensor)
         and src.qtype == dst.qtype
         and src.group_size == dst.group_size
         and src.shape == dst.shape
+        and src.transposed == dst.transposed
     )
     if not same:
         raise NotImplementedError(
-            "copy_ into a PackedQTensor takes a PackedQTensor of the same qtype, group size and shape"
+            "copy_ into a PackedQTensor takes a PackedQTensor of the same qtype, group size, shape and "
+            "orientation"
         )
     dst._packed.copy_(src._packed)
     dst._scale_zeros.copy_(src._scale_zeros)
@@ -324,8 +319,9 @@ def _embedding(func, w, indices, padding_idx=-1, scale_grad_by_freq=False, spars
     if not isinstance(w, PackedQTensor) or w.transposed or isinstance(indices, QuantizedTensor):
         return NotImplemented
     rows = indices.reshape(-1)
-    codes = unpack(w._packed[rows], w.qtype.bits)
-    values = dequantize_groupwise(codes, w._scale_zeros[:, rows], w.qtype.bits)
+    # index_select checks bounds (a negative index is an error, as for a float table)
+    codes = unpack(w._packed.index_select(0, rows), w.qtype.bits)
+    values = dequantize_groupwise(codes, w._scale_zeros.index_select(1, rows), w.qtype.bits)
     return values.reshape(*indices.shape, w.shape[1])
 
 
