@@ -16,7 +16,8 @@ from .compiler import quanto_backend, with_session
 
 log = logging.getLogger("quanto_fx.explain")
 
-_FUSED_KERNEL = re.compile(r"torch\.ops\.quanto_fx\.(int8_mm_\w+)\.default\(")
+# Every quanto_fx op in the generated code: the fused int8 GEMMs and the weight-only / float8 GEMMs.
+_FUSED_KERNEL = re.compile(r"torch\.ops\.quanto_fx\.(\w+)\.default\(")
 
 
 def dump_text(folder: Path, name: str, text: str) -> None:

@@ -303,3 +303,9 @@ def test_deepcopy_keeps_requires_grad_and_training_builds_no_kernel_layout():
     assert q[0].qweight._kernel is None  # the float weight trains: dequantized at once, no GEMM layout
     with torch.no_grad():
         assert q[0].qweight._kernel is not None
+
+
+def test_explain_counts_the_weight_only_kernels():
+    q = freeze(quantize(mlp(), weights=qint4, activations=None, group_size=64))
+    report = quanto_fx.explain(q, torch.randn(3, 256))
+    assert report.fused_kernels == {"lowbit_weight_mm": 2} and not report.graph_breaks
