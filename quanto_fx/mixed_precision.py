@@ -107,6 +107,11 @@ def _allowed(
     return [c for c in candidates if c not in PACKED_QTYPES or grouped % group_size == 0]
 
 
+def _quantizable(layer: torch.nn.Module) -> bool:
+    # An Embedding with max_norm renormalizes its table in place: QEmbedding refuses it.
+    return not (isinstance(layer, torch.nn.Embedding) and layer.max_norm is not None)
+
+
 def _as_args(sample) -> tuple:
     return sample if isinstance(sample, tuple) else (sample,)
 
@@ -118,7 +123,8 @@ def _outputs(model, samples: list) -> torch.Tensor:
         out = _float(model(*_as_args(sample)))
         if out is None:
             raise TypeError(
-                "choose_precision: the model must return a float tensor (or a tuple starting with one)"
+                "choose_precision: the model must return a float tensor, or a tuple or mapping (such as a "
+                "transformers ModelOutput) whose first item is one"
             )
         outs.append(out.reshape(-1).float())
     return torch.cat(outs)
@@ -170,7 +176,7 @@ def choose_precision(
     layers = {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, LAYER_TYPES) and _selected(name, include, exclude)
+        if isinstance(m, LAYER_TYPES) and _quantizable(m) and _selected(name, include, exclude)
     }
     if not layers:
         raise ValueError("choose_precision: no nn.Linear or nn.Embedding layer of the model is selected")

@@ -95,3 +95,12 @@ def test_quantizing_more_layers_of_a_partly_quantized_model():
     assert isinstance(model[0].weight, PackedQTensor) and model[2].weight.qdtype == torch.int8
     with pytest.raises(ValueError, match="already quantized.*include only float layers"):
         quantize(model, weights=qint8, include="0")
+
+
+def test_embeddings_are_candidates_unless_they_renormalize():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 128), torch.nn.Linear(128, 16))
+    ids = [torch.randint(0, 300, (4, 8))]
+    assert set(choose_precision(model, ids, budget=10.0, progress=False).choices) == {"0", "1"}
+    model[0].max_norm = 1.0
+    assert set(choose_precision(model, ids, budget=10.0, progress=False).choices) == {"1"}
