@@ -1,8 +1,9 @@
-"""The low-bit (int4 / int2) weight-only Triton kernel without a GPU (interpreter, compiled for an H100) and,
-where there is one, on it.
+"""The low-bit (int4 / int2) and int8 weight-only Triton kernels without a GPU (interpreter, compiled for an
+H100) and, where there is one, on it.
 
 The reference below is written from the format in ``quanto_fx/kernels/triton_lowbit_mm.py``'s docstring, in
-plain torch: unpack the codes with shifts, dequantize per group, ``x.float() @ w.T``.
+plain torch: unpack the codes with shifts, dequantize per group, ``x.float() @ w.T``; for int8,
+``x.float() @ (w.float() * scale[:, None]).T``.
 """
 
 import os
@@ -17,8 +18,13 @@ triton = pytest.importorskip("triton")
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     CONFIG_TIERS,
     CONFIGS,
+    INT8_CONFIG_TIERS,
+    INT8_CONFIGS,
     _fit_to_group,
     _prune_configs,
+    _prune_int8_configs,
+    int8_weight_mm_kernel,
+    int8_weight_mm_triton,
     lowbit_mm_kernel,
     lowbit_mm_triton,
 )
@@ -194,6 +200,103 @@ def test_cpu_tensors_outside_the_interpreter_raise():
         lowbit_mm_triton(*make_operands(3, 40, 64, 4, 32), 4, 32)
 
 
+# -- int8 weights: reference, operands, bad inputs ---------------------------------------------------------
+
+
+def int8_weight_mm_reference(x, w, scale) -> torch.Tensor:
+    """x @ (w * scale[:, None]).T in float32."""
+    return x.float() @ (w.float() * scale.float().reshape(-1, 1)).T
+
+
+def make_int8_operands(m, n, k, dtype=torch.float32, device="cpu", seed=0, scale_2d=False):
+    """x (M, K) of ``dtype``, int8 w (N, K) in [-127, 127], float32 scale (N,) or (N, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+    if scale_2d:
+        scale = scale[:, None]
+    return x.to(device), w.to(device), scale.to(device)
+
+
+def assert_matches_int8_reference(out, x, w, scale):
+    ref = int8_weight_mm_reference(x.cpu(), w.cpu(), scale.cpu())
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    err = (out.cpu().float() - ref).abs().max() / ref.abs().max()
+    assert err <= TOLERANCE[x.dtype], f"relative error {err:.3g}"
+
+
+def run_int8(m, n, k, config, dtype=torch.float32, device="cpu", seed=0, scale_2d=False):
+    x, w, scale = make_int8_operands(m, n, k, dtype, device, seed, scale_2d)
+    out = int8_weight_mm_triton(x, w, scale, config)
+    assert_matches_int8_reference(out, x, w, scale)
+
+
+def _bad_int8_inputs():
+    x, w, scale = make_int8_operands(3, 40, 64)
+    return [
+        # (id, args, exception, words the message must contain)
+        ("w-uint8", (x, w.to(torch.uint8), scale), TypeError, ["w must have dtype torch.int8", "uint8"]),
+        ("w-float", (x, w.float(), scale), TypeError, ["w must have dtype", "float32"]),
+        ("w-1d", (x, w.flatten(), scale), ValueError, ["w must be 2-D", "(2560,)"]),
+        ("w-K-mismatch", (x, w[:, :32], scale), ValueError, ["K = 64", "(40, 32)"]),
+        ("w-transposed", (x, w.T, scale), ValueError, ["w must be 2-D (N, K)", "(64, 40)"]),
+        ("scale-int", (x, w, scale.to(torch.int32)), TypeError, ["scale must be a float", "int32"]),
+        ("scale-size", (x, w, scale[:39]), ValueError, ["N = 40", "(39,)"]),
+        ("scale-1xN", (x, w, scale[None]), ValueError, ["scale", "(40, 1)", "(1, 40)"]),
+        ("scale-3d", (x, w, scale[:, None, None]), ValueError, ["scale", "(40, 1, 1)"]),
+        ("x-int8", (x.to(torch.int8), w, scale), TypeError, ["x must have dtype"]),
+        ("x-float64", (x.double(), w, scale), TypeError, ["x must have dtype", "float64"]),
+        ("x-1d", (x[0], w, scale), ValueError, ["x must be 2-D"]),
+        ("x-list", (x.tolist(), w, scale), TypeError, ["x must be a torch.Tensor"]),
+        ("w-on-meta", (x, w.to("meta"), scale), ValueError, ["w is on meta"]),
+        ("scale-on-meta", (x, w, scale.to("meta")), ValueError, ["scale is on meta"]),
+    ]
+
+
+BAD_INT8_INPUTS = _bad_int8_inputs()
+
+
+@pytest.mark.parametrize(
+    "args, exc, words", [c[1:] for c in BAD_INT8_INPUTS], ids=[c[0] for c in BAD_INT8_INPUTS]
+)
+def test_int8_bad_inputs_raise_naming_the_problem(args, exc, words):
+    with pytest.raises(exc) as info:
+        int8_weight_mm_triton(*args)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 8}, ["BLOCK_K", "16 or more"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 48}, ["BLOCK_K", "power of two"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 8, "BLOCK_K": 32}, ["BLOCK_N"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16}, ["lacks", "BLOCK_K"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "bits": 8}, ["unknown", "bits"]),
+    ],
+    ids=["BLOCK_K-8", "BLOCK_K-48", "BLOCK_N-8", "missing", "unknown-key"],
+)
+def test_int8_bad_configs_raise(config, words):
+    with pytest.raises(ValueError) as info:
+        int8_weight_mm_triton(*make_int8_operands(3, 40, 64), config)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="CPU tensors are allowed in the interpreter")
+def test_int8_cpu_tensors_outside_the_interpreter_raise():
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        int8_weight_mm_triton(*make_int8_operands(3, 40, 64))
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
+def test_int8_pruned_configs_are_the_tier(m):
+    tier = next(tier for max_m, tier in INT8_CONFIG_TIERS.items() if max_m is None or m <= max_m)
+    assert _prune_int8_configs(INT8_CONFIGS, {"M": m}) == tier
+
+
 # -- autotuning configs (no kernel) -----------------------------------------------------------------------
 
 
@@ -330,11 +433,65 @@ class TestInterpreted:
         assert torch.equal(out, torch.zeros(3, 40))
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child pytest")
+@pytest.mark.usefixtures("_interpreter_numpy_fix", "_interpreter_bfloat16_dot_fix")
+class TestInt8Interpreted:
+    @pytest.mark.parametrize("scale_2d", [False, True], ids=["scale-N", "scale-Nx1"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("n", [24, 40])
+    @pytest.mark.parametrize("k", [40, 64])
+    @pytest.mark.parametrize("m", [1, 3, 16, 33])
+    def test_matches_reference(self, m, k, n, dtype, scale_2d):
+        # BLOCK_K = 32: K = 40 is a full block and an 8-wide tail; N = 24 and 40 end in partial N tiles.
+        run_int8(m, n, k, INTERPRETER_CONFIG, dtype, scale_2d=scale_2d, seed=m + k + n)
+
+    def test_reads_the_weight(self):
+        # x = identity: out.T is w * scale, element by element; the extreme codes -128 and 127 included.
+        k = 40
+        x, w, scale = make_int8_operands(k, 24, k)
+        w[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+        out = int8_weight_mm_triton(torch.eye(k), w, scale, INTERPRETER_CONFIG)
+        torch.testing.assert_close(out.T, w.float() * scale[:, None], rtol=0, atol=0)
+
+    def test_float16_and_a_16_bit_scale(self):
+        x, w, scale = make_int8_operands(3, 40, 64, torch.float16)
+        out = int8_weight_mm_triton(x, w, scale.to(torch.bfloat16), INTERPRETER_CONFIG)
+        assert_matches_int8_reference(out, x, w, scale.to(torch.bfloat16))
+
+    def test_wide_tiles_one_short_k_block(self):
+        # BLOCK_K = 64 > K = 40: the only K block is the tail; tiles wider than M and N.
+        run_int8(5, 24, 40, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, torch.bfloat16)
+
+    def test_strided_operands(self):
+        m, n, k = 5, 40, 72
+        x, w, scale = make_int8_operands(m, n, k)
+        x_t = x.T.contiguous().T  # column-major x
+        w_wide = torch.zeros(n, k + 8, dtype=torch.int8)
+        w_wide[:, 3 : 3 + k] = w  # rows of w further apart than K
+        scale_strided = torch.stack([scale, -scale], dim=1)[:, 0]  # stride 2
+        w_view = w_wide[:, 3 : 3 + k]
+        assert not (x_t.is_contiguous() or w_view.is_contiguous() or scale_strided.is_contiguous())
+        out = int8_weight_mm_triton(x_t, w_view, scale_strided, INTERPRETER_CONFIG)
+        assert_matches_int8_reference(out, x, w, scale)
+
+    def test_empty_operands(self):
+        x, w, scale = make_int8_operands(0, 40, 64)
+        assert int8_weight_mm_triton(x, w, scale, INTERPRETER_CONFIG).shape == (0, 40)
+        x, w, scale = make_int8_operands(3, 0, 64)
+        assert int8_weight_mm_triton(x, w, scale, INTERPRETER_CONFIG).shape == (3, 0)
+        x, w, scale = make_int8_operands(3, 40, 0)
+        assert torch.equal(int8_weight_mm_triton(x, w, scale, INTERPRETER_CONFIG), torch.zeros(3, 40))
+
+
+INTERPRETED_CLASSES = ("TestInterpreted", "TestInt8Interpreted")
+
+
 @pytest.mark.skipif(INTERPRETING, reason="this is the interpreted run")
 def test_lowbit_kernel_in_the_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    classes = [f"{__file__}::{name}" for name in INTERPRETED_CLASSES]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestInterpreted"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *classes],
         env={**os.environ, "TRITON_INTERPRET": "1"},
         cwd=root,
         capture_output=True,
@@ -428,6 +585,66 @@ def test_float16_compiles_to_f16_mma():
     assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.f16\.f16\.f32", ptx)
 
 
+def compile_int8_for_h100(config, dtype, k_divisible=True):
+    """The int8 kernel compiled for sm_90, specialized as a launch with contiguous operands (N and K
+    multiples of 16: the usual LLM shapes; ``k_divisible=False``: a K without the hint, e.g. K = 40)."""
+    from triton.backends.compiler import GPUTarget
+
+    unit_strides = ("stride_xk", "stride_wk", "stride_s", "stride_on")
+    constexprs = {**config.kwargs, **dict.fromkeys(unit_strides, 1)}
+    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": "i8", "scale_ptr": "fp32", "out_ptr": TYPES[dtype]}
+    divisible = {"N", "stride_om"} | ({"K", "stride_xm", "stride_wn"} if k_divisible else set())
+    signature, attrs = {}, {}
+    for i, name in enumerate(int8_weight_mm_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = "*" + pointer_types[name] if name.endswith("_ptr") else "i32"
+        if name.endswith("_ptr") or name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(
+        fn=int8_weight_mm_kernel, signature=signature, constexprs=constexprs, attrs=attrs
+    )
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("config", INT8_CONFIGS, ids=config_id)
+def test_int8_compiles_to_hopper_bf16_tensor_cores(config):
+    kernel = compile_int8_for_h100(config, torch.bfloat16)
+    ptx = kernel.asm["ptx"]
+    if config.kwargs["BLOCK_M"] >= 64:
+        assert re.search(r"wgmma\.mma_async\S*\.f32\.bf16\.bf16", ptx), "no bf16 wgmma"
+    else:  # below wgmma's 64 rows: bf16 mma.sync, still the tensor cores
+        assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.bf16\.bf16\.f32", ptx), "no bf16 mma.sync"
+    # The int8 weight streams through the cp.async pipeline, 16 bytes a copy (no per-byte loads).
+    assert "cp.async.cg.shared.global" in ptx
+    assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx and "ld.global.s8" not in ptx
+    assert kernel.metadata.shared <= H100_MAX_SHARED
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("config", [INT8_CONFIG_TIERS[16][0], INT8_CONFIG_TIERS[None][0]], ids=config_id)
+def test_int8_float32_compiles_without_tf32(config):
+    kernel = compile_int8_for_h100(config, torch.float32)
+    ptx = kernel.asm["ptx"]
+    assert "tf32" not in ptx and "mma" not in ptx
+    assert "fma.rn.f32" in ptx
+    assert kernel.metadata.shared <= H100_MAX_SHARED
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+def test_int8_float16_and_an_unaligned_k_compile_to_mma():
+    ptx = compile_int8_for_h100(INT8_CONFIG_TIERS[16][0], torch.float16).asm["ptx"]
+    assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.f16\.f16\.f32", ptx)
+    # K without a divisibility hint (K = 40): still tensor cores, but w's rows are not known to be aligned, so
+    # its bytes load one by one, not through cp.async: correct, slower (LLM K are multiples of 16).
+    ptx = compile_int8_for_h100(INT8_CONFIG_TIERS[16][0], torch.bfloat16, k_divisible=False).asm["ptx"]
+    assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.bf16\.bf16\.f32", ptx)
+    assert "cp.async" not in ptx
+
+
 # -- on a GPU --------------------------------------------------------------------------------------------
 
 
@@ -448,3 +665,20 @@ def test_autotuned_llm_shapes_on_gpu(m, bits, group_size):
     for dtype in (torch.bfloat16, torch.float16):
         run(m, 4096, 4096, bits, group_size, None, dtype, device="cuda")
     run(m, 1000, 4096, bits, group_size, None, torch.bfloat16, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("config", INT8_CONFIGS, ids=config_id)
+def test_int8_every_config_on_gpu(config):
+    # 70 x 200 x 200: partial tiles in M, N and K for every config.
+    meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    for dtype in (torch.bfloat16, torch.float32):
+        run_int8(70, 200, 200, meta, dtype, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_int8_autotuned_llm_shapes_on_gpu(m):
+    for dtype in (torch.bfloat16, torch.float16):
+        run_int8(m, 4096, 4096, None, dtype, device="cuda")
+    run_int8(m, 1000, 4104, None, torch.bfloat16, device="cuda", scale_2d=True)

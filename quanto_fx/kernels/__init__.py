@@ -18,7 +18,7 @@ from .int8_mm_requantize import int8_mm_requantize
 from .int8_mm_rescale import int8_mm_rescale
 from .library import LIB
 from .reference import int8_mm_requantize_reference, int8_mm_rescale_reference
-from .weight_only import int8_weight_mm, lowbit_weight_mm, lowbit_weight_mm_cuda
+from .weight_only import int8_weight_mm, int8_weight_mm_cuda, lowbit_weight_mm, lowbit_weight_mm_cuda
 
 # triton is optional (absent on macOS, Windows and most CPU-only installs): without it the CUDA path is the
 # torch implementation (cuBLAS _int_mm, then the epilogue).
@@ -29,6 +29,7 @@ if HAS_TRITON:
     LIB.impl("int8_mm_rescale", int8_mm_rescale_triton, "CUDA")
     LIB.impl("int8_mm_requantize", int8_mm_requantize_triton, "CUDA")
     LIB.impl("lowbit_weight_mm", lowbit_weight_mm_cuda, "CUDA")
+    LIB.impl("int8_weight_mm", int8_weight_mm_cuda, "CUDA")
 
 __all__ = [
     "float8_mm",

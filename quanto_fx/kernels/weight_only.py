@@ -1,7 +1,8 @@
 """Weight-only GEMM ops: float activations times int8 or packed int4 / int2 weights, dequantized in the GEMM.
 
 - ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU,
-  M <= 16: ``aten._weight_int8pack_mm``; otherwise the float GEMM on the converted weight.
+  M <= 16: ``aten._weight_int8pack_mm``; CUDA: the Triton kernel when triton is installed; otherwise the float
+  GEMM on the dequantized weight.
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
   int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: ``aten.
   _weight_int4pack_mm_for_cpu`` on the weight's kernel layout (int2 codes are int4 codes there); CUDA: the
@@ -112,6 +113,14 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
         x.to(dtype).contiguous(), w.contiguous(), scale.reshape(-1).to(dtype)
     )
     return _with_bias(out.to(x.dtype), bias)
+
+
+def int8_weight_mm_cuda(x, w, scale, bias=None):
+    """CUDA (with triton installed): the Triton int8 weight-only kernel of ``triton_lowbit_mm.py``."""
+    from .triton_lowbit_mm import int8_weight_mm_triton
+
+    _check_int8_weight_args(x, w, scale, bias)
+    return _with_bias(int8_weight_mm_triton(x, w, scale.reshape(-1)), bias)
 
 
 def _int8_weight_mm_fake(x, w, scale, bias=None):
