@@ -36,11 +36,11 @@ import triton
 import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
+from ..tensor.quantization import GEMM_FLOAT_DTYPES
 from .triton_int8_mm import _tile_ids
 from .triton_launch import _bench_on_gpu_alone, _device_guard, _m_bucket
 
 LOWBIT_BITS = (2, 4)
-X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -206,8 +206,8 @@ def check_lowbit_mm_args(
     for name, t in (("x", x), ("packed", packed), ("scale_zeros", scale_zeros)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in X_DTYPES:
-        raise TypeError(f"x must have dtype in {[str(d) for d in X_DTYPES]}, got {x.dtype}")
+    if x.dtype not in GEMM_FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
     k, per_byte = x.shape[1], 8 // bits
@@ -394,8 +394,8 @@ def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Ten
     for name, t in (("x", x), ("w", w), ("scale", scale)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in X_DTYPES:
-        raise TypeError(f"x must have dtype in {[str(d) for d in X_DTYPES]}, got {x.dtype}")
+    if x.dtype not in GEMM_FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
     if w.dtype != torch.int8:

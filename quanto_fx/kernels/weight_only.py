@@ -1,8 +1,8 @@
 """Weight-only GEMM ops: float activations times int8 or packed int4 / int2 weights, dequantized in the GEMM.
 
 - ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU,
-  M <= 16: ``aten._weight_int8pack_mm``; CUDA: the Triton kernel when triton is installed; otherwise the float
-  GEMM on the dequantized weight.
+  M <= 16 and K a multiple of 16: ``aten._weight_int8pack_mm``; CUDA: the Triton kernel when triton is
+  installed; otherwise the float GEMM on the dequantized weight.
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
   int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: ``aten.
   _weight_int4pack_mm_for_cpu`` on the weight's kernel layout (int2 codes are int4 codes there); CUDA: the
@@ -24,9 +24,9 @@ import torch
 
 from ..tensor.groupwise import check_packed_weight, dequantize_groupwise
 from ..tensor.packing import unpack
+from ..tensor.quantization import GEMM_FLOAT_DTYPES
 from .library import LIB, TAGS
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core Xeon: 0.4x at
 # M = 1 to 4, 0.85x at 16, 1.2x at 32).
 CPU_KERNEL_MAX_M = 16
@@ -39,7 +39,7 @@ INT4_MID = 8
 
 
 def _check_x(x: torch.Tensor, in_features: int, device: torch.device) -> None:
-    if x.dtype not in FLOAT_DTYPES or x.ndim != 2:
+    if x.dtype not in GEMM_FLOAT_DTYPES or x.ndim != 2:
         raise TypeError(
             f"x must be a 2-d float32, float16 or bfloat16 tensor, got {x.dtype} {tuple(x.shape)}"
         )

@@ -13,13 +13,11 @@ from ..qtypes import get_qtype, qint2, qint4, qtype
 from .base import QuantizedTensor, dequantize_fallback
 from .groupwise import check_packed_weight, dequantize_groupwise, quantize_groupwise
 from .packing import pack, unpack
-from .quantization import FLOAT8_DTYPES, check_finite, check_scale_values
+from .quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES, check_finite, check_scale_values
 
 __all__ = ["PackedQTensor", "PACKED_QTYPES", "check_packed_values"]
 
 PACKED_QTYPES = (qint4, qint2)
-# Activation dtypes the weight-only GEMM op takes (quanto_fx.kernels.weight_only.FLOAT_DTYPES).
-GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 aten = torch.ops.aten
 
 
@@ -67,8 +65,7 @@ class PackedQTensor(QuantizedTensor):
         gemm_layout=True,
     ):
         wqtype = _check_qtype(wqtype)
-        check_packed_weight(packed, scale_zeros, wqtype.bits, group_size)
-        out_features, in_features = packed.shape[0], packed.shape[1] * 8 // wqtype.bits
+        out_features, in_features = check_packed_weight(packed, scale_zeros, wqtype.bits, group_size)
         shape, strides = (out_features, in_features), (in_features, 1)
         if transposed:
             shape, strides = (in_features, out_features), (1, in_features)
@@ -254,7 +251,7 @@ def _weight_mm(x, w, bias):
     """``x @ w`` for a plain float 2-d ``x`` and a transposed (in, out) weight, else NotImplemented."""
     if isinstance(x, QuantizedTensor) or not w.transposed or x.ndim != 2 or x.dtype != w.dtype:
         return NotImplemented
-    if x.dtype not in GEMM_DTYPES:
+    if x.dtype not in GEMM_FLOAT_DTYPES:
         return NotImplemented  # e.g. float64: the fallback's float GEMM
     if isinstance(bias, QuantizedTensor):
         return NotImplemented

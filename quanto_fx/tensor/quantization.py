@@ -13,6 +13,8 @@ from ..qtypes import qtype
 INT_DTYPES = (torch.int8, torch.int16, torch.int32)
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DATA_DTYPES = INT_DTYPES + FLOAT8_DTYPES
+# Float dtypes the weight-only and low-bit GEMM kernels take as activations (and return).
+GEMM_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def value_range(qdtype: torch.dtype | qtype) -> tuple[float, float, torch.dtype]:
