@@ -15,18 +15,21 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+from quanto_fx.kernels import triton_lowbit_mm as lowbit_module  # noqa: E402
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     CONFIG_TIERS,
     CONFIGS,
     INT8_CONFIG_TIERS,
     INT8_CONFIGS,
-    _fit_to_group,
+    _fit_block_k,
     _prune_configs,
     _prune_int8_configs,
+    _split_k,
     int8_weight_mm_kernel,
     int8_weight_mm_triton,
     lowbit_mm_kernel,
     lowbit_mm_triton,
+    min_block_k,
 )
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when the module above is imported: the
@@ -179,13 +182,14 @@ def test_bad_inputs_raise_naming_the_problem(args, exc, words):
 @pytest.mark.parametrize(
     "config, words",
     [
-        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, ["BLOCK_K", "group_size = 32"]),  # spans two groups
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, ["BLOCK_K", ">= 32"]),  # 8 bytes of K: under tl.dot's
         ({"BLOCK_M": 16, "BLOCK_N": 8, "BLOCK_K": 32}, ["BLOCK_N"]),
         ({"BLOCK_M": 24, "BLOCK_N": 16, "BLOCK_K": 32}, ["BLOCK_M"]),
         ({"BLOCK_M": 16, "BLOCK_N": 16}, ["lacks", "BLOCK_K"]),
         ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "block_n": 16}, ["unknown", "block_n"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 0}, ["SPLIT_K", ">= 1"]),
     ],
-    ids=["BLOCK_K-over-group", "BLOCK_N-8", "BLOCK_M-24", "missing", "unknown-key"],
+    ids=["BLOCK_K-16", "BLOCK_N-8", "BLOCK_M-24", "missing", "unknown-key", "SPLIT_K-0"],
 )
 def test_bad_configs_raise(config, words):
     with pytest.raises(ValueError) as info:
@@ -270,7 +274,7 @@ def test_int8_bad_inputs_raise_naming_the_problem(args, exc, words):
 @pytest.mark.parametrize(
     "config, words",
     [
-        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 8}, ["BLOCK_K", "16 or more"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 8}, ["BLOCK_K", ">= 16"]),
         ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 48}, ["BLOCK_K", "power of two"]),
         ({"BLOCK_M": 16, "BLOCK_N": 8, "BLOCK_K": 32}, ["BLOCK_N"]),
         ({"BLOCK_M": 16, "BLOCK_N": 16}, ["lacks", "BLOCK_K"]),
@@ -291,6 +295,19 @@ def test_int8_cpu_tensors_outside_the_interpreter_raise():
         int8_weight_mm_triton(*make_int8_operands(3, 40, 64))
 
 
+def test_split_k_only_in_decode_and_not_in_deterministic_mode(monkeypatch):
+    monkeypatch.setattr(lowbit_module, "DECODE_SPLIT_K", 4)
+    assert _split_k(1, 4096) == 4 and _split_k(16, 4096) == 4
+    assert _split_k(1, 1024) == 2  # at least SPLIT_K_MIN_K = 512 columns per split
+    assert _split_k(17, 4096) == 1
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _split_k(1, 4096) == 1
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 @pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
 def test_int8_pruned_configs_are_the_tier(m):
     tier = next(tier for max_m, tier in INT8_CONFIG_TIERS.items() if max_m is None or m <= max_m)
@@ -300,13 +317,17 @@ def test_int8_pruned_configs_are_the_tier(m):
 # -- autotuning configs (no kernel) -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
-def test_pruned_configs_fit_the_group_and_the_tier(m, group_size):
-    configs = _prune_configs(CONFIGS, {"M": m}, BITS=4, GROUP_SIZE=group_size)
+def test_pruned_configs_fit_the_group_and_the_tier(m, group_size, bits):
+    configs = _prune_configs(CONFIGS, {"M": m}, BITS=bits, GROUP_SIZE=group_size)
     tier = next(tier for max_m, tier in CONFIG_TIERS.items() if max_m is None or m <= max_m)
     assert configs and len(configs) <= len(tier)
-    assert all(c.kwargs["BLOCK_K"] <= group_size and group_size % c.kwargs["BLOCK_K"] == 0 for c in configs)
+    for c in configs:  # in one group when the group allows it, else the smallest block tl.dot takes
+        block_k = c.kwargs["BLOCK_K"]
+        assert block_k >= min_block_k(bits)
+        assert group_size % block_k == 0 or block_k == min_block_k(bits) > group_size
     keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs]
     assert len(set(keys)) == len(keys)
     # Same tiles as the tier's, BLOCK_K aside.
@@ -319,7 +340,9 @@ def test_pruned_configs_fit_the_group_and_the_tier(m, group_size):
 
 # Small tiles so that the shapes below span several tiles in M, N and K, with a partial tile in M and N
 # (N = 40), and several K blocks per group (group_size 128).
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
+# BLOCK_K = 64 is int2's smallest (16 bytes of K); below it the group size decides the path: groups of 128
+# hold two K blocks (codes scaled after the dot), groups of 32 are dequantized before it.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
 
 
 @pytest.fixture(scope="class")
@@ -398,14 +421,25 @@ class TestInterpreted:
     @pytest.mark.parametrize("bits", [4, 2])
     def test_reads_the_weight(self, bits):
         # x = identity: out.T is the dequantized weight itself, element by element.
+        # Groups of 16 under a 64-wide K block that K = 32 ends inside: the masked, dequantize-first path.
         k = 32
         x, packed, scale_zeros = make_operands(k, 40, k, bits, 16)
-        out = lowbit_mm_triton(
-            torch.eye(k), packed, scale_zeros, bits, 16, {**INTERPRETER_CONFIG, "BLOCK_K": 16}
-        )
+        out = lowbit_mm_triton(torch.eye(k), packed, scale_zeros, bits, 16, INTERPRETER_CONFIG)
         torch.testing.assert_close(
             out.T, dequantize_reference(packed, scale_zeros, bits, 16), rtol=1e-6, atol=0
         )
+
+    @pytest.mark.parametrize("split_k", [2, 3])
+    @pytest.mark.parametrize("group_size", [32, 128])
+    def test_split_k(self, split_k, group_size):
+        # K = 512: 8 blocks of 64 shared by 2 or 3 programs per tile (3 leaves them uneven).
+        for dtype in (torch.float32, torch.bfloat16):
+            run(5, 40, 512, 4, group_size, {**INTERPRETER_CONFIG, "SPLIT_K": split_k}, dtype)
+
+    def test_k_ending_inside_a_block(self):
+        # Groups of 32 under 64-wide K blocks, K = 96: the second block is half masked.
+        run(3, 40, 96, 4, 32, INTERPRETER_CONFIG)
+        run(3, 40, 96, 4, 32, {**INTERPRETER_CONFIG, "SPLIT_K": 2})
 
     def test_strided_operands(self):
         m, n, k, bits, g = 5, 40, 128, 4, 32
@@ -452,6 +486,12 @@ class TestInt8Interpreted:
         w[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
         out = int8_weight_mm_triton(torch.eye(k), w, scale, INTERPRETER_CONFIG)
         torch.testing.assert_close(out.T, w.float() * scale[:, None], rtol=0, atol=0)
+
+    @pytest.mark.parametrize("split_k", [2, 3])
+    def test_split_k(self, split_k):
+        # K = 200: 7 blocks of 32, the last one 8 wide, shared by 2 or 3 programs per tile.
+        for dtype in (torch.float32, torch.bfloat16):
+            run_int8(5, 40, 200, {**INTERPRETER_CONFIG, "BLOCK_K": 32, "SPLIT_K": split_k}, dtype)
 
     def test_float16_and_a_16_bit_scale(self):
         x, w, scale = make_int8_operands(3, 40, 64, torch.float16)
@@ -509,19 +549,25 @@ H100_MAX_SHARED = 232448
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_for_h100(bits, group_size, config, dtype):
+def compile_for_h100(bits, group_size, config, dtype, split_k=1):
     """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it."""
     from triton.backends.compiler import GPUTarget
 
     # Ints equal to 1 become constants; pointers, N, K and the other strides (multiples of 16 for the usual
     # K and N) carry a divisibility hint; stride_sn (2) carries none.
     unit_strides = ("stride_xk", "stride_pk", "stride_sc", "stride_on")
-    constexprs = {**config.kwargs, "BITS": bits, "GROUP_SIZE": group_size, **dict.fromkeys(unit_strides, 1)}
+    constexprs = {
+        **config.kwargs,
+        "BITS": bits,
+        "GROUP_SIZE": group_size,
+        "SPLIT_K": split_k,
+        **dict.fromkeys(unit_strides, 1),
+    }
     pointer_types = {
         "x_ptr": TYPES[dtype],
         "packed_ptr": "u8",
         "scale_zeros_ptr": "fp32",
-        "out_ptr": TYPES[dtype],
+        "out_ptr": TYPES[dtype] if split_k == 1 else "fp32",  # split-K adds into float32
     }
     signature, attrs = {}, {}
     for i, name in enumerate(lowbit_mm_kernel.arg_names):
@@ -548,17 +594,18 @@ def _unique(configs):
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
-@pytest.mark.parametrize("config", _unique(_fit_to_group(c, 128) for c in CONFIGS), ids=config_id)
+@pytest.mark.parametrize("config", _unique(CONFIGS), ids=config_id)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_compiles_to_hopper_bf16_tensor_cores(bits, config):
-    kernel = compile_for_h100(bits, 128, config, torch.bfloat16)
+    kernel = compile_for_h100(bits, 128, _fit_block_k(config, bits, 128), torch.bfloat16)
     ptx = kernel.asm["ptx"]
     if config.kwargs["BLOCK_M"] >= 64:
         assert re.search(r"wgmma\.mma_async\S*\.f32\.bf16\.bf16", ptx), "no bf16 wgmma"
     else:  # a 16- or 32-row tile is below wgmma's 64 rows: bf16 mma.sync, still the tensor cores
         assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.bf16\.bf16\.f32", ptx), "no bf16 mma.sync"
-    # The packed weight streams through the cp.async pipeline, as whole bytes (no per-code byte loads).
-    assert "cp.async.cg.shared.global" in ptx
+    # The packed weight streams through the cp.async pipeline, as whole bytes (no per-code byte loads):
+    # 16-byte copies (.cg) or, for narrow tiles, 4 or 8 bytes a copy (.ca).
+    assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
     assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
     assert kernel.metadata.shared <= H100_MAX_SHARED
 
@@ -571,7 +618,7 @@ FLOAT32_CONFIGS = [CONFIG_TIERS[16][0], CONFIG_TIERS[None][0]]
 @pytest.mark.parametrize("config", FLOAT32_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_float32_compiles_without_tf32(bits, config):
-    kernel = compile_for_h100(bits, 128, _fit_to_group(config, 128), torch.float32)
+    kernel = compile_for_h100(bits, 128, _fit_block_k(config, bits, 128), torch.float32)
     ptx = kernel.asm["ptx"]
     # input_precision="ieee": float32 FMAs, no TF32 tensor cores (which round x to 10 mantissa bits).
     assert "tf32" not in ptx and "mma" not in ptx
@@ -580,19 +627,32 @@ def test_float32_compiles_without_tf32(bits, config):
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+def test_split_k_compiles_to_float32_atomic_adds():
+    config = _fit_block_k(CONFIG_TIERS[16][0], 4, 128)
+    for kernel in (
+        compile_for_h100(4, 128, config, torch.bfloat16, split_k=4),
+        compile_int8_for_h100(config, torch.bfloat16, split_k=4),
+    ):
+        ptx = kernel.asm["ptx"]
+        assert re.search(r"(red|atom)\.global\S*\.add\S*\.f32", ptx), "no float32 atomic add"
+        assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
 def test_float16_compiles_to_f16_mma():
-    ptx = compile_for_h100(4, 32, _fit_to_group(CONFIG_TIERS[16][0], 32), torch.float16).asm["ptx"]
+    ptx = compile_for_h100(4, 32, _fit_block_k(CONFIG_TIERS[16][0], 4, 32), torch.float16).asm["ptx"]
     assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.f16\.f16\.f32", ptx)
 
 
-def compile_int8_for_h100(config, dtype, k_divisible=True):
+def compile_int8_for_h100(config, dtype, k_divisible=True, split_k=1):
     """The int8 kernel compiled for sm_90, specialized as a launch with contiguous operands (N and K
     multiples of 16: the usual LLM shapes; ``k_divisible=False``: a K without the hint, e.g. K = 40)."""
     from triton.backends.compiler import GPUTarget
 
     unit_strides = ("stride_xk", "stride_wk", "stride_s", "stride_on")
-    constexprs = {**config.kwargs, **dict.fromkeys(unit_strides, 1)}
-    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": "i8", "scale_ptr": "fp32", "out_ptr": TYPES[dtype]}
+    constexprs = {**config.kwargs, "SPLIT_K": split_k, **dict.fromkeys(unit_strides, 1)}
+    out_type = TYPES[dtype] if split_k == 1 else "fp32"  # split-K adds into float32
+    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": "i8", "scale_ptr": "fp32", "out_ptr": out_type}
     divisible = {"N", "stride_om"} | ({"K", "stride_xm", "stride_wn"} if k_divisible else set())
     signature, attrs = {}, {}
     for i, name in enumerate(int8_weight_mm_kernel.arg_names):
@@ -649,10 +709,11 @@ def test_int8_float16_and_an_unaligned_k_compile_to_mma():
 
 
 @requires_cuda
-@pytest.mark.parametrize("config", _unique(_fit_to_group(c, 64) for c in CONFIGS), ids=config_id)
+@pytest.mark.parametrize("config", _unique(CONFIGS), ids=config_id)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_every_config_on_gpu(bits, config):
     # 70 x 200 leaves a partial tile in M and N for every config; K = 4 groups of 64.
+    config = _fit_block_k(config, bits, 64)
     meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     for dtype in (torch.bfloat16, torch.float32):
         run(70, 200, 256, bits, 64, meta, dtype, device="cuda")

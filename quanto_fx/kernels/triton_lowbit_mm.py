@@ -12,8 +12,8 @@ The packed weight format (portable: plain uint8 bytes and one float tensor, no d
   byte ``packed[n, k // per_byte]`` at bit offset ``(k % per_byte) * bits``, least significant bits first.
 - ``scale_zeros``: float (K // group_size, N, 2), the layout of torch's ``aten._weight_int4pack_mm``; with
   g = k // group_size, ``w[n, k] = (q[n, k] - 2**(bits - 1)) * scale_zeros[g, n, 0] + scale_zeros[g, n, 1]``.
-- ``K % group_size == 0``; ``group_size`` a power of two >= 16: a K block lies in one group and tl.dot
-  needs K blocks of 16 or more (quanto_fx.tensor.groupwise requires the same).
+- ``K % group_size == 0``; ``group_size`` a power of two >= 16 (quanto_fx.tensor.groupwise requires the
+  same). K blocks hold at least 16 bytes per weight row (tl.dot's smallest K): BLOCK_K >= 16 * per_byte.
 
 Written for decode (M = 1..16: the GEMM is bound by reading the weight, which is 4 or 8 times smaller than in
 bfloat16) and correct for any M. Launch it through ``lowbit_mm_triton``; the kernel is a plain ``@triton.jit``
@@ -44,6 +44,23 @@ LOWBIT_BITS = (2, 4)
 
 
 @triton.jit
+def _split_codes(t, PER_BYTE: tl.constexpr):
+    """A (R, BYTES_K * PER_BYTE) tile whose columns run b * PER_BYTE + j -> PER_BYTE tiles (R, BYTES_K), the
+    columns of code j (j = 0 first)."""
+    R: tl.constexpr = t.shape[0]
+    BYTES_K: tl.constexpr = t.shape[1] // PER_BYTE
+    if PER_BYTE == 2:
+        even, odd = tl.split(tl.reshape(t, (R, BYTES_K, 2)))
+        return even, odd, even, odd  # codes 2 and 3 unused for int4
+    else:
+        # k = b * 4 + 2 * j1 + j0: split j0 off first, then j1.
+        j0_0, j0_1 = tl.split(tl.reshape(t, (R, BYTES_K, 2, 2)))
+        c0, c2 = tl.split(j0_0)
+        c1, c3 = tl.split(j0_1)
+        return c0, c1, c2, c3
+
+
+@triton.jit
 def lowbit_mm_kernel(
     x_ptr,
     packed_ptr,
@@ -68,63 +85,78 @@ def lowbit_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """out = x @ dequantize(packed, scale_zeros).T, float32 sums stored as out's dtype.
 
-    Each K block lies in one quantization group (GROUP_SIZE % BLOCK_K == 0): one scale and one zero per
-    column, and K % BLOCK_K == 0, so nothing is masked along K. Rows past M and columns past N load 0 and
-    are not stored: any M and N work. M_BUCKET is unused here: it is the autotuner's key.
+    Rows past M, columns past N and K past the end load 0 and are not stored: any M and N, and any K that
+    is a multiple of GROUP_SIZE. M_BUCKET is unused here: it is the autotuner's key. With SPLIT_K > 1, the
+    program (tile, s) sums the K blocks s, s + SPLIT_K, ... and adds its sums atomically into ``out``, which
+    must then be float32 zeros.
+
+    Every global load feeds the tl.dot, so triton pipelines all of them (cp.async, num_stages deep); a load
+    whose value is used only after the dot, like a scale applied to the sums, or a strided one, waits a full
+    memory latency in every K iteration. At M = 1, K = N = 4096 on an H200, versions that did so ran 3.2x
+    to 3.7x the bf16 GEMM's time; this one 1.8x, and 1.1x with split-K (bench/RESULTS.md):
+    - the weight tile is loaded as bytes, each byte once, in the (K, N) orientation of tl.dot's second
+      operand, contiguous along K; code j of every byte (bits j * BITS and up) is dequantized in float32,
+      ``(q - MID) * scale + zero``, rounded to x's dtype (as torch's int4 kernels do) and meets the x columns
+      k0 + b * PER_BYTE + j in its own tl.dot: no weight tile is reshaped or transposed;
+    - x's tile is loaded contiguous and split into those column sets in registers (it is BLOCK_M rows: the
+      small operand in decode);
+    - a K block inside one group (GROUP_SIZE >= BLOCK_K) loads one scale and zero per column, smaller
+      groups one per (k, column).
 
     Why tl.dot even for M = 1 (a 16-row tile, 15 rows of zeros): decode is bound by reading the weight, and
-    triton pipelines (cp.async, num_stages deep) only the loads that feed a tl.dot. A multiply-and-reduce
-    loop gets plain loads, one K block in flight per program, far too few bytes in flight for HBM (checked
-    in the PTX for triton 3.6.0, sm_90). The 16x redundant tensor core math should cost little next to the
-    weight's bytes and unpacking, but no GPU has timed it yet (see CONFIG_TIERS).
+    only loads feeding a tl.dot are pipelined; a multiply-and-reduce loop keeps one K block in flight per
+    program, far too few bytes for HBM (checked in the PTX for triton 3.6.0, sm_90).
     """
-    tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "a K block must lie in one quantization group")
     PER_BYTE: tl.constexpr = 8 // BITS
+    BYTES_K: tl.constexpr = BLOCK_K // PER_BYTE
     MID: tl.constexpr = 1 << (BITS - 1)  # the code of the zero point: w = (q - MID) * scale + zero
+    ONE_GROUP: tl.constexpr = GROUP_SIZE >= BLOCK_K
+    tl.static_assert(BYTES_K >= 16, "tl.dot needs 16 bytes of K per code: BLOCK_K >= 16 * PER_BYTE")
 
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rb = tl.arange(0, BYTES_K)
     m_mask = rm < M
     n_mask = rn < N
-    # The weight tile is loaded as bytes, each byte once, contiguous along K: vector cp.async copies (the
-    # loads that feed tl.dot are the ones triton pipelines).
-    rb = tl.arange(0, BLOCK_K // PER_BYTE)
-    packed_ptrs = packed_ptr + rn[:, None] * stride_pn + rb[None, :] * stride_pk
-    shifts = tl.arange(0, PER_BYTE) * BITS
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :] * stride_xk
-    sz_ptrs = scale_zeros_ptr + rn * stride_sn
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    packed_ptrs = packed_ptr + rb[:, None] * stride_pk + rn[None, :] * stride_pn
+    sz_ptrs = scale_zeros_ptr + rn[None, :] * stride_sn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        byte = tl.load(packed_ptrs, mask=n_mask[:, None], other=0).to(tl.int32)  # zero-extends the uint8
-        # Split each byte into its PER_BYTE codes along a new last axis, least significant bits first:
-        # [n, b, j] is k = k0 + b * PER_BYTE + j, so the row-major reshape puts the ks in order.
-        q = (byte[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-        group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
-        scale = tl.load(group_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-        zero = tl.load(group_ptrs + stride_sc, mask=n_mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-        # The tensor cores multiply x by the centred codes q - MID: small integers, exact in every float
-        # dtype, so no weight is rounded to x's dtype. Scale and zero then apply in float32 to the block's
-        # sums, as sum_k x * ((q - MID) * s + z) = s * sum_k x * (q - MID) + z * sum_k x.
-        # The cast goes through float32 because the 3.6.0 interpreter casts int32 to bfloat16 wrongly (it
-        # reinterprets the int as bfloat16 bits); compiled, the two casts fold into one cvt.rn.bf16.s32.
-        codes = (q - MID).to(tl.float32).to(x_ptr.dtype.element_ty)
-        # input_precision="ieee": a float32 x stays float32 (FMA), not TF32 (10 mantissa bits), as torch
-        # computes float32 matmuls by default. It has no effect on 16-bit operands.
-        partial = tl.dot(x, tl.trans(codes), input_precision="ieee")
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
-        acc += partial * scale[None, :] + x_sum[:, None] * zero[None, :]
-        packed_ptrs += (BLOCK_K // PER_BYTE) * stride_pk
-        x_ptrs += BLOCK_K * stride_xk
+    for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = kb * BLOCK_K
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & (rk < K - k0)[None, :], other=0.0)
+        b_mask = (rb < (K - k0) // PER_BYTE)[:, None] & n_mask[None, :]
+        byte = tl.load(packed_ptrs + (k0 // PER_BYTE) * stride_pk, mask=b_mask, other=0).to(tl.int32)
+        if ONE_GROUP:  # (1, BLOCK_N): one group for the whole block
+            group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
+            sz_mask = n_mask[None, :]
+        else:  # (BYTES_K, BLOCK_N): byte b's group, the same for its codes (GROUP_SIZE % PER_BYTE == 0)
+            group_ptrs = sz_ptrs + ((k0 + rb * PER_BYTE) // GROUP_SIZE)[:, None] * stride_sg
+            sz_mask = b_mask
+        scale = tl.load(group_ptrs, mask=sz_mask, other=0.0).to(tl.float32)
+        zero = tl.load(group_ptrs + stride_sc, mask=sz_mask, other=0.0).to(tl.float32)
+        xs = _split_codes(x, PER_BYTE)
+        for j in tl.static_range(PER_BYTE):
+            q = ((byte >> (j * BITS)) & ((1 << BITS) - 1)) - MID
+            w = (q.to(tl.float32) * scale + zero).to(x_ptr.dtype.element_ty)
+            # input_precision="ieee": a float32 x stays float32 (FMA), not TF32 (10 mantissa bits), as torch
+            # computes float32 matmuls by default. It has no effect on 16-bit operands.
+            acc = tl.dot(xs[j], w, acc, input_precision="ieee")
 
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
 
 
 # -- the launcher --------------------------------------------------------------------------------------
@@ -135,21 +167,17 @@ def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# Block configs in tiers by M; the autotuner picks within the tier. NOT timed on a GPU yet (none was at
-# hand): the sizes follow the int8 kernel's measured tiers (triton_launch.CONFIG_TIERS) and the
-# bytes-in-flight arithmetic below. _prune_configs cuts BLOCK_K to group_size where it exceeds it.
-# Decode reads the weight once, and HBM needs megabytes in flight: the pipeline holds about
-# (num_stages - 1) * N * BLOCK_K / per_byte weight bytes whatever BLOCK_N (N = 4096, int4, BLOCK_K = 128
-# and 6 stages: 1.3 MB), so small tiers get deep pipelines; their stages are small (a 16-row x tile and
-# packed bytes). A group_size below BLOCK_K shrinks that: group_size 32 decodes slower than 128.
+# Block configs in tiers by M; the autotuner picks within the tier. _prune_configs fits BLOCK_K to the group
+# size (see _fit_block_k). Timings: bench/gpu_weight_only_sweep.py, H200, torch 2.11, bench/RESULTS.md.
 CONFIG_TIERS = {
-    # M <= 16 (decode): one 16-row tile (mma.sync; wgmma needs 64 rows), bound by reading the weight.
-    # Narrow N tiles spread the weight over the SMs (N = 4096, BLOCK_N = 32: 128 programs, 132 SMs on H100).
+    # M <= 16 (decode): one 16-row tile (mma.sync; wgmma needs 64 rows), bound by reading the weight, with
+    # split-K (below). Best at M = 1 and 16, K = N = 4096: 64 x 128 tiles, 3 stages (11.6 / 12.0 us; 32-wide
+    # tiles 13.3 / 13.4 us; 6 stages 13.6 / 13.3 us).
     16: [
+        _config(16, 64, 128, 4, 3),
+        _config(16, 32, 128, 4, 3),
+        _config(16, 64, 128, 4, 6),
         _config(16, 32, 128, 4, 6),
-        _config(16, 64, 128, 4, 5),
-        _config(16, 16, 256, 4, 5),
-        _config(16, 32, 64, 4, 8),
     ],
     # 16 < M <= 64: one row tile, so each weight element is unpacked once per 64 rows.
     64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
@@ -158,36 +186,58 @@ CONFIG_TIERS = {
 }
 CONFIGS = [config for tier in CONFIG_TIERS.values() for config in tier]
 
+# Programs per output tile in decode (M <= 16), while K holds at least SPLIT_K_MIN_K columns per split: each
+# adds its float32 sums atomically into a zeroed float32 output. One program per tile leaves an H200's HBM
+# idle: at M = 1, K = N = 4096 the best config ran 18.6 / 14.2 / 11.8 / 11.6 us with 1 / 2 / 4 / 8 splits
+# (K = 4096, N = 14336: 34.1 / 32.7 / 29.9 / 30.5). Not under torch's deterministic mode (atomic float
+# additions land in any order). The int8 weight-only kernel gained nothing from it and runs unsplit.
+DECODE_SPLIT_K = 8
+SPLIT_K_MIN_K = 512
+
+
+def _split_k(m: int, k: int) -> int:
+    """The low-bit kernel's split-K for M rows and K columns (see DECODE_SPLIT_K)."""
+    if m > 16 or torch.are_deterministic_algorithms_enabled():
+        return 1
+    return max(1, min(DECODE_SPLIT_K, k // SPLIT_K_MIN_K))
+
 
 def _tier(tiers: dict, m: int) -> list[triton.Config]:
     """The configs of the first tier of ``tiers`` (max M -> configs, None last) that takes M = ``m``."""
     return next(tier for max_m, tier in tiers.items() if max_m is None or m <= max_m)
 
 
-def _fit_to_group(config: triton.Config, group_size: int) -> triton.Config:
-    """``config`` with BLOCK_K cut to ``group_size`` (a K block must lie in one group)."""
-    if config.kwargs["BLOCK_K"] <= group_size:
+def min_block_k(bits: int) -> int:
+    """The smallest BLOCK_K of the low-bit kernel: 16 bytes of each weight row (tl.dot's smallest K)."""
+    return 16 * (8 // bits)
+
+
+def _fit_block_k(config: triton.Config, bits: int, group_size: int) -> triton.Config:
+    """``config`` with BLOCK_K cut to ``group_size`` (a K block in one group: exact codes in the tensor
+    cores), but not below ``min_block_k(bits)`` (then each weight is dequantized before the dot)."""
+    block_k = max(min(config.kwargs["BLOCK_K"], group_size), min_block_k(bits))
+    if block_k == config.kwargs["BLOCK_K"]:
         return config
-    kwargs = {**config.kwargs, "BLOCK_K": group_size}
+    kwargs = {**config.kwargs, "BLOCK_K": block_k}
     return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """The configs of M's tier, fitted to the group size, without duplicates."""
-    m, group_size = named_args["M"], kwargs["GROUP_SIZE"]
-    tier = _tier(CONFIG_TIERS, m)
+    """The configs of M's tier, fitted to the bits and group size, without duplicates."""
+    m, bits, group_size = named_args["M"], kwargs["BITS"], kwargs["GROUP_SIZE"]
     fitted = {}
-    for config in tier:
-        config = _fit_to_group(config, group_size)
+    for config in _tier(CONFIG_TIERS, m):
+        config = _fit_block_k(config, bits, group_size)
         fitted.setdefault((tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages), config)
     return list(fitted.values())
 
 
 _autotuned = triton.autotune(
     configs=CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],  # the autotuner adds the tensors' dtypes
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "SPLIT_K"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_bench_on_gpu_alone,
+    reset_to_zero=["out_ptr"],  # split-K adds into the output: each timed run starts from zeros
 )(lowbit_mm_kernel)
 
 
@@ -222,10 +272,9 @@ def check_lowbit_mm_args(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _forced_config(config: dict, group_size: int | None) -> tuple[dict, dict]:
-    """(block sizes, launch options) of a forced ``config`` dict, checked against the kernel's constraints
-    (``group_size`` None: no quantization group bounds BLOCK_K, as for the int8 kernel)."""
-    unknown = set(config) - {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+def _forced_config(config: dict, min_block_k: int) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a forced ``config`` dict, checked against the kernel's constraints."""
+    unknown = set(config) - {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages"}
     if unknown:
         raise ValueError(f"config has unknown keys {sorted(unknown)}")
     missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(config)
@@ -235,13 +284,21 @@ def _forced_config(config: dict, group_size: int | None) -> tuple[dict, dict]:
     for name, block in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
         if not isinstance(block, int) or block < 16 or not _is_power_of_two(block):
             raise ValueError(f"config {name} must be a power of two >= 16 (tl.dot's tile), got {block!r}")
-    max_block_k = float("inf") if group_size is None else group_size
-    if not isinstance(block_k, int) or block_k < 16 or not _is_power_of_two(block_k) or block_k > max_block_k:
-        bound = "16 or more" if group_size is None else f"in [16, group_size = {group_size}]"
-        raise ValueError(f"config BLOCK_K must be a power of two {bound}, got {block_k!r}")
+    if not isinstance(block_k, int) or block_k < min_block_k or not _is_power_of_two(block_k):
+        raise ValueError(f"config BLOCK_K must be a power of two >= {min_block_k}, got {block_k!r}")
+    split_k = config.get("SPLIT_K", 1)
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
+        raise ValueError(f"config SPLIT_K must be an int >= 1, got {split_k!r}")
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
-    return meta, options
+    return {**meta, "SPLIT_K": split_k}, options
+
+
+def _output(x: torch.Tensor, n: int, split_k: int) -> torch.Tensor:
+    """The kernels' output: x's dtype, or float32 zeros that split-K programs add into."""
+    if split_k == 1:
+        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    return torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
 
 
 def lowbit_mm_triton(
@@ -255,22 +312,21 @@ def lowbit_mm_triton(
     """``x @ w.T`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype.
 
     ``config`` runs one fixed config instead of autotuning (tests, the interpreter, benchmarks): a dict with
-    BLOCK_M and BLOCK_N (powers of two >= 16), BLOCK_K (a power of two, 16 to group_size) and optionally
-    GROUP_M, num_warps, num_stages (default 8, 4, 3). Any M and N; K is a multiple of group_size.
-    Operands may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
+    BLOCK_M and BLOCK_N (powers of two >= 16), BLOCK_K (a power of two >= 16 * per_byte) and optionally
+    GROUP_M, SPLIT_K, num_warps, num_stages (default 8, 1, 4, 3). Any M and N; K is a multiple of
+    group_size. Operands may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
-    forced = None if config is None else _forced_config(config, group_size)
+    forced = None if config is None else _forced_config(config, min_block_k(bits))
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
         )
     (m, k), n = x.shape, packed.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:  # no K block to run: the empty sum
-        return out.zero_()
+    split_k = _split_k(m, k) if forced is None else forced[0]["SPLIT_K"]
+    out = _output(x, n, split_k)
+    if m == 0 or n == 0 or k == 0:  # k == 0: the empty sum
+        return out.zero_().to(x.dtype)
     args = (
         x,
         packed,
@@ -287,13 +343,13 @@ def lowbit_mm_triton(
     )
     with _device_guard(x):
         if forced is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-            _autotuned[grid](*args, BITS=bits, GROUP_SIZE=group_size)
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
+            _autotuned[grid](*args, BITS=bits, GROUP_SIZE=group_size, SPLIT_K=split_k)
         else:
             meta, options = forced
-            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
             lowbit_mm_kernel[grid](*args, BITS=bits, GROUP_SIZE=group_size, **meta, **options)
-    return out
+    return out.to(x.dtype)
 
 
 # -- int8 weights: int8_weight_mm ------------------------------------------------------------------------
@@ -320,53 +376,62 @@ def int8_weight_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """out = (x @ w.T) * scale[None, :] for an int8 w (N, K), float32 sums stored as out's dtype.
 
     Any M, N and K: rows past M, columns past N and the K tail load 0 and are not stored. M_BUCKET is the
     autotuner's key. tl.dot even for M = 1, for lowbit_mm_kernel's reason: only the loads feeding a tl.dot
-    are pipelined, and decode is bound by reading the weight (1 byte per element here).
+    are pipelined, and decode is bound by reading the weight (1 byte per element here). The weight tile is
+    loaded in the (K, N) orientation of tl.dot's second operand (no transpose in registers). SPLIT_K as in
+    lowbit_mm_kernel (programs (tile, s) add their sums atomically into float32 zeros), for forced configs
+    only: it gained nothing in decode on an H200, so the autotuned launch runs unsplit.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = kb * BLOCK_K
         k_mask = rk < K - k0
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0 * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0)
         # int8 values are exact in every float dtype (|w| <= 128 < 2**8 = bfloat16's 8-bit significand), so
         # the tensor cores see the weight unrounded; the scale applies once, in float32, after the loop.
         # Via float32 for the interpreter's int -> bfloat16 cast (see lowbit_mm_kernel); compiled: one cvt.
         w = w.to(tl.float32).to(x_ptr.dtype.element_ty)
         # "ieee": float32 x stays float32 (FMA), not TF32; no effect on 16-bit operands.
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        acc += tl.dot(x, w, input_precision="ieee")
 
     scale = tl.load(scale_ptr + rn * stride_s, mask=n_mask, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
 
 
-# Tiers by M like CONFIG_TIERS, NOT timed on a GPU either. An int8 weight is 2x an int4 one per element, so
-# the same BLOCK_K moves twice the bytes per stage: (num_stages - 1) * N * BLOCK_K weight bytes in flight
-# (N = 4096, BLOCK_K = 128, 5 stages: 2 MB). Shared memory per stage: BLOCK_N * BLOCK_K bytes of weight and
-# a BLOCK_M x BLOCK_K x tile (4 bytes an element for float32 x); all fit an H100's 227 KiB (tests check).
+# Tiers by M like CONFIG_TIERS (timings: bench/gpu_weight_only_sweep.py, H200). An int8 weight is 2x an int4
+# one per element, so the same BLOCK_K moves twice the bytes per stage. Shared memory per stage: BLOCK_N *
+# BLOCK_K bytes of weight and a BLOCK_M x BLOCK_K x tile (4 bytes an element for float32 x); all fit an
+# H100's 227 KiB (tests check).
 INT8_CONFIG_TIERS = {
-    # M <= 16 (decode): one 16-row tile (mma.sync), narrow N tiles to spread the weight over the SMs.
+    # M <= 16 (decode): one 16-row tile (mma.sync), narrow N tiles to spread the weight over the SMs. Best
+    # at M = 1, K = N = 4096: 32 x 256 tiles, 3 stages (8.5 us; 32 x 128: 8.9 us); N = 14336: 64 x 256.
     16: [
+        _config(16, 32, 256, 4, 3),
+        _config(16, 64, 256, 4, 3),
         _config(16, 32, 128, 4, 5),
         _config(16, 64, 128, 4, 4),
-        _config(16, 16, 256, 4, 4),
-        _config(16, 64, 64, 4, 6),
     ],
     # 16 < M <= 64: one row tile, each weight element converted once per 64 rows.
     64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
@@ -426,28 +491,27 @@ def int8_weight_mm_triton(
     Fast path: K and the row strides multiples of 16 (16-byte rows of w for cp.async); other K run correctly
     with unpipelined byte loads (compiled for sm_90: no cp.async).
     ``config`` runs one fixed config instead of autotuning: BLOCK_M, BLOCK_N and BLOCK_K (powers of two
-    >= 16), optionally GROUP_M, num_warps, num_stages (default 8, 4, 3). On CUDA (or CPU tensors under
-    TRITON_INTERPRET=1).
+    >= 16), optionally GROUP_M, SPLIT_K, num_warps, num_stages (default 8, 1, 4, 3). On CUDA (or CPU
+    tensors under TRITON_INTERPRET=1).
     """
     check_int8_weight_mm_args(x, w, scale)
-    forced = None if config is None else _forced_config(config, None)
+    forced = None if config is None else _forced_config(config, 16)
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
         )
     (m, k), n = x.shape, w.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:  # the empty sum
-        return out.zero_()
+    split_k = 1 if forced is None else forced[0]["SPLIT_K"]  # see DECODE_SPLIT_K
+    out = _output(x, n, split_k)
+    if m == 0 or n == 0 or k == 0:  # k == 0: the empty sum
+        return out.zero_().to(x.dtype)
     args = (x, w, scale, out, m, n, k, _m_bucket(m), *x.stride(), *w.stride(), scale.stride(0), *out.stride())
     with _device_guard(x):
         if forced is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-            _int8_autotuned[grid](*args)
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
+            _int8_autotuned[grid](*args, SPLIT_K=1)
         else:
             meta, options = forced
-            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
             int8_weight_mm_kernel[grid](*args, **meta, **options)
-    return out
+    return out.to(x.dtype)
