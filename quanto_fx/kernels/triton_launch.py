@@ -22,7 +22,9 @@ def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages
 
 # Block configs for Hopper, in tiers by M; the autotuner picks within the tier (timings: H200, torch 2.11).
 # Tiles of 64 rows and more compile to wgmma (one warpgroup MMA is 64 rows high); 16-row tiles to mma.sync,
-# also int8 tensor cores. Shared memory stays under 100 KB for the pipeline.
+# also int8 tensor cores. Shared memory stays under 100 KB for the pipeline, except for the two largest
+# prefill tiles (144 KB: Hopper and A100; the autotuner skips a config a GPU cannot launch). Those two took
+# the fused rescale from 0.75x to 0.67x bf16's time at M = 1024 and from 0.82x to 0.68x at M = 4096.
 CONFIG_TIERS = {
     # M <= 16 (decode): memory bound on the weight. 16-row mma.sync tiles beat 64-row wgmma ones by 20-25%
     # (M = 1: 6.1 vs 7.9 us at K = N = 4096), and narrow N tiles spread the weight over more SMs.
@@ -35,6 +37,8 @@ CONFIG_TIERS = {
         _config(128, 128, 64, 8, 4),
         _config(128, 256, 64, 8, 3),
         _config(64, 128, 128, 4, 4),
+        _config(128, 256, 128, 8, 3),
+        _config(256, 128, 128, 8, 3),
     ],
 }
 CONFIGS = [config for tier in CONFIG_TIERS.values() for config in tier]
