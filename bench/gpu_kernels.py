@@ -1,8 +1,10 @@
 """GPU timing of the fused Triton int8 ops against bf16 F.linear and the unfused int8 chain (PERF.md shapes).
 
-Run on a CUDA machine with triton: ``PYTHONPATH=. python3 bench/gpu_kernels.py`` (about 2 minutes).
-Times are CUDA-graph replays (no host overhead), microseconds per call; ``_int_mm`` and the unfused chain get
-M padded to at least 32 (cuBLAS int8 needs M > 16). The numbers in RESULTS.md came from this script.
+Run on a CUDA machine with triton, through ``bench/gpu_all.sh`` (about 2 minutes; the W8A8 linear needs the
+package installed, for the backend's entry point). Times are CUDA-graph replays (no host overhead),
+microseconds per call; ``_int_mm`` and the unfused chain get M padded to at least 32 (cuBLAS int8 needs
+M > 16). Last, a whole dynamic W8A8 ``nn.Linear`` under ``backend="quanto"`` (activation quantization
+included) against the bf16 ``nn.Linear``. The numbers in RESULTS.md came from this script.
 """
 
 import torch
@@ -11,6 +13,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 import quanto_fx.kernels  # noqa
+from quanto_fx import freeze, qint8, quantize
 from quanto_fx.kernels import triton_launch as tlh
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
@@ -32,6 +35,18 @@ def g(fn):  # GPU time (CUDA graph replay: no host overhead), us
 
 def e(fn):  # eager wall per call, us
     return do_bench(fn, warmup=10, rep=50) * 1e3
+
+
+def w8a8_linear(k, n):
+    """bf16 nn.Linear and its dynamic W8A8 clone under backend="quanto": per-row activation quantization
+    (inductor) + the fused GEMM, i.e. what PERF.md's 0.70x target counts."""
+    linear = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+    qlinear = quantize(linear, weights=qint8, activations=qint8, activation_mode="dynamic", inplace=False)
+    return linear, torch.compile(freeze(qlinear), backend="quanto")
+
+
+def cosine(a, b):
+    return float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
 
 
 def cfg(bm, bn, bk, w, s):
@@ -75,6 +90,15 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 11008), (32, 4096, 4096), (1024, 409
         "bf16_eager": e(lambda: F.linear(x, w)),
     }
     best = tlh._rescale_autotuned.best_config
+    try:
+        linear, compiled = w8a8_linear(k, n)
+        with torch.no_grad():
+            print(f"   W8A8 linear cosine vs bf16: {cosine(compiled(x), linear(x)):.4f}", flush=True)
+            r["bf16_linear"] = g(lambda: linear(x))
+            r["w8a8_linear_quanto"] = g(lambda: compiled(x))
+        r["w8a8/bf16"] = r["w8a8_linear_quanto"] / r["bf16_linear"]
+    except Exception as error:  # report and go on timing the kernels
+        print(f"   W8A8 linear under backend='quanto' failed: {type(error).__name__}: {error}", flush=True)
     line = " ".join(f"{k}={v:.1f}" for k, v in r.items())
     unfused = r["unfused_compiled(M>=32)"]
     ratios = f"fused/bf16={r['fused'] / r['bf16']:.2f} fused/unf_c={r['fused'] / unfused:.2f}"

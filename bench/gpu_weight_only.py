@@ -1,9 +1,10 @@
 """GPU check and timing of the weight-only and float8 GEMMs (decode shapes, PERF.md targets).
 
-Run on a CUDA machine with triton: ``PYTHONPATH=. python3 bench/gpu_weight_only.py`` (about 2 minutes). It
-first checks every op against its reference on the GPU (and stops on a mismatch), then times CUDA-graph
-replays (no host overhead), microseconds per call, against bf16 ``F.linear``. Targets (H100, M <= 16): int4
-weights <= 0.35x bf16, int8 weights <= 0.60x.
+Run on a CUDA machine with triton, through ``bench/gpu_all.sh`` (about 1 minute). It first checks every op
+against its reference on the GPU (and stops on a mismatch), then times CUDA-graph replays (no host overhead),
+microseconds per call, against bf16 ``F.linear`` and torch's own CUDA int4 kernel (tinygemm,
+``aten._weight_int4pack_mm``, a peer: same scales and zeros, its own weight layout). Targets (H100,
+M <= 16): int4 weights <= 0.35x bf16, int8 weights <= 0.60x.
 """
 
 import torch
@@ -13,9 +14,11 @@ from triton.testing import do_bench_cudagraph
 
 import quanto_fx.kernels  # noqa: F401  (registers the ops)
 from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4
+from quanto_fx.kernels import triton_lowbit_mm
 from quanto_fx.kernels.float8_mm import float8_mm_reference, scaled_mm_works
 from quanto_fx.kernels.weight_only import int8_weight_mm_reference, lowbit_weight_mm_reference
 from quanto_fx.tensor import PackedQTensor
+from quanto_fx.tensor.packing import unpack
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
 print("float8 _scaled_mm works:", scaled_mm_works("cuda", torch.bfloat16), flush=True)
@@ -28,16 +31,32 @@ def gpu_us(fn):
     return do_bench_cudagraph(fn, rep=50) * 1e3
 
 
-def check(name, out, ref, tolerance):
+def tinygemm_layout(p: PackedQTensor) -> torch.Tensor:
+    """torch's CUDA int4 kernel (tinygemm) layout: uint8 (N, K / 2) codes, even k in the high nibble."""
+    codes = unpack(p._packed, 4).to(torch.int32)
+    high_low = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack(high_low, 8)
+
+
+def check(name, out, ref, tolerance, fatal=True):
     error = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
     status = "ok" if error <= tolerance else "MISMATCH"
     print(f"  check {name}: max error {error:.2e} of max |ref| ({status})", flush=True)
-    if status != "ok":
+    if status != "ok" and fatal:
         raise SystemExit(1)
+    return status == "ok"
 
 
 torch.manual_seed(0)
-for m, k, n in [(1, 4096, 4096), (16, 4096, 11008), (1, 4096, 14336), (64, 4096, 4096)]:
+for m, k, n in [
+    (1, 4096, 4096),
+    (4, 4096, 4096),
+    (16, 4096, 4096),
+    (16, 4096, 11008),
+    (1, 4096, 14336),
+    (64, 4096, 4096),
+    (1024, 4096, 4096),
+]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     packed = {q.name: PackedQTensor.quantize(w, q, 128) for q in (qint4, qint2)}
@@ -60,6 +79,20 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 11008), (1, 4096, 14336), (64, 4096,
         int8_weight_mm_reference(x, w8_data, w8_scale),
         2e-2,
     )
+    # tinygemm takes the same scales and zeros: w = (q - 8) * scale + zero, (K / G, N, 2).
+    try:
+        tiny = tinygemm_layout(packed["qint4"])
+        tiny_sz = packed["qint4"]._scale_zeros.to(torch.bfloat16)
+        tiny_ok = check(
+            "int4 tinygemm (a peer: torch's CUDA int4 kernel)",
+            torch.ops.aten._weight_int4pack_mm(x, tiny, 128, tiny_sz),
+            lowbit_weight_mm_reference(x.float(), packed["qint4"]._packed, packed["qint4"]._scale_zeros, 4),
+            2e-2,
+            fatal=False,
+        )
+    except RuntimeError as error:
+        print(f"  tinygemm did not run: {error}", flush=True)
+        tiny_ok = False
     f8_args = (x8._data, f8._data.t(), x8._scale, f8._scale.t(), None, torch.bfloat16)
     check("float8 W8A8", ops.float8_mm(*f8_args), float8_mm_reference(*f8_args), 2e-2)
     times = {
@@ -69,6 +102,9 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 11008), (1, 4096, 14336), (64, 4096,
                 x, packed["qint4"]._packed, packed["qint4"]._scale_zeros, None, 4, 128
             )
         ),
+        "int4 (tinygemm)": gpu_us(lambda: torch.ops.aten._weight_int4pack_mm(x, tiny, 128, tiny_sz))
+        if tiny_ok
+        else float("nan"),
         "int2 (Triton)": gpu_us(
             lambda: ops.lowbit_weight_mm(
                 x, packed["qint2"]._packed, packed["qint2"]._scale_zeros, None, 2, 128
@@ -79,3 +115,8 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 11008), (1, 4096, 14336), (64, 4096,
     }
     bf16 = times["bf16"]
     print("  " + "  ".join(f"{k} {v:.1f} us ({v / bf16:.2f}x)" for k, v in times.items()), flush=True)
+    print(
+        f"  configs: lowbit {triton_lowbit_mm._autotuned.best_config}, "
+        f"int8 {triton_lowbit_mm._int8_autotuned.best_config}",
+        flush=True,
+    )
