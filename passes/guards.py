@@ -90,6 +90,30 @@ def check_rescale(match: Match) -> str | None:
     return None
 
 
+def check_rescale_16bit(match: Match) -> str | None:
+    """x16(f32(int32) * f32(a_scale * b_scale)) [+ bias]: per-row and per-column scales, the scales, the
+    result and the bias in one 16-bit dtype, both products in float32."""
+    n = _gemm_n(match)
+    m = value(match, "a").shape[0]
+    out_dtype = match.output_node().meta["val"].dtype
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        return f"the chain returns {out_dtype}, not a 16-bit float"
+    converts = [node.args[1] for node in _nodes(match, prims.convert_element_type.default)]
+    if converts.count(torch.float32) != 2 or converts.count(out_dtype) != 1:
+        return f"the chain converts to {[str(d) for d in converts]}, not accumulator and scales to float32"
+    a_scale, b_scale = value(match, "a_scale"), value(match, "b_scale")
+    if a_scale.dtype != out_dtype or b_scale.dtype != out_dtype:
+        return f"the scales are {a_scale.dtype} / {b_scale.dtype} but the chain returns {out_dtype}"
+    if not (a_scale.numel() == 1 or tuple(a_scale.shape) == (m, 1)):
+        return f"the row scale shaped {tuple(a_scale.shape)} is not (M, 1)"
+    if not (b_scale.numel() == 1 or tuple(b_scale.shape) == (1, n)):
+        return f"the column scale shaped {tuple(b_scale.shape)} is not (1, N)"
+    bias = value(match, "bias")
+    if bias is not None and (bias.dtype != out_dtype or tuple(bias.shape) not in ((n,), (1, n))):
+        return f"the bias ({bias.dtype}, {tuple(bias.shape)}) is not a {out_dtype} (N,) vector"
+    return None
+
+
 def check_weight_only(match: Match) -> str | None:
     """x @ (float(w) * scale).T [+ bias]: int8 (N, K) weight, per-output-channel scale, one float dtype."""
     x, w, scale = value(match, "x"), value(match, "w"), value(match, "scale")

@@ -49,6 +49,10 @@ def _f32(*shape):
     return torch.empty(shape, dtype=torch.float32)
 
 
+def _bf16(*shape):
+    return torch.empty(shape, dtype=torch.bfloat16)
+
+
 def _i32(*shape):
     return torch.empty(shape, dtype=torch.int32)
 
@@ -124,6 +128,20 @@ def rescale_outer_bias_pattern(a, b, a_scale, b_scale, bias):
 def rescale_outer_bias_replacement(a, b, a_scale, b_scale, bias, *, out):
     out = int8_mm_rescale(a, b, _as_column(a_scale), _as_row(b_scale), bias.reshape(-1), out.dtype)
     return out.reshape(out.shape)
+
+
+# 16-bit models: the runtime multiplies the row and column scales in the model's dtype, then rescales in
+# float32 and rounds the result to the model's dtype (before the bias):
+# x16(f32(a @ b) * f32(a_scale * b_scale)) [+ bias] -> int8_mm_rescale(a, b, a_scale, b_scale[, bias]).
+# The fused op multiplies the scales in float32 and adds the bias before its one rounding: it differs from
+# eager by about one 16-bit rounding (it skips two), not bit-exact.
+def rescale_outer_16bit_pattern(a, b, a_scale, b_scale):
+    scale = (a_scale * b_scale).to(torch.float32)
+    return (torch._int_mm(a, b).to(torch.float32) * scale).to(a_scale.dtype)
+
+
+def rescale_outer_16bit_bias_pattern(a, b, a_scale, b_scale, bias):
+    return rescale_outer_16bit_pattern(a, b, a_scale, b_scale) + bias
 
 
 # f32(a @ b) * scale -> int8_mm_rescale(a, b, 1, scale), scale per tensor or per column
@@ -239,6 +257,13 @@ RULES: tuple[Rule, ...] = (
     Rule("rescale_outer", "fuse", rescale_outer_pattern, rescale_outer_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(_M, 1), _f32(1, _N)], guards.check_rescale,
          "int32 -> float by per-row x per-column scales"),
+    Rule("rescale_outer_16bit_bias", "fuse", rescale_outer_16bit_bias_pattern, rescale_outer_bias_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _bf16(_M, 1), _bf16(1, _N), _bf16(_N)],
+         guards.check_rescale_16bit,
+         "as rescale_outer_bias in a bfloat16 / float16 model (scales multiplied in 16 bits)"),
+    Rule("rescale_outer_16bit", "fuse", rescale_outer_16bit_pattern, rescale_outer_replacement,
+         lambda: [_i8(_M, _K), _i8(_K, _N), _bf16(_M, 1), _bf16(1, _N)], guards.check_rescale_16bit,
+         "as rescale_outer in a bfloat16 / float16 model"),
     Rule("rescale", "fuse", rescale_pattern, rescale_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, _N)], guards.check_rescale,
          "int32 -> float by one scale per tensor, row or column"),

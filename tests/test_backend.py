@@ -287,6 +287,27 @@ def test_fx_graph_cache_hits_keep_fused_code_and_options_change_the_key(tmp_path
     assert int(unfused[1]) == 0 and int(unfused[2]) >= 1  # another option: not the stale fused entry
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dynamic_mlp_in_16_bits_is_fused(dtype, dims):
+    # A 16-bit model multiplies its row and column scales in 16 bits before the float32 rescale: its own
+    # rules. The fused op rounds once where eager rounds three times, and a changed rounding can move a
+    # second-layer activation by one int8 step: the fused model must stay as close to float as eager.
+    model = mlp().to(dtype)
+    x = torch.randn(32, 64, dtype=dtype) if dims == 2 else torch.randn(2, 16, 64, dtype=dtype)
+    q = quantized(model, x, mode="dynamic")
+    counters.clear()
+    out, code = compile_and_run(q, x)
+    with torch.no_grad():
+        eager, reference = q(x), model.float()(x.float())
+    assert counters["rescale_outer_16bit_bias"] == 2 and counters["rescale_bias_relu"] == 1
+    FileCheck().check_count("torch.ops.quanto_fx.int8_mm_rescale.default(", 2, exactly=True).run(code)
+    FileCheck().check_not("aten._int_mm").run(code)
+    assert out.dtype == dtype
+    assert sqnr(reference, out) >= sqnr(reference, eager) - 1.0
+    assert_close_to_max(out, eager, 2 / 127)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_weight_only_chains_are_fused_into_the_weight_only_kernel(dtype):
     q = freeze(quantize(mlp().to(dtype), weights=quanto_fx.qint8, activations=None))
