@@ -1,11 +1,11 @@
 """GPU sweep of the weight-only Triton kernels' block configs and split-K at decode shapes (M <= 16).
 
-Run on a CUDA machine with triton, through ``bench/gpu_all.sh`` (about 2 minutes). Each config runs once
-against the reference (a mismatch stops the sweep), then is timed as a CUDA-graph replay (GPU time, no host
-overhead), microseconds per call, against bf16 ``F.linear`` and torch's tinygemm int4 kernel. It prints the
-fastest configs per shape: the tiers and DECODE_SPLIT_K in ``quanto_fx/kernels/triton_lowbit_mm.py`` come
-from its output. Then, for prefill shapes, it compares the autotuned kernels with dequantizing the weight to
-bf16 and calling cuBLAS.
+Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 2 minutes). Each config runs
+once against the reference (a mismatch stops the sweep), then is timed as a CUDA-graph replay (GPU time, no
+host overhead), microseconds per call, against bf16 ``F.linear`` and torch's tinygemm int4 kernel. It prints
+the fastest configs per shape: the tiers and DECODE_SPLIT_K in ``quanto_fx/kernels/triton_lowbit_mm.py``
+come from its output. Then, for prefill shapes, it compares the autotuned kernels with dequantizing the
+weight to bf16 and calling cuBLAS.
 """
 
 import itertools
