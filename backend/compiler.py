@@ -30,12 +30,14 @@ class BackendOptions:
     """Options of the quanto backend, given as ``torch.compile(..., options={...})``.
 
     Attributes:
-        fusion: rewrite int8 GEMM chains into fused kernels (False: plain inductor, for comparison).
+        fusion: "auto" (default) rewrites int8 GEMM chains into the fused ops where those are the faster
+            code (CUDA: the Triton kernels; on the CPU inductor fuses the epilogue itself, faster) and int8
+            weight-only chains everywhere; True rewrites every chain on every device; False: plain inductor.
         dump_dir: write each graph before and after every pass stage, and a JSON report, to this folder.
         report: print a fusion summary of every compiled graph.
     """
 
-    fusion: bool = True
+    fusion: bool | str = "auto"
     dump_dir: str | None = None
     report: bool = False
 
@@ -46,10 +48,11 @@ class BackendOptions:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown quanto backend option(s) {unknown}; valid options: {sorted(valid)}")
-        if not isinstance(options.get("fusion", True), bool) or not isinstance(
-            options.get("report", False), bool
-        ):
-            raise TypeError("quanto backend options 'fusion' and 'report' must be booleans")
+        fusion = options.get("fusion", "auto")
+        if not (isinstance(fusion, bool) or fusion == "auto"):
+            raise TypeError(f"quanto backend option 'fusion' must be True, False or 'auto', got {fusion!r}")
+        if not isinstance(options.get("report", False), bool):
+            raise TypeError("quanto backend option 'report' must be a boolean")
         if options.get("dump_dir") is not None:
             options["dump_dir"] = str(options["dump_dir"])
         return cls(**options)
@@ -88,7 +91,8 @@ class QuantoGraphPass(CustomGraphPass):
 
         report = GraphReport()
         if self.options.fusion:
-            run_passes(graph, report, keep_graphs=self.options.observed or active_session() is not None)
+            keep_graphs = self.options.observed or active_session() is not None
+            run_passes(graph, report, keep_graphs=keep_graphs, fusion=self.options.fusion)
         self._publish(report)
 
     def _publish(self, report) -> None:

@@ -37,11 +37,10 @@ def dump_graph_report(folder: Path, graph_id: int, report) -> None:
 
 
 def format_graph_report(graph_id: int, report) -> str:
-    lines = [
-        f"graph {graph_id}: {len(report.fused)} rewrite(s), {len(report.unfused)} int8 GEMM(s) left unfused"
-    ]
+    left = len(report.unfused)
+    lines = [f"graph {graph_id}: {len(report.fused)} rewrite(s), {left} int8 GEMM(s) left to inductor"]
     lines += [f"  fused   [{f['stage']}] {f['rule']}: {', '.join(f['nodes'][:4])}..." for f in report.fused]
-    lines += [f"  unfused {u['node']}: {u['reason']}" for u in report.unfused]
+    lines += [f"  left    {u['node']}: {u['reason']}" for u in report.unfused]
     return "\n".join(lines)
 
 
@@ -76,7 +75,7 @@ class ExplainReport:
             lines += [f"  rejected by {r['rule']} at {r['node']}: {r['reason']}" for r in report.rejected]
         lines.append("\n-- generated code " + "-" * 42)
         kernels = ", ".join(f"{k} x{v}" for k, v in self.fused_kernels.items()) or "none"
-        lines.append(f"fused kernels: {kernels}; unfused aten._int_mm calls: {self.unfused_int_mm_in_code}")
+        lines.append(f"fused kernels: {kernels}; aten._int_mm calls left: {self.unfused_int_mm_in_code}")
         lines.append("\n-- dequantize fallbacks (eager run) " + "-" * 24)
         if self.fallbacks:
             lines += [f"  {op}: {n}" for op, n in sorted(self.fallbacks.items(), key=lambda kv: -kv[1])]

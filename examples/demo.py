@@ -190,11 +190,11 @@ def run(eval_sentences: int = 128, calibration_batches: int = 4, repeats: int = 
 
     explained = quanto_fx.explain(static, *timing_batch)
     fused = ", ".join(f"{k} x{v}" for k, v in explained.fused_kernels.items()) or "none"
-    unfused = [u for r in explained.pass_reports for u in r.unfused]
+    left = [u for r in explained.pass_reports for u in r.unfused]
     say(f"\nfusion (W8A8 static): {len(explained.captured_graphs)} graph(s), {len(explained.graph_breaks)} "
-        f"break(s); fused kernels: {fused}; int8 GEMMs left unfused: {len(unfused)}")  # fmt: skip
-    for u in unfused[:3]:
-        say(f"  unfused {u['node']}: {u['reason']}")
+        f"break(s); fused kernels: {fused}; int8 GEMMs left to inductor: {len(left)}")  # fmt: skip
+    for reason in sorted({u["reason"] for u in left}):
+        say(f"  {sum(u['reason'] == reason for u in left)} x {reason}")
     say(f"dequantize fallbacks in eager mode: {explained.fallbacks or 'none'}")
 
     report = layer_report(model, quantize(model, activation_mode="dynamic", inplace=False), *timing_batch)

@@ -44,12 +44,28 @@ class GraphReport:
 _local = threading.local()
 
 
+FUSION_MODES = (True, "auto")
+
+
 def _report() -> GraphReport | None:
     return getattr(_local, "report", None)
 
 
+def _device_reason(rule: Rule, match: Match) -> str | None:
+    """Why fusion="auto" leaves this match alone on its device (see ``Rule.auto_devices``), or None."""
+    if getattr(_local, "fusion", "auto") != "auto" or rule.auto_devices is None:
+        return None
+    device = match.output_node().meta["val"].device.type
+    if device in rule.auto_devices:
+        return None
+    return (
+        f"on {device}, inductor fuses this epilogue after aten._int_mm itself, faster than the fused op "
+        "(fusion='auto'; fusion=True forces the fused op)"
+    )
+
+
 def _extra_check(rule: Rule, match: Match) -> bool:
-    reason = rule.check(match)
+    reason = _device_reason(rule, match) or rule.check(match)
     if reason is not None and (report := _report()) is not None:
         report.rejected.append({"rule": rule.name, "node": match.output_node().name, "reason": reason})
         log.debug("rule %s rejected %s: %s", rule.name, match.output_node().name, reason)
@@ -98,25 +114,40 @@ def stage_pass(stage: str) -> PatternMatcherPass:
     return matcher
 
 
+# How far below an int8 GEMM a rule's chain may end (the longest, requantize_bias_3d, spans 9 nodes).
+_CHAIN_DEPTH = 10
+
+
 def _unfused_reason(node: torch.fx.Node, rejected: dict[str, str]) -> str:
     users = list(node.users)
     if len(users) != 1:
         return f"its int32 result has {len(users)} users; fusing would compute the GEMM twice"
-    for n in node.users:
-        chain = [n, *n.users]
-        for candidate in chain:
+    # The rejected match's output is where its chain ends: up to a requantization's final int8 cast.
+    frontier = users
+    for _ in range(_CHAIN_DEPTH):
+        for candidate in frontier:
             if candidate.name in rejected:
                 return rejected[candidate.name]
+        frontier = [user for candidate in frontier for user in candidate.users]
     consumer = users[0]
     return f"its consumer {consumer.target} starts no chain that a rule covers"
 
 
 def run_passes(
-    graph: torch.fx.Graph, report: GraphReport | None = None, keep_graphs: bool = False
+    graph: torch.fx.Graph,
+    report: GraphReport | None = None,
+    keep_graphs: bool = False,
+    fusion: bool | str = "auto",
 ) -> GraphReport:
-    """Apply every stage in order to ``graph`` (in place); returns the report."""
+    """Apply every stage in order to ``graph`` (in place); returns the report.
+
+    ``fusion="auto"`` applies each rule on the devices where its fused op is the faster code
+    (``Rule.auto_devices``: the int8 GEMM rules on CUDA only); ``True`` applies every rule everywhere.
+    """
+    if fusion not in FUSION_MODES or not isinstance(fusion, (bool, str)):
+        raise ValueError(f"fusion must be True or 'auto', got {fusion!r}")
     report = report or GraphReport()
-    _local.report = report
+    _local.report, _local.fusion = report, fusion
     try:
         if keep_graphs:
             report.graphs["before"] = str(graph)
@@ -125,7 +156,7 @@ def run_passes(
             if keep_graphs:
                 report.graphs[f"after_{stage}"] = str(graph)
     finally:
-        _local.report = None
+        _local.report, _local.fusion = None, "auto"
     rejected = {r["node"]: r["reason"] for r in report.rejected}
     for node in graph.find_nodes(op="call_function", target=torch.ops.aten._int_mm.default):
         report.unfused.append({"node": node.name, "reason": _unfused_reason(node, rejected)})

@@ -27,11 +27,14 @@ def test_w8a8_dynamic_keeps_the_embeddings(demo):
     assert variants["float32 compiled (inductor)"]["cosine"] > 0.9999
 
 
-def test_static_graph_is_fused_and_smaller_checkpoint(demo):
+def test_static_graph_compiles_whole_and_smaller_checkpoint(demo):
     explained = demo["explain"]
-    # 6 layers x 6 linear layers, every one a fused requantizing int8 GEMM, no graph break
-    assert explained.fused_kernels.get("int8_mm_requantize") == 36
-    assert explained.unfused_int_mm_in_code == 0 and not explained.graph_breaks
+    # 6 layers x 6 linear layers, one graph; on the CPU fusion="auto" leaves each int8 GEMM's epilogue to
+    # inductor (faster there than the fused op), and says so for every one
+    assert not explained.graph_breaks and explained.unfused_int_mm_in_code == 36
+    assert "int8_mm_requantize" not in explained.fused_kernels
+    reasons = [u["reason"] for r in explained.pass_reports for u in r.unfused]
+    assert len(reasons) == 36 and all("inductor fuses this epilogue" in reason for reason in reasons)
     # int8 everywhere but the norms and biases (the 11.7M-parameter embedding tables included)
     assert demo["sizes"]["W8A8 dynamic, eager"] < 0.27 * demo["sizes"]["float32 eager"]
 

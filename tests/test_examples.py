@@ -62,7 +62,7 @@ def test_llama_decoder_compiles_with_every_linear_fused():
     vocab = sorted(set(text))
     ids = example.windows(example.encode(text, vocab))[:4]
     qmodel = quanto_fx.freeze(quanto_fx.quantize(example.make_model(len(vocab)), activation_mode="dynamic"))
-    report = quanto_fx.explain(qmodel, ids)
+    report = quanto_fx.explain(qmodel, ids, options={"fusion": True})  # the rules, forced on the CPU
     # 2 layers x 7 projections + the LM head, in one graph, each a fused int8 GEMM with its rescale
     assert report.graph_count == 1 and not report.graph_breaks
     assert report.fused_kernels == {"int8_mm_rescale": 15} and report.unfused_int_mm_in_code == 0

@@ -9,12 +9,13 @@ from quanto_fx import QTensor
 from quanto_fx.passes import RULES, STAGES, GraphReport, counters, run_passes
 
 
-def compile_with_report(fn, *inputs):
-    """Compile ``fn`` with inductor and our passes, returning (output, code, reports)."""
+def compile_with_report(fn, *inputs, fusion=True):
+    """Compile ``fn`` with inductor and our passes, returning (output, code, reports). ``fusion=True``
+    applies the int8 GEMM rules on the CPU too (under "auto" they fire on CUDA only)."""
     reports = []
 
     def passes(graph):
-        reports.append(run_passes(graph))
+        reports.append(run_passes(graph, fusion=fusion))
 
     torch._dynamo.reset()
     counters.clear()
@@ -129,6 +130,32 @@ def test_an_int32_result_with_two_users_is_not_fused():
     assert torch.equal(q8, ref_q8) and torch.equal(deq, ref_deq)
     assert "has 2 users" in reports[0].unfused[0]["reason"]
     assert not counters
+
+
+def test_auto_leaves_cpu_int8_gemm_chains_to_inductor_with_the_reason():
+    def fn(x, w, out_scale):
+        return (x @ w.t()).rescale(torch.int8, out_scale)._data, F.linear(x, w).dequantize()
+
+    x, w = operands(None, 0)
+    out_scale = torch.tensor(0.05)
+    (q8, deq), code, reports = compile_with_report(fn, x, w, out_scale, fusion="auto")
+    ref_q8, ref_deq = fn(x, w, out_scale)
+    assert torch.equal(q8, ref_q8)  # inductor's own epilogue: still bit-exact
+    torch.testing.assert_close(deq, ref_deq, rtol=1e-6, atol=1e-6)
+    assert not counters and code.count("_int_mm") >= 2 and "quanto_fx.int8_mm" not in code
+    reasons = [u["reason"] for u in reports[0].unfused]
+    assert len(reasons) == 2 and all(r.startswith("on cpu, inductor fuses this epilogue") for r in reasons)
+    # every int8 GEMM rule names CUDA as its "auto" device; weight-only rules fire everywhere
+    gemm_rules = [r for r in RULES if r.stage == "fuse" and not r.name.startswith("weight_only")]
+    assert gemm_rules and all(r.auto_devices == ("cuda",) for r in gemm_rules)
+    assert all(r.auto_devices is None for r in RULES if r.name.startswith("weight_only"))
+
+
+def test_run_passes_refuses_an_unknown_fusion_mode():
+    graph = torch.fx.symbolic_trace(lambda x: x + 1).graph
+    for fusion in ("always", 1, None):
+        with pytest.raises(ValueError, match="fusion must be True or 'auto'"):
+            run_passes(graph, fusion=fusion)
 
 
 def test_rules_table_is_well_formed():
