@@ -110,7 +110,7 @@ ERRORS = [
     ("unknown backend option", lambda: quanto_fx.backend.BackendOptions.from_dict({"fuse": True}),
      ValueError, "unknown quanto backend option"),
     ("backend option of the wrong type", lambda: quanto_fx.backend.BackendOptions.from_dict({"fusion": "yes"}),
-     TypeError, "booleans"),
+     TypeError, "True, False or .auto."),
     ("bad calibration momentum", lambda: calibration(momentum=1.0).__enter__(), ValueError, "momentum"),
     ("calibrate over zero batches", lambda: quanto_fx.calibrate(quantize(mlp()), [torch.randn(2, 8)], max_batches=0),
      ValueError, "max_batches"),
