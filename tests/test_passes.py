@@ -151,6 +151,28 @@ def test_auto_leaves_cpu_int8_gemm_chains_to_inductor_with_the_reason():
     assert all(r.auto_devices is None for r in RULES if r.name.startswith("weight_only"))
 
 
+def test_auto_keeps_the_int8_gemm_rules_on_cuda():
+    # No GPU needed: the device policy reads the match's fake output value only.
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from quanto_fx.passes import pipeline
+
+    with FakeTensorMode():
+        values = {device: torch.empty(2, 2, device=device) for device in ("cuda", "cpu")}
+    rule = next(r for r in RULES if r.name == "rescale_outer_bias")
+    weight_only = next(r for r in RULES if r.name == "weight_only")
+
+    def match(device):
+        node = SimpleNamespace(meta={"val": values[device]})
+        return SimpleNamespace(output_node=lambda: node)
+
+    assert pipeline._device_reason(rule, match("cuda")) is None
+    assert pipeline._device_reason(weight_only, match("cpu")) is None
+    assert "on cpu, inductor fuses" in pipeline._device_reason(rule, match("cpu"))
+
+
 def test_run_passes_refuses_an_unknown_fusion_mode():
     graph = torch.fx.symbolic_trace(lambda x: x + 1).graph
     for fusion in ("always", 1, None):
