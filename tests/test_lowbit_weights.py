@@ -262,6 +262,32 @@ def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32():
     assert_close_to_max(int8_weight_mm(x, w, scale), int8_weight_mm_reference(x, w, scale), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, dtype):
+    from quanto_fx.kernels import weight_only
+
+    # 16-row blocks (the smallest) over N = 40: blocks of 16, 16 and 8 rows through one reused buffer
+    monkeypatch.setattr(weight_only, "DEQUANTIZE_BLOCK_BYTES", 1)
+    x = torch.randn(weight_only.CPU_KERNEL_MAX_M + 3, 128, dtype=dtype)
+    packed = PackedQTensor.quantize(torch.randn(40, 128), qint4, 64)
+    out = lowbit_weight_mm(x, packed._packed, packed._scale_zeros, packed._kernel, 4, 64)
+    reference = lowbit_weight_mm_reference(x.float(), packed._packed, packed._scale_zeros, 4)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == (x.shape[0], 40)
+    assert_close_to_max(out.float(), reference, tolerance)
+    w, scale = torch.randint(-127, 128, (40, 128), dtype=torch.int8), torch.rand(40)
+    expected = weight_only.int8_weight_mm_reference(x.float(), w, scale)
+    assert_close_to_max(weight_only.int8_weight_mm(x, w, scale).float(), expected, tolerance)
+
+
+def test_dequantize_groupwise_into_a_buffer_matches_the_allocating_form():
+    codes, scale_zeros = quantize_groupwise(torch.randn(24, 64), 4, 32, shift=True)
+    buffer = torch.full((24, 64), float("nan"))
+    out = dequantize_groupwise(codes, scale_zeros, 4, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr()
+    assert torch.equal(out, dequantize_groupwise(codes, scale_zeros, 4))
+
+
 @pytest.mark.parametrize("in_features", [5, 24, 100])  # aten's int8 CPU kernel segfaults unless K % 16 == 0
 def test_int8_weight_only_takes_any_number_of_features(in_features):
     model = torch.nn.Sequential(torch.nn.Linear(in_features, 8))

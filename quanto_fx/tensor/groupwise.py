@@ -96,11 +96,19 @@ def quantize_groupwise(
     return codes.to(torch.uint8).reshape(out_features, in_features), scale_zeros
 
 
-def dequantize_groupwise(codes: torch.Tensor, scale_zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(q - mid) * scale + zero`` in the scales' dtype, shaped like ``codes`` (N, K)."""
+def dequantize_groupwise(
+    codes: torch.Tensor, scale_zeros: torch.Tensor, bits: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(q - mid) * scale + zero`` in the scales' dtype, shaped like ``codes`` (N, K).
+
+    ``out``: a contiguous (N, K) tensor of the scales' dtype to write into (the same values, computed in
+    place: no temporary of the weight's size).
+    """
     out_features, in_features = codes.shape
     n_groups = scale_zeros.shape[0]
     per_group = scale_zeros.permute(1, 0, 2)  # (N, groups, 2)
-    centred = codes.reshape(out_features, n_groups, -1).to(scale_zeros.dtype) - 2 ** (bits - 1)
-    values = centred * per_group[..., :1] + per_group[..., 1:]
-    return values.reshape(out_features, in_features)
+    if out is None:
+        out = torch.empty((out_features, in_features), dtype=scale_zeros.dtype, device=codes.device)
+    grouped = out.view(out_features, n_groups, -1)
+    grouped.copy_(codes.reshape(out_features, n_groups, -1))
+    return grouped.sub_(2 ** (bits - 1)).mul_(per_group[..., :1]).add_(per_group[..., 1:]).view_as(out)
