@@ -128,7 +128,7 @@ def _unfused_reason(node: torch.fx.Node, rejected: dict[str, str]) -> str:
         for candidate in frontier:
             if candidate.name in rejected:
                 return rejected[candidate.name]
-        frontier = [user for candidate in frontier for user in candidate.users]
+        frontier = list(dict.fromkeys(user for candidate in frontier for user in candidate.users))
     consumer = users[0]
     return f"its consumer {consumer.target} starts no chain that a rule covers"
 
