@@ -49,10 +49,14 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 4096)
 
 
+def _tier(tiers: dict, m: int) -> list[triton.Config]:
+    """The configs of the first tier of ``tiers`` (max M -> configs, None last) that takes M = ``m``."""
+    return next(tier for max_m, tier in tiers.items() if max_m is None or m <= max_m)
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """The configs of M's tier."""
-    m = named_args["M"]
-    return next(tier for max_m, tier in CONFIG_TIERS.items() if max_m is None or m <= max_m)
+    return _tier(CONFIG_TIERS, named_args["M"])
 
 
 def _bench_on_gpu_alone(kernel_call, quantiles):

@@ -38,7 +38,7 @@ import triton.language as tl
 from ..tensor.groupwise import check_packed_weight
 from ..tensor.quantization import GEMM_FLOAT_DTYPES
 from .triton_int8_mm import _tile_ids
-from .triton_launch import _bench_on_gpu_alone, _device_guard, _m_bucket
+from .triton_launch import _bench_on_gpu_alone, _config, _device_guard, _m_bucket, _tier
 
 LOWBIT_BITS = (2, 4)
 
@@ -162,11 +162,6 @@ def lowbit_mm_kernel(
 # -- the launcher --------------------------------------------------------------------------------------
 
 
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
-
-
 # Block configs in tiers by M; the autotuner picks within the tier. _prune_configs fits BLOCK_K to the group
 # size (see _fit_block_k). Timings: bench/gpu_weight_only_sweep.py, H200, torch 2.11, bench/RESULTS.md.
 CONFIG_TIERS = {
@@ -200,11 +195,6 @@ def _split_k(m: int, k: int) -> int:
     if m > 16 or torch.are_deterministic_algorithms_enabled():
         return 1
     return max(1, min(DECODE_SPLIT_K, k // SPLIT_K_MIN_K))
-
-
-def _tier(tiers: dict, m: int) -> list[triton.Config]:
-    """The configs of the first tier of ``tiers`` (max M -> configs, None last) that takes M = ``m``."""
-    return next(tier for max_m, tier in tiers.items() if max_m is None or m <= max_m)
 
 
 def min_block_k(bits: int) -> int:
