@@ -61,6 +61,15 @@ def check_requantize(match: Match) -> str | None:
     return _reshape_keeps_columns(match, n)
 
 
+def _outer_scales_reason(a_scale: torch.Tensor, b_scale: torch.Tensor, m: int, n: int) -> str | None:
+    """Row scales (M, 1) and column scales (1, N), either of them possibly per tensor."""
+    if not (a_scale.numel() == 1 or tuple(a_scale.shape) == (m, 1)):
+        return f"the row scale shaped {tuple(a_scale.shape)} is not (M, 1)"
+    if not (b_scale.numel() == 1 or tuple(b_scale.shape) == (1, n)):
+        return f"the column scale shaped {tuple(b_scale.shape)} is not (1, N)"
+    return None
+
+
 def check_rescale(match: Match) -> str | None:
     """int32 -> float with per-tensor, per-row or per-column scales [+ (N,) bias], all in one float dtype."""
     n = _gemm_n(match)
@@ -77,11 +86,8 @@ def check_rescale(match: Match) -> str | None:
         if scale.ndim > 2:
             return "the scale has more than two dimensions"
     a_scale, b_scale = value(match, "a_scale"), value(match, "b_scale")
-    if a_scale is not None:
-        if not (a_scale.numel() == 1 or tuple(a_scale.shape) == (m, 1)):
-            return f"the row scale shaped {tuple(a_scale.shape)} is not (M, 1)"
-        if not (b_scale.numel() == 1 or tuple(b_scale.shape) == (1, n)):
-            return f"the column scale shaped {tuple(b_scale.shape)} is not (1, N)"
+    if a_scale is not None and (reason := _outer_scales_reason(a_scale, b_scale, m, n)) is not None:
+        return reason
     bias = value(match, "bias")
     if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) not in ((n,), (1, n))):
         return "the bias is not a float (N,) vector"
@@ -104,10 +110,8 @@ def check_rescale_16bit(match: Match) -> str | None:
     a_scale, b_scale = value(match, "a_scale"), value(match, "b_scale")
     if a_scale.dtype != out_dtype or b_scale.dtype != out_dtype:
         return f"the scales are {a_scale.dtype} / {b_scale.dtype} but the chain returns {out_dtype}"
-    if not (a_scale.numel() == 1 or tuple(a_scale.shape) == (m, 1)):
-        return f"the row scale shaped {tuple(a_scale.shape)} is not (M, 1)"
-    if not (b_scale.numel() == 1 or tuple(b_scale.shape) == (1, n)):
-        return f"the column scale shaped {tuple(b_scale.shape)} is not (1, N)"
+    if (reason := _outer_scales_reason(a_scale, b_scale, m, n)) is not None:
+        return reason
     bias = value(match, "bias")
     if bias is not None and (bias.dtype != out_dtype or tuple(bias.shape) not in ((n,), (1, n))):
         return f"the bias ({bias.dtype}, {tuple(bias.shape)}) is not a {out_dtype} (N,) vector"
