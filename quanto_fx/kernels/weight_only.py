@@ -87,8 +87,9 @@ DEQUANTIZE_BLOCK_BYTES = 8 << 20
 
 def _blocked_gemm(x: torch.Tensor, out_features: int, fill_rows) -> torch.Tensor:
     """``x @ W.T`` with W dequantized one cache-sized block of rows at a time: ``fill_rows(start, stop,
-    block)`` writes rows start:stop of W into ``block``, one buffer reused for every block (a fresh block
-    per step cost page faults and a second pass: at M = 128, K = N = 4096, int8, 56 -> 25 ms; fp32 17 ms)."""
+    block)`` writes rows start:stop of W into ``block``, one buffer reused for every block, in one pass.
+    Still slower than the float GEMM past M = 16 (M = 128, K = N = 4096: int8 1.4x, int4 2.3x fp32's time,
+    bench/RESULTS.md): the dequantization costs about as much as the GEMM."""
     row_bytes = max(1, x.shape[1] * x.element_size())
     rows = max(1, min(out_features, max(16, DEQUANTIZE_BLOCK_BYTES // row_bytes)))
     buffer = x.new_empty((rows, x.shape[1]))
