@@ -30,3 +30,24 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="class")
+def _interpreter_numpy_fix():
+    """Apply triton's own fix for numpy >= 2.4 to the 3.6.0 interpreter while the class runs.
+
+    The interpreter turns a scalar into a Python int with ``int(array of shape (1,))``, which numpy 2.4
+    rejects (so any ``range(tl.cdiv(K, BLOCK_K))`` fails): triton-lang/triton#9171, fixed after 3.6.0 by
+    ``.item()``-ing the array, as here.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+    yield
+    interpreter._patch_lang_tensor = original

@@ -16,6 +16,7 @@ import torch
 from quanto_fx.kernels import int8_mm_requantize_reference, int8_mm_rescale_reference
 
 from .test_kernels import make_operands, on_cpu, requantize_out_scale
+from .utils import INTERPRETING, config_id, requires_cuda
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels.triton_int8_mm import int8_mm_requantize_kernel, int8_mm_rescale_kernel  # noqa: E402
@@ -25,11 +26,6 @@ from quanto_fx.kernels.triton_launch import (  # noqa: E402
     int8_mm_requantize_triton,
     int8_mm_rescale_triton,
 )
-
-# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when quanto_fx.kernels is imported: the
-# interpreted tests run in a child pytest that starts with it set (test_kernels_in_the_interpreter).
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def run_both(args_rescale, args_requantize, relu, config=None, out_dtype=torch.float32):
@@ -55,27 +51,6 @@ def test_triton_kernels_are_the_cuda_implementations(op):
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})
 # The sizes that leave a partial tile on every edge.
 ODD_SHAPES = [(m, k, n) for m in (1, 5, 33) for k in (24, 100) for n in (8, 40)]
-
-
-@pytest.fixture(scope="class")
-def _interpreter_numpy_fix():
-    """Apply triton's own fix for numpy >= 2.4 to the 3.6.0 interpreter while the class runs.
-
-    The interpreter turns a scalar into a Python int with ``int(array of shape (1,))``, which numpy 2.4
-    rejects (so any ``range(tl.cdiv(K, BLOCK_K))`` fails): triton-lang/triton#9171, fixed after 3.6.0 by
-    ``.item()``-ing the array, as here.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-    yield
-    interpreter._patch_lang_tensor = original
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child pytest")
@@ -152,11 +127,6 @@ def compile_for_h100(kernel, pointer_types, config, layout):
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-
-
-def config_id(config) -> str:
-    kw = config.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")

@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+from .utils import INTERPRETING, config_id, requires_cuda
+
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels import triton_lowbit_mm as lowbit_module  # noqa: E402
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
@@ -31,12 +33,6 @@ from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     lowbit_mm_triton,
     min_block_k,
 )
-
-# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when the module above is imported: the
-# interpreted tests run in a child pytest that starts with it set (test_lowbit_kernel_in_the_interpreter).
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 # -- the format, in plain torch ------------------------------------------------------------------------
 
@@ -346,27 +342,6 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
 
 
 @pytest.fixture(scope="class")
-def _interpreter_numpy_fix():
-    """Apply triton's own fix for numpy >= 2.4 to the 3.6.0 interpreter while the class runs.
-
-    Same fix as tests/test_kernels_triton.py: the interpreter turns a scalar into a Python int with
-    ``int(array of shape (1,))``, which numpy 2.4 rejects (so any ``range(0, K, BLOCK_K)`` fails):
-    triton-lang/triton#9171, fixed after 3.6.0 by ``.item()``-ing the array, as here.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-    yield
-    interpreter._patch_lang_tensor = original
-
-
-@pytest.fixture(scope="class")
 def _interpreter_bfloat16_dot_fix():
     """Let the 3.6.0 interpreter run ``tl.dot`` on bfloat16 operands while the class runs.
 
@@ -582,11 +557,6 @@ def compile_for_h100(bits, group_size, config, dtype, split_k=1):
     )
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def config_id(config) -> str:
-    kw = config.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
 
 
 def _unique(configs):

@@ -1,6 +1,20 @@
 """Shared test helpers: float references and error measures."""
 
+import os
+
+import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when quanto_fx.kernels is imported: the
+# Triton tests run their interpreted cases in a child pytest started with it set.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def config_id(config) -> str:
+    """A readable pytest id for a triton.Config of the GEMM kernels."""
+    kw = config.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
 
 
 def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
