@@ -10,7 +10,8 @@ included) against the bf16 ``nn.Linear``. The numbers in RESULTS.md came from th
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
+from gpu_timing import gpu_us as g
+from triton.testing import do_bench
 
 import quanto_fx.kernels  # noqa
 from quanto_fx import freeze, qint8, quantize
@@ -25,12 +26,6 @@ def unfused(a, b, sa, sb, bias):
 
 
 unfused_c = torch.compile(unfused, dynamic=False)
-
-
-def g(fn):  # GPU time (CUDA graph replay: no host overhead), us
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=50) * 1e3
 
 
 def e(fn):  # eager wall per call, us

@@ -10,7 +10,7 @@ M <= 16): int4 weights <= 0.35x bf16, int8 weights <= 0.60x.
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench_cudagraph
+from gpu_timing import gpu_us, tinygemm
 
 import quanto_fx.kernels  # noqa: F401  (registers the ops)
 from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4
@@ -18,24 +18,10 @@ from quanto_fx.kernels import triton_lowbit_mm
 from quanto_fx.kernels.float8_mm import float8_mm_reference, scaled_mm_works
 from quanto_fx.kernels.weight_only import int8_weight_mm_reference, lowbit_weight_mm_reference
 from quanto_fx.tensor import PackedQTensor
-from quanto_fx.tensor.packing import unpack
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
 print("float8 _scaled_mm works:", scaled_mm_works("cuda", torch.bfloat16), flush=True)
 ops = torch.ops.quanto_fx
-
-
-def gpu_us(fn):
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=50) * 1e3
-
-
-def tinygemm_layout(p: PackedQTensor) -> torch.Tensor:
-    """torch's CUDA int4 kernel (tinygemm) layout: uint8 (N, K / 2) codes, even k in the high nibble."""
-    codes = unpack(p._packed, 4).to(torch.int32)
-    high_low = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-    return torch.ops.aten._convert_weight_to_int4pack(high_low, 8)
 
 
 def check(name, out, ref, tolerance, fatal=True):
@@ -81,11 +67,10 @@ for m, k, n in [
     )
     # tinygemm takes the same scales and zeros: w = (q - 8) * scale + zero, (K / G, N, 2).
     try:
-        tiny = tinygemm_layout(packed["qint4"])
-        tiny_sz = packed["qint4"]._scale_zeros.to(torch.bfloat16)
+        tiny = tinygemm(packed["qint4"])
         tiny_ok = check(
             "int4 tinygemm (a peer: torch's CUDA int4 kernel)",
-            torch.ops.aten._weight_int4pack_mm(x, tiny, 128, tiny_sz),
+            tiny(x),
             lowbit_weight_mm_reference(x.float(), packed["qint4"]._packed, packed["qint4"]._scale_zeros, 4),
             2e-2,
             fatal=False,
@@ -102,9 +87,7 @@ for m, k, n in [
                 x, packed["qint4"]._packed, packed["qint4"]._scale_zeros, None, 4, 128
             )
         ),
-        "int4 (tinygemm)": gpu_us(lambda: torch.ops.aten._weight_int4pack_mm(x, tiny, 128, tiny_sz))
-        if tiny_ok
-        else float("nan"),
+        "int4 (tinygemm)": gpu_us(lambda: tiny(x)) if tiny_ok else float("nan"),
         "int2 (Triton)": gpu_us(
             lambda: ops.lowbit_weight_mm(
                 x, packed["qint2"]._packed, packed["qint2"]._scale_zeros, None, 2, 128

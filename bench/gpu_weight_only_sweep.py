@@ -13,7 +13,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench_cudagraph
+from gpu_timing import gpu_us, tinygemm
 
 from quanto_fx import QTensor, qint4
 from quanto_fx.kernels.triton_lowbit_mm import int8_weight_mm_triton, lowbit_mm_triton
@@ -30,23 +30,8 @@ STAGES = (3, 6)
 SPLITS = (1, 2, 4, 8)
 
 
-def gpu_us(fn):
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=20) * 1e3
-
-
 def rel_error(out, ref):
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-
-
-def tinygemm(p):
-    codes = unpack(p._packed, 4).to(torch.int32)
-    layout = torch.ops.aten._convert_weight_to_int4pack(
-        (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8
-    )
-    scale_zeros = p._scale_zeros.to(torch.bfloat16)
-    return lambda x: torch.ops.aten._weight_int4pack_mm(x, layout, GROUP, scale_zeros)
 
 
 def sweep(name, run, ref):
@@ -61,7 +46,7 @@ def sweep(name, run, ref):
             continue
         if error > 2e-2:
             raise SystemExit(f"{name} {config}: error {error:.2e} vs the reference")
-        results.append((gpu_us(lambda: run(config)), config))
+        results.append((gpu_us(lambda: run(config), rep=20), config))
     results.sort(key=lambda r: r[0])
     for t, config in results[:5]:
         print(f"    {name} {t:6.1f} us  {config}", flush=True)
