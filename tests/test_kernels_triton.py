@@ -4,11 +4,7 @@ The ops' tests on a CUDA device (tests/test_kernels.py) run these kernels throug
 each block config runs on its own.
 """
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ import torch
 from quanto_fx.kernels import int8_mm_requantize_reference, int8_mm_rescale_reference
 
 from .test_kernels import make_operands, on_cpu, requantize_out_scale
-from .utils import INTERPRETING, config_id, requires_cuda
+from .utils import INTERPRETING, assert_passes_in_the_interpreter, config_id, requires_cuda
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels.triton_int8_mm import int8_mm_requantize_kernel, int8_mm_rescale_kernel  # noqa: E402
@@ -83,17 +79,7 @@ class TestInterpreted:
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the interpreted run")
 def test_kernels_in_the_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestInterpreted"],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    assert_passes_in_the_interpreter(__file__, "TestInterpreted")
 
 
 # -- compiled for an H100, without one -----------------------------------------------------------------

@@ -6,15 +6,12 @@ plain torch: unpack the codes with shifts, dequantize per group, ``x.float() @ w
 ``x.float() @ (w.float() * scale[:, None]).T``.
 """
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from .utils import INTERPRETING, config_id, requires_cuda
+from .utils import INTERPRETING, assert_passes_in_the_interpreter, config_id, requires_cuda
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels import triton_lowbit_mm as lowbit_module  # noqa: E402
@@ -498,23 +495,9 @@ class TestInt8Interpreted:
         assert torch.equal(int8_weight_mm_triton(x, w, scale, INTERPRETER_CONFIG), torch.zeros(3, 40))
 
 
-INTERPRETED_CLASSES = ("TestInterpreted", "TestInt8Interpreted")
-
-
 @pytest.mark.skipif(INTERPRETING, reason="this is the interpreted run")
 def test_lowbit_kernel_in_the_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    classes = [f"{__file__}::{name}" for name in INTERPRETED_CLASSES]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *classes],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    assert_passes_in_the_interpreter(__file__, "TestInterpreted", "TestInt8Interpreted")
 
 
 # -- compiled for an H100, without one -------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Shared test helpers: float references and error measures."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,29 @@ import torch
 # Triton tests run their interpreted cases in a child pytest started with it set.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def assert_passes_in_the_interpreter(test_file: str, *classes: str) -> None:
+    """Run the test ``classes`` of ``test_file`` in a child pytest under TRITON_INTERPRET=1: all must pass,
+    none may skip (a skip there would hide an interpreter that stopped running them)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *(f"{test_file}::{c}" for c in classes),
+        ],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 def config_id(config) -> str:
