@@ -67,6 +67,7 @@ def test_wheel_has_package_files(wheel):
         "quanto_fx/passes/__init__.py",
         "quanto_fx/backend/__init__.py",
         "quanto_fx/py.typed",
+        "quanto_fx/kernels/cpu_vnni_mm.cpp",  # compiled on first use: must ship as package data
     ):
         assert required in names, f"{required} missing from the wheel"
 

@@ -1,17 +1,20 @@
 """Weight-only GEMM ops: float activations times int8 or packed int4 / int2 weights, dequantized in the GEMM.
 
 - ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU,
-  M <= 16 and K a multiple of 16: ``aten._weight_int8pack_mm``; CUDA: the Triton kernel when triton is
-  installed; otherwise the float GEMM on the dequantized weight.
+  M <= 16: our AVX512-VNNI kernel (``cpu_vnni_mm.py``) where it applies, else ``aten._weight_int8pack_mm``
+  (K a multiple of 16); CUDA: the Triton kernel when triton is installed; otherwise the float GEMM on the
+  dequantized weight.
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
-  int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: ``aten.
-  _weight_int4pack_mm_for_cpu`` on the weight's kernel layout (int2 codes are int4 codes there); CUDA: the
-  Triton kernel when triton is installed; otherwise the dequantize-then-GEMM reference.
+  int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: the VNNI kernel on the
+  portable packing where it applies, else ``aten._weight_int4pack_mm_for_cpu`` on the weight's kernel
+  layout (int2 codes are int4 codes there); CUDA: the Triton kernel when triton is installed; otherwise the
+  dequantize-then-GEMM reference.
 
 Both compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
 pay: they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
 
-CPU precision: aten's CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones
+CPU precision: the VNNI kernel rounds x to 16-bit integers per row (~3e-5 relative on the output). aten's
+CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones
 they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are rounded to
 bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights) and the result
 is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then runs on the weight dequantized
@@ -25,6 +28,7 @@ import torch
 from ..tensor.groupwise import check_packed_weight, dequantize_groupwise
 from ..tensor.packing import unpack
 from ..tensor.quantization import GEMM_FLOAT_DTYPES
+from . import cpu_vnni_mm
 from .library import LIB, TAGS
 
 # Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core Xeon: 0.4x at
@@ -111,6 +115,10 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
     if x.device.type != "cpu":
         return int8_weight_mm_reference(x, w, scale, bias)
+    if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
+        out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8)
+        if out is not None:  # None: x is not finite, left to the float path below
+            return _with_bias(out.to(x.dtype), bias)
     if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE:  # float GEMM, dequantized blocks
         scale = scale.reshape(-1, 1).to(x.dtype)
         out = _blocked_gemm(
@@ -156,11 +164,14 @@ def lowbit_kernel_layout(packed: torch.Tensor, bits: int, group_size: int) -> to
     """The weight in the layout of this device's int4 GEMM kernel, or None when it has none (or the shape
     does not suit it) and the portable packing is used as is.
 
-    CPU: ``aten._convert_weight_to_int4pack_for_cpu`` of the int4 codes; an int2 code ``q`` becomes the int4
-    code ``q + 6``, so that ``q - 2 == (q + 6) - 8`` and the same scales and zeros apply.
+    CPU: none where the VNNI kernel serves the weight (it reads the portable packing: no second copy), else
+    ``aten._convert_weight_to_int4pack_for_cpu`` of the int4 codes; an int2 code ``q`` becomes the int4 code
+    ``q + 6``, so that ``q - 2 == (q + 6) - 8`` and the same scales and zeros apply.
     """
     fake = torch._subclasses.fake_tensor.is_fake(packed) or packed.is_meta
     if fake or torch.compiler.is_compiling() or packed.device.type != "cpu":
+        return None
+    if cpu_vnni_mm.supports(bits, packed.shape[1] * 8 // bits, group_size):
         return None
     if packed.shape[0] % CPU_INT4_N_MULTIPLE or group_size not in CPU_INT4_GROUP_SIZES:
         return None
@@ -172,6 +183,10 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
     if x.device.type != "cpu":
         return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
+    if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(bits, x.shape[1], group_size):
+        out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
+        if out is not None:  # None: x is not finite, left to the float path below
+            return _with_bias(out.to(x.dtype), bias)
     if kernel is None or x.shape[0] > CPU_KERNEL_MAX_M:  # the float GEMM on dequantized blocks
         scale_zeros = scale_zeros.to(x.dtype)
 

@@ -1,0 +1,157 @@
+"""Small-M CPU weight-only GEMMs on AVX512-VNNI: the C++ kernels of ``cpu_vnni_mm.cpp``, built on first use.
+
+``vnni_weight_mm(x, weight, scales, bits, group_size)`` computes ``x @ W.T`` in float32 for int8 weights
+(bits = 8, per-output-channel ``scales``) or packed int4 / int2 codes (group-wise ``(scale, zero)`` pairs),
+reading the weight bytes as stored. It splits each row of x into 16-bit integers (relative error <= 2**-16 of
+the row's largest magnitude, ~3e-5 on the output: far below the weights' own error, and 60x below the
+bfloat16 rounding that aten's CPU kernels need) and runs ``vpdpbusd`` integer dot products: 2x faster than
+aten's weight-only kernels at M = 1 (bench/RESULTS.md).
+
+It is used when all of these hold, else the caller falls back to aten / the float GEMM:
+- the CPU has AVX512-VNNI (``torch.cpu._is_vnni_supported``) and a C++ compiler (``$CXX``, else ``g++`` /
+  ``c++``) builds the source; the library is cached per source, compiler and flags in
+  ``$QUANTO_FX_CACHE_DIR`` (default ``~/.cache/quanto_fx``), so a machine compiles it once (~2 s);
+- ``QUANTO_FX_CPU_KERNELS`` is not ``0`` (the switch for comparing against aten);
+- the shapes suit 64-byte chunks: ``in_features`` (int8) or each group's bytes (int4: groups of a multiple
+  of 128, int2: of 256) a multiple of 64 bytes;
+- x is finite (a NaN or infinity in x takes the float path, which propagates it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_vnni_mm.cpp")
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
+CHUNK_BYTES = 64  # one zmm register of weight bytes: the kernel's step along K
+ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
+COMPILE_TIMEOUT_S = 300
+
+
+def _cache_dir() -> Path:
+    if "QUANTO_FX_CACHE_DIR" in os.environ:
+        return Path(os.environ["QUANTO_FX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quanto_fx"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library's path, compiling it unless this source, compiler and flags are cached."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_vnni_mm-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target, then rename: a concurrent process never loads a half-written library.
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_TIMEOUT_S,
+            )
+            os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when this machine cannot build or run them (logged once, not raised:
+    the callers have a slower but correct path)."""
+    if not (torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()):
+        logger.info("quanto_fx CPU weight-only kernels: this CPU has no AVX512-VNNI; using aten's")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("quanto_fx CPU weight-only kernels: no C++ compiler ($CXX, g++, c++); using aten's")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        logger.warning("quanto_fx CPU weight-only kernels failed to build; using aten's:\n%s", detail[-2000:])
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.quanto_split_x.argtypes = [pointer, size, size, ctypes.c_int, size, *[pointer] * 4]
+    library.quanto_split_x.restype = ctypes.c_int
+    library.quanto_vnni_mm.argtypes = [ctypes.c_int, *[pointer] * 4, size, size, pointer, size, pointer, size]
+    library.quanto_vnni_mm.argtypes += [pointer, ctypes.c_int]
+    library.quanto_vnni_mm.restype = None
+    return library
+
+
+def available() -> bool:
+    """Whether the kernels run on this machine (and are not switched off by ``QUANTO_FX_CPU_KERNELS=0``)."""
+    return os.environ.get(ENABLE_VARIABLE, "1") != "0" and _library() is not None
+
+
+def supports(bits: int, in_features: int, group_size: int | None = None) -> bool:
+    """Whether :func:`vnni_weight_mm` serves a weight of these bits, input features and group size (None for
+    int8's per-channel scales) on this machine."""
+    if bits == 8:
+        group_bytes = in_features
+    elif bits in (2, 4) and group_size and in_features % group_size == 0:
+        group_bytes = group_size * bits // 8
+    else:
+        return False
+    return group_bytes % CHUNK_BYTES == 0 and available()
+
+
+def vnni_weight_mm(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None = None
+) -> torch.Tensor | None:
+    """``x @ W.T`` as float32 (M, N), or None when x holds a NaN or infinity (the caller's float path then
+    propagates it).
+
+    Args:
+        x: (M, K) float activations on the CPU (any float dtype: computed from float32).
+        weight: int8 (N, K) for bits = 8, else the uint8 (N, K * bits / 8) packed codes.
+        scales: float (N,) per-channel scales for bits = 8, else the (K / group_size, N, 2) scales and zeros.
+        bits, group_size: the weight's format; :func:`supports` must hold for them.
+    """
+    library = _library()
+    m, k = x.shape
+    per_byte = 8 // bits
+    groups = 1 if bits == 8 else k // group_size
+    x = x.float().contiguous()
+    high = torch.empty((m, per_byte, k // per_byte), dtype=torch.int8)
+    low = torch.empty_like(high)
+    x_scale = torch.empty(m)
+    x_sums = torch.empty((m, groups))
+    x_parts = [t.data_ptr() for t in (high, low, x_scale, x_sums)]
+    if library.quanto_split_x(x.data_ptr(), m, k, per_byte, groups, *x_parts):
+        return None
+    weight = weight.contiguous()
+    scales = scales.float().contiguous()
+    out = torch.empty((m, weight.shape[0]))
+    library.quanto_vnni_mm(
+        bits,
+        *x_parts,
+        m,
+        k,
+        weight.data_ptr(),
+        weight.shape[0],
+        scales.data_ptr(),
+        groups,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out

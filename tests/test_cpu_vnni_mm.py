@@ -1,0 +1,168 @@
+"""The AVX512-VNNI CPU weight-only kernels (quanto_fx/kernels/cpu_vnni_mm.*): accuracy against the float
+reference, dispatch from the weight-only ops, fallbacks, and the build cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from quanto_fx.kernels import cpu_vnni_mm
+from quanto_fx.kernels.weight_only import (
+    int8_weight_mm,
+    int8_weight_mm_reference,
+    lowbit_kernel_layout,
+    lowbit_weight_mm,
+    lowbit_weight_mm_reference,
+)
+from quanto_fx.tensor.packing import pack
+
+pytestmark = pytest.mark.skipif(not cpu_vnni_mm.available(), reason="needs AVX512-VNNI and a C++ compiler")
+
+# x is rounded to 16-bit integers per row: ~3e-5 relative on the output, measured 2e-5 to 6e-5 below.
+FLOAT32_TOLERANCE = 2e-4
+
+
+def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((out.double() - expected.double()).norm() / expected.double().norm())
+
+
+def _int8_weight(n: int, k: int):
+    return torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01 + 1e-3
+
+
+def _lowbit_weight(n: int, k: int, bits: int, group_size: int):
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    return pack(codes, bits), torch.randn(k // group_size, n, 2) * 0.01
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+@pytest.mark.parametrize("n", [20, 64])  # 20: rows left over after the 8- and 4-row tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weights_match_the_float_reference(m, n, dtype):
+    torch.manual_seed(m * n)
+    w, scale = _int8_weight(n, 192)
+    x = torch.randn(m, 192).to(dtype)
+    out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
+    expected = int8_weight_mm_reference(x.float(), w, scale)
+    tolerance = FLOAT32_TOLERANCE if dtype == torch.float32 else 1e-4  # x's bf16 values are exact in float32
+    assert out.dtype == torch.float32 and _relative_error(out, expected) < tolerance
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 256), (2, 256)])
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("n", [20, 64])
+def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
+    torch.manual_seed(bits * m * n)
+    packed, scale_zeros = _lowbit_weight(n, 512, bits, group_size)
+    x = torch.randn(m, 512)
+    out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
+    expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits)
+    assert _relative_error(out, expected) < FLOAT32_TOLERANCE
+
+
+def test_rows_of_very_different_magnitudes_keep_their_own_precision():
+    """Each row of x has its own integer scale: a row of 1e-6 is as precise as a row of 1e6."""
+    torch.manual_seed(0)
+    w, scale = _int8_weight(32, 256)
+    x = torch.randn(3, 256) * torch.tensor([[1e-6], [1.0], [1e6]])
+    out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
+    expected = int8_weight_mm_reference(x, w, scale)
+    for row in range(3):
+        assert _relative_error(out[row], expected[row]) < FLOAT32_TOLERANCE
+
+
+def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums():
+    """x at its largest code times the extreme weights -128 / 127 along K = 16384: the per-lane integer sums
+    reach ~3e7, far from int32's 2e9 but enough to show a wrong sign-flip or byte split."""
+    k = 16384
+    w = torch.full((16, k), 127, dtype=torch.int8)
+    w[::2] = -128
+    scale = torch.full((16,), 1e-3)
+    x = torch.full((1, k), 3.0)
+    x[0, ::3] = -3.0
+    out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
+    assert _relative_error(out, int8_weight_mm_reference(x, w, scale)) < 1e-5
+
+
+def test_non_finite_x_is_left_to_the_float_path_which_propagates_it():
+    w, scale = _int8_weight(16, 128)
+    x = torch.randn(2, 128)
+    x[1, 5] = float("nan")
+    assert cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8) is None
+    out = int8_weight_mm(x, w, scale)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize(
+    "bits, in_features, group_size, served",
+    [
+        (8, 256, None, True),
+        (8, 80, None, False),  # 80 bytes: not a whole number of 64-byte chunks
+        (4, 256, 128, True),
+        (4, 256, 64, False),  # 32 bytes a group
+        (2, 512, 256, True),
+        (2, 512, 128, False),
+        (4, 300, 128, False),  # groups do not divide the features
+    ],
+)
+def test_supports_names_the_shapes_the_kernel_serves(bits, in_features, group_size, served):
+    assert cpu_vnni_mm.supports(bits, in_features, group_size) == served
+
+
+def test_the_weight_only_ops_dispatch_to_it_at_small_m_and_not_beyond():
+    torch.manual_seed(0)
+    w, scale = _int8_weight(64, 256)
+    packed, scale_zeros = _lowbit_weight(64, 256, 4, 128)
+    bias = torch.randn(64)
+    x = torch.randn(16, 256)
+    assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8) + bias)
+    vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128) + bias
+    assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
+    x = torch.randn(17, 256)  # past CPU_KERNEL_MAX_M: the float GEMM, exact up to float32 rounding
+    assert _relative_error(int8_weight_mm(x, w, scale), int8_weight_mm_reference(x, w, scale)) < 1e-6
+
+
+def test_switching_it_off_falls_back_to_aten(monkeypatch):
+    torch.manual_seed(0)
+    w, scale = _int8_weight(64, 256)
+    x = torch.randn(4, 256)
+    monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")
+    assert not cpu_vnni_mm.available()
+    aten = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w, scale.bfloat16()).float()
+    assert torch.equal(int8_weight_mm(x, w, scale), aten)
+
+
+def test_served_lowbit_weights_keep_no_second_copy_in_aten_layout(monkeypatch):
+    packed, _ = _lowbit_weight(64, 256, 4, 128)
+    assert lowbit_kernel_layout(packed, 4, 128) is None
+    monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")
+    assert lowbit_kernel_layout(packed, 4, 128) is not None
+
+
+def test_the_library_is_compiled_once_per_source_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTO_FX_CACHE_DIR", str(tmp_path))
+    compiler = cpu_vnni_mm._compiler()
+    built = cpu_vnni_mm._build(compiler)
+    assert built.parent == tmp_path and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert cpu_vnni_mm._build(compiler) == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no scratch left behind
+
+
+def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("QUANTO_FX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # exits 1 for every command line, like a broken toolchain
+    cpu_vnni_mm._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_vnni_mm.__name__):
+            assert not cpu_vnni_mm.available()
+        assert "failed to build" in caplog.text
+        w, scale = _int8_weight(16, 128)
+        x = torch.randn(1, 128)
+        assert _relative_error(int8_weight_mm(x, w, scale), int8_weight_mm_reference(x, w, scale)) < 8e-3
+    finally:
+        monkeypatch.undo()
+        cpu_vnni_mm._library.cache_clear()
+    assert cpu_vnni_mm.available()
