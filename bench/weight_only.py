@@ -16,6 +16,8 @@ import torch
 from linear import parse_args, report
 
 from quanto_fx import freeze, qfloat8_e4m3fn, qint2, qint4, qint8, quantize
+from quanto_fx.kernels.weight_only import CPU_KERNEL_MAX_M
+from quanto_fx.tensor.packing import unpack
 
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (1, 384, 1536)]
 QUANTO_WEIGHTS = {"int8": qint8, "int4": qint4, "int2": qint2, "float8": qfloat8_e4m3fn}
@@ -36,8 +38,27 @@ def variants(m: int, k: int, n: int) -> dict:
             out[f"quanto_fx {name} quanto"] = torch.compile(lambda q=q: q(x), backend="quanto")
     qb = freeze(quantize(lb, weights=qint4, activations=None, inplace=False))
     out["quanto_fx int4 bf16 eager"] = lambda: qb(xb).float()
+    if m <= CPU_KERNEL_MAX_M:
+        out.update(_aten_kernels(linear, x))
     out.update(_optional_peers(linear, x))
     return out
+
+
+def _aten_kernels(linear, x) -> dict:
+    """aten's CPU weight-only kernels on the same weights (what quanto_fx ran before its VNNI kernels, and
+    still runs where they do not apply): x in bfloat16, as they need to be fast."""
+    xb = x.bfloat16()
+    w8 = freeze(quantize(linear, weights=qint8, activations=None, inplace=False)).weight
+    w4 = freeze(quantize(linear, weights=qint4, activations=None, inplace=False)).weight
+    codes = unpack(w4._packed, 4).to(torch.int32)
+    layout = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    scale8, scale_zeros = w8._scale.reshape(-1).bfloat16(), w4._scale_zeros.bfloat16()
+    return {
+        "aten int8 (bf16 x)": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8._data, scale8).float(),
+        "aten int4 (bf16 x)": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xb, layout, w4.group_size, scale_zeros
+        ).float(),
+    }
 
 
 def _optional_peers(linear, x) -> dict:
