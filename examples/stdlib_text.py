@@ -21,7 +21,6 @@ def load_text() -> str:
     return "\n".join(d for d in docs if d)
 
 
-
 def load_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
     """The docstrings split into sentences of a reasonable length, deduplicated, in a fixed order."""
     seen, sentences = set(), []

@@ -17,7 +17,7 @@ import quanto_fx
 from quanto_fx import QTensor, calibration, freeze, quantize
 from quanto_fx.passes import counters
 
-from .utils import WEIGHT_ONLY_TOLERANCE, assert_close_to_max, dequantized, sqnr
+from .utils import VNNI_TOLERANCE, WEIGHT_ONLY_TOLERANCE, assert_close_to_max, dequantized, sqnr
 
 
 def mlp():
@@ -126,12 +126,14 @@ def test_weight_only_and_norms_compile_like_eager():
             return self.proj(self.rms(self.norm(x)))
 
     x = torch.randn(4, 8, 32)
-    for mode, activations in (("static", quanto_fx.qint8), ("static", None)):
-        q = quantized(Block(), x, mode, activations)
+    # Weight-only: both run int8_weight_mm, whose 16-bit rounding of x may round a code differently when the
+    # compiled norms differ from eager's in the last bits.
+    for activations, tolerance in ((quanto_fx.qint8, 1e-5), (None, VNNI_TOLERANCE)):
+        q = quantized(Block(), x, "static", activations)
         out, _ = compile_and_run(q, x)
         with torch.no_grad():
             ref = q(x)
-        torch.testing.assert_close(dequantized(out), dequantized(ref), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dequantized(out), dequantized(ref), rtol=tolerance, atol=tolerance)
 
 
 def test_conv_model_compiles_like_eager():

@@ -18,10 +18,9 @@ from quanto_fx.kernels.weight_only import (
 )
 from quanto_fx.tensor.packing import pack
 
-pytestmark = pytest.mark.skipif(not cpu_vnni_mm.available(), reason="needs AVX512-VNNI and a C++ compiler")
+from .utils import VNNI_TOLERANCE
 
-# x is rounded to 16-bit integers per row: ~3e-5 relative on the output, measured 2e-5 to 6e-5 below.
-FLOAT32_TOLERANCE = 2e-4
+pytestmark = pytest.mark.skipif(not cpu_vnni_mm.available(), reason="needs AVX512-VNNI and a C++ compiler")
 
 
 def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -46,7 +45,7 @@ def test_int8_weights_match_the_float_reference(m, n, dtype):
     x = torch.randn(m, 192).to(dtype)
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
     expected = int8_weight_mm_reference(x.float(), w, scale)
-    tolerance = FLOAT32_TOLERANCE if dtype == torch.float32 else 1e-4  # x's bf16 values are exact in float32
+    tolerance = VNNI_TOLERANCE if dtype == torch.float32 else 1e-4  # x's bf16 values are exact in float32
     assert out.dtype == torch.float32 and _relative_error(out, expected) < tolerance
 
 
@@ -59,7 +58,7 @@ def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
     x = torch.randn(m, 512)
     out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
     expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits)
-    assert _relative_error(out, expected) < FLOAT32_TOLERANCE
+    assert _relative_error(out, expected) < VNNI_TOLERANCE
 
 
 def test_rows_of_very_different_magnitudes_keep_their_own_precision():
@@ -70,7 +69,7 @@ def test_rows_of_very_different_magnitudes_keep_their_own_precision():
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
     expected = int8_weight_mm_reference(x, w, scale)
     for row in range(3):
-        assert _relative_error(out[row], expected[row]) < FLOAT32_TOLERANCE
+        assert _relative_error(out[row], expected[row]) < VNNI_TOLERANCE
 
 
 def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums():
@@ -111,7 +110,7 @@ def test_supports_names_the_shapes_the_kernel_serves(bits, in_features, group_si
     assert cpu_vnni_mm.supports(bits, in_features, group_size) == served
 
 
-def test_the_weight_only_ops_dispatch_to_it_at_small_m_and_not_beyond():
+def test_the_weight_only_ops_dispatch_to_the_vnni_paths():
     torch.manual_seed(0)
     w, scale = _int8_weight(64, 256)
     packed, scale_zeros = _lowbit_weight(64, 256, 4, 128)
@@ -120,8 +119,28 @@ def test_the_weight_only_ops_dispatch_to_it_at_small_m_and_not_beyond():
     assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8) + bias)
     vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128) + bias
     assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
-    x = torch.randn(17, 256)  # past CPU_KERNEL_MAX_M: the float GEMM, exact up to float32 rounding
-    assert _relative_error(int8_weight_mm(x, w, scale), int8_weight_mm_reference(x, w, scale)) < 1e-6
+    x = torch.randn(17, 256)  # past CPU_KERNEL_MAX_M: int8 through torch._int_mm, int4 the float GEMM
+    assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.int8_weight_int_mm(x, w, scale) + bias)
+    expected = lowbit_weight_mm_reference(x, packed, scale_zeros, 4)
+    assert _relative_error(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128), expected) < 1e-6
+
+
+@pytest.mark.parametrize("m, k", [(17, 256), (64, 100), (200, 8)])  # any K: _int_mm takes odd shapes
+def test_int8_weights_at_larger_m_match_the_float_reference(m, k):
+    torch.manual_seed(m + k)
+    w, scale = _int8_weight(24, k)
+    x = torch.randn(m, k) * 3
+    out = cpu_vnni_mm.int8_weight_int_mm(x, w, scale)
+    assert _relative_error(out, int8_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
+
+
+def test_non_finite_x_at_larger_m_is_propagated_too():
+    w, scale = _int8_weight(16, 128)
+    x = torch.randn(20, 128)
+    x[3, 0] = float("inf")
+    assert cpu_vnni_mm.int8_weight_int_mm(x, w, scale) is None
+    out = int8_weight_mm(x, w, scale)
+    assert not torch.isfinite(out[3]).all() and torch.isfinite(out[:3]).all()
 
 
 def test_switching_it_off_falls_back_to_aten(monkeypatch):

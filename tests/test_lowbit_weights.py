@@ -251,9 +251,11 @@ def test_compiled_int4_model_runs_the_weight_only_kernel():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32():
+def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32(monkeypatch):
+    from quanto_fx.kernels import cpu_vnni_mm
     from quanto_fx.kernels.weight_only import CPU_KERNEL_MAX_M, int8_weight_mm, int8_weight_mm_reference
 
+    monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")  # int8 would take torch._int_mm (test_cpu_vnni_mm)
     x = torch.randn(CPU_KERNEL_MAX_M + 1, 128)
     packed = PackedQTensor.quantize(torch.randn(32, 128), qint4, 64)
     out = lowbit_weight_mm(x, packed._packed, packed._scale_zeros, packed._kernel, 4, 64)
@@ -264,10 +266,11 @@ def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, dtype):
-    from quanto_fx.kernels import weight_only
+    from quanto_fx.kernels import cpu_vnni_mm, weight_only
 
     # 16-row blocks (the smallest) over N = 40: blocks of 16, 16 and 8 rows through one reused buffer
     monkeypatch.setattr(weight_only, "DEQUANTIZE_BLOCK_BYTES", 1)
+    monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")  # int8 would take torch._int_mm
     x = torch.randn(weight_only.CPU_KERNEL_MAX_M + 3, 128, dtype=dtype)
     packed = PackedQTensor.quantize(torch.randn(40, 128), qint4, 64)
     out = lowbit_weight_mm(x, packed._packed, packed._scale_zeros, packed._kernel, 4, 64)

@@ -115,11 +115,25 @@ def supports(bits: int, in_features: int, group_size: int | None = None) -> bool
     return group_bytes % CHUNK_BYTES == 0 and available()
 
 
+def _split_x(x: torch.Tensor, per_byte: int, groups: int):
+    """x (M, K) as 16-bit integers in two signed-byte planes (2, M, per_byte, K / per_byte) by phase, with the
+    per-row scales (M,) and per-group sums (M, groups); None when x holds a NaN or infinity."""
+    m, k = x.shape
+    x = x.float().contiguous()
+    planes = torch.empty((2, m, per_byte, k // per_byte), dtype=torch.int8)
+    x_scale = torch.empty(m)
+    x_sums = torch.empty((m, groups))
+    pointers = (planes[0].data_ptr(), planes[1].data_ptr(), x_scale.data_ptr(), x_sums.data_ptr())
+    if _library().quanto_split_x(x.data_ptr(), m, k, per_byte, groups, *pointers):
+        return None
+    return planes, x_scale, x_sums
+
+
 def vnni_weight_mm(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None = None
 ) -> torch.Tensor | None:
     """``x @ W.T`` as float32 (M, N), or None when x holds a NaN or infinity (the caller's float path then
-    propagates it).
+    propagates it). For small M (the weight is read once for every 2 rows of x).
 
     Args:
         x: (M, K) float activations on the CPU (any float dtype: computed from float32).
@@ -127,26 +141,22 @@ def vnni_weight_mm(
         scales: float (N,) per-channel scales for bits = 8, else the (K / group_size, N, 2) scales and zeros.
         bits, group_size: the weight's format; :func:`supports` must hold for them.
     """
-    library = _library()
-    m, k = x.shape
-    per_byte = 8 // bits
-    groups = 1 if bits == 8 else k // group_size
-    x = x.float().contiguous()
-    high = torch.empty((m, per_byte, k // per_byte), dtype=torch.int8)
-    low = torch.empty_like(high)
-    x_scale = torch.empty(m)
-    x_sums = torch.empty((m, groups))
-    x_parts = [t.data_ptr() for t in (high, low, x_scale, x_sums)]
-    if library.quanto_split_x(x.data_ptr(), m, k, per_byte, groups, *x_parts):
+    groups = 1 if bits == 8 else x.shape[1] // group_size
+    split = _split_x(x, 8 // bits, groups)
+    if split is None:
         return None
+    planes, x_scale, x_sums = split
     weight = weight.contiguous()
     scales = scales.float().contiguous()
-    out = torch.empty((m, weight.shape[0]))
-    library.quanto_vnni_mm(
+    out = torch.empty((x.shape[0], weight.shape[0]))
+    _library().quanto_vnni_mm(
         bits,
-        *x_parts,
-        m,
-        k,
+        planes[0].data_ptr(),
+        planes[1].data_ptr(),
+        x_scale.data_ptr(),
+        x_sums.data_ptr(),
+        x.shape[0],
+        x.shape[1],
         weight.data_ptr(),
         weight.shape[0],
         scales.data_ptr(),
@@ -155,3 +165,23 @@ def vnni_weight_mm(
         torch.get_num_threads(),
     )
     return out
+
+
+def int8_weight_int_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``x @ (w * scale).T`` as float32 for larger M: x's two byte planes stacked into one ``torch._int_mm``
+    (oneDNN's VNNI GEMM) with the int8 weight, ``sx * (256 * high @ w.T + low @ w.T) * scale``. Integer
+    exact but for x's rounding (~3e-5), and about half the fp32 GEMM's time from M = 32 to 512 (K = N =
+    4096, bench/RESULTS.md), where dequantizing the weight for the fp32 GEMM cost 1.4x. None when x holds a
+    NaN or infinity.
+
+    Args:
+        x: (M, K) float activations on the CPU; w: int8 (N, K); scale: float (N,) per-channel scales.
+    """
+    split = _split_x(x, 1, 1)
+    if split is None:
+        return None
+    planes, x_scale, _ = split
+    m = x.shape[0]
+    products = torch._int_mm(planes.view(2 * m, -1), w.t())
+    out = products[:m].float().mul_(256.0).add_(products[m:])
+    return out.mul_(x_scale.reshape(-1, 1)).mul_(scale.reshape(1, -1).float())

@@ -1,9 +1,10 @@
 """Weight-only GEMM ops: float activations times int8 or packed int4 / int2 weights, dequantized in the GEMM.
 
-- ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU,
-  M <= 16: our AVX512-VNNI kernel (``cpu_vnni_mm.py``) where it applies, else ``aten._weight_int8pack_mm``
-  (K a multiple of 16); CUDA: the Triton kernel when triton is installed; otherwise the float GEMM on the
-  dequantized weight.
+- ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU
+  with AVX512-VNNI (``cpu_vnni_mm.py``): M <= 16, our kernel where it applies; M > 16, x as two byte planes
+  through ``torch._int_mm``. Otherwise on the CPU: ``aten._weight_int8pack_mm`` (M <= 16, K a multiple of 16),
+  or the float GEMM on the dequantized weight. CUDA: the Triton kernel when triton is installed, else the
+  float GEMM on the dequantized weight.
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
   int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: the VNNI kernel on the
   portable packing where it applies, else ``aten._weight_int4pack_mm_for_cpu`` on the weight's kernel
@@ -13,12 +14,11 @@
 Both compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
 pay: they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
 
-CPU precision: the VNNI kernel rounds x to 16-bit integers per row (~3e-5 relative on the output). aten's
-CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones
-they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are rounded to
-bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights) and the result
-is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then runs on the weight dequantized
-block by block.
+CPU precision: the VNNI paths round x to 16-bit integers per row (~3e-5 relative on the output). aten's
+CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones they ran 3 to 46x slower
+than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are rounded to bfloat16 for them (relative
+error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights) and the result is returned in float32.
+Past M = 16 they lose to the fp32 GEMM, which then runs on the weight dequantized block by block.
 """
 
 from __future__ import annotations
@@ -115,10 +115,13 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
     if x.device.type != "cpu":
         return int8_weight_mm_reference(x, w, scale, bias)
+    out = None  # stays None where x is not finite: the float paths below propagate NaN and infinity
     if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
         out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8)
-        if out is not None:  # None: x is not finite, left to the float path below
-            return _with_bias(out.to(x.dtype), bias)
+    elif x.shape[0] > CPU_KERNEL_MAX_M and cpu_vnni_mm.available():
+        out = cpu_vnni_mm.int8_weight_int_mm(x, w.contiguous(), scale.reshape(-1))
+    if out is not None:
+        return _with_bias(out.to(x.dtype), bias)
     if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE:  # float GEMM, dequantized blocks
         scale = scale.reshape(-1, 1).to(x.dtype)
         out = _blocked_gemm(
