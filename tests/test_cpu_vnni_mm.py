@@ -85,6 +85,17 @@ def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums():
     assert _relative_error(out, int8_weight_mm_reference(x, w, scale)) < 1e-5
 
 
+def test_mismatched_arguments_are_refused_before_the_cpp_side_reads_them():
+    w, scale = _int8_weight(16, 128)
+    with pytest.raises(ValueError, match="must be torch.int8"):
+        cpu_vnni_mm.vnni_weight_mm(torch.randn(1, 128), w, scale[:8], 8)
+    with pytest.raises(ValueError, match="no VNNI kernel"):
+        cpu_vnni_mm.vnni_weight_mm(torch.randn(1, 80), w[:, :80], scale, 8)
+    packed, scale_zeros = _lowbit_weight(16, 256, 4, 128)
+    with pytest.raises(ValueError, match="must be torch.uint8"):
+        cpu_vnni_mm.vnni_weight_mm(torch.randn(1, 512), packed, scale_zeros, 4, 128)
+
+
 def test_non_finite_x_is_left_to_the_float_path_which_propagates_it():
     w, scale = _int8_weight(16, 128)
     x = torch.randn(2, 128)
@@ -185,3 +196,46 @@ def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatc
         monkeypatch.undo()
         cpu_vnni_mm._library.cache_clear()
     assert cpu_vnni_mm.available()
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 128), (2, 64), (2, 128)])
+def test_dequantized_rows_in_phase_order_are_the_weight(bits, group_size):
+    from quanto_fx.tensor.groupwise import dequantize_groupwise
+    from quanto_fx.tensor.packing import unpack
+
+    torch.manual_seed(bits + group_size)
+    packed, scale_zeros = _lowbit_weight(24, 256, bits, group_size)
+    weight = dequantize_groupwise(unpack(packed, bits), scale_zeros, bits)
+    rows = torch.full((10, 256), float("nan"))
+    cpu_vnni_mm.dequantize_rows(packed, scale_zeros, bits, group_size, 7, 17, rows)
+    # Equal to float32 rounding: the kernel's fma rounds (q - mid) * s + z once, torch's ops twice.
+    torch.testing.assert_close(rows, cpu_vnni_mm.phase_order(weight[7:17], bits), rtol=2.4e-7, atol=1e-8)
+    x = torch.randn(3, 256)
+    product = cpu_vnni_mm.phase_order(x, bits) @ rows.t()
+    torch.testing.assert_close(product, x @ weight[7:17].t(), rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_rows_refuses_what_the_cpp_side_would_read_or_write_out_of_bounds():
+    packed, scale_zeros = _lowbit_weight(8, 128, 4, 64)
+    for wrong in (torch.empty(8, 64), torch.empty(8, 128, dtype=torch.bfloat16), torch.empty(128, 8).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous float32"):
+            cpu_vnni_mm.dequantize_rows(packed, scale_zeros, 4, 64, 0, 8, wrong)
+    with pytest.raises(ValueError, match="not within the weight's 8 rows"):
+        cpu_vnni_mm.dequantize_rows(packed, scale_zeros, 4, 64, 4, 12, torch.empty(8, 128))
+    with pytest.raises(ValueError, match="scale_zeros must be"):
+        cpu_vnni_mm.dequantize_rows(packed, scale_zeros[:1], 4, 64, 0, 8, torch.empty(8, 128))
+    with pytest.raises(ValueError, match="packed must be"):
+        cpu_vnni_mm.dequantize_rows(packed.t(), scale_zeros, 4, 64, 0, 8, torch.empty(8, 128))
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (2, 64)])
+def test_lowbit_weights_past_small_m_run_the_phase_ordered_float_gemm(bits, group_size, monkeypatch):
+    from quanto_fx.kernels import weight_only
+
+    monkeypatch.setattr(weight_only, "DEQUANTIZE_BLOCK_BYTES", 1)  # 16-row blocks: 16, 16 and a partial 8
+    torch.manual_seed(bits)
+    packed, scale_zeros = _lowbit_weight(40, 256, bits, group_size)
+    x, bias = torch.randn(17, 256), torch.randn(40)
+    out = lowbit_weight_mm(x, packed, scale_zeros, None, bits, group_size, bias)
+    expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
+    assert out.is_contiguous() and _relative_error(out, expected) < 1e-6

@@ -106,6 +106,34 @@ void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsu
     for (int64_t n0 = full; n0 < N; n0++) weight_rows<1, BITS>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
 }
 
+// Rows [first, last) of a packed int4 / int2 weight as float32 in phase order, out[r][p * row_bytes + b] =
+// w[first + r][b * per_byte + p]: each code is looked up in its group's 16-entry table of s * (q - mid) + z
+// (vpermps reads an index's low 4 bits, so int2 tables repeat every 4 entries) and no lanes are interleaved.
+template <int BITS>
+void dequantize_rows(const uint8_t* packed, int64_t N, int64_t K, const float* scales, int64_t G, int64_t first,
+                     int64_t last, float* out, int threads) {
+    constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1);
+    const int64_t row_bytes = K / per_byte, group_bytes = row_bytes / G;
+    const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((1 << BITS) - 1)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = first; n < last; n++) {
+        float* row = out + (n - first) * K;
+        for (int64_t g = 0; g < G; g++) {
+            const float* sz = scales + (g * N + n) * 2;
+            const __m512 table = _mm512_fmadd_ps(_mm512_sub_ps(codes, _mm512_set1_ps((float)mid)), _mm512_set1_ps(sz[0]),
+                                                 _mm512_set1_ps(sz[1]));
+            for (int64_t b = g * group_bytes; b < (g + 1) * group_bytes; b += 16) {
+                const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(packed + n * row_bytes + b)));
+                for (int p = 0; p < per_byte; p++) {
+                    const __m512i index = p ? _mm512_srli_epi32(lanes, p * BITS) : lanes;
+                    _mm512_storeu_ps(row + p * row_bytes + b, _mm512_permutexvar_ps(index, table));
+                }
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -149,5 +177,12 @@ void quanto_vnni_mm(int bits, const int8_t* h, const int8_t* l, const float* sx,
     if (bits == 8) vnni_mm<8>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
     if (bits == 4) vnni_mm<4>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
     if (bits == 2) vnni_mm<2>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+}
+
+// See dequantize_rows: the weight rows for the float GEMM that serves larger M.
+void quanto_dequantize_rows(int bits, const uint8_t* packed, int64_t N, int64_t K, const float* scales, int64_t G,
+                            int64_t first, int64_t last, float* out, int threads) {
+    if (bits == 4) dequantize_rows<4>(packed, N, K, scales, G, first, last, out, threads);
+    if (bits == 2) dequantize_rows<2>(packed, N, K, scales, G, first, last, out, threads);
 }
 }
