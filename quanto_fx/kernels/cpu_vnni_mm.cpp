@@ -106,9 +106,16 @@ void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsu
     for (int64_t n0 = full; n0 < N; n0++) weight_rows<1, BITS>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
 }
 
-// Rows [first, last) of a packed int4 / int2 weight as float32 in phase order, out[r][p * row_bytes + b] =
-// w[first + r][b * per_byte + p]: each code is looked up in its group's 16-entry table of s * (q - mid) + z
-// (vpermps reads an index's low 4 bits, so int2 tables repeat every 4 entries) and no lanes are interleaved.
+// Lanes 0..15 of a then b, alternated: (a0, b0, a1, b1, ..., a7, b7) into lo and (a8, b8, ..., a15, b15) into hi.
+INLINE void interleave(__m512 a, __m512 b, __m512& lo, __m512& hi) {
+    lo = _mm512_permutex2var_ps(a, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), b);
+    hi = _mm512_permutex2var_ps(a, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), b);
+}
+
+// Rows [first, last) of a packed int4 / int2 weight as float32 (rows x K): each code is looked up in its
+// group's 16-entry table of s * (q - mid) + z (vpermps reads an index's low 4 bits, so int2 tables repeat
+// every 4 entries), one vector per code position p of 16 bytes, then the vectors are interleaved into
+// the codes' order (code b * per_byte + p of the row).
 template <int BITS>
 void dequantize_rows(const uint8_t* packed, int64_t N, int64_t K, const float* scales, int64_t G, int64_t first,
                      int64_t last, float* out, int threads) {
@@ -125,10 +132,19 @@ void dequantize_rows(const uint8_t* packed, int64_t N, int64_t K, const float* s
                                                  _mm512_set1_ps(sz[1]));
             for (int64_t b = g * group_bytes; b < (g + 1) * group_bytes; b += 16) {
                 const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(packed + n * row_bytes + b)));
-                for (int p = 0; p < per_byte; p++) {
-                    const __m512i index = p ? _mm512_srli_epi32(lanes, p * BITS) : lanes;
-                    _mm512_storeu_ps(row + p * row_bytes + b, _mm512_permutexvar_ps(index, table));
+                __m512 v[per_byte], o[per_byte];
+                for (int p = 0; p < per_byte; p++)
+                    v[p] = _mm512_permutexvar_ps(p ? _mm512_srli_epi32(lanes, p * BITS) : lanes, table);
+                if constexpr (per_byte == 2) {
+                    interleave(v[0], v[1], o[0], o[1]);
+                } else {  // (v0, v2) and (v1, v3) alternated, then those: v0[i], v1[i], v2[i], v3[i], ...
+                    __m512 a0, a1, b0, b1;
+                    interleave(v[0], v[2], a0, a1);
+                    interleave(v[1], v[3], b0, b1);
+                    interleave(a0, b0, o[0], o[1]);
+                    interleave(a1, b1, o[2], o[3]);
                 }
+                for (int p = 0; p < per_byte; p++) _mm512_storeu_ps(row + b * per_byte + p * 16, o[p]);
             }
         }
     }
@@ -138,35 +154,55 @@ void dequantize_rows(const uint8_t* packed, int64_t N, int64_t K, const float* s
 
 extern "C" {
 
-// x (M, K) float32 -> per row a scale sx and the codes round(x / sx) in [-32639, 32639] split in signed bytes
-// h = (q + 128) >> 8 and l = q - 256 h, stored by phase: plane[m][p][b] holds x[m][b * per_byte + p], the
-// element that meets the code at bit offset p * bits of weight byte b. xsum[m][g] = sum of group g of row m
-// (of the rounded x). Returns 1 (and writes nothing useful) when x holds a NaN or an infinity.
-int quanto_split_x(const float* x, int64_t M, int64_t K, int per_byte, int64_t G, int8_t* h, int8_t* l, float* sx,
-                   float* xsum) {
-    const int64_t row_bytes = K / per_byte, group = K / G;
+// x (M, K) float32 -> per row a scale sx and the codes q = round(x / sx) in [-32639, 32639] split in signed
+// bytes h = (q + 128) >> 8 and l = q - 256 h, both (M, K) row-major (cpu_vnni_mm.py orders them by phase for
+// the packed weights). xsum[m][g] = sx * the sum of q over group g (of `group` elements) of row m. Vectorized
+// and parallel over rows: this runs on every call, at M = 2048 too. Returns 1 when x holds a NaN or infinity.
+int quanto_split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8_t* l, float* sx,
+                   float* xsum, int threads) {
+    const int64_t G = K / group;
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
     for (int64_t m = 0; m < M; m++) {
         const float* row = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));  // fmaxf drops NaN: checked below
-        for (int64_t k = 0; k < K; k++)
-            if (!isfinite(row[k])) return 1;
+        __m512 vmax = _mm512_setzero_ps(), nan_if_not_finite = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            const __m512 v = _mm512_loadu_ps(row + k);
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+            nan_if_not_finite = _mm512_add_ps(nan_if_not_finite, _mm512_sub_ps(v, v));  // inf - inf = NaN
+        }
+        float amax = _mm512_reduce_max_ps(vmax), finite = _mm512_reduce_add_ps(nan_if_not_finite);
+        for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k])), finite += row[k] - row[k];
+        if (isnan(finite)) {
+            bad = 1;
+            continue;
+        }
         const float s = amax > 0.f ? amax / X_LEVELS : 1.f, inverse = 1.f / s;
+        const __m512 vinverse = _mm512_set1_ps(inverse);
         sx[m] = s;
         for (int64_t g = 0; g < G; g++) {
+            __m512i vtotal = _mm512_setzero_si512();
             int32_t total = 0;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) {
-                const int32_t q = (int32_t)nearbyintf(row[k] * inverse);
-                const int32_t hi = (q + 128) >> 8;
-                const int64_t at = (m * per_byte + k % per_byte) * row_bytes + k / per_byte;
-                h[at] = (int8_t)hi;
-                l[at] = (int8_t)(q - hi * 256);
+            int64_t k = g * group;
+            const int64_t end = k + group;
+            for (; k + 16 <= end; k += 16) {  // cvtps rounds half to even, as nearbyintf below
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), vinverse));
+                const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+                _mm_storeu_si128((__m128i*)(h + m * K + k), _mm512_cvtepi32_epi8(hi));
+                _mm_storeu_si128((__m128i*)(l + m * K + k), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8))));
+                vtotal = _mm512_add_epi32(vtotal, q);
+            }
+            for (; k < end; k++) {
+                const int32_t q = (int32_t)nearbyintf(row[k] * inverse), hi = (q + 128) >> 8;
+                h[m * K + k] = (int8_t)hi;
+                l[m * K + k] = (int8_t)(q - hi * 256);
                 total += q;
             }
-            xsum[m * G + g] = s * (float)total;
+            xsum[m * G + g] = s * (float)(total + _mm512_reduce_add_epi32(vtotal));
         }
     }
-    return 0;
+    return bad;
 }
 
 // out (M, N) float32 = x @ W.T for the weight in `bits` (8: int8 (N, K), scales (N,); 4 / 2: uint8 (N, K * bits
@@ -184,5 +220,23 @@ void quanto_dequantize_rows(int bits, const uint8_t* packed, int64_t N, int64_t 
                             int64_t first, int64_t last, float* out, int threads) {
     if (bits == 4) dequantize_rows<4>(packed, N, K, scales, G, first, last, out, threads);
     if (bits == 2) dequantize_rows<2>(packed, N, K, scales, G, first, last, out, threads);
+}
+
+// out (M, N) = (256 * products[m] + products[M + m]) * sx[m] * scale[n], products (2M, N) int32 from the
+// int8 GEMM of x's high and low byte planes stacked: one pass where torch ops took five.
+void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const float* sx, const float* scale,
+                           float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const int32_t *high = products + m * N, *low = products + (M + m) * N;
+        const __m512 row_scale = _mm512_set1_ps(sx[m]);
+        int64_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(high + n)), _mm512_set1_ps(256.f),
+                                               _mm512_cvtepi32_ps(_mm512_loadu_si512(low + n)));
+            _mm512_storeu_ps(out + m * N + n, _mm512_mul_ps(_mm512_mul_ps(dot, row_scale), _mm512_loadu_ps(scale + n)));
+        }
+        for (; n < N; n++) out[m * N + n] = (256.f * (float)high[n] + (float)low[n]) * sx[m] * scale[n];
+    }
 }
 }

@@ -34,7 +34,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_vnni_mm.cpp")
-FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
 CHUNK_BYTES = 64  # one zmm register of weight bytes: the kernel's step along K
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
@@ -90,7 +90,7 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("quanto_fx CPU weight-only kernels failed to build; using aten's:\n%s", detail[-2000:])
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.quanto_split_x.argtypes = [pointer, size, size, ctypes.c_int, size, *[pointer] * 4]
+    library.quanto_split_x.argtypes = [pointer, size, size, size, *[pointer] * 4, ctypes.c_int]
     library.quanto_split_x.restype = ctypes.c_int
     library.quanto_vnni_mm.argtypes = [ctypes.c_int, *[pointer] * 4, size, size, pointer, size, pointer, size]
     library.quanto_vnni_mm.argtypes += [pointer, ctypes.c_int]
@@ -98,6 +98,8 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_dequantize_rows.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, size, size]
     library.quanto_dequantize_rows.argtypes += [pointer, ctypes.c_int]
     library.quanto_dequantize_rows.restype = None
+    library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
+    library.quanto_combine_planes.restype = None
     return library
 
 
@@ -126,14 +128,6 @@ def supports_dequantize(bits: int, in_features: int, group_size: int) -> bool:
     return (group_size * bits // 8) % 16 == 0 and available()
 
 
-def phase_order(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x's columns in the order :func:`dequantize_rows` writes a weight row in: code ``p`` of every byte
-    first for p = 0, 1, ..., so that ``phase_order(x) @ dequantize_rows(...).T == x @ W.T``."""
-    m, k = x.shape
-    per_byte = 8 // bits
-    return x.reshape(m, k // per_byte, per_byte).transpose(1, 2).reshape(m, k)
-
-
 def dequantize_rows(
     packed: torch.Tensor,
     scale_zeros: torch.Tensor,
@@ -143,9 +137,9 @@ def dequantize_rows(
     stop: int,
     out: torch.Tensor,
 ) -> None:
-    """Write rows ``start:stop`` of the packed weight, dequantized to float32 and in :func:`phase_order`, into
-    ``out`` (a contiguous float32 (stop - start, K) tensor): one vectorized pass, a table lookup per code
-    (the torch ops it replaces made the fp32 GEMM at M = 128 2.3x slower than float for int4 weights).
+    """Write rows ``start:stop`` of the packed weight, dequantized to float32, into ``out`` (a contiguous
+    float32 (stop - start, K) tensor): one vectorized pass, a table lookup per code (the torch ops it
+    replaces made the fp32 GEMM at M = 128 2.3x slower than float for int4 weights).
 
     Args:
         packed: contiguous uint8 (N, K * bits / 8) codes.
@@ -179,17 +173,20 @@ def dequantize_rows(
 
 
 def _split_x(x: torch.Tensor, per_byte: int, groups: int):
-    """x (M, K) as 16-bit integers in two signed-byte planes (2, M, per_byte, K / per_byte) by phase, with the
-    per-row scales (M,) and per-group sums (M, groups); None when x holds a NaN or infinity."""
+    """x (M, K) as 16-bit integers in two signed-byte planes (2, M, per_byte, K / per_byte) by phase (plane
+    [., m, p, b] holds x[m, b * per_byte + p], the element that meets the code at bit offset p * bits of
+    weight byte b), with the per-row scales (M,) and per-group sums (M, groups); None when x holds a NaN or
+    infinity."""
     m, k = x.shape
     x = x.float().contiguous()
-    planes = torch.empty((2, m, per_byte, k // per_byte), dtype=torch.int8)
+    planes = torch.empty((2, m, k), dtype=torch.int8)
     x_scale = torch.empty(m)
     x_sums = torch.empty((m, groups))
     pointers = (planes[0].data_ptr(), planes[1].data_ptr(), x_scale.data_ptr(), x_sums.data_ptr())
-    if _library().quanto_split_x(x.data_ptr(), m, k, per_byte, groups, *pointers):
+    if _library().quanto_split_x(x.data_ptr(), m, k, k // groups, *pointers, torch.get_num_threads()):
         return None
-    return planes, x_scale, x_sums
+    phases = planes.view(2, m, k // per_byte, per_byte).transpose(2, 3)
+    return phases.contiguous(), x_scale, x_sums
 
 
 def _check_vnni_args(x, weight, scales, bits, group_size) -> None:
@@ -260,7 +257,12 @@ def int8_weight_int_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
     if split is None:
         return None
     planes, x_scale, _ = split
-    m = x.shape[0]
+    m, n = x.shape[0], w.shape[0]
     products = torch._int_mm(planes.view(2 * m, -1), w.t())
-    out = products[:m].float().mul_(256.0).add_(products[m:])
-    return out.mul_(x_scale.reshape(-1, 1)).mul_(scale.reshape(1, -1).float())
+    scale = scale.reshape(-1).float().contiguous()
+    if products.shape != (2 * m, n) or scale.shape != (n,) or not products.is_contiguous():
+        raise ValueError(f"w {tuple(w.shape)} and scale {tuple(scale.shape)} do not fit x {tuple(x.shape)}")
+    out = torch.empty((m, n))
+    pointers = (products.data_ptr(), m, n, x_scale.data_ptr(), scale.data_ptr(), out.data_ptr())
+    _library().quanto_combine_planes(*pointers, torch.get_num_threads())
+    return out

@@ -89,24 +89,30 @@ def _check_int8_weight_args(x, w, scale, bias):
 DEQUANTIZE_BLOCK_BYTES = 8 << 20
 
 
+# Up to this M a block computes block @ x.T into contiguous rows of the transposed output; past it x @ block.T
+# into a column slice of the output. MKL, 4096 x 4096 in blocks of 512 rows (2-core Xeon, ms): M = 32,
+# columns 16.1 / transposed 6.1; M = 128, 19.4 / 19.4; M = 512, 61.5 / 66.0; M = 2048 (384 -> 1536, one
+# block), 9.1 / 16.4.
+TRANSPOSED_BLOCKS_MAX_M = 64
+
+
 def _blocked_gemm(x: torch.Tensor, out_features: int, fill_rows) -> torch.Tensor:
     """``x @ W.T`` with W dequantized one cache-sized block of rows at a time: ``fill_rows(start, stop,
-    block)`` writes rows start:stop of W into ``block``, one buffer reused for every block, in one pass.
-
-    Each block computes ``block @ x.T`` into contiguous rows of the transposed output: writing column slices
-    of ``out`` instead made MKL's GEMMs 2.7x slower at M = 32 (10.9 vs 4.1 ms for 4096 x 4096 in blocks of
-    512 rows; equal at M = 128)."""
+    block)`` writes rows start:stop of W into ``block``, one buffer reused for every block, in one pass."""
     row_bytes = max(1, x.shape[1] * x.element_size())
     rows = max(1, min(out_features, max(16, DEQUANTIZE_BLOCK_BYTES // row_bytes)))
     buffer = x.new_empty((rows, x.shape[1]))
-    out_t = x.new_empty((out_features, x.shape[0]))
-    x_t = x.t()
+    transposed = x.shape[0] <= TRANSPOSED_BLOCKS_MAX_M
+    out = x.new_empty((out_features, x.shape[0]) if transposed else (x.shape[0], out_features))
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         block = buffer[: stop - start]
         fill_rows(start, stop, block)
-        torch.matmul(block, x_t, out=out_t[start:stop])
-    return out_t.t().contiguous()
+        if transposed:
+            torch.matmul(block, x.t(), out=out[start:stop])
+        else:
+            torch.matmul(x, block.t(), out=out[:, start:stop])
+    return out.t().contiguous() if transposed else out
 
 
 def _cpu_kernel_dtype(x: torch.Tensor) -> torch.dtype:
@@ -198,12 +204,11 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
             scales = scale_zeros.float().contiguous()
             packed = packed.contiguous()
 
-            def fill_phase_rows(start, stop, block):
+            def fill_rows_vectorized(start, stop, block):
                 cpu_vnni_mm.dequantize_rows(packed, scales, bits, group_size, start, stop, block)
 
             # 16-bit x too: the fp32 GEMM beat the bf16 one on the CPU machine (1.6x at M = 128, no AMX).
-            x_phase = cpu_vnni_mm.phase_order(x.float(), bits)
-            out = _blocked_gemm(x_phase, packed.shape[0], fill_phase_rows)
+            out = _blocked_gemm(x.float(), packed.shape[0], fill_rows_vectorized)
             return _with_bias(out.to(x.dtype), bias)
         scale_zeros = scale_zeros.to(x.dtype)
 
