@@ -90,7 +90,7 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("quanto_fx CPU weight-only kernels failed to build; using aten's:\n%s", detail[-2000:])
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.quanto_split_x.argtypes = [pointer, size, size, size, *[pointer] * 4, ctypes.c_int]
+    library.quanto_split_x.argtypes = [pointer, size, size, ctypes.c_int, size, *[pointer] * 4, ctypes.c_int]
     library.quanto_split_x.restype = ctypes.c_int
     library.quanto_vnni_mm.argtypes = [ctypes.c_int, *[pointer] * 4, size, size, pointer, size, pointer, size]
     library.quanto_vnni_mm.argtypes += [pointer, ctypes.c_int]
@@ -179,14 +179,14 @@ def _split_x(x: torch.Tensor, per_byte: int, groups: int):
     infinity."""
     m, k = x.shape
     x = x.float().contiguous()
-    planes = torch.empty((2, m, k), dtype=torch.int8)
+    planes = torch.empty((2, m, per_byte, k // per_byte), dtype=torch.int8)
     x_scale = torch.empty(m)
     x_sums = torch.empty((m, groups))
     pointers = (planes[0].data_ptr(), planes[1].data_ptr(), x_scale.data_ptr(), x_sums.data_ptr())
-    if _library().quanto_split_x(x.data_ptr(), m, k, k // groups, *pointers, torch.get_num_threads()):
+    threads = torch.get_num_threads()
+    if _library().quanto_split_x(x.data_ptr(), m, k, per_byte, k // groups, *pointers, threads):
         return None
-    phases = planes.view(2, m, k // per_byte, per_byte).transpose(2, 3)
-    return phases.contiguous(), x_scale, x_sums
+    return planes, x_scale, x_sums
 
 
 def _check_vnni_args(x, weight, scales, bits, group_size) -> None:
