@@ -32,6 +32,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def aten_weight_kernels(monkeypatch):
+    """The CPU weight-only ops on aten's kernels, as on a CPU without AVX512-VNNI: packed weights then keep
+    aten's int4 layout (the VNNI kernels read the portable packing and need none)."""
+    from quanto_fx.kernels import cpu_vnni_mm
+
+    monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")
+
+
 @pytest.fixture(scope="class")
 def _interpreter_numpy_fix():
     """Apply triton's own fix for numpy >= 2.4 to the 3.6.0 interpreter while the class runs.

@@ -38,18 +38,19 @@ def _lowbit_weight(n: int, k: int, bits: int, group_size: int):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16])
 @pytest.mark.parametrize("n", [20, 64])  # 20: rows left over after the 8- and 4-row tiles
+@pytest.mark.parametrize("k", [192, 224])  # 64-byte chunks; 224 is not a multiple of 64: 32-byte chunks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_weights_match_the_float_reference(m, n, dtype):
-    torch.manual_seed(m * n)
-    w, scale = _int8_weight(n, 192)
-    x = torch.randn(m, 192).to(dtype)
+def test_int8_weights_match_the_float_reference(m, n, k, dtype):
+    torch.manual_seed(m * n + k)
+    w, scale = _int8_weight(n, k)
+    x = torch.randn(m, k).to(dtype)
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
     expected = int8_weight_mm_reference(x.float(), w, scale)
     tolerance = VNNI_TOLERANCE if dtype == torch.float32 else 1e-4  # x's bf16 values are exact in float32
     assert out.dtype == torch.float32 and _relative_error(out, expected) < tolerance
 
 
-@pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 256), (2, 256)])
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (4, 128), (4, 256), (2, 128), (2, 256)])  # 32/64 B
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("n", [20, 64])
 def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
@@ -109,11 +110,14 @@ def test_non_finite_x_is_left_to_the_float_path_which_propagates_it():
     "bits, in_features, group_size, served",
     [
         (8, 256, None, True),
-        (8, 80, None, False),  # 80 bytes: not a whole number of 64-byte chunks
+        (8, 96, None, True),  # 32-byte chunks
+        (8, 80, None, False),  # 80 bytes: not a whole number of 32-byte chunks
         (4, 256, 128, True),
-        (4, 256, 64, False),  # 32 bytes a group
+        (4, 256, 64, True),  # 32 bytes a group
+        (4, 256, 32, False),  # 16 bytes a group
         (2, 512, 256, True),
-        (2, 512, 128, False),
+        (2, 512, 128, True),
+        (2, 512, 64, False),
         (4, 300, 128, False),  # groups do not divide the features
     ],
 )

@@ -90,7 +90,9 @@ def test_packed_qtensor_describes_a_float_weight():
     "out_features", [48, 20]
 )  # 48: aten's CPU int4 kernel; 20 (not a multiple of 16): reference
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_on_packed_weight_matches_the_dequantized_weight(wqtype, out_features, dtype):
+def test_linear_on_packed_weight_matches_the_dequantized_weight(
+    wqtype, out_features, dtype, aten_weight_kernels
+):
     w = PackedQTensor.quantize(torch.randn(out_features, 256, dtype=dtype), wqtype, 64)
     assert (w._kernel is not None) == (out_features % 16 == 0)
     x, bias = torch.randn(2, 3, 256, dtype=dtype), torch.randn(out_features, dtype=dtype)
@@ -126,7 +128,7 @@ def test_other_ops_dequantize_and_in_place_ops_refuse():
         w.mul_(2)
 
 
-def test_moves_copies_and_conversions_keep_the_codes():
+def test_moves_copies_and_conversions_keep_the_codes(aten_weight_kernels):
     w = PackedQTensor.quantize(torch.randn(32, 128), qint4, 64)
     half = w.to(torch.bfloat16)
     assert isinstance(half, PackedQTensor) and half.dtype == torch.bfloat16
@@ -140,7 +142,7 @@ def test_moves_copies_and_conversions_keep_the_codes():
         target.copy_(PackedQTensor.quantize(torch.randn(32, 128), qint2, 64))
 
 
-def test_torch_save_round_trip_is_exact_and_rebuilds_the_kernel_layout():
+def test_torch_save_round_trip_is_exact_and_rebuilds_the_kernel_layout(aten_weight_kernels):
     w = PackedQTensor.quantize(torch.randn(32, 128), qint2, 64)
     buf = io.BytesIO()
     torch.save({"w": w}, buf)
@@ -325,7 +327,7 @@ def test_casts_the_kernel_cannot_take_compute_on_the_value():
     torch.testing.assert_close(as_float8.float(), w.dequantize().to(torch.float8_e4m3fn).float())
 
 
-def test_deepcopy_keeps_requires_grad_and_training_builds_no_kernel_layout():
+def test_deepcopy_keeps_requires_grad_and_training_builds_no_kernel_layout(aten_weight_kernels):
     w = PackedQTensor.quantize(torch.randn(16, 64), qint4, 32).requires_grad_()
     assert copy.deepcopy(w).requires_grad
     q = quantize(mlp(), weights=qint4, activations=None, group_size=64)

@@ -39,7 +39,7 @@ def test_lookup_reads_the_quantized_rows_and_only_them(wqtype, min_sqnr):
     assert sqnr(float_model[0](IDS), rows) > min_sqnr
 
 
-def test_packed_tables_keep_no_gemm_layout():
+def test_packed_tables_keep_no_gemm_layout(aten_weight_kernels):
     q = freeze(quantize(model(), weights=qint4, activations=None, inplace=False, group_size=64))
     assert q[0].weight._kernel is None and q[1].weight._kernel is not None
     assert q[0].weight.nbytes_in_memory() == q[0].weight.nbytes_stored()

@@ -31,41 +31,86 @@ namespace {
 constexpr int64_t PREFETCH_BYTES = 1024;
 constexpr float X_LEVELS = 32639.f;  // largest |code| whose high byte (q + 128) >> 8 still fits in int8
 
-// Codes of one 64-byte chunk of weights, for the codes at bit offset `phase * BITS` of every byte.
-template <int BITS>
-INLINE __m512i chunk_codes(__m512i bytes, int phase) {
-    if (BITS == 8) return _mm512_xor_si512(bytes, _mm512_set1_epi8((char)0x80));
-    const __m512i mask = _mm512_set1_epi8((1 << BITS) - 1);
-    return _mm512_and_si512(phase ? _mm512_srli_epi16(bytes, phase * BITS) : bytes, mask);
+// The GEMV's vector width: 64-byte chunks of weight bytes, or 32-byte ones for groups of 32 bytes (int2's
+// default group of 128 codes, int4 groups of 64).
+template <int CHUNK>
+struct Lanes;
+
+template <>
+struct Lanes<64> {
+    using I = __m512i;
+    using F = __m512;
+    static I load(const void* p) { return _mm512_loadu_si512(p); }
+    static I zero() { return _mm512_setzero_si512(); }
+    static I bytes(char b) { return _mm512_set1_epi8(b); }
+    static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+    static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+    static I shift_right(I a, unsigned n) { return _mm512_srli_epi16(a, n); }
+    static I dpbusd(I acc, I u8, I s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+    static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+    static F fzero() { return _mm512_setzero_ps(); }
+    static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static F set1(float v) { return _mm512_set1_ps(v); }
+    static float sum(F a) { return _mm512_reduce_add_ps(a); }
+};
+
+template <>
+struct Lanes<32> {
+    using I = __m256i;
+    using F = __m256;
+    static I load(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+    static I zero() { return _mm256_setzero_si256(); }
+    static I bytes(char b) { return _mm256_set1_epi8(b); }
+    static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+    static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+    static I shift_right(I a, unsigned n) { return _mm256_srli_epi16(a, n); }
+    static I dpbusd(I acc, I u8, I s8) { return _mm256_dpbusd_epi32(acc, u8, s8); }
+    static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+    static F fzero() { return _mm256_setzero_ps(); }
+    static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static F set1(float v) { return _mm256_set1_ps(v); }
+    static float sum(F a) {
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        half = _mm_hadd_ps(half, half);
+        return _mm_cvtss_f32(_mm_hadd_ps(half, half));
+    }
+};
+
+// Codes of one chunk of weights, for the codes at bit offset `phase * BITS` of every byte.
+template <int BITS, class V>
+INLINE typename V::I chunk_codes(typename V::I bytes, int phase) {
+    if (BITS == 8) return V::xor_(bytes, V::bytes((char)0x80));
+    return V::and_(phase ? V::shift_right(bytes, phase * BITS) : bytes, V::bytes((1 << BITS) - 1));
 }
 
 // out[m0 + i, n0 + r] for RT rows of weights and MT rows of x, over all of K.
-template <int RT, int MT, int BITS>
+template <int RT, int MT, int BITS, int CHUNK>
 INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t K,
                  const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int64_t n0,
                  int64_t m0) {
+    using V = Lanes<CHUNK>;
     constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
     const int64_t row_bytes = K / per_byte, group_bytes = row_bytes / G;
-    __m512 acc[RT][MT];
+    typename V::F acc[RT][MT];
     float zero_acc[RT][MT];
     for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) acc[r][i] = _mm512_setzero_ps(), zero_acc[r][i] = 0.f;
+        for (int i = 0; i < MT; i++) acc[r][i] = V::fzero(), zero_acc[r][i] = 0.f;
     for (int64_t g = 0; g < G; g++) {
-        __m512i sum_h[RT][MT], sum_l[RT][MT];
+        typename V::I sum_h[RT][MT], sum_l[RT][MT];
         for (int r = 0; r < RT; r++)
-            for (int i = 0; i < MT; i++) sum_h[r][i] = sum_l[r][i] = _mm512_setzero_si512();
-        for (int64_t j = g * group_bytes; j < (g + 1) * group_bytes; j += 64) {
+            for (int i = 0; i < MT; i++) sum_h[r][i] = sum_l[r][i] = V::zero();
+        for (int64_t j = g * group_bytes; j < (g + 1) * group_bytes; j += CHUNK) {
             for (int r = 0; r < RT; r++) {
                 const uint8_t* at = weight + (n0 + r) * row_bytes + j;
                 _mm_prefetch((const char*)(at + PREFETCH_BYTES), _MM_HINT_T0);  // hints: never fault
                 if (BITS != 8) _mm_prefetch((const char*)(at + RT * row_bytes), _MM_HINT_T0);  // the next tile
-                const __m512i bytes = _mm512_loadu_si512(at);
+                const typename V::I bytes = V::load(at);
                 for (int p = 0; p < per_byte; p++) {
-                    const __m512i codes = chunk_codes<BITS>(bytes, p);
+                    const typename V::I codes = chunk_codes<BITS, V>(bytes, p);
                     for (int i = 0; i < MT; i++) {
                         const int64_t at = ((m0 + i) * per_byte + p) * row_bytes + j;
-                        sum_h[r][i] = _mm512_dpbusd_epi32(sum_h[r][i], codes, _mm512_loadu_si512(h + at));
-                        sum_l[r][i] = _mm512_dpbusd_epi32(sum_l[r][i], codes, _mm512_loadu_si512(l + at));
+                        sum_h[r][i] = V::dpbusd(sum_h[r][i], codes, V::load(h + at));
+                        sum_l[r][i] = V::dpbusd(sum_l[r][i], codes, V::load(l + at));
                     }
                 }
             }
@@ -74,40 +119,49 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
             const float* sz = scales + (g * N + n0 + r) * scale_stride;
             const float s = sz[0], z = BITS == 8 ? 0.f : sz[1];
             for (int i = 0; i < MT; i++) {
-                const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_h[r][i]), _mm512_set1_ps(256.f),
-                                                   _mm512_cvtepi32_ps(sum_l[r][i]));
-                acc[r][i] = _mm512_fmadd_ps(dot, _mm512_set1_ps(s * sx[m0 + i]), acc[r][i]);
+                const typename V::F dot = V::fmadd(V::to_float(sum_h[r][i]), V::set1(256.f), V::to_float(sum_l[r][i]));
+                acc[r][i] = V::fmadd(dot, V::set1(s * sx[m0 + i]), acc[r][i]);
                 zero_acc[r][i] += (z - mid * s) * xsum[(m0 + i) * G + g];
             }
         }
     }
     for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) out[(m0 + i) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][i]) + zero_acc[r][i];
+        for (int i = 0; i < MT; i++) out[(m0 + i) * N + n0 + r] = V::sum(acc[r][i]) + zero_acc[r][i];
 }
 
 // Rows of x two at a time (4 x 2 tiles keep all 16 integer accumulators in registers); one row of x takes
 // 8 weight rows at once, for more independent accumulators.
-template <int RT, int BITS>
+template <int RT, int BITS, int CHUNK>
 INLINE void weight_rows(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
                         const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int64_t n0) {
     int64_t m0 = 0;
     if (RT == 4)
-        for (; m0 + 2 <= M; m0 += 2) tile<RT, 2, BITS>(h, l, sx, xsum, K, weight, N, scales, G, out, n0, m0);
-    for (; m0 < M; m0++) tile<RT, 1, BITS>(h, l, sx, xsum, K, weight, N, scales, G, out, n0, m0);
+        for (; m0 + 2 <= M; m0 += 2) tile<RT, 2, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, out, n0, m0);
+    for (; m0 < M; m0++) tile<RT, 1, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, out, n0, m0);
 }
 
-template <int BITS>
+template <int BITS, int CHUNK>
 void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
              const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int threads) {
     const int64_t rows = M == 1 ? 8 : 4, full = N - N % rows;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n0 = 0; n0 < full; n0 += rows) {
         if (M == 1)
-            weight_rows<8, BITS>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
+            weight_rows<8, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
         else
-            weight_rows<4, BITS>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
+            weight_rows<4, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
     }
-    for (int64_t n0 = full; n0 < N; n0++) weight_rows<1, BITS>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
+    for (int64_t n0 = full; n0 < N; n0++)
+        weight_rows<1, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
+}
+
+template <int BITS>
+void vnni_mm_any_chunk(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
+                       const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int threads) {
+    if ((K * BITS / 8 / G) % 64 == 0)
+        vnni_mm<BITS, 64>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+    else
+        vnni_mm<BITS, 32>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
 }
 
 // Lanes 0..15 of a then b, alternated: (a0, b0, a1, b1, ..., a7, b7) into lo and (a8, b8, ..., a15, b15) into hi.
@@ -242,9 +296,9 @@ int quanto_split_x(const float* x, int64_t M, int64_t K, int per_byte, int64_t g
 void quanto_vnni_mm(int bits, const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M,
                     int64_t K, const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out,
                     int threads) {
-    if (bits == 8) vnni_mm<8>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
-    if (bits == 4) vnni_mm<4>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
-    if (bits == 2) vnni_mm<2>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+    if (bits == 4) vnni_mm_any_chunk<4>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+    if (bits == 2) vnni_mm_any_chunk<2>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
 }
 
 // See dequantize_rows: the weight rows for the float GEMM that serves larger M.

@@ -12,8 +12,8 @@ It is used when all of these hold, else the caller falls back to aten / the floa
   ``c++``) builds the source; the library is cached per source, compiler and flags in
   ``$QUANTO_FX_CACHE_DIR`` (default ``~/.cache/quanto_fx``), so a machine compiles it once (~2 s);
 - ``QUANTO_FX_CPU_KERNELS`` is not ``0`` (the switch for comparing against aten);
-- the shapes suit 64-byte chunks: ``in_features`` (int8) or each group's bytes (int4: groups of a multiple
-  of 128, int2: of 256) a multiple of 64 bytes;
+- the shapes suit the GEMV's 32- or 64-byte chunks: ``in_features`` (int8) or each group's bytes a multiple
+  of 32 (int4: groups of 64, 128, ...; int2: 128, 256, ...);
 - x is finite (a NaN or infinity in x takes the float path, which propagates it).
 """
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_vnni_mm.cpp")
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
-CHUNK_BYTES = 64  # one zmm register of weight bytes: the kernel's step along K
+CHUNK_BYTES = 32  # the GEMV's narrowest step along K (a ymm register of weight bytes; 64 where groups allow)
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 300
 
