@@ -1,19 +1,21 @@
-"""Small-M CPU weight-only GEMMs on AVX512-VNNI: the C++ kernels of ``cpu_vnni_mm.cpp``, built on first use.
+"""CPU weight-only GEMMs on AVX512-VNNI: the C++ kernels of ``cpu_vnni_mm.cpp``, built on first use.
 
-``vnni_weight_mm(x, weight, scales, bits, group_size)`` computes ``x @ W.T`` in float32 for int8 weights
-(bits = 8, per-output-channel ``scales``) or packed int4 / int2 codes (group-wise ``(scale, zero)`` pairs),
-reading the weight bytes as stored. It splits each row of x into 16-bit integers (relative error <= 2**-16 of
-the row's largest magnitude, ~3e-5 on the output: far below the weights' own error, and 60x below the
-bfloat16 rounding that aten's CPU kernels need) and runs ``vpdpbusd`` integer dot products: 2x faster than
-aten's weight-only kernels at M = 1 (bench/RESULTS.md).
+Each row of x is split into 16-bit integers in two signed-byte planes (relative error <= 2**-16 of the row's
+largest magnitude, ~3e-5 on the output: far below the weights' own error, and 60x below the bfloat16
+rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight_only.py``:
+- ``vnni_weight_mm`` (M <= 16): ``vpdpbusd`` integer dot products on the int8 weights or packed int4 / int2
+  codes as stored, group scales and zeros applied to the exact sums; 1.3-2x faster than aten's weight-only
+  kernels with warm caches, on par with cold ones (bench/RESULTS.md).
+- ``int8_weight_int_mm`` (int8 weights, M > 16): the two planes through one ``torch._int_mm``.
+- ``dequantize_rows`` (int4 / int2, M > 16): one vectorized pass per block of rows for the fp32 GEMM.
 
-It is used when all of these hold, else the caller falls back to aten / the float GEMM:
+They are used when all of these hold, else the callers fall back to aten / the float GEMM:
 - the CPU has AVX512-VNNI (``torch.cpu._is_vnni_supported``) and a C++ compiler (``$CXX``, else ``g++`` /
   ``c++``) builds the source; the library is cached per source, compiler and flags in
   ``$QUANTO_FX_CACHE_DIR`` (default ``~/.cache/quanto_fx``), so a machine compiles it once (~2 s);
 - ``QUANTO_FX_CPU_KERNELS`` is not ``0`` (the switch for comparing against aten);
-- the shapes suit the GEMV's 32- or 64-byte chunks: ``in_features`` (int8) or each group's bytes a multiple
-  of 32 (int4: groups of 64, 128, ...; int2: 128, 256, ...);
+- the shapes suit them (``supports``: ``in_features`` (int8) or each group's bytes a multiple of the GEMV's
+  32-byte chunks; ``supports_dequantize``: groups of a multiple of 16 bytes);
 - x is finite (a NaN or infinity in x takes the float path, which propagates it).
 """
 
