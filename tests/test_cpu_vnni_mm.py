@@ -149,6 +149,13 @@ def test_int8_weights_at_larger_m_match_the_float_reference(m, k):
     assert _relative_error(out, int8_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
 
 
+def test_int8_weights_at_larger_m_refuse_a_weight_or_scales_that_do_not_fit_x():
+    w, scale = _int8_weight(16, 128)
+    for args in ((w[:, :64], scale), (w.to(torch.uint8), scale), (w, scale[:8])):
+        with pytest.raises(ValueError, match="do not fit x"):
+            cpu_vnni_mm.int8_weight_int_mm(torch.randn(20, 128), *args)
+
+
 def test_non_finite_x_at_larger_m_is_propagated_too():
     w, scale = _int8_weight(16, 128)
     x = torch.randn(20, 128)
@@ -231,13 +238,17 @@ def test_dequantize_rows_refuses_what_the_cpp_side_would_read_or_write_out_of_bo
 
 @pytest.mark.parametrize("bits, group_size", [(4, 128), (2, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 x: computed in fp32, returned bf16
-def test_lowbit_weights_past_small_m_run_the_vectorized_dequantization(bits, group_size, dtype, monkeypatch):
+@pytest.mark.parametrize("m", [17, 65])  # blocks into the transposed output, then into column slices
+def test_lowbit_weights_past_small_m_run_the_vectorized_dequantization(
+    bits, group_size, dtype, m, monkeypatch
+):
     from quanto_fx.kernels import weight_only
 
+    assert weight_only.CPU_KERNEL_MAX_M < 17 <= weight_only.TRANSPOSED_BLOCKS_MAX_M < 65
     monkeypatch.setattr(weight_only, "DEQUANTIZE_BLOCK_BYTES", 1)  # 16-row blocks: 16, 16 and a partial 8
     torch.manual_seed(bits)
     packed, scale_zeros = _lowbit_weight(40, 256, bits, group_size)
-    x, bias = torch.randn(17, 256).to(dtype), torch.randn(40)
+    x, bias = torch.randn(m, 256).to(dtype), torch.randn(40)
     out = lowbit_weight_mm(x, packed, scale_zeros, None, bits, group_size, bias)
     expected = lowbit_weight_mm_reference(x.float(), packed, scale_zeros, bits, bias)
     tolerance = 1e-6 if dtype == torch.float32 else 4e-3  # bf16 rounds the output once: 2**-9

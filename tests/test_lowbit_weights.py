@@ -267,13 +267,14 @@ def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32(monkey
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, dtype):
+@pytest.mark.parametrize("extra_rows", [3, 50])  # M = 19: the transposed output; M = 66: column slices
+def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, dtype, extra_rows):
     from quanto_fx.kernels import cpu_vnni_mm, weight_only
 
     # 16-row blocks (the smallest) over N = 40: blocks of 16, 16 and 8 rows through one reused buffer
     monkeypatch.setattr(weight_only, "DEQUANTIZE_BLOCK_BYTES", 1)
     monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")  # int8 would take torch._int_mm
-    x = torch.randn(weight_only.CPU_KERNEL_MAX_M + 3, 128, dtype=dtype)
+    x = torch.randn(weight_only.CPU_KERNEL_MAX_M + extra_rows, 128, dtype=dtype)
     packed = PackedQTensor.quantize(torch.randn(40, 128), qint4, 64)
     out = lowbit_weight_mm(x, packed._packed, packed._scale_zeros, packed._kernel, 4, 64)
     reference = lowbit_weight_mm_reference(x.float(), packed._packed, packed._scale_zeros, 4)

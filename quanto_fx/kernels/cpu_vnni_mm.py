@@ -110,24 +110,27 @@ def available() -> bool:
     return os.environ.get(ENABLE_VARIABLE, "1") != "0" and _library() is not None
 
 
+def _group_bytes(bits: int, in_features: int, group_size: int | None) -> int | None:
+    """Weight bytes per scale: a whole int8 row, or one int4 / int2 group; None for shapes that do not fit."""
+    if bits == 8:
+        return in_features
+    if bits in (2, 4) and group_size and in_features % group_size == 0:
+        return group_size * bits // 8
+    return None
+
+
 def supports(bits: int, in_features: int, group_size: int | None = None) -> bool:
     """Whether :func:`vnni_weight_mm` serves a weight of these bits, input features and group size (None for
     int8's per-channel scales) on this machine."""
-    if bits == 8:
-        group_bytes = in_features
-    elif bits in (2, 4) and group_size and in_features % group_size == 0:
-        group_bytes = group_size * bits // 8
-    else:
-        return False
-    return group_bytes % CHUNK_BYTES == 0 and available()
+    group_bytes = _group_bytes(bits, in_features, group_size)
+    return group_bytes is not None and group_bytes % CHUNK_BYTES == 0 and available()
 
 
 def supports_dequantize(bits: int, in_features: int, group_size: int) -> bool:
     """Whether :func:`dequantize_rows` serves an int4 / int2 weight of these features and group size (groups
     of a multiple of 16 bytes: int4 32, 64, ...; int2 64, 128, ...) on this machine."""
-    if bits not in (2, 4) or not group_size or in_features % group_size:
-        return False
-    return (group_size * bits // 8) % 16 == 0 and available()
+    group_bytes = _group_bytes(bits, in_features, group_size) if bits != 8 else None
+    return group_bytes is not None and group_bytes % 16 == 0 and available()
 
 
 def dequantize_rows(
@@ -255,15 +258,23 @@ def int8_weight_int_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
     Args:
         x: (M, K) float activations on the CPU; w: int8 (N, K); scale: float (N,) per-channel scales.
     """
+    scale = scale.reshape(-1).float().contiguous()
+    if (
+        x.ndim != 2
+        or w.dtype != torch.int8
+        or w.ndim != 2
+        or w.shape[1] != x.shape[1]
+        or scale.shape != w.shape[:1]
+    ):
+        raise ValueError(
+            f"w {w.dtype} {tuple(w.shape)} and scale {tuple(scale.shape)} do not fit x {tuple(x.shape)}"
+        )
+    m, n = x.shape[0], w.shape[0]
     split = _split_x(x, 1, 1)
     if split is None:
         return None
     planes, x_scale, _ = split
-    m, n = x.shape[0], w.shape[0]
-    products = torch._int_mm(planes.view(2 * m, -1), w.t())
-    scale = scale.reshape(-1).float().contiguous()
-    if products.shape != (2 * m, n) or scale.shape != (n,) or not products.is_contiguous():
-        raise ValueError(f"w {tuple(w.shape)} and scale {tuple(scale.shape)} do not fit x {tuple(x.shape)}")
+    products = torch._int_mm(planes.view(2 * m, -1), w.t()).contiguous()
     out = torch.empty((m, n))
     pointers = (products.data_ptr(), m, n, x_scale.data_ptr(), scale.data_ptr(), out.data_ptr())
     _library().quanto_combine_planes(*pointers, torch.get_num_threads())

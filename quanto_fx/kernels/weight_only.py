@@ -8,8 +8,9 @@
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
   int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: the VNNI kernel on the
   portable packing where it applies, else ``aten._weight_int4pack_mm_for_cpu`` on the weight's kernel
-  layout (int2 codes are int4 codes there); CUDA: the Triton kernel when triton is installed; otherwise the
-  dequantize-then-GEMM reference.
+  layout (int2 codes are int4 codes there); past M = 16 (or with neither), the fp32 GEMM on blocks
+  dequantized by ``cpu_vnni_mm.dequantize_rows`` where it applies, else by torch ops. CUDA: the Triton
+  kernel when triton is installed; otherwise the dequantize-then-GEMM reference.
 
 Both compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
 pay: they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
