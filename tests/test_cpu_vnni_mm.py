@@ -50,16 +50,44 @@ def test_int8_weights_match_the_float_reference(m, n, k, dtype):
     assert out.dtype == torch.float32 and _relative_error(out, expected) < tolerance
 
 
-@pytest.mark.parametrize("bits, group_size", [(4, 64), (4, 128), (4, 256), (2, 128), (2, 256)])  # 32/64 B
-@pytest.mark.parametrize("m", [1, 2, 5, 16])
-@pytest.mark.parametrize("n", [20, 64])
+# GEMV (M <= 2, groups of 32 / 64 bytes) and GEMM (else); group bytes: int4 g8 4, g32 16, g64 32, g128 64.
+GROUPS = [(4, 8), (4, 32), (4, 64), (4, 128), (2, 16), (2, 128), (2, 256)]
+
+
+@pytest.mark.parametrize("bits, group_size", GROUPS)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 40])  # GEMM: tiles of 4 rows, then single rows
+@pytest.mark.parametrize("n", [20, 48, 100])  # GEMM: 32-column blocks, then 16-column ones, the last partial
 def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
-    torch.manual_seed(bits * m * n)
+    torch.manual_seed(bits * m * n + group_size)
     packed, scale_zeros = _lowbit_weight(n, 512, bits, group_size)
     x = torch.randn(m, 512)
     out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
     expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits)
-    assert _relative_error(out, expected) < VNNI_TOLERANCE
+    assert out.shape == (m, n) and _relative_error(out, expected) < VNNI_TOLERANCE
+
+
+def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
+    """Rows 0-1 alone take the GEMV, inside 8 rows the GEMM: the same exact integer sums, summed in another
+    order in float32."""
+    assert cpu_vnni_mm.PACKED_GEMV_MAX_M == 2
+    torch.manual_seed(0)
+    packed, scale_zeros = _lowbit_weight(64, 1024, 4, 128)
+    x = torch.randn(8, 1024)
+    gemv = cpu_vnni_mm.vnni_weight_mm(x[:2], packed, scale_zeros, 4, 128)
+    gemm = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128)
+    assert _relative_error(gemv, gemm[:2]) < 1e-6
+
+
+def test_the_gemm_passes_over_x_in_chunks():
+    """x planes of more than GEMM_X_CHUNK_BYTES (1 MB: 1024 rows at K = 512) take several passes over the
+    weight."""
+    torch.manual_seed(0)
+    packed, scale_zeros = _lowbit_weight(40, 512, 2, 64)
+    x = torch.randn(2100, 512)
+    out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 2, 64)
+    expected = lowbit_weight_mm_reference(x, packed, scale_zeros, 2)
+    for rows in (slice(0, 1024), slice(1024, 2048), slice(2048, 2100)):
+        assert _relative_error(out[rows], expected[rows]) < VNNI_TOLERANCE
 
 
 def test_rows_of_very_different_magnitudes_keep_their_own_precision():
@@ -73,17 +101,24 @@ def test_rows_of_very_different_magnitudes_keep_their_own_precision():
         assert _relative_error(out[row], expected[row]) < VNNI_TOLERANCE
 
 
-def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums():
-    """x at its largest code times the extreme weights -128 / 127 along K = 16384: the per-lane integer sums
-    reach ~3e7, far from int32's 2e9 but enough to show a wrong sign-flip or byte split."""
+@pytest.mark.parametrize("m", [1, 8])  # the GEMV, the GEMM
+def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums(m):
+    """x at its largest code times the extreme weights along K = 16384 (int8: -128 / 127; int4 codes 0 / 15 in
+    one group of all of K): the integer sums reach ~3e7 per lane, far from int32's 2e9 but enough to show a
+    wrong sign-flip or byte split."""
     k = 16384
     w = torch.full((16, k), 127, dtype=torch.int8)
     w[::2] = -128
     scale = torch.full((16,), 1e-3)
-    x = torch.full((1, k), 3.0)
-    x[0, ::3] = -3.0
+    x = torch.full((m, k), 3.0)
+    x[:, ::3] = -3.0
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
     assert _relative_error(out, int8_weight_mm_reference(x, w, scale)) < 1e-5
+    codes = torch.full((16, k), 15, dtype=torch.uint8)
+    codes[::2] = 0
+    scale_zeros = torch.tensor([1e-3, 2e-3]).expand(1, 16, 2).contiguous()
+    out = cpu_vnni_mm.vnni_weight_mm(x, pack(codes, 4), scale_zeros, 4, k)
+    assert _relative_error(out, lowbit_weight_mm_reference(x, pack(codes, 4), scale_zeros, 4)) < 1e-5
 
 
 def test_mismatched_arguments_are_refused_before_the_cpp_side_reads_them():
@@ -112,12 +147,13 @@ def test_non_finite_x_is_left_to_the_float_path_which_propagates_it():
         (8, 256, None, True),
         (8, 96, None, True),  # 32-byte chunks
         (8, 80, None, False),  # 80 bytes: not a whole number of 32-byte chunks
+        (8, 1 << 21, None, False),  # the int32 sums could overflow
         (4, 256, 128, True),
-        (4, 256, 64, True),  # 32 bytes a group
-        (4, 256, 32, False),  # 16 bytes a group
-        (2, 512, 256, True),
-        (2, 512, 128, True),
-        (2, 512, 64, False),
+        (4, 256, 32, True),  # 16 bytes a group: the GEMM at every M
+        (4, 256, 8, True),  # 4 bytes: one 32-bit word a group
+        (4, 256, 4, False),
+        (2, 512, 16, True),
+        (2, 512, 8, False),
         (4, 300, 128, False),  # groups do not divide the features
     ],
 )
@@ -134,10 +170,20 @@ def test_the_weight_only_ops_dispatch_to_the_vnni_paths():
     assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8) + bias)
     vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128) + bias
     assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
-    x = torch.randn(17, 256)  # past CPU_KERNEL_MAX_M: int8 through torch._int_mm, int4 the float GEMM
+    x = torch.randn(17, 256)  # past CPU_KERNEL_MAX_M: int8 through torch._int_mm; int4 still the VNNI GEMM
     assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.int8_weight_int_mm(x, w, scale) + bias)
-    expected = lowbit_weight_mm_reference(x, packed, scale_zeros, 4)
-    assert _relative_error(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128), expected) < 1e-6
+    vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128) + bias
+    assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
+
+
+def test_16_bit_x_is_computed_from_float32_and_returned_in_its_dtype():
+    torch.manual_seed(0)
+    packed, scale_zeros = _lowbit_weight(40, 256, 4, 64)
+    for m in (1, 24):
+        x = torch.randn(m, 256).bfloat16()
+        out = lowbit_weight_mm(x, packed, scale_zeros, None, 4, 64)
+        expected = lowbit_weight_mm_reference(x.float(), packed, scale_zeros, 4)
+        assert out.dtype == torch.bfloat16 and _relative_error(out, expected) < 4e-3  # bf16 output: 2**-9
 
 
 @pytest.mark.parametrize("m, k", [(17, 256), (64, 100), (200, 8)])  # any K: _int_mm takes odd shapes
@@ -207,49 +253,3 @@ def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatc
         monkeypatch.undo()
         cpu_vnni_mm._library.cache_clear()
     assert cpu_vnni_mm.available()
-
-
-@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 128), (2, 64), (2, 128)])
-def test_dequantized_rows_are_the_weight(bits, group_size):
-    from quanto_fx.tensor.groupwise import dequantize_groupwise
-    from quanto_fx.tensor.packing import unpack
-
-    torch.manual_seed(bits + group_size)
-    packed, scale_zeros = _lowbit_weight(24, 256, bits, group_size)
-    weight = dequantize_groupwise(unpack(packed, bits), scale_zeros, bits)
-    rows = torch.full((10, 256), float("nan"))
-    cpu_vnni_mm.dequantize_rows(packed, scale_zeros, bits, group_size, 7, 17, rows)
-    # Equal to float32 rounding: the kernel's fma rounds (q - mid) * s + z once, torch's ops twice.
-    torch.testing.assert_close(rows, weight[7:17], rtol=2.4e-7, atol=1e-8)
-
-
-def test_dequantize_rows_refuses_what_the_cpp_side_would_read_or_write_out_of_bounds():
-    packed, scale_zeros = _lowbit_weight(8, 128, 4, 64)
-    for wrong in (torch.empty(8, 64), torch.empty(8, 128, dtype=torch.bfloat16), torch.empty(128, 8).t()):
-        with pytest.raises(ValueError, match="out must be a contiguous float32"):
-            cpu_vnni_mm.dequantize_rows(packed, scale_zeros, 4, 64, 0, 8, wrong)
-    with pytest.raises(ValueError, match="not within the weight's 8 rows"):
-        cpu_vnni_mm.dequantize_rows(packed, scale_zeros, 4, 64, 4, 12, torch.empty(8, 128))
-    with pytest.raises(ValueError, match="scale_zeros must be"):
-        cpu_vnni_mm.dequantize_rows(packed, scale_zeros[:1], 4, 64, 0, 8, torch.empty(8, 128))
-    with pytest.raises(ValueError, match="packed must be"):
-        cpu_vnni_mm.dequantize_rows(packed.t(), scale_zeros, 4, 64, 0, 8, torch.empty(8, 128))
-
-
-@pytest.mark.parametrize("bits, group_size", [(4, 128), (2, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 x: computed in fp32, returned bf16
-@pytest.mark.parametrize("m", [17, 65])  # blocks into the transposed output, then into column slices
-def test_lowbit_weights_past_small_m_run_the_vectorized_dequantization(
-    bits, group_size, dtype, m, monkeypatch
-):
-    from quanto_fx.kernels import weight_only
-
-    assert weight_only.CPU_KERNEL_MAX_M < 17 <= weight_only.TRANSPOSED_BLOCKS_MAX_M < 65
-    monkeypatch.setattr(weight_only, "DEQUANTIZE_BLOCK_BYTES", 1)  # 16-row blocks: 16, 16 and a partial 8
-    torch.manual_seed(bits)
-    packed, scale_zeros = _lowbit_weight(40, 256, bits, group_size)
-    x, bias = torch.randn(m, 256).to(dtype), torch.randn(40)
-    out = lowbit_weight_mm(x, packed, scale_zeros, None, bits, group_size, bias)
-    expected = lowbit_weight_mm_reference(x.float(), packed, scale_zeros, bits, bias)
-    tolerance = 1e-6 if dtype == torch.float32 else 4e-3  # bf16 rounds the output once: 2**-9
-    assert out.dtype == dtype and out.is_contiguous() and _relative_error(out, expected) < tolerance

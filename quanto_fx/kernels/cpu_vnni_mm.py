@@ -3,19 +3,20 @@
 Each row of x is split into 16-bit integers in two signed-byte planes (relative error <= 2**-16 of the row's
 largest magnitude, ~3e-5 on the output: far below the weights' own error, and 60x below the bfloat16
 rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight_only.py``:
-- ``vnni_weight_mm`` (M <= 16): ``vpdpbusd`` integer dot products on the int8 weights or packed int4 / int2
-  codes as stored, group scales and zeros applied to the exact sums; 1.3-2x faster than aten's weight-only
-  kernels with warm caches, on par with cold ones (bench/RESULTS.md).
+- ``vnni_weight_mm``: ``vpdpbusd`` integer dot products on the int8 weights or packed int4 / int2 codes as
+  stored, group scales and zeros applied to the exact sums. A GEMV for int8 weights (M <= 16) and for packed
+  ones at M <= 2 (1.3-2x faster than aten's weight-only kernels with warm caches, on par with cold ones); a
+  GEMM for packed weights at larger M (each block of weight rows gathered once into column-per-lane code
+  vectors, reused by every row of x: about half the fp32 GEMM's time from M = 4 to 512, bench/RESULTS.md).
 - ``int8_weight_int_mm`` (int8 weights, M > 16): the two planes through one ``torch._int_mm``.
-- ``dequantize_rows`` (int4 / int2, M > 16): one vectorized pass per block of rows for the fp32 GEMM.
 
 They are used when all of these hold, else the callers fall back to aten / the float GEMM:
 - the CPU has AVX512-VNNI (``torch.cpu._is_vnni_supported``) and a C++ compiler (``$CXX``, else ``g++`` /
   ``c++``) builds the source; the library is cached per source, compiler and flags in
   ``$QUANTO_FX_CACHE_DIR`` (default ``~/.cache/quanto_fx``), so a machine compiles it once (~2 s);
 - ``QUANTO_FX_CPU_KERNELS`` is not ``0`` (the switch for comparing against aten);
-- the shapes suit them (``supports``: ``in_features`` (int8) or each group's bytes a multiple of the GEMV's
-  32-byte chunks; ``supports_dequantize``: groups of a multiple of 16 bytes);
+- the shapes suit them (``supports``: int8 ``in_features`` a multiple of the GEMV's 32-byte chunks; int4 /
+  int2 groups of whole 32-bit words, i.e. int4 groups a multiple of 8 codes, int2 of 16);
 - x is finite (a NaN or infinity in x takes the float path, which propagates it).
 """
 
@@ -39,6 +40,13 @@ SOURCE = Path(__file__).with_name("cpu_vnni_mm.cpp")
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
 CHUNK_BYTES = 32  # the GEMV's narrowest step along K (a ymm register of weight bytes; 64 where groups allow)
+WORD_BYTES = 4  # the GEMM's step along K: one 32-bit word of packed codes per lane
+# Packed weights: the GEMV up to this M, the GEMM past it (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
+# 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
+PACKED_GEMV_MAX_M = 2
+# The int32 sums must not overflow: |h * q| <= 128 * 255 per product, summed over K / 16 products per lane
+# (GEMV) or one group (GEMM).
+MAX_IN_FEATURES = 1 << 20
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 300
 
@@ -97,9 +105,8 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_vnni_mm.argtypes = [ctypes.c_int, *[pointer] * 4, size, size, pointer, size, pointer, size]
     library.quanto_vnni_mm.argtypes += [pointer, ctypes.c_int]
     library.quanto_vnni_mm.restype = None
-    library.quanto_dequantize_rows.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, size, size]
-    library.quanto_dequantize_rows.argtypes += [pointer, ctypes.c_int]
-    library.quanto_dequantize_rows.restype = None
+    library.quanto_vnni_gemm.argtypes = library.quanto_vnni_mm.argtypes
+    library.quanto_vnni_gemm.restype = None
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
     library.quanto_combine_planes.restype = None
     return library
@@ -119,62 +126,20 @@ def _group_bytes(bits: int, in_features: int, group_size: int | None) -> int | N
     return None
 
 
+def _uses_gemv(bits: int, rows: int, in_features: int, group_size: int | None) -> bool:
+    """The GEMV for int8 weights, and for packed ones at small M with groups of whole GEMV chunks."""
+    if bits == 8:
+        return True
+    return rows <= PACKED_GEMV_MAX_M and _group_bytes(bits, in_features, group_size) % CHUNK_BYTES == 0
+
+
 def supports(bits: int, in_features: int, group_size: int | None = None) -> bool:
     """Whether :func:`vnni_weight_mm` serves a weight of these bits, input features and group size (None for
-    int8's per-channel scales) on this machine."""
+    int8's per-channel scales) on this machine, for any number of rows of x."""
     group_bytes = _group_bytes(bits, in_features, group_size)
-    return group_bytes is not None and group_bytes % CHUNK_BYTES == 0 and available()
-
-
-def supports_dequantize(bits: int, in_features: int, group_size: int) -> bool:
-    """Whether :func:`dequantize_rows` serves an int4 / int2 weight of these features and group size (groups
-    of a multiple of 16 bytes: int4 32, 64, ...; int2 64, 128, ...) on this machine."""
-    group_bytes = _group_bytes(bits, in_features, group_size) if bits != 8 else None
-    return group_bytes is not None and group_bytes % 16 == 0 and available()
-
-
-def dequantize_rows(
-    packed: torch.Tensor,
-    scale_zeros: torch.Tensor,
-    bits: int,
-    group_size: int,
-    start: int,
-    stop: int,
-    out: torch.Tensor,
-) -> None:
-    """Write rows ``start:stop`` of the packed weight, dequantized to float32, into ``out`` (a contiguous
-    float32 (stop - start, K) tensor): one vectorized pass, a table lookup per code (the torch ops it
-    replaces made the fp32 GEMM at M = 128 2.3x slower than float for int4 weights).
-
-    Args:
-        packed: contiguous uint8 (N, K * bits / 8) codes.
-        scale_zeros: contiguous float32 (K / group_size, N, 2) scales and zeros.
-    """
-    in_features = packed.shape[1] * 8 // bits
-    groups = in_features // group_size
-    # The C++ side trusts every index: check what it will read and write.
-    if packed.dtype != torch.uint8 or packed.ndim != 2 or not packed.is_contiguous():
-        raise ValueError(f"packed must be a contiguous 2-d uint8 tensor, got {packed.dtype} {packed.shape}")
-    parts = (groups, packed.shape[0], 2)
-    if scale_zeros.dtype != torch.float32 or not scale_zeros.is_contiguous() or scale_zeros.shape != parts:
-        raise ValueError(f"scale_zeros must be a contiguous float32 {parts} tensor, got {scale_zeros.shape}")
-    if not 0 <= start <= stop <= packed.shape[0]:
-        raise ValueError(f"rows {start}:{stop} are not within the weight's {packed.shape[0]} rows")
-    shape = (stop - start, in_features)
-    if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != shape:
-        raise ValueError(f"out must be a contiguous float32 {shape} tensor, got {out.dtype} {out.shape}")
-    _library().quanto_dequantize_rows(
-        bits,
-        packed.data_ptr(),
-        packed.shape[0],
-        in_features,
-        scale_zeros.data_ptr(),
-        groups,
-        start,
-        stop,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
+    step = CHUNK_BYTES if bits == 8 else WORD_BYTES
+    fits = group_bytes is not None and group_bytes % step == 0 and in_features <= MAX_IN_FEATURES
+    return fits and available()
 
 
 def _split_x(x: torch.Tensor, per_byte: int, groups: int):
@@ -213,7 +178,7 @@ def vnni_weight_mm(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None = None
 ) -> torch.Tensor | None:
     """``x @ W.T`` as float32 (M, N), or None when x holds a NaN or infinity (the caller's float path then
-    propagates it). For small M (the weight is read once for every 2 rows of x).
+    propagates it). The GEMV or the GEMM form by the weight's bits and x's rows (see the module docstring).
 
     Args:
         x: (M, K) float activations on the CPU (any float dtype: computed from float32).
@@ -230,7 +195,9 @@ def vnni_weight_mm(
     weight = weight.contiguous()
     scales = scales.float().contiguous()
     out = torch.empty((x.shape[0], weight.shape[0]))
-    _library().quanto_vnni_mm(
+    library = _library()
+    gemv = _uses_gemv(bits, x.shape[0], x.shape[1], group_size)
+    (library.quanto_vnni_mm if gemv else library.quanto_vnni_gemm)(
         bits,
         planes[0].data_ptr(),
         planes[1].data_ptr(),

@@ -6,16 +6,17 @@
   or the float GEMM on the dequantized weight. CUDA: the Triton kernel when triton is installed, else the
   float GEMM on the dequantized weight.
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
-  int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU, M <= 16: the VNNI kernel on the
-  portable packing where it applies, else ``aten._weight_int4pack_mm_for_cpu`` on the weight's kernel
-  layout (int2 codes are int4 codes there); past M = 16 (or with neither), the fp32 GEMM on blocks
-  dequantized by ``cpu_vnni_mm.dequantize_rows`` where it applies, else by torch ops. CUDA: the Triton
-  kernel when triton is installed; otherwise the dequantize-then-GEMM reference.
+  int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU with AVX512-VNNI: the VNNI GEMV /
+  GEMM on the portable packing, at every M, where it applies. Otherwise on the CPU:
+  ``aten._weight_int4pack_mm_for_cpu`` on the weight's kernel layout (M <= 16; int2 codes are int4 codes
+  there), or the float GEMM on blocks dequantized by torch ops. CUDA: the Triton kernel when triton is
+  installed; otherwise the dequantize-then-GEMM reference.
 
 Both compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
 pay: they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
 
-CPU precision: the VNNI paths round x to 16-bit integers per row (~3e-5 relative on the output). aten's
+CPU precision: the VNNI paths round x to 16-bit integers per row (~3e-5 relative on the output), whatever
+x's dtype (16-bit x is computed from float32 and the result rounded to x's dtype). aten's
 CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones they ran 3 to 46x slower
 than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are rounded to bfloat16 for them (relative
 error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights) and the result is returned in float32.
@@ -196,21 +197,11 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
     if x.device.type != "cpu":
         return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
-    if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(bits, x.shape[1], group_size):
+    if cpu_vnni_mm.supports(bits, x.shape[1], group_size):
         out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
         if out is not None:  # None: x is not finite, left to the float path below
             return _with_bias(out.to(x.dtype), bias)
     if kernel is None or x.shape[0] > CPU_KERNEL_MAX_M:  # the float GEMM on dequantized blocks
-        if cpu_vnni_mm.supports_dequantize(bits, x.shape[1], group_size):
-            scales = scale_zeros.float().contiguous()
-            packed = packed.contiguous()
-
-            def fill_rows_vectorized(start, stop, block):
-                cpu_vnni_mm.dequantize_rows(packed, scales, bits, group_size, start, stop, block)
-
-            # 16-bit x too: the fp32 GEMM beat the bf16 one on the CPU machine (1.6x at M = 128, no AMX).
-            out = _blocked_gemm(x.float(), packed.shape[0], fill_rows_vectorized)
-            return _with_bias(out.to(x.dtype), bias)
         scale_zeros = scale_zeros.to(x.dtype)
 
         def fill_rows(start, stop, block):
