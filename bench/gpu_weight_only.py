@@ -16,7 +16,7 @@ import quanto_fx.kernels  # noqa: F401  (registers the ops)
 from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4
 from quanto_fx.kernels import triton_lowbit_mm
 from quanto_fx.kernels.float8_mm import float8_mm_reference, scaled_mm_works
-from quanto_fx.kernels.weight_only import int8_weight_mm_reference, lowbit_weight_mm_reference
+from quanto_fx.kernels.weight_only import lowbit_weight_mm_reference, per_channel_weight_mm_reference
 from quanto_fx.tensor import PackedQTensor
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -62,7 +62,7 @@ for m, k, n in [
     check(
         "int8 weights",
         ops.int8_weight_mm(x, w8_data, w8_scale),
-        int8_weight_mm_reference(x, w8_data, w8_scale),
+        per_channel_weight_mm_reference(x, w8_data, w8_scale),
         2e-2,
     )
     # tinygemm takes the same scales and zeros: w = (q - 8) * scale + zero, (K / G, N, 2).

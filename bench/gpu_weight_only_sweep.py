@@ -17,7 +17,7 @@ from gpu_timing import gpu_us, tinygemm
 
 from quanto_fx import QTensor, qint4
 from quanto_fx.kernels.triton_lowbit_mm import int8_weight_mm_triton, lowbit_mm_triton
-from quanto_fx.kernels.weight_only import int8_weight_mm_reference, lowbit_weight_mm_reference
+from quanto_fx.kernels.weight_only import lowbit_weight_mm_reference, per_channel_weight_mm_reference
 from quanto_fx.tensor import PackedQTensor
 from quanto_fx.tensor.groupwise import dequantize_groupwise
 from quanto_fx.tensor.packing import unpack
@@ -74,7 +74,7 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336)]:
     sweep(
         "int8",
         lambda c: int8_weight_mm_triton(x, w8_data, w8_scale, c),
-        int8_weight_mm_reference(x, w8_data, w8_scale),
+        per_channel_weight_mm_reference(x, w8_data, w8_scale),
     )
 
 # Prefill: the autotuned kernels against dequantize-to-bf16 + cuBLAS.

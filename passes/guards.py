@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import Match
 
+from quanto_fx.tensor.quantization import FLOAT8_DTYPES
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 INT8_QMAX = 127
@@ -119,10 +121,11 @@ def check_rescale_16bit(match: Match) -> str | None:
 
 
 def check_weight_only(match: Match) -> str | None:
-    """x @ (float(w) * scale).T [+ bias]: int8 (N, K) weight, per-output-channel scale, one float dtype."""
+    """x @ (float(w) * scale).T [+ bias]: int8 or float8 (N, K) weight, per-output-channel scale, one float
+    dtype."""
     x, w, scale = value(match, "x"), value(match, "w"), value(match, "scale")
-    if w.dtype != torch.int8 or w.ndim != 2 or x.ndim != 2:
-        return f"the weight is {w.dtype} {w.ndim}-d (int8 2-d needed), the input {x.ndim}-d"
+    if w.dtype not in (torch.int8, *FLOAT8_DTYPES) or w.ndim != 2 or x.ndim != 2:
+        return f"the weight is {w.dtype} {w.ndim}-d (int8 or float8 2-d needed), the input {x.ndim}-d"
     (to_float,) = _nodes(match, prims.convert_element_type.default)
     if x.dtype not in RESCALE_DTYPES or to_float.args[1] != x.dtype or scale.dtype != x.dtype:
         return f"dequantized to {to_float.args[1]} by a {scale.dtype} scale for a {x.dtype} input"

@@ -2,9 +2,9 @@
 replaces it. Patterns are plain eager functions; inductor's pattern matcher traces them into graph patterns
 (constants such as clamp bounds and dtypes become wildcards, so each rule's ``check`` verifies them).
 
-Stages, in order: "fuse" rewrites int8 GEMM chains and int8 weight-only GEMMs into fused ops; "sink" moves
-a relu that follows a fused op through the reshape between them; "epilogue" folds that relu into the fused
-op. See README.md for the invariants every rule keeps.
+Stages, in order: "fuse" rewrites int8 GEMM chains and int8 / float8 weight-only GEMMs into fused ops;
+"sink" moves a relu that follows a fused op through the reshape between them; "epilogue" folds that relu
+into the fused op. See README.md for the invariants every rule keeps.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quanto_fx.kernels import int8_mm_requantize, int8_mm_rescale, int8_weight_mm
+from quanto_fx.kernels import float8_weight_mm, int8_mm_requantize, int8_mm_rescale, int8_weight_mm
 
 from . import guards
 
@@ -160,25 +160,30 @@ def rescale_replacement(a, b, scale, *, out):
     return int8_mm_rescale(a, b, one, _as_row(scale), None, out.dtype).reshape(out.shape)
 
 
-# -- stage "fuse": int8 weight-only, float activations ---------------------------------------------------
+# -- stage "fuse": int8 / float8 weight-only, float activations ------------------------------------------
 
 
-# x @ (float(w) * scale).T -> int8_weight_mm(x, w, scale): the weight is dequantized inside the GEMM
+def _weight_only_op(w: torch.Tensor):
+    return int8_weight_mm if w.dtype == torch.int8 else float8_weight_mm
+
+
+# x @ (float(w) * scale).T -> int8_weight_mm / float8_weight_mm(x, w, scale): the weight is dequantized
+# inside the GEMM
 def weight_only_pattern(x, w, scale):
     return torch.mm(x, (w.to(torch.float32) * scale).permute(1, 0))
 
 
 def weight_only_replacement(x, w, scale, *, out):
-    return int8_weight_mm(x, w, scale.reshape(-1), None)
+    return _weight_only_op(w)(x, w, scale.reshape(-1), None)
 
 
-# bias + x @ (float(w) * scale).T -> int8_weight_mm(x, w, scale, bias)
+# bias + x @ (float(w) * scale).T -> int8_weight_mm / float8_weight_mm(x, w, scale, bias)
 def weight_only_bias_pattern(x, w, scale, bias):
     return torch.addmm(bias, x, (w.to(torch.float32) * scale).permute(1, 0))
 
 
 def weight_only_bias_replacement(x, w, scale, bias, *, out):
-    return int8_weight_mm(x, w, scale.reshape(-1), bias)
+    return _weight_only_op(w)(x, w, scale.reshape(-1), bias)
 
 
 # -- stage "sink": relu(reshape(fused)) -> reshape(relu(fused)), so the epilogue stage sees them adjacent ----
@@ -278,7 +283,7 @@ RULES: tuple[Rule, ...] = (
          "int32 -> float by one scale per tensor, row or column", auto_devices=_CUDA),
     Rule("weight_only", "fuse", weight_only_pattern, weight_only_replacement,
          lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1)], guards.check_weight_only,
-         "float x times an int8 weight dequantized per output channel"),
+         "float x times an int8 or float8 weight dequantized per output channel"),
     Rule("weight_only_bias", "fuse", weight_only_bias_pattern, weight_only_bias_replacement,
          lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1), _f32(_N)], guards.check_weight_only,
          "as weight_only, + bias"),

@@ -355,3 +355,17 @@ def test_int8_weight_only_chains_are_fused_into_the_weight_only_kernel(dtype):
     assert counters["weight_only_bias"] == 2
     assert "quanto_fx.int8_weight_mm" in code and "extern_kernels.addmm" not in code
     assert_close_to_max(out, expected, WEIGHT_ONLY_TOLERANCE)  # bf16 compute on the CPU, fp32 or not
+
+
+@pytest.mark.parametrize("fqtype", [quanto_fx.qfloat8_e4m3fn, quanto_fx.qfloat8_e5m2])
+def test_float8_weight_only_chains_are_fused_into_the_float8_kernel(fqtype):
+    q = freeze(quantize(mlp(), weights=fqtype, activations=None))
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        hidden = F.relu(F.linear(x, q[0].weight.dequantize(), q[0].bias))
+        expected = F.linear(hidden, q[2].weight.dequantize(), q[2].bias)
+    counters.clear()
+    out, code = compile_and_run(q, x)
+    assert counters["weight_only_bias"] == 2
+    assert "quanto_fx.float8_weight_mm" in code and "extern_kernels.addmm" not in code
+    assert_close_to_max(out, expected, 1e-5)  # float32 compute (CPU kernels or the reference)

@@ -11,10 +11,10 @@ import torch
 from quanto_fx.kernels import cpu_vnni_mm
 from quanto_fx.kernels.weight_only import (
     int8_weight_mm,
-    int8_weight_mm_reference,
     lowbit_kernel_layout,
     lowbit_weight_mm,
     lowbit_weight_mm_reference,
+    per_channel_weight_mm_reference,
 )
 from quanto_fx.tensor.packing import pack
 
@@ -45,7 +45,7 @@ def test_int8_weights_match_the_float_reference(m, n, k, dtype):
     w, scale = _int8_weight(n, k)
     x = torch.randn(m, k).to(dtype)
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
-    expected = int8_weight_mm_reference(x.float(), w, scale)
+    expected = per_channel_weight_mm_reference(x.float(), w, scale)
     tolerance = VNNI_TOLERANCE if dtype == torch.float32 else 1e-4  # x's bf16 values are exact in float32
     assert out.dtype == torch.float32 and _relative_error(out, expected) < tolerance
 
@@ -96,7 +96,7 @@ def test_rows_of_very_different_magnitudes_keep_their_own_precision():
     w, scale = _int8_weight(32, 256)
     x = torch.randn(3, 256) * torch.tensor([[1e-6], [1.0], [1e6]])
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
-    expected = int8_weight_mm_reference(x, w, scale)
+    expected = per_channel_weight_mm_reference(x, w, scale)
     for row in range(3):
         assert _relative_error(out[row], expected[row]) < VNNI_TOLERANCE
 
@@ -113,7 +113,7 @@ def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums(m):
     x = torch.full((m, k), 3.0)
     x[:, ::3] = -3.0
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
-    assert _relative_error(out, int8_weight_mm_reference(x, w, scale)) < 1e-5
+    assert _relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < 1e-5
     codes = torch.full((16, k), 15, dtype=torch.uint8)
     codes[::2] = 0
     scale_zeros = torch.tensor([1e-3, 2e-3]).expand(1, 16, 2).contiguous()
@@ -192,7 +192,7 @@ def test_int8_weights_at_larger_m_match_the_float_reference(m, k):
     w, scale = _int8_weight(24, k)
     x = torch.randn(m, k) * 3
     out = cpu_vnni_mm.int8_weight_int_mm(x, w, scale)
-    assert _relative_error(out, int8_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
+    assert _relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
 
 
 def test_int8_weights_at_larger_m_refuse_a_weight_or_scales_that_do_not_fit_x():
@@ -248,7 +248,9 @@ def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatc
         assert "failed to build" in caplog.text
         w, scale = _int8_weight(16, 128)
         x = torch.randn(1, 128)
-        assert _relative_error(int8_weight_mm(x, w, scale), int8_weight_mm_reference(x, w, scale)) < 8e-3
+        assert (
+            _relative_error(int8_weight_mm(x, w, scale), per_channel_weight_mm_reference(x, w, scale)) < 8e-3
+        )
     finally:
         monkeypatch.undo()
         cpu_vnni_mm._library.cache_clear()

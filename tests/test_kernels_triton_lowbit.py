@@ -200,7 +200,7 @@ def test_cpu_tensors_outside_the_interpreter_raise():
 # -- int8 weights: reference, operands, bad inputs ---------------------------------------------------------
 
 
-def int8_weight_mm_reference(x, w, scale) -> torch.Tensor:
+def per_channel_weight_mm_reference(x, w, scale) -> torch.Tensor:
     """x @ (w * scale[:, None]).T in float32."""
     return x.float() @ (w.float() * scale.float().reshape(-1, 1)).T
 
@@ -217,7 +217,7 @@ def make_int8_operands(m, n, k, dtype=torch.float32, device="cpu", seed=0, scale
 
 
 def assert_matches_int8_reference(out, x, w, scale):
-    ref = int8_weight_mm_reference(x.cpu(), w.cpu(), scale.cpu())
+    ref = per_channel_weight_mm_reference(x.cpu(), w.cpu(), scale.cpu())
     assert out.dtype == x.dtype and out.shape == ref.shape
     err = (out.cpu().float() - ref).abs().max() / ref.abs().max()
     assert err <= TOLERANCE[x.dtype], f"relative error {err:.3g}"

@@ -255,7 +255,11 @@ def test_compiled_int4_model_runs_the_weight_only_kernel():
 
 def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32(monkeypatch):
     from quanto_fx.kernels import cpu_vnni_mm
-    from quanto_fx.kernels.weight_only import CPU_KERNEL_MAX_M, int8_weight_mm, int8_weight_mm_reference
+    from quanto_fx.kernels.weight_only import (
+        CPU_KERNEL_MAX_M,
+        int8_weight_mm,
+        per_channel_weight_mm_reference,
+    )
 
     monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")  # int8 would take torch._int_mm (test_cpu_vnni_mm)
     x = torch.randn(CPU_KERNEL_MAX_M + 1, 128)
@@ -263,7 +267,7 @@ def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32(monkey
     out = lowbit_weight_mm(x, packed._packed, packed._scale_zeros, packed._kernel, 4, 64)
     assert_close_to_max(out, lowbit_weight_mm_reference(x, packed._packed, packed._scale_zeros, 4), 1e-5)
     w, scale = torch.randint(-127, 128, (32, 128), dtype=torch.int8), torch.rand(32)
-    assert_close_to_max(int8_weight_mm(x, w, scale), int8_weight_mm_reference(x, w, scale), 1e-5)
+    assert_close_to_max(int8_weight_mm(x, w, scale), per_channel_weight_mm_reference(x, w, scale), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -282,7 +286,7 @@ def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, 
     assert out.dtype == dtype and out.shape == (x.shape[0], 40)
     assert_close_to_max(out.float(), reference, tolerance)
     w, scale = torch.randint(-127, 128, (40, 128), dtype=torch.int8), torch.rand(40)
-    expected = weight_only.int8_weight_mm_reference(x.float(), w, scale)
+    expected = weight_only.per_channel_weight_mm_reference(x.float(), w, scale)
     assert_close_to_max(weight_only.int8_weight_mm(x, w, scale).float(), expected, tolerance)
 
 

@@ -2,8 +2,8 @@
 
 - ``torch.ops.quanto_fx.int8_mm_rescale``: int8 GEMM -> float (per-row x per-column scales, bias, relu).
 - ``torch.ops.quanto_fx.int8_mm_requantize``: int8 GEMM -> int8 (int32 bias, output scale, relu).
-- ``torch.ops.quanto_fx.int8_weight_mm`` / ``lowbit_weight_mm``: weight-only GEMMs, float activations times
-  int8 or packed int4 / int2 weights (``weight_only.py``).
+- ``torch.ops.quanto_fx.int8_weight_mm`` / ``float8_weight_mm`` / ``lowbit_weight_mm``: weight-only GEMMs,
+  float activations times int8, float8 or packed int4 / int2 weights (``weight_only.py``).
 - ``torch.ops.quanto_fx.float8_mm``: float8 x float8 GEMM, per-row x per-column scales (``float8_mm.py``).
 
 Each op has one schema, a pure-torch reference (``reference.py``), a fake implementation, a torch
@@ -18,7 +18,13 @@ from .int8_mm_requantize import int8_mm_requantize
 from .int8_mm_rescale import int8_mm_rescale
 from .library import LIB
 from .reference import int8_mm_requantize_reference, int8_mm_rescale_reference
-from .weight_only import int8_weight_mm, int8_weight_mm_cuda, lowbit_weight_mm, lowbit_weight_mm_cuda
+from .weight_only import (
+    float8_weight_mm,
+    int8_weight_mm,
+    int8_weight_mm_cuda,
+    lowbit_weight_mm,
+    lowbit_weight_mm_cuda,
+)
 
 # triton is optional (absent on macOS, Windows and most CPU-only installs): without it the CUDA path is the
 # torch implementation (cuBLAS _int_mm, then the epilogue).
@@ -33,6 +39,7 @@ if HAS_TRITON:
 
 __all__ = [
     "float8_mm",
+    "float8_weight_mm",
     "HAS_TRITON",
     "int8_mm_requantize",
     "int8_mm_requantize_reference",

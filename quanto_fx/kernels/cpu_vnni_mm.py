@@ -36,7 +36,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_vnni_mm.cpp")
+# One library: these kernels and the float8 ones of cpu_float8_mm.py (which loads it through _library()).
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_vnni_mm.cpp", "cpu_float8_mm.cpp")]
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
 CHUNK_BYTES = 32  # the GEMV's narrowest step along K (a ymm register of weight bytes; 64 where groups allow)
@@ -64,7 +65,8 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """The compiled library's path, compiling it unless this source, compiler and flags are cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS]).encode()).hexdigest()[:16]
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, version, *FLAGS]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_vnni_mm-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,7 @@ def _build(compiler: str) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
             subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -109,6 +111,12 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_vnni_gemm.restype = None
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
     library.quanto_combine_planes.restype = None
+    library.quanto_float8_gemv.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, pointer]
+    library.quanto_float8_gemv.argtypes += [ctypes.c_int]
+    library.quanto_float8_gemv.restype = None
+    library.quanto_float8_rows.argtypes = [ctypes.c_int, pointer, size, pointer, size, size, pointer]
+    library.quanto_float8_rows.argtypes += [ctypes.c_int]
+    library.quanto_float8_rows.restype = None
     return library
 
 

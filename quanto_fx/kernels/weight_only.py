@@ -1,4 +1,5 @@
-"""Weight-only GEMM ops: float activations times int8 or packed int4 / int2 weights, dequantized in the GEMM.
+"""Weight-only GEMM ops: float activations times int8, float8 or packed int4 / int2 weights, dequantized in
+the GEMM.
 
 - ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU
   with AVX512-VNNI (``cpu_vnni_mm.py``): M <= 16, our kernel where it applies; M > 16, x as two byte planes
@@ -11,16 +12,20 @@
   ``aten._weight_int4pack_mm_for_cpu`` on the weight's kernel layout (M <= 16; int2 codes are int4 codes
   there), or the float GEMM on blocks dequantized by torch ops. CUDA: the Triton kernel when triton is
   installed; otherwise the dequantize-then-GEMM reference.
+- ``quanto_fx::float8_weight_mm(x, w, scale, bias)``: float8_e4m3fn / e5m2 (N, K) weight with per-output-
+  channel scales. CPU with the kernels of ``cpu_float8_mm.py``: their GEMV (M <= 16), else the fp32 GEMM on
+  blocks they convert. Elsewhere: the float GEMM on the dequantized weight.
 
-Both compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
-pay: they read 1 byte (int8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
+All compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
+pay: they read 1 byte (int8, float8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
 
 CPU precision: the VNNI paths round x to 16-bit integers per row (~3e-5 relative on the output), whatever
-x's dtype (16-bit x is computed from float32 and the result rounded to x's dtype). aten's
-CPU weight-only kernels are vectorized for 16-bit activations only (with float32 ones they ran 3 to 46x slower
-than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are rounded to bfloat16 for them (relative
-error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights) and the result is returned in float32.
-Past M = 16 they lose to the fp32 GEMM, which then runs on the weight dequantized block by block.
+x's dtype (16-bit x is computed from float32 and the result rounded to x's dtype); the float8 kernels compute
+in float32. aten's CPU int8 / int4 weight-only kernels are vectorized for 16-bit activations only (with
+float32 ones they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are
+rounded to bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights)
+and the result is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then runs on the weight
+dequantized block by block.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import torch
 
 from ..tensor.groupwise import check_packed_weight, dequantize_groupwise
 from ..tensor.packing import unpack
-from ..tensor.quantization import GEMM_FLOAT_DTYPES
-from . import cpu_vnni_mm
+from ..tensor.quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES
+from . import cpu_float8_mm, cpu_vnni_mm
 from .library import LIB, TAGS
 
 # Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core Xeon: 0.4x at
@@ -67,8 +72,9 @@ def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 # -- int8 weights ------------------------------------------------------------------------------------------
 
 
-def int8_weight_mm_reference(x, w, scale, bias=None):
-    """``x @ (w * scale).T + bias``: the dequantized weight in x's dtype, then one GEMM."""
+def per_channel_weight_mm_reference(x, w, scale, bias=None):
+    """``x @ (w * scale).T + bias`` for int8 or float8 weights: the dequantized weight in x's dtype, then one
+    GEMM."""
     weight = w.to(x.dtype) * scale.reshape(-1, 1).to(x.dtype)
     return _with_bias(x @ weight.t(), bias)
 
@@ -125,7 +131,7 @@ def _cpu_kernel_dtype(x: torch.Tensor) -> torch.dtype:
 def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
     if x.device.type != "cpu":
-        return int8_weight_mm_reference(x, w, scale, bias)
+        return per_channel_weight_mm_reference(x, w, scale, bias)
     out = None  # stays None where x is not finite: the float paths below propagate NaN and infinity
     if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
         out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8)
@@ -156,6 +162,46 @@ def int8_weight_mm_cuda(x, w, scale, bias=None):
 
 def _int8_weight_mm_fake(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+# -- float8 weights --------------------------------------------------------------------------------------
+
+# Past this M, float8 weights are converted block by block for the fp32 GEMM instead of in the GEMV (4096 x
+# 4096, 2-core Xeon, x fp32 time: GEMV e4m3 / e5m2 0.60 / 0.45 at M = 1, 0.95 / 0.80 at 16).
+FLOAT8_GEMV_MAX_M = 16
+
+
+def _check_float8_weight_args(x, w, scale, bias):
+    if w.dtype not in FLOAT8_DTYPES or w.ndim != 2:
+        raise TypeError(f"w must be a 2-d float8 (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
+    _check_x(x, w.shape[1], w.device)
+    if not scale.is_floating_point() or scale.numel() != w.shape[0]:
+        raise ValueError(
+            f"scale must hold {w.shape[0]} float per-channel scales, got {scale.dtype} {tuple(scale.shape)}"
+        )
+    _check_bias(bias, w.shape[0])
+
+
+def float8_weight_mm_torch(x, w, scale, bias=None):
+    _check_float8_weight_args(x, w, scale, bias)
+    if x.device.type != "cpu" or not cpu_float8_mm.available():
+        return per_channel_weight_mm_reference(x, w, scale, bias)
+    w, scale = w.contiguous(), scale.reshape(-1).float().contiguous()
+    rows = x.float().contiguous()
+    if x.shape[0] <= FLOAT8_GEMV_MAX_M:
+        out = cpu_float8_mm.float8_weight_gemv(rows, w, scale)
+    else:
+        out = _blocked_gemm(
+            rows,
+            w.shape[0],
+            lambda start, stop, block: cpu_float8_mm.float8_rows(w, scale, start, stop, block),
+        )
+    return _with_bias(out.to(x.dtype), bias)
+
+
+def _float8_weight_mm_fake(x, w, scale, bias=None):
+    _check_float8_weight_args(x, w, scale, bias)
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
@@ -232,6 +278,9 @@ def _lowbit_fake(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
 LIB.define("int8_weight_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias=None) -> Tensor", tags=TAGS)
 LIB.impl("int8_weight_mm", int8_weight_mm_torch, "CompositeExplicitAutograd")
 torch.library.register_fake("quanto_fx::int8_weight_mm", _int8_weight_mm_fake, lib=LIB)
+LIB.define("float8_weight_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias=None) -> Tensor", tags=TAGS)
+LIB.impl("float8_weight_mm", float8_weight_mm_torch, "CompositeExplicitAutograd")
+torch.library.register_fake("quanto_fx::float8_weight_mm", _float8_weight_mm_fake, lib=LIB)
 LIB.define(
     "lowbit_weight_mm(Tensor x, Tensor packed, Tensor scale_zeros, Tensor? kernel, int bits, int group_size, "
     "Tensor? bias=None) -> Tensor",
@@ -241,4 +290,5 @@ LIB.impl("lowbit_weight_mm", lowbit_weight_mm_torch, "CompositeExplicitAutograd"
 torch.library.register_fake("quanto_fx::lowbit_weight_mm", _lowbit_fake, lib=LIB)
 
 int8_weight_mm = torch.ops.quanto_fx.int8_weight_mm.default
+float8_weight_mm = torch.ops.quanto_fx.float8_weight_mm.default
 lowbit_weight_mm = torch.ops.quanto_fx.lowbit_weight_mm.default

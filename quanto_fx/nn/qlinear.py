@@ -10,6 +10,7 @@ from ..calibrate import active_calibration
 from ..qtypes import qint8
 from ..tensor import PackedQTensor, QTensor
 from ..tensor.ops_matmul import gemm_bound, quantize_int32_bias
+from ..tensor.quantization import FLOAT8_DTYPES
 from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmodule
 
 # Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
@@ -28,8 +29,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
     """A quantized ``nn.Linear``.
 
     - weight-only (``activations=None``): float input times the weight dequantized inside the GEMM: int8 via
-      ``quanto_fx::int8_weight_mm``, packed int4 / int2 via ``quanto_fx::lowbit_weight_mm`` (``group_size``
-      input features per scale); float8 weights are dequantized, then multiplied.
+      ``quanto_fx::int8_weight_mm``, float8 via ``quanto_fx::float8_weight_mm``, packed int4 / int2 via
+      ``quanto_fx::lowbit_weight_mm`` (``group_size`` input features per scale).
     - static: input quantized at ``in_scale``, int8 x int8 -> int32 (``aten._int_mm``) plus an int32 bias
       (at scale ``in_scale * weight_scale``), requantized to an int8 QTensor at ``out_scale``.
     - dynamic: per-token int8 input scales computed at run time; int32 accumulation rescaled to float.
@@ -105,9 +106,10 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             rows = x.reshape(-1, self.in_features)
             parts = (w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size)
             out = _fused_ops().lowbit_weight_mm(rows, *parts, self.bias)
-        elif inference and w.qdtype == torch.int8:
+        elif inference and w.qdtype in (torch.int8, *FLOAT8_DTYPES):
             rows = x.reshape(-1, self.in_features)
-            out = _fused_ops().int8_weight_mm(rows, w._data, w._scale, self.bias)
+            gemm = _fused_ops().int8_weight_mm if w.qdtype == torch.int8 else _fused_ops().float8_weight_mm
+            out = gemm(rows, w._data, w._scale, self.bias)
         else:
             return F.linear(x, float_value(w), self.bias)  # traced: the passes fuse int8 chains
         return out.reshape(*x.shape[:-1], self.out_features)

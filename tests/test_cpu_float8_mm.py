@@ -1,0 +1,120 @@
+"""Float8 weight-only GEMMs: the CPU kernels of quanto_fx/kernels/cpu_float8_mm.* against torch's own float8
+conversion and the float reference, the ``float8_weight_mm`` op's dispatch and QLinear (the backend's
+rewrite into the op: test_backend.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, quantize
+from quanto_fx.kernels import cpu_float8_mm, cpu_vnni_mm
+from quanto_fx.kernels.weight_only import (
+    FLOAT8_GEMV_MAX_M,
+    float8_weight_mm,
+    per_channel_weight_mm_reference,
+)
+
+FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
+needs_kernels = pytest.mark.skipif(not cpu_float8_mm.available(), reason="needs the CPU kernel library")
+
+
+def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((out.double() - expected.double()).norm() / expected.double().norm())
+
+
+def _float8_weight(n: int, k: int, dtype: torch.dtype):
+    return (torch.randn(n, k) * 0.5).to(dtype), torch.rand(n) + 0.5
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("flush_denormal", [False, True])  # subnormal codes convert exactly either way
+def test_every_code_converts_exactly_as_torch_converts_it(dtype, flush_denormal):
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(8, 32)
+    expected = codes.float()
+    out = torch.empty(8, 32)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        cpu_float8_mm.float8_rows(codes, torch.ones(8), 0, 8, out)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+    same = (out == expected) | (out.isnan() & expected.isnan())
+    assert bool(same.all()), expected[~same]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, FLOAT8_GEMV_MAX_M])  # tiles of 4, 2 and 1 rows of x
+@pytest.mark.parametrize("n, k", [(20, 256), (7, 100), (5, 16)])  # tails: rows past tiles of 4, K % 32
+def test_the_gemv_matches_the_float_reference(dtype, m, n, k):
+    torch.manual_seed(m * n + k)
+    w, scale = _float8_weight(n, k, dtype)
+    x = torch.randn(m, k)
+    out = cpu_float8_mm.float8_weight_gemv(x, w, scale)
+    assert _relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double())) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("m", [1, FLOAT8_GEMV_MAX_M + 1, 70])  # the GEMV; converted blocks for the fp32 GEMM
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_the_op_matches_the_reference_and_returns_x_dtype(dtype, m, x_dtype):
+    torch.manual_seed(m)
+    w, scale = _float8_weight(40, 96, dtype)
+    x, bias = torch.randn(m, 96).to(x_dtype), torch.randn(40)
+    out = float8_weight_mm(x, w, scale.reshape(-1, 1), bias)
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double(), bias.double())
+    tolerance = 1e-6 if x_dtype == torch.float32 else 4e-3  # bf16 rounds the output once: 2**-9
+    assert out.dtype == x_dtype and _relative_error(out, expected) < tolerance
+
+
+@needs_kernels
+def test_a_nan_code_in_the_weight_is_propagated_not_read_as_a_number():
+    w, scale = _float8_weight(8, 64, torch.float8_e4m3fn)
+    w.view(torch.uint8)[3, 10] = 0x7F  # e4m3fn's NaN
+    out = float8_weight_mm(torch.randn(2, 64), w, scale)
+    assert out[:, 3].isnan().all() and not out[:, :3].isnan().any()
+
+
+@needs_kernels
+def test_arguments_the_cpp_side_would_misread_are_refused():
+    w, scale = _float8_weight(8, 64, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="contiguous 2-d float8"):
+        cpu_float8_mm.float8_weight_gemv(torch.randn(1, 8), w.t(), scale)
+    with pytest.raises(ValueError, match="scale must be"):
+        cpu_float8_mm.float8_weight_gemv(torch.randn(1, 64), w, scale[:4])
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_float8_mm.float8_weight_gemv(torch.randn(1, 64).bfloat16(), w, scale)
+    with pytest.raises(ValueError, match="not within the weight's 8 rows"):
+        cpu_float8_mm.float8_rows(w, scale, 4, 12, torch.empty(8, 64))
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_float8_mm.float8_rows(w, scale, 0, 8, torch.empty(8, 32))
+
+
+def test_the_op_refuses_a_weight_that_is_not_float8():
+    with pytest.raises(TypeError, match="float8"):
+        float8_weight_mm(torch.randn(2, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4))
+
+
+def test_switched_off_the_op_computes_the_reference(monkeypatch):
+    monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")
+    w, scale = _float8_weight(24, 64, torch.float8_e5m2)
+    x = torch.randn(3, 64)
+    assert torch.equal(float8_weight_mm(x, w, scale), per_channel_weight_mm_reference(x, w, scale))
+
+
+@pytest.mark.parametrize("fqtype", [qfloat8_e4m3fn, qfloat8_e5m2])
+def test_float8_weight_only_linears_call_the_op_in_eager_inference(fqtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32))
+    q = freeze(quantize(model, weights=fqtype, activations=None, inplace=False))
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        w0, w2 = q[0].weight, q[2].weight
+        hidden = F.relu(float8_weight_mm(x.reshape(10, 64), w0._data, w0._scale, q[0].bias))
+        expected = float8_weight_mm(hidden, w2._data, w2._scale, q[2].bias).reshape(2, 5, 32)
+        assert torch.equal(q(x), expected)
+        reference = F.linear(F.relu(F.linear(x, w0.dequantize(), q[0].bias)), w2.dequantize(), q[2].bias)
+    assert _relative_error(expected, reference) < 1e-5
