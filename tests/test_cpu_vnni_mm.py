@@ -130,6 +130,8 @@ def test_mismatched_arguments_are_refused_before_the_cpp_side_reads_them():
     packed, scale_zeros = _lowbit_weight(16, 256, 4, 128)
     with pytest.raises(ValueError, match="must be torch.uint8"):
         cpu_vnni_mm.vnni_weight_mm(torch.randn(1, 512), packed, scale_zeros, 4, 128)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cpu_vnni_mm.vnni_weight_mm(torch.randn(1, 256), packed, scale_zeros, 4, 128, torch.zeros(8))
 
 
 def test_non_finite_x_is_left_to_the_float_path_which_propagates_it():

@@ -191,8 +191,8 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
             int threads) {
     const int64_t G = K / group, plane_bytes = K / PB;
     int bad = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
-    for (int64_t m = 0; m < M; m++) {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (M > 2)
+    for (int64_t m = 0; m < M; m++) {  // (a team costs ~7 us: more than splitting a row or two)
         const float* row = x + m * K;
         int8_t *row_h = h + m * K, *row_l = l + m * K;
         __m512 vmax = _mm512_setzero_ps(), nan_if_not_finite = _mm512_setzero_ps();
@@ -399,16 +399,6 @@ int quanto_split_x(const float* x, int64_t M, int64_t K, int per_byte, int64_t g
     return split_x<1>(x, M, K, group, h, l, sx, xsum, threads);
 }
 
-// out (M, N) float32 = x @ W.T for the weight in `bits` (8: int8 (N, K), scales (N,); 4 / 2: uint8 (N, K * bits
-// / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), x as split by quanto_split_x.
-void quanto_vnni_mm(int bits, const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M,
-                    int64_t K, const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out,
-                    int threads) {
-    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
-    if (bits == 4) vnni_mm_any_chunk<4>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
-    if (bits == 2) vnni_mm_any_chunk<2>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
-}
-
 // out (M, N) = (256 * products[m] + products[M + m]) * sx[m] * scale[n], products (2M, N) int32 from the
 // int8 GEMM of x's high and low byte planes stacked: one pass where torch ops took five.
 void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const float* sx, const float* scale,
@@ -427,11 +417,26 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
     }
 }
 
-// out (M, N) as quanto_vnni_mm, for packed int4 / int2 weights (32-bit words of bytes a group): the GEMM form.
-void quanto_vnni_gemm(int bits, const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M,
-                      int64_t K, const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out,
-                      int threads) {
-    if (bits == 4) vnni_gemm<4>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
-    if (bits == 2) vnni_gemm<2>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+// out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
+// (N,); 4 / 2: uint8 (N, K * bits / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), bias (N,) or
+// null: x split as by quanto_split_x into a workspace, then the GEMV (`gemv` != 0; int8 weights always) or the
+// GEMM (packed weights, groups of whole 32-bit words). One call where three Python-side allocations and two
+// calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN or infinity.
+int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
+                     const float* scales, int64_t G, const float* bias, int gemv, float* out, int threads) {
+    const int per_byte = 8 / bits;
+    std::vector<int8_t> planes(2 * M * K);
+    std::vector<float> sx(M), xsum(M * G);
+    int8_t *h = planes.data(), *l = planes.data() + M * K;
+    if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx.data(), xsum.data(), threads)) return 1;
+    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
+    if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
+    if (bits == 2 && gemv) vnni_mm_any_chunk<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
+    if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
+    if (bits == 2 && !gemv) vnni_gemm<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
+    if (bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) out[m * N + n] += bias[n];
+    return 0;
 }
 }

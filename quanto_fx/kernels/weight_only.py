@@ -132,13 +132,15 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_int8_weight_args(x, w, scale, bias)
     if x.device.type != "cpu":
         return per_channel_weight_mm_reference(x, w, scale, bias)
-    out = None  # stays None where x is not finite: the float paths below propagate NaN and infinity
+    # The VNNI paths return None where x is not finite: the paths below propagate NaN and infinity.
     if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
-        out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8)
+        out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8, bias=bias)
+        if out is not None:
+            return out.to(x.dtype)
     elif x.shape[0] > CPU_KERNEL_MAX_M and cpu_vnni_mm.available():
         out = cpu_vnni_mm.int8_weight_int_mm(x, w.contiguous(), scale.reshape(-1))
-    if out is not None:
-        return _with_bias(out.to(x.dtype), bias)
+        if out is not None:
+            return _with_bias(out.to(x.dtype), bias)
     if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE:  # float GEMM, dequantized blocks
         scale = scale.reshape(-1, 1).to(x.dtype)
         out = _blocked_gemm(
@@ -244,9 +246,9 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
     if x.device.type != "cpu":
         return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
     if cpu_vnni_mm.supports(bits, x.shape[1], group_size):
-        out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
+        out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size, bias)
         if out is not None:  # None: x is not finite, left to the float path below
-            return _with_bias(out.to(x.dtype), bias)
+            return out.to(x.dtype)
     if kernel is None or x.shape[0] > CPU_KERNEL_MAX_M:  # the float GEMM on dequantized blocks
         scale_zeros = scale_zeros.to(x.dtype)
 
