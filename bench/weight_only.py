@@ -34,7 +34,7 @@ def variants(m: int, k: int, n: int) -> dict:
     for name, wqtype in QUANTO_WEIGHTS.items():
         q = freeze(quantize(linear, weights=wqtype, activations=None, inplace=False))
         out[f"quanto_fx {name} eager"] = lambda q=q: q(x)
-        if name in ("int8", "int4"):
+        if name in ("int8", "int4", "float8"):
             out[f"quanto_fx {name} quanto"] = torch.compile(lambda q=q: q(x), backend="quanto")
     qb = freeze(quantize(lb, weights=qint4, activations=None, inplace=False))
     out["quanto_fx int4 bf16 eager"] = lambda: qb(xb).float()

@@ -10,11 +10,8 @@ import torch.nn.functional as F
 
 from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, quantize
 from quanto_fx.kernels import cpu_float8_mm, cpu_vnni_mm
-from quanto_fx.kernels.weight_only import (
-    FLOAT8_GEMV_MAX_M,
-    float8_weight_mm,
-    per_channel_weight_mm_reference,
-)
+from quanto_fx.kernels.cpu_float8_mm import GEMV_MAX_M
+from quanto_fx.kernels.weight_only import float8_weight_mm, per_channel_weight_mm_reference
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 needs_kernels = pytest.mark.skipif(not cpu_float8_mm.available(), reason="needs the CPU kernel library")
@@ -30,35 +27,48 @@ def _float8_weight(n: int, k: int, dtype: torch.dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("m", [1, GEMV_MAX_M + 1])  # the GEMV, the GEMM
 @pytest.mark.parametrize("flush_denormal", [False, True])  # subnormal codes convert exactly either way
-def test_every_code_converts_exactly_as_torch_converts_it(dtype, flush_denormal):
-    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(8, 32)
-    expected = codes.float()
-    out = torch.empty(8, 32)
+def test_every_code_converts_exactly_as_torch_converts_it(dtype, m, flush_denormal):
+    """A (256, 1) weight of every code times x = 1: out[:, n] is code n as float32, NaN and inf included."""
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(256, 1)
     torch.set_flush_denormal(flush_denormal)
     try:
-        cpu_float8_mm.float8_rows(codes, torch.ones(8), 0, 8, out)
+        out = cpu_float8_mm.float8_weight_mm(torch.ones(m, 1), codes, torch.ones(256))
     finally:
         torch.set_flush_denormal(False)  # torch's default
+    expected = codes.float().t().expand(m, 256)
     same = (out == expected) | (out.isnan() & expected.isnan())
     assert bool(same.all()), expected[~same]
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 2, 3, 7, FLOAT8_GEMV_MAX_M])  # tiles of 4, 2 and 1 rows of x
-@pytest.mark.parametrize("n, k", [(20, 256), (7, 100), (5, 16)])  # tails: rows past tiles of 4, K % 32
-def test_the_gemv_matches_the_float_reference(dtype, m, n, k):
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 13, 70])  # GEMV tiles of 4, 2, 1; GEMM tiles of 8, 4, 1
+@pytest.mark.parametrize("n, k", [(20, 256), (7, 100), (40, 3)])  # tails: rows past tiles, K % 32 and K % 4
+def test_the_kernels_match_the_float_reference(dtype, m, n, k):
     torch.manual_seed(m * n + k)
     w, scale = _float8_weight(n, k, dtype)
     x = torch.randn(m, k)
-    out = cpu_float8_mm.float8_weight_gemv(x, w, scale)
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
     assert _relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double())) < 1e-6
 
 
 @needs_kernels
+def test_the_gemm_passes_over_x_in_chunks():
+    """x of more than GEMM_X_CHUNK_BYTES (8 MB: 2048 rows at K = 1024) takes two passes over the weight."""
+    torch.manual_seed(0)
+    w, scale = _float8_weight(24, 1024, torch.float8_e4m3fn)
+    x = torch.randn(2100, 1024)
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
+    for rows in (slice(0, 2048), slice(2048, 2100)):
+        assert _relative_error(out[rows], expected[rows]) < 1e-6
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, FLOAT8_GEMV_MAX_M + 1, 70])  # the GEMV; converted blocks for the fp32 GEMM
+@pytest.mark.parametrize("m", [1, 70])  # the GEMV, the GEMM
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_the_op_matches_the_reference_and_returns_x_dtype(dtype, m, x_dtype):
     torch.manual_seed(m)
@@ -71,10 +81,11 @@ def test_the_op_matches_the_reference_and_returns_x_dtype(dtype, m, x_dtype):
 
 
 @needs_kernels
-def test_a_nan_code_in_the_weight_is_propagated_not_read_as_a_number():
+@pytest.mark.parametrize("m", [2, 20])  # the GEMV, the GEMM
+def test_a_nan_code_in_the_weight_is_propagated_not_read_as_a_number(m):
     w, scale = _float8_weight(8, 64, torch.float8_e4m3fn)
     w.view(torch.uint8)[3, 10] = 0x7F  # e4m3fn's NaN
-    out = float8_weight_mm(torch.randn(2, 64), w, scale)
+    out = float8_weight_mm(torch.randn(m, 64), w, scale)
     assert out[:, 3].isnan().all() and not out[:, :3].isnan().any()
 
 
@@ -82,15 +93,13 @@ def test_a_nan_code_in_the_weight_is_propagated_not_read_as_a_number():
 def test_arguments_the_cpp_side_would_misread_are_refused():
     w, scale = _float8_weight(8, 64, torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="contiguous 2-d float8"):
-        cpu_float8_mm.float8_weight_gemv(torch.randn(1, 8), w.t(), scale)
+        cpu_float8_mm.float8_weight_mm(torch.randn(1, 8), w.t(), scale)
     with pytest.raises(ValueError, match="scale must be"):
-        cpu_float8_mm.float8_weight_gemv(torch.randn(1, 64), w, scale[:4])
+        cpu_float8_mm.float8_weight_mm(torch.randn(1, 64), w, scale[:4])
     with pytest.raises(ValueError, match="x must be"):
-        cpu_float8_mm.float8_weight_gemv(torch.randn(1, 64).bfloat16(), w, scale)
-    with pytest.raises(ValueError, match="not within the weight's 8 rows"):
-        cpu_float8_mm.float8_rows(w, scale, 4, 12, torch.empty(8, 64))
-    with pytest.raises(ValueError, match="out must be"):
-        cpu_float8_mm.float8_rows(w, scale, 0, 8, torch.empty(8, 32))
+        cpu_float8_mm.float8_weight_mm(torch.randn(1, 64).bfloat16(), w, scale)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_float8_mm.float8_weight_mm(torch.randn(1, 32), w, scale)
 
 
 def test_the_op_refuses_a_weight_that_is_not_float8():

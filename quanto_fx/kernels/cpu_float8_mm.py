@@ -3,8 +3,10 @@
 torch converts float8 to float32 element by element on the CPU (~55 ms for a 4096 x 4096 weight on a 2-core
 Xeon), which made float8 weights 2 to 30x slower than the fp32 GEMM. The kernels convert 32 codes in a few
 vector instructions through float16 (exact for every code, NaN included):
-- ``float8_weight_gemv`` (small M): each weight chunk converted once and multiplied with up to 4 rows of x;
-- ``float8_rows``: rows of the weight times their scales as float32, the blocks of the fp32 GEMM at larger M.
+- ``float8_weight_mm``: a GEMV for small M (each weight chunk converted once per 4 rows of x), else a GEMM
+  (each block of 32 weight rows converted once into a float32 panel that every row of x runs over with
+  broadcast FMAs, as a float GEMM's micro-kernel does). 4096 x 4096 against the fp32 GEMM (2-core Xeon):
+  0.4x at M = 1, 0.6x at 8 to 16, 0.8x at 64, ~0.9-1.0x from 128 (bench/RESULTS.md).
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
 C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`available` says so.
@@ -34,8 +36,13 @@ def _check_weight(w: torch.Tensor, scale: torch.Tensor) -> None:
         )
 
 
-def float8_weight_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (w * scale).T`` as float32 (M, N), for small M (the weight is converted once per 4 rows of x).
+# The GEMV up to this M, the GEMM past it (4096 x 4096 e4m3, x fp32 time: GEMV 0.48 / 0.82 / 0.64-0.70 at
+# M = 4 / 6 / 8, GEMM 0.74 / 1.00 / 0.56-0.60).
+GEMV_MAX_M = 7
+
+
+def float8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (w * scale).T`` as float32 (M, N): the GEMV or the GEMM by M (see the module docstring).
 
     Args:
         x: (M, K) contiguous float32; w: contiguous float8 (N, K); scale: contiguous float32 (N,).
@@ -45,8 +52,10 @@ def float8_weight_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
         raise ValueError(
             f"x must be a contiguous float32 (M, {w.shape[1]}) tensor, got {x.dtype} {tuple(x.shape)}"
         )
+    library = cpu_vnni_mm._library()
+    kernel = library.quanto_float8_gemv if x.shape[0] <= GEMV_MAX_M else library.quanto_float8_gemm
     out = torch.empty((x.shape[0], w.shape[0]))
-    cpu_vnni_mm._library().quanto_float8_gemv(
+    kernel(
         FORMATS[w.dtype],
         x.data_ptr(),
         x.shape[0],
@@ -58,26 +67,3 @@ def float8_weight_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
         torch.get_num_threads(),
     )
     return out
-
-
-def float8_rows(w: torch.Tensor, scale: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
-    """Write rows ``start:stop`` of ``w * scale`` as float32 into ``out``, a contiguous float32 (stop - start,
-    K) tensor."""
-    _check_weight(w, scale)
-    if not 0 <= start <= stop <= w.shape[0]:
-        raise ValueError(f"rows {start}:{stop} are not within the weight's {w.shape[0]} rows")
-    shape = (stop - start, w.shape[1])
-    if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != shape:
-        raise ValueError(
-            f"out must be a contiguous float32 {shape} tensor, got {out.dtype} {tuple(out.shape)}"
-        )
-    cpu_vnni_mm._library().quanto_float8_rows(
-        FORMATS[w.dtype],
-        w.data_ptr(),
-        w.shape[1],
-        scale.data_ptr(),
-        start,
-        stop,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )

@@ -112,9 +112,8 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_float8_gemv.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, pointer]
     library.quanto_float8_gemv.argtypes += [ctypes.c_int]
     library.quanto_float8_gemv.restype = None
-    library.quanto_float8_rows.argtypes = [ctypes.c_int, pointer, size, pointer, size, size, pointer]
-    library.quanto_float8_rows.argtypes += [ctypes.c_int]
-    library.quanto_float8_rows.restype = None
+    library.quanto_float8_gemm.argtypes = library.quanto_float8_gemv.argtypes
+    library.quanto_float8_gemm.restype = None
     return library
 
 

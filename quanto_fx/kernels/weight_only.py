@@ -169,10 +169,6 @@ def _int8_weight_mm_fake(x, w, scale, bias=None):
 
 # -- float8 weights --------------------------------------------------------------------------------------
 
-# Past this M, float8 weights are converted block by block for the fp32 GEMM instead of in the GEMV (4096 x
-# 4096, 2-core Xeon, x fp32 time: GEMV e4m3 / e5m2 0.60 / 0.45 at M = 1, 0.95 / 0.80 at 16).
-FLOAT8_GEMV_MAX_M = 16
-
 
 def _check_float8_weight_args(x, w, scale, bias):
     if w.dtype not in FLOAT8_DTYPES or w.ndim != 2:
@@ -190,15 +186,7 @@ def float8_weight_mm_torch(x, w, scale, bias=None):
     if x.device.type != "cpu" or not cpu_float8_mm.available():
         return per_channel_weight_mm_reference(x, w, scale, bias)
     w, scale = w.contiguous(), scale.reshape(-1).float().contiguous()
-    rows = x.float().contiguous()
-    if x.shape[0] <= FLOAT8_GEMV_MAX_M:
-        out = cpu_float8_mm.float8_weight_gemv(rows, w, scale)
-    else:
-        out = _blocked_gemm(
-            rows,
-            w.shape[0],
-            lambda start, stop, block: cpu_float8_mm.float8_rows(w, scale, start, stop, block),
-        )
+    out = cpu_float8_mm.float8_weight_mm(x.float().contiguous(), w, scale)
     return _with_bias(out.to(x.dtype), bias)
 
 
