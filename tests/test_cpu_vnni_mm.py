@@ -169,12 +169,13 @@ def test_the_weight_only_ops_dispatch_to_the_vnni_paths():
     packed, scale_zeros = _lowbit_weight(64, 256, 4, 128)
     bias = torch.randn(64)
     x = torch.randn(16, 256)
-    assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8) + bias)
-    vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128) + bias
+    vnni = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8, bias=bias)
+    assert torch.equal(int8_weight_mm(x, w, scale, bias), vnni)
+    vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128, bias)
     assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
     x = torch.randn(17, 256)  # past CPU_KERNEL_MAX_M: int8 through torch._int_mm; int4 still the VNNI GEMM
     assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.int8_weight_int_mm(x, w, scale) + bias)
-    vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128) + bias
+    vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128, bias)
     assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
 
 
@@ -257,3 +258,17 @@ def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatc
         monkeypatch.undo()
         cpu_vnni_mm._library.cache_clear()
     assert cpu_vnni_mm.available()
+
+
+@pytest.mark.parametrize("bits, group_size, m", [(8, None, 3), (4, 64, 1), (4, 64, 9), (2, 128, 9)])
+def test_the_bias_is_added_as_the_outputs_are_stored(bits, group_size, m):
+    """GEMV and GEMM: out + bias, within float32 rounding (the store may fuse the add)."""
+    torch.manual_seed(m)
+    if bits == 8:
+        weight, scales = _int8_weight(40, 256)
+    else:
+        weight, scales = _lowbit_weight(40, 256, bits, group_size)
+    x, bias = torch.randn(m, 256), torch.randn(40)
+    without = cpu_vnni_mm.vnni_weight_mm(x, weight, scales, bits, group_size)
+    with_bias = cpu_vnni_mm.vnni_weight_mm(x, weight, scales, bits, group_size, bias)
+    torch.testing.assert_close(with_bias, without + bias, rtol=1e-6, atol=1e-6)

@@ -92,7 +92,7 @@ INLINE typename V::I chunk_codes(typename V::I bytes, int phase) {
 // out[m0 + i, n0 + r] for RT rows of weights and MT rows of x, over all of K.
 template <int RT, int MT, int BITS, int CHUNK>
 INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t K,
-                 const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int64_t n0,
+                 const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int64_t n0,
                  int64_t m0) {
     using V = Lanes<CHUNK>;
     constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
@@ -132,42 +132,43 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
         }
     }
     for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) out[(m0 + i) * N + n0 + r] = V::sum(acc[r][i]) + zero_acc[r][i];
+        for (int i = 0; i < MT; i++)
+            out[(m0 + i) * N + n0 + r] = V::sum(acc[r][i]) + zero_acc[r][i] + (bias ? bias[n0 + r] : 0.f);
 }
 
 // Rows of x two at a time (4 x 2 tiles keep all 16 integer accumulators in registers); one row of x takes
 // 8 weight rows at once, for more independent accumulators.
 template <int RT, int BITS, int CHUNK>
 INLINE void weight_rows(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-                        const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int64_t n0) {
+                        const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int64_t n0) {
     int64_t m0 = 0;
     if (RT == 4)
-        for (; m0 + 2 <= M; m0 += 2) tile<RT, 2, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, out, n0, m0);
-    for (; m0 < M; m0++) tile<RT, 1, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, out, n0, m0);
+        for (; m0 + 2 <= M; m0 += 2) tile<RT, 2, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
+    for (; m0 < M; m0++) tile<RT, 1, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
 }
 
 template <int BITS, int CHUNK>
 void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-             const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int threads) {
+             const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads) {
     const int64_t rows = M == 1 ? 8 : 4, full = N - N % rows;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n0 = 0; n0 < full; n0 += rows) {
         if (M == 1)
-            weight_rows<8, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
+            weight_rows<8, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
         else
-            weight_rows<4, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
+            weight_rows<4, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
     }
     for (int64_t n0 = full; n0 < N; n0++)
-        weight_rows<1, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, out, n0);
+        weight_rows<1, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
 }
 
 template <int BITS>
 void vnni_mm_any_chunk(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-                       const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int threads) {
+                       const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads) {
     if ((K * BITS / 8 / G) % 64 == 0)
-        vnni_mm<BITS, 64>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+        vnni_mm<BITS, 64>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     else
-        vnni_mm<BITS, 32>(h, l, sx, xsum, M, K, weight, N, scales, G, out, threads);
+        vnni_mm<BITS, 32>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
 }
 
 // Bytes of the 16 codes k .. k + 15 of a row (k a multiple of 16) into the row's phase planes (PB, K / PB):
@@ -289,7 +290,7 @@ void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N
 // out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the gathered code vectors and x's planes (see quanto_split_x).
 template <int BITS, int MR, int NR>
 INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l,
-                      const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, float* out, int64_t N,
+                      const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, const float* bias, float* out, int64_t N,
                       int64_t n0, __mmask16 last_lanes) {
     constexpr int per_byte = 8 / BITS;
     const int64_t row_bytes = K / per_byte, words = row_bytes / 4 / G;
@@ -330,8 +331,9 @@ INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const in
     for (int i = 0; i < MR; i++)
         for (int c = 0; c < NR; c++) {
             const __mmask16 valid = c == NR - 1 ? last_lanes : (__mmask16)0xFFFF;
+            const __m512 shift = bias ? _mm512_maskz_loadu_ps(valid, bias + n0 + 16 * c) : _mm512_setzero_ps();
             _mm512_mask_storeu_ps(out + (m0 + i) * N + n0 + 16 * c, valid,
-                                  _mm512_mul_ps(acc[i][c], _mm512_set1_ps(sx[m0 + i])));
+                                  _mm512_add_ps(_mm512_mul_ps(acc[i][c], _mm512_set1_ps(sx[m0 + i])), shift));
         }
 }
 
@@ -341,17 +343,17 @@ constexpr int GEMM_ROWS = 4, GEMM_COLUMN_BLOCKS = 2;
 
 template <int BITS, int NR>
 void gemm_rows(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l, const float* sx,
-               const float* xsum, int64_t first, int64_t last, int64_t K, int64_t G, float* out, int64_t N,
+               const float* xsum, int64_t first, int64_t last, int64_t K, int64_t G, const float* bias, float* out, int64_t N,
                int64_t n0, __mmask16 last_lanes) {
     int64_t m = first;
     for (; m + GEMM_ROWS <= last; m += GEMM_ROWS)
-        gemm_tile<BITS, GEMM_ROWS, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, out, N, n0, last_lanes);
-    for (; m < last; m++) gemm_tile<BITS, 1, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, out, N, n0, last_lanes);
+        gemm_tile<BITS, GEMM_ROWS, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+    for (; m < last; m++) gemm_tile<BITS, 1, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
 }
 
 template <int BITS>
 void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-               const uint8_t* weight, int64_t N, const float* scales, int64_t G, float* out, int threads) {
+               const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads) {
     constexpr int NR = GEMM_COLUMN_BLOCKS;
     const int64_t wide_blocks = N / (16 * NR), narrow_blocks = (N - wide_blocks * 16 * NR + 15) / 16;
     const __mmask16 tail_lanes = N % 16 ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
@@ -369,13 +371,13 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
                 if (b < wide_blocks) {
                     const int64_t n0 = b * 16 * NR;
                     gather_code_vectors<BITS, NR>(weight, n0, K, N, scales, G, 0xFFFF, codes, group_scales);
-                    gemm_rows<BITS, NR>(codes, group_scales, h, l, sx, xsum, first, last, K, G, out, N,
+                    gemm_rows<BITS, NR>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
                                         n0, 0xFFFF);
                 } else {
                     const int64_t n0 = wide_blocks * 16 * NR + (b - wide_blocks) * 16;
                     const __mmask16 lanes = n0 + 16 > N ? tail_lanes : (__mmask16)0xFFFF;
                     gather_code_vectors<BITS, 1>(weight, n0, K, N, scales, G, lanes, codes, group_scales);
-                    gemm_rows<BITS, 1>(codes, group_scales, h, l, sx, xsum, first, last, K, G, out, N,
+                    gemm_rows<BITS, 1>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
                                        n0, lanes);
                 }
             }
@@ -420,8 +422,10 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
 // out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
 // (N,); 4 / 2: uint8 (N, K * bits / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), bias (N,) or
 // null: x split as by quanto_split_x into a workspace, then the GEMV (`gemv` != 0; int8 weights always) or the
-// GEMM (packed weights, groups of whole 32-bit words). One call where three Python-side allocations and two
-// calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN or infinity.
+// GEMM (packed weights, groups of whole 32-bit words), the bias added as each output is stored (a separate
+// serial pass over a 2048 x 1536 output had cost more than the GEMM). One call where three Python-side
+// allocations and two calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN or
+// infinity.
 int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                      const float* scales, int64_t G, const float* bias, int gemv, float* out, int threads) {
     const int per_byte = 8 / bits;
@@ -429,14 +433,11 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
     std::vector<float> sx(M), xsum(M * G);
     int8_t *h = planes.data(), *l = planes.data() + M * K;
     if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx.data(), xsum.data(), threads)) return 1;
-    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
-    if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
-    if (bits == 2 && gemv) vnni_mm_any_chunk<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
-    if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
-    if (bits == 2 && !gemv) vnni_gemm<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, out, threads);
-    if (bias)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) out[m * N + n] += bias[n];
+    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 2 && gemv) vnni_mm_any_chunk<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 2 && !gemv) vnni_gemm<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
     return 0;
 }
 }
