@@ -343,9 +343,17 @@ def test_dynamic_mlp_in_16_bits_is_fused(dtype, dims):
     assert_close_to_max(out, eager, 2 / 127)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_weight_only_chains_are_fused_into_the_weight_only_kernel(dtype):
-    q = freeze(quantize(mlp().to(dtype), weights=quanto_fx.qint8, activations=None))
+@pytest.mark.parametrize(
+    "wqtype, dtype, op, tolerance",
+    [
+        (quanto_fx.qint8, torch.float32, "int8_weight_mm", WEIGHT_ONLY_TOLERANCE),  # bf16 compute on the CPU
+        (quanto_fx.qint8, torch.bfloat16, "int8_weight_mm", WEIGHT_ONLY_TOLERANCE),
+        (quanto_fx.qfloat8_e4m3fn, torch.float32, "float8_weight_mm", 1e-5),  # float32 compute
+        (quanto_fx.qfloat8_e5m2, torch.float32, "float8_weight_mm", 1e-5),
+    ],
+)
+def test_weight_only_chains_are_fused_into_the_weight_only_kernels(wqtype, dtype, op, tolerance):
+    q = freeze(quantize(mlp().to(dtype), weights=wqtype, activations=None))
     x = torch.randn(2, 5, 64, dtype=dtype)
     with torch.no_grad():
         hidden = F.relu(F.linear(x, q[0].weight.dequantize(), q[0].bias))
@@ -353,19 +361,5 @@ def test_int8_weight_only_chains_are_fused_into_the_weight_only_kernel(dtype):
     counters.clear()
     out, code = compile_and_run(q, x)
     assert counters["weight_only_bias"] == 2
-    assert "quanto_fx.int8_weight_mm" in code and "extern_kernels.addmm" not in code
-    assert_close_to_max(out, expected, WEIGHT_ONLY_TOLERANCE)  # bf16 compute on the CPU, fp32 or not
-
-
-@pytest.mark.parametrize("fqtype", [quanto_fx.qfloat8_e4m3fn, quanto_fx.qfloat8_e5m2])
-def test_float8_weight_only_chains_are_fused_into_the_float8_kernel(fqtype):
-    q = freeze(quantize(mlp(), weights=fqtype, activations=None))
-    x = torch.randn(2, 5, 64)
-    with torch.no_grad():
-        hidden = F.relu(F.linear(x, q[0].weight.dequantize(), q[0].bias))
-        expected = F.linear(hidden, q[2].weight.dequantize(), q[2].bias)
-    counters.clear()
-    out, code = compile_and_run(q, x)
-    assert counters["weight_only_bias"] == 2
-    assert "quanto_fx.float8_weight_mm" in code and "extern_kernels.addmm" not in code
-    assert_close_to_max(out, expected, 1e-5)  # float32 compute (CPU kernels or the reference)
+    assert f"quanto_fx.{op}" in code and "extern_kernels.addmm" not in code
+    assert_close_to_max(out, expected, tolerance)

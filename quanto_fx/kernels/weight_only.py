@@ -79,9 +79,9 @@ def per_channel_weight_mm_reference(x, w, scale, bias=None):
     return _with_bias(x @ weight.t(), bias)
 
 
-def _check_int8_weight_args(x, w, scale, bias):
-    if w.dtype != torch.int8 or w.ndim != 2:
-        raise TypeError(f"w must be a 2-d int8 (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
+def _check_per_channel_weight_args(x, w, scale, bias, dtypes, kind):
+    if w.dtype not in dtypes or w.ndim != 2:
+        raise TypeError(f"w must be a 2-d {kind} (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
     _check_x(x, w.shape[1], w.device)
     if not scale.is_floating_point() or scale.numel() != w.shape[0]:
         raise ValueError(
@@ -129,7 +129,7 @@ def _cpu_kernel_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def int8_weight_mm_torch(x, w, scale, bias=None):
-    _check_int8_weight_args(x, w, scale, bias)
+    _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
     if x.device.type != "cpu":
         return per_channel_weight_mm_reference(x, w, scale, bias)
     # The VNNI paths return None where x is not finite: the paths below propagate NaN and infinity.
@@ -158,31 +158,20 @@ def int8_weight_mm_cuda(x, w, scale, bias=None):
     """CUDA (with triton installed): the Triton int8 weight-only kernel of ``triton_lowbit_mm.py``."""
     from .triton_lowbit_mm import int8_weight_mm_triton
 
-    _check_int8_weight_args(x, w, scale, bias)
+    _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
     return _with_bias(int8_weight_mm_triton(x, w, scale.reshape(-1)), bias)
 
 
 def _int8_weight_mm_fake(x, w, scale, bias=None):
-    _check_int8_weight_args(x, w, scale, bias)
+    _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
 # -- float8 weights --------------------------------------------------------------------------------------
 
 
-def _check_float8_weight_args(x, w, scale, bias):
-    if w.dtype not in FLOAT8_DTYPES or w.ndim != 2:
-        raise TypeError(f"w must be a 2-d float8 (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
-    _check_x(x, w.shape[1], w.device)
-    if not scale.is_floating_point() or scale.numel() != w.shape[0]:
-        raise ValueError(
-            f"scale must hold {w.shape[0]} float per-channel scales, got {scale.dtype} {tuple(scale.shape)}"
-        )
-    _check_bias(bias, w.shape[0])
-
-
 def float8_weight_mm_torch(x, w, scale, bias=None):
-    _check_float8_weight_args(x, w, scale, bias)
+    _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
     if x.device.type != "cpu" or not cpu_float8_mm.available():
         return per_channel_weight_mm_reference(x, w, scale, bias)
     w, scale = w.contiguous(), scale.reshape(-1).float().contiguous()
@@ -191,7 +180,7 @@ def float8_weight_mm_torch(x, w, scale, bias=None):
 
 
 def _float8_weight_mm_fake(x, w, scale, bias=None):
-    _check_float8_weight_args(x, w, scale, bias)
+    _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
