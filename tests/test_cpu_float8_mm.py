@@ -14,7 +14,7 @@ from quanto_fx.kernels.cpu_float8_mm import GEMV_MAX_M
 from quanto_fx.kernels.weight_only import float8_weight_mm, per_channel_weight_mm_reference
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
-needs_kernels = pytest.mark.skipif(not cpu_float8_mm.available(), reason="needs the CPU kernel library")
+needs_kernels = pytest.mark.skipif(not cpu_float8_mm.supports(1), reason="needs the CPU kernel library")
 
 
 def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -100,6 +100,7 @@ def test_arguments_the_cpp_side_would_misread_are_refused():
         cpu_float8_mm.float8_weight_mm(torch.randn(1, 64).bfloat16(), w, scale)
     with pytest.raises(ValueError, match="x must be"):
         cpu_float8_mm.float8_weight_mm(torch.randn(1, 32), w, scale)
+    assert not cpu_float8_mm.supports(cpu_float8_mm.MAX_IN_FEATURES + 1)  # int32 gather offsets
 
 
 def test_the_op_refuses_a_weight_that_is_not_float8():

@@ -17,7 +17,7 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <vector>
+#include <memory>
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -112,7 +112,7 @@ constexpr int GEMM_COLUMN_BLOCKS = 2;
 // time): 1 MB chunks 1.11x, 4 MB 1.03x, 8 MB 0.96x; M = 256: 8 MB 0.90x.
 constexpr int64_t GEMM_X_CHUNK_BYTES = 8 << 20;
 
-struct alignas(64) Vector {  // storage for one __m512 (a std::vector of those drops the alignment)
+struct alignas(64) Vector {  // storage for one __m512 (std containers of __m512 drop its alignment)
     float lanes[16];
 };
 
@@ -199,8 +199,8 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     const int64_t chunk = std::max<int64_t>(GEMM_ROWS, GEMM_X_CHUNK_BYTES / (4 * K));
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<Vector> panel_buffer(K * NR);
-        __m512* panel = reinterpret_cast<__m512*>(panel_buffer.data());
+        std::unique_ptr<Vector[]> panel_buffer(new Vector[K * NR]);  // not zeroed: every vector is written
+        __m512* panel = reinterpret_cast<__m512*>(panel_buffer.get());
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
 #pragma omp for schedule(static) nowait

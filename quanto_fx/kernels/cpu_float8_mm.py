@@ -9,7 +9,7 @@ vector instructions through float16 (exact for every code, NaN included):
   0.4x at M = 1, 0.6x at 8 to 16, 0.8x at 64, ~0.9-1.0x from 128 (bench/RESULTS.md).
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
-C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`available` says so.
+C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`supports` says so.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ from . import cpu_vnni_mm
 FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 
-def available() -> bool:
-    """Whether the float8 kernels run on this machine (they share the VNNI kernels' library)."""
-    return cpu_vnni_mm.available()
+# The GEMM gathers 16 weight rows with int32 byte offsets (lane * K).
+MAX_IN_FEATURES = (1 << 31) // 16
+
+
+def supports(in_features: int) -> bool:
+    """Whether the float8 kernels serve a weight of ``in_features`` on this machine (they share the VNNI
+    kernels' library)."""
+    return in_features <= MAX_IN_FEATURES and cpu_vnni_mm.available()
 
 
 def _check_weight(w: torch.Tensor, scale: torch.Tensor) -> None:
@@ -48,6 +53,8 @@ def float8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> t
         x: (M, K) contiguous float32; w: contiguous float8 (N, K); scale: contiguous float32 (N,).
     """
     _check_weight(w, scale)
+    if not supports(w.shape[1]):
+        raise ValueError(f"no float8 kernel for {w.shape[1]} input features on this machine")
     if x.dtype != torch.float32 or x.ndim != 2 or not x.is_contiguous() or x.shape[1] != w.shape[1]:
         raise ValueError(
             f"x must be a contiguous float32 (M, {w.shape[1]}) tensor, got {x.dtype} {tuple(x.shape)}"

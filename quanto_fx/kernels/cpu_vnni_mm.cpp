@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 
@@ -253,7 +254,7 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
 // saves.
 constexpr int64_t GEMM_X_CHUNK_BYTES = 1 << 20;
 
-struct alignas(64) Vector {  // storage for one __m512 / __m512i (a std::vector of those drops the alignment)
+struct alignas(64) Vector {  // storage for one __m512 / __m512i (std containers of those drop the alignment)
     char bytes[64];
 };
 
@@ -361,9 +362,9 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
 #pragma omp parallel num_threads(threads)
     {
         // Per thread: K codes (a byte each) of 16 NR weight rows, and their group scales.
-        std::vector<Vector> code_buffer(K / 4 * NR), scale_buffer(G * NR * 2);
-        __m512i* codes = reinterpret_cast<__m512i*>(code_buffer.data());
-        __m512* group_scales = reinterpret_cast<__m512*>(scale_buffer.data());
+        std::unique_ptr<Vector[]> code_buffer(new Vector[K / 4 * NR]), scale_buffer(new Vector[G * NR * 2]);
+        __m512i* codes = reinterpret_cast<__m512i*>(code_buffer.get());
+        __m512* group_scales = reinterpret_cast<__m512*>(scale_buffer.get());
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
 #pragma omp for schedule(static) nowait
@@ -429,9 +430,9 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
 int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                      const float* scales, int64_t G, const float* bias, int gemv, float* out, int threads) {
     const int per_byte = 8 / bits;
-    std::vector<int8_t> planes(2 * M * K);
+    std::unique_ptr<int8_t[]> planes(new int8_t[2 * M * K]);  // not zeroed (16 MB at M = 2048): all written
     std::vector<float> sx(M), xsum(M * G);
-    int8_t *h = planes.data(), *l = planes.data() + M * K;
+    int8_t *h = planes.get(), *l = planes.get() + M * K;
     if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx.data(), xsum.data(), threads)) return 1;
     if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);

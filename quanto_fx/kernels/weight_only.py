@@ -172,7 +172,7 @@ def _int8_weight_mm_fake(x, w, scale, bias=None):
 
 def float8_weight_mm_torch(x, w, scale, bias=None):
     _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
-    if x.device.type != "cpu" or not cpu_float8_mm.available():
+    if x.device.type != "cpu" or not cpu_float8_mm.supports(w.shape[1]):
         return per_channel_weight_mm_reference(x, w, scale, bias)
     w, scale = w.contiguous(), scale.reshape(-1).float().contiguous()
     out = cpu_float8_mm.float8_weight_mm(x.float().contiguous(), w, scale)
