@@ -80,6 +80,13 @@ for m, k, n in [
         tiny_ok = False
     f8_args = (x8._data, f8._data.t(), x8._scale, f8._scale.t(), None, torch.bfloat16)
     check("float8 W8A8", ops.float8_mm(*f8_args), float8_mm_reference(*f8_args), 2e-2)
+    f8_scale = f8._scale.reshape(-1).to(torch.bfloat16)
+    check(
+        "float8 weights",
+        ops.float8_weight_mm(x, f8._data, f8_scale),
+        per_channel_weight_mm_reference(x, f8._data, f8_scale),
+        2e-2,
+    )
     times = {
         "bf16": gpu_us(lambda: F.linear(x, w)),
         "int4 (Triton)": gpu_us(
@@ -94,6 +101,7 @@ for m, k, n in [
             )
         ),
         "int8 weights": gpu_us(lambda: ops.int8_weight_mm(x, w8_data, w8_scale)),
+        "float8 weights": gpu_us(lambda: ops.float8_weight_mm(x, f8._data, f8_scale)),
         "float8 W8A8": gpu_us(lambda: ops.float8_mm(*f8_args)),
     }
     bf16 = times["bf16"]

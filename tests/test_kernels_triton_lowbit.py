@@ -233,7 +233,12 @@ def _bad_int8_inputs():
     x, w, scale = make_int8_operands(3, 40, 64)
     return [
         # (id, args, exception, words the message must contain)
-        ("w-uint8", (x, w.to(torch.uint8), scale), TypeError, ["w must have dtype torch.int8", "uint8"]),
+        (
+            "w-uint8",
+            (x, w.to(torch.uint8), scale),
+            TypeError,
+            ["w must have dtype torch.int8 or a float8", "uint8"],
+        ),
         ("w-float", (x, w.float(), scale), TypeError, ["w must have dtype", "float32"]),
         ("w-1d", (x, w.flatten(), scale), ValueError, ["w must be 2-D", "(2560,)"]),
         ("w-K-mismatch", (x, w[:, :32], scale), ValueError, ["K = 64", "(40, 32)"]),
@@ -486,6 +491,23 @@ class TestInt8Interpreted:
         out = int8_weight_mm_triton(x_t, w_view, scale_strided, INTERPRETER_CONFIG)
         assert_matches_int8_reference(out, x, w, scale)
 
+    @pytest.mark.parametrize("fdtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+    def test_float8_weights(self, fdtype, dtype):
+        """float8 weights go through the same kernel (float8_weight_mm on CUDA): every finite code is read
+        exactly (x = identity), and products match the float reference."""
+        k = 64
+        codes = torch.arange(256, dtype=torch.uint8).view(fdtype)
+        finite = codes[torch.isfinite(codes.float())]  # 254 (e4m3fn) or 248 (e5m2) codes
+        w = finite[: finite.numel() // k * k].reshape(-1, k)  # 3 rows of 64 codes
+        # Unit scales: each output is a code's value, exact in x's dtype whatever the output rounding.
+        out = int8_weight_mm_triton(torch.eye(k, dtype=dtype), w, torch.ones(w.shape[0]), INTERPRETER_CONFIG)
+        torch.testing.assert_close(out.T.float(), w.float(), rtol=0, atol=0)
+        x = torch.randn(5, 96).to(dtype)
+        w, scale = (torch.randn(40, 96) * 0.5).to(fdtype), torch.rand(40) + 0.5
+        out = int8_weight_mm_triton(x, w, scale, INTERPRETER_CONFIG)
+        assert_matches_int8_reference(out, x, w, scale)
+
     def test_empty_operands(self):
         x, w, scale = make_int8_operands(0, 40, 64)
         assert int8_weight_mm_triton(x, w, scale, INTERPRETER_CONFIG).shape == (0, 40)
@@ -597,15 +619,16 @@ def test_float16_compiles_to_f16_mma():
     assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.f16\.f16\.f32", ptx)
 
 
-def compile_int8_for_h100(config, dtype, k_divisible=True, split_k=1):
+def compile_int8_for_h100(config, dtype, k_divisible=True, split_k=1, weight_type="i8"):
     """The int8 kernel compiled for sm_90, specialized as a launch with contiguous operands (N and K
-    multiples of 16: the usual LLM shapes; ``k_divisible=False``: a K without the hint, e.g. K = 40)."""
+    multiples of 16: the usual LLM shapes; ``k_divisible=False``: a K without the hint, e.g. K = 40).
+    ``weight_type``: "i8", or a float8 weight ("fp8e4nv", "fp8e5")."""
     from triton.backends.compiler import GPUTarget
 
     unit_strides = ("stride_xk", "stride_wk", "stride_s", "stride_on")
     constexprs = {**config.kwargs, "SPLIT_K": split_k, **dict.fromkeys(unit_strides, 1)}
     out_type = TYPES[dtype] if split_k == 1 else "fp32"  # split-K adds into float32
-    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": "i8", "scale_ptr": "fp32", "out_ptr": out_type}
+    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": weight_type, "scale_ptr": "fp32", "out_ptr": out_type}
     divisible = {"N", "stride_om"} | ({"K", "stride_xm", "stride_wn"} if k_divisible else set())
     signature, attrs = {}, {}
     for i, name in enumerate(int8_weight_mm_kernel.arg_names):
@@ -634,6 +657,20 @@ def test_int8_compiles_to_hopper_bf16_tensor_cores(config):
     # The int8 weight streams through the cp.async pipeline, 16 bytes a copy (no per-byte loads).
     assert "cp.async.cg.shared.global" in ptx
     assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx and "ld.global.s8" not in ptx
+    assert kernel.metadata.shared <= H100_MAX_SHARED
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("weight_type", ["fp8e4nv", "fp8e5"])
+@pytest.mark.parametrize("config", [INT8_CONFIG_TIERS[16][0], INT8_CONFIG_TIERS[None][0]], ids=config_id)
+def test_float8_weights_compile_to_hopper_conversions_and_bf16_tensor_cores(config, weight_type):
+    kernel = compile_int8_for_h100(config, torch.bfloat16, weight_type=weight_type)
+    ptx = kernel.asm["ptx"]
+    assert re.search(r"cvt\.rn\.f16x2\.e(4m3|5m2)x2", ptx), "no hardware float8 conversion"
+    assert re.search(r"(wgmma\.mma_async|mma\.sync\.aligned\.m16n8k16)\S*\.f32\.bf16\.bf16", ptx), (
+        "no bf16 MMA"
+    )
+    assert "cp.async.cg.shared.global" in ptx  # the weight's bytes stream as int8's do
     assert kernel.metadata.shared <= H100_MAX_SHARED
 
 

@@ -20,6 +20,7 @@ from .library import LIB
 from .reference import int8_mm_requantize_reference, int8_mm_rescale_reference
 from .weight_only import (
     float8_weight_mm,
+    float8_weight_mm_cuda,
     int8_weight_mm,
     int8_weight_mm_cuda,
     lowbit_weight_mm,
@@ -36,6 +37,7 @@ if HAS_TRITON:
     LIB.impl("int8_mm_requantize", int8_mm_requantize_triton, "CUDA")
     LIB.impl("lowbit_weight_mm", lowbit_weight_mm_cuda, "CUDA")
     LIB.impl("int8_weight_mm", int8_weight_mm_cuda, "CUDA")
+    LIB.impl("float8_weight_mm", float8_weight_mm_cuda, "CUDA")
 
 __all__ = [
     "float8_mm",

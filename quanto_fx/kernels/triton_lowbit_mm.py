@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
-from ..tensor.quantization import GEMM_FLOAT_DTYPES
+from ..tensor.quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES
 from .triton_int8_mm import _tile_ids
 from .triton_launch import _bench_on_gpu_alone, _config, _device_guard, _m_bucket, _tier
 
@@ -368,7 +368,7 @@ def int8_weight_mm_kernel(
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """out = (x @ w.T) * scale[None, :] for an int8 w (N, K), float32 sums stored as out's dtype.
+    """out = (x @ w.T) * scale[None, :] for an int8 or float8 w (N, K), float32 sums stored as out's dtype.
 
     Any M, N and K: rows past M, columns past N and the K tail load 0 and are not stored. M_BUCKET is the
     autotuner's key. tl.dot even for M = 1, for lowbit_mm_kernel's reason: only the loads feeding a tl.dot
@@ -392,8 +392,10 @@ def int8_weight_mm_kernel(
         k0 = kb * BLOCK_K
         k_mask = rk < K - k0
         x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs + k0 * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        # int8 values are exact in every float dtype (|w| <= 128 < 2**8 = bfloat16's 8-bit significand), so
+        # other=0.0: a float8 weight takes no integer fill
+        w = tl.load(w_ptrs + k0 * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        # int8 values are exact in every float dtype (|w| <= 128 < 2**8 = bfloat16's 8-bit significand), and
+        # so are float8 ones (e4m3 / e5m2: 3 / 2 mantissa bits, exponents within float16's and bfloat16's), so
         # the tensor cores see the weight unrounded; the scale applies once, in float32, after the loop.
         # Via float32 for the interpreter's int -> bfloat16 cast (see lowbit_mm_kernel); compiled: one cvt.
         w = w.to(tl.float32).to(x_ptr.dtype.element_ty)
@@ -445,7 +447,7 @@ _int8_autotuned = triton.autotune(
 
 
 def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:
-    """Check ``int8_weight_mm_triton``'s operands: x (M, K) float, w (N, K) int8, N float scales."""
+    """Check ``int8_weight_mm_triton``'s operands: x (M, K) float, w (N, K) int8 or float8, N float scales."""
     for name, t in (("x", x), ("w", w), ("scale", scale)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -453,8 +455,8 @@ def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Ten
         raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    if w.dtype != torch.int8:
-        raise TypeError(f"w must have dtype torch.int8, got {w.dtype}")
+    if w.dtype not in (torch.int8, *FLOAT8_DTYPES):
+        raise TypeError(f"w must have dtype torch.int8 or a float8 dtype, got {w.dtype}")
     if w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(
             f"w must be 2-D (N, K) with K = {x.shape[1]} (x's columns), got shape {tuple(w.shape)}"
@@ -474,7 +476,8 @@ def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Ten
 def int8_weight_mm_triton(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: dict | None = None
 ) -> torch.Tensor:
-    """``x @ (w.float() * scale[:, None]).T`` for an int8 weight ``w`` (N, K), float32 sums, as x's dtype.
+    """``x @ (w.float() * scale[:, None]).T`` for an int8 or float8 weight ``w`` (N, K), float32 sums, as x's
+    dtype (float8 weights: on GPUs with float8 conversions, compute capability 8.9+).
 
     x (M, K) float16 / bfloat16 / float32; ``scale`` N float per-output-channel scales, (N,) or (N, 1), any
     float dtype (applied in float32). Any M, N and K; operands may be strided. No bias: add it to the result.

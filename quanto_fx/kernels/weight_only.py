@@ -179,6 +179,17 @@ def float8_weight_mm_torch(x, w, scale, bias=None):
     return _with_bias(out.to(x.dtype), bias)
 
 
+def float8_weight_mm_cuda(x, w, scale, bias=None):
+    """CUDA (with triton installed): the Triton kernel of ``int8_weight_mm`` reads float8 weights too, on GPUs
+    that convert float8 (compute capability 8.9+); elsewhere the float GEMM on the dequantized weight."""
+    from .triton_lowbit_mm import int8_weight_mm_triton
+
+    _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
+    if torch.cuda.get_device_capability(x.device) < (8, 9):
+        return per_channel_weight_mm_reference(x, w, scale, bias)
+    return _with_bias(int8_weight_mm_triton(x, w, scale.reshape(-1)), bias)
+
+
 def _float8_weight_mm_fake(x, w, scale, bias=None):
     _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
     return x.new_empty((x.shape[0], w.shape[0]))
