@@ -100,7 +100,15 @@ def test_arguments_the_cpp_side_would_misread_are_refused():
         cpu_float8_mm.float8_weight_mm(torch.randn(1, 64).bfloat16(), w, scale)
     with pytest.raises(ValueError, match="x must be"):
         cpu_float8_mm.float8_weight_mm(torch.randn(1, 32), w, scale)
-    assert not cpu_float8_mm.supports(cpu_float8_mm.MAX_IN_FEATURES + 1)  # int32 gather offsets
+    assert not cpu_float8_mm.supports(cpu_float8_mm.MAX_IN_FEATURES + 1)  # the panels' memory
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cpu_float8_mm.float8_weight_mm(torch.randn(1, 64, device="meta"), w, scale)
+
+
+def test_no_input_features_give_zeros():
+    assert not cpu_float8_mm.supports(0)
+    w = torch.zeros(4, 0, dtype=torch.float8_e4m3fn)
+    assert torch.equal(float8_weight_mm(torch.randn(3, 0), w, torch.ones(4)), torch.zeros(3, 4))
 
 
 def test_the_op_refuses_a_weight_that_is_not_float8():

@@ -272,3 +272,74 @@ def test_the_bias_is_added_as_the_outputs_are_stored(bits, group_size, m):
     without = cpu_vnni_mm.vnni_weight_mm(x, weight, scales, bits, group_size)
     with_bias = cpu_vnni_mm.vnni_weight_mm(x, weight, scales, bits, group_size, bias)
     torch.testing.assert_close(with_bias, without + bias, rtol=1e-6, atol=1e-6)
+
+
+# -- limits and edge inputs (each once a wrong answer or a crashed process) -----------------------------
+
+
+def test_a_long_group_of_large_x_does_not_overflow_the_sum_of_x_codes():
+    """The group's sum of x's codes (int8: one group of all K) exceeds int32 from ~65,800 elements."""
+    k = 66048
+    x, w, scale = torch.ones(1, k), torch.ones(2, k, dtype=torch.int8), torch.ones(2)
+    assert _relative_error(cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8), torch.full((1, 2), float(k))) < 1e-5
+
+
+def test_the_gemv_accumulators_hold_at_the_largest_in_features():
+    """32-byte chunks (K % 64 = 32): 8 int32 lanes each summing K / 8 products of up to 128 * 255."""
+    k = cpu_vnni_mm.MAX_IN_FEATURES - 32
+    assert cpu_vnni_mm.supports(8, k) and not cpu_vnni_mm.supports(8, cpu_vnni_mm.MAX_IN_FEATURES + 32)
+    x = torch.ones(1, k)
+    x[0, k // 2 :] = -1.0
+    w = torch.full((1, k), 127, dtype=torch.int8)
+    w[0, k // 2 :] = -128
+    out = cpu_vnni_mm.vnni_weight_mm(x, w, torch.ones(1), 8)
+    assert _relative_error(out, per_channel_weight_mm_reference(x.double(), w, torch.ones(1).double())) < 1e-5
+
+
+def test_the_int32_gemm_takes_in_features_whose_sums_fit_and_the_op_computes_the_rest():
+    k = cpu_vnni_mm.INT_MM_MAX_IN_FEATURES + 16
+    x, w, scale = torch.ones(17, k), torch.full((1, k), 127, dtype=torch.int8), torch.ones(1)
+    with pytest.raises(ValueError, match="input features"):
+        cpu_vnni_mm.int8_weight_int_mm(x, w, scale)
+    assert _relative_error(int8_weight_mm(x, w, scale), torch.full((17, 1), 127.0 * k)) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_no_input_features_give_zeros(m):
+    assert not cpu_vnni_mm.supports(8, 0)
+    out = int8_weight_mm(torch.randn(m, 0), torch.zeros(4, 0, dtype=torch.int8), torch.ones(4))
+    assert torch.equal(out, torch.zeros(m, 4))
+
+
+@pytest.mark.parametrize("m", [1, 4])  # the GEMV, the GEMM
+# 1e-35: the 16-bit scale would underflow; 1e-42: a subnormal row, whose float32 outputs hold ~1% precision
+@pytest.mark.parametrize("magnitude, tolerance", [(1e-35, 1e-3), (1e-42, 3e-2)])
+def test_rows_too_small_to_scale_take_the_float_path(m, magnitude, tolerance):
+    torch.manual_seed(0)
+    packed, scale_zeros = _lowbit_weight(16, 64, 4, 32)
+    x = torch.full((m, 64), magnitude)
+    assert cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 32) is None
+    out = lowbit_weight_mm(x, packed, scale_zeros, None, 4, 32)
+    expected = lowbit_weight_mm_reference(x.double(), packed, scale_zeros.double(), 4)
+    assert torch.isfinite(out).all() and _relative_error(out, expected) < tolerance
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 9), (4, 12), (2, 19), (2, 8)])  # not whole 32-bit words
+def test_groups_that_are_not_whole_words_are_not_served(bits, group_size):
+    assert not cpu_vnni_mm.supports(bits, group_size * 4, group_size)
+
+
+def test_tensors_off_the_cpu_are_refused_before_their_pointers_are_read():
+    w, scale = _int8_weight(16, 128)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cpu_vnni_mm.vnni_weight_mm(torch.randn(1, 128), w, scale.to("meta"), 8)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cpu_vnni_mm.int8_weight_int_mm(torch.randn(20, 128), w.to("meta"), scale)
+
+
+def test_a_workspace_that_cannot_be_allocated_raises_memory_error():
+    def kernel():
+        return 2  # the C++ entry points' status for std::bad_alloc
+
+    with pytest.raises(MemoryError, match="workspace"):
+        cpu_vnni_mm._run(kernel)

@@ -14,6 +14,7 @@
 // Every index is checked by the Python caller; nothing here validates again.
 
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -197,10 +198,12 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     const int64_t wide_blocks = N / (16 * NR), narrow_blocks = (N - wide_blocks * 16 * NR + 15) / 16;
     const __mmask16 tail_lanes = N % 16 ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
     const int64_t chunk = std::max<int64_t>(GEMM_ROWS, GEMM_X_CHUNK_BYTES / (4 * K));
+    // One panel per thread (not zeroed: every vector is written), allocated where a failure can still reach
+    // the caller (std::bad_alloc, not inside the parallel region).
+    std::unique_ptr<Vector[]> panels(new Vector[threads * K * NR]);
 #pragma omp parallel num_threads(threads)
     {
-        std::unique_ptr<Vector[]> panel_buffer(new Vector[K * NR]);  // not zeroed: every vector is written
-        __m512* panel = reinterpret_cast<__m512*>(panel_buffer.get());
+        __m512* panel = reinterpret_cast<__m512*>(panels.get() + omp_get_thread_num() * K * NR);
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
 #pragma omp for schedule(static) nowait
@@ -223,17 +226,21 @@ extern "C" {
 
 // out (M, N) float32 = x (M, K) float32 @ (W * scale).T for W (N, K) float8 bytes (format 0: e4m3fn,
 // 1: e5m2) and scale (N,) float32. For small M: the weight is converted once per 4 rows of x.
-void quanto_float8_gemv(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                        const float* scale, float* out, int threads) {
+int quanto_float8_gemv(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
+                       const float* scale, float* out, int threads) {
     if (format == E4M3) float8_gemv<E4M3>(x, M, K, weight, N, scale, out, threads);
     if (format == E5M2) float8_gemv<E5M2>(x, M, K, weight, N, scale, out, threads);
+    return 0;  // quanto_float8_gemm's contract (it may fail to allocate; this never does)
 }
 
 // The same for larger M: each block of weight rows converted once into a panel that every row of x in a
-// chunk reuses.
-void quanto_float8_gemm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                        const float* scale, float* out, int threads) {
+// chunk reuses. Returns 2 when the panels cannot be allocated, else 0.
+int quanto_float8_gemm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
+                       const float* scale, float* out, int threads) try {
     if (format == E4M3) float8_gemm<E4M3>(x, M, K, weight, N, scale, out, threads);
     if (format == E5M2) float8_gemm<E5M2>(x, M, K, weight, N, scale, out, threads);
+    return 0;
+} catch (const std::bad_alloc&) {
+    return 2;
 }
 }

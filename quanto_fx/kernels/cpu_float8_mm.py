@@ -21,14 +21,14 @@ from . import cpu_vnni_mm
 FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 
-# The GEMM gathers 16 weight rows with int32 byte offsets (lane * K).
-MAX_IN_FEATURES = (1 << 31) // 16
+# The GEMM keeps a float32 panel of 32 weight rows per thread: 128 bytes per input feature (64 MB here).
+MAX_IN_FEATURES = 1 << 19
 
 
 def supports(in_features: int) -> bool:
     """Whether the float8 kernels serve a weight of ``in_features`` on this machine (they share the VNNI
     kernels' library)."""
-    return in_features <= MAX_IN_FEATURES and cpu_vnni_mm.available()
+    return 0 < in_features <= MAX_IN_FEATURES and cpu_vnni_mm.available()
 
 
 def _check_weight(w: torch.Tensor, scale: torch.Tensor) -> None:
@@ -55,6 +55,7 @@ def float8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> t
     _check_weight(w, scale)
     if not supports(w.shape[1]):
         raise ValueError(f"no float8 kernel for {w.shape[1]} input features on this machine")
+    cpu_vnni_mm._check_on_cpu(x, w, scale)
     if x.dtype != torch.float32 or x.ndim != 2 or not x.is_contiguous() or x.shape[1] != w.shape[1]:
         raise ValueError(
             f"x must be a contiguous float32 (M, {w.shape[1]}) tensor, got {x.dtype} {tuple(x.shape)}"
@@ -62,7 +63,8 @@ def float8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> t
     library = cpu_vnni_mm._library()
     kernel = library.quanto_float8_gemv if x.shape[0] <= GEMV_MAX_M else library.quanto_float8_gemm
     out = torch.empty((x.shape[0], w.shape[0]))
-    kernel(
+    cpu_vnni_mm._run(
+        kernel,
         FORMATS[w.dtype],
         x.data_ptr(),
         x.shape[0],

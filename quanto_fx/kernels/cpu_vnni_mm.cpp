@@ -18,7 +18,9 @@
 // validates again.
 
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -37,6 +39,9 @@ namespace {
 // took int4 from 0.83-0.90 to 0.75-0.78 ms in interleaved runs; int8 lost 4% with it, so it keeps one.
 constexpr int64_t PREFETCH_BYTES = 1024;
 constexpr float X_LEVELS = 32639.f;  // largest |code| whose high byte (q + 128) >> 8 still fits in int8
+// Rows whose largest |x| is below this (~3.8e-34, not 0) would need a subnormal scale sx (1 / sx infinite):
+// they are left to the float path, like non-finite rows.
+constexpr float MIN_SCALED_MAX = FLT_MIN * X_LEVELS;
 
 // The GEMV's vector width: 64-byte chunks of weight bytes, or 32-byte ones for groups of 32 bytes (int2's
 // default group of 128 codes, int4 groups of 64).
@@ -206,7 +211,7 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
         }
         float amax = _mm512_reduce_max_ps(vmax), finite = _mm512_reduce_add_ps(nan_if_not_finite);
         for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k])), finite += row[k] - row[k];
-        if (isnan(finite)) {
+        if (isnan(finite) || (amax > 0.f && amax < MIN_SCALED_MAX)) {
             bad = 1;
             continue;
         }
@@ -214,8 +219,8 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
         const __m512 vinverse = _mm512_set1_ps(inverse);
         sx[m] = s;
         for (int64_t g = 0; g < G; g++) {
-            __m512i vtotal = _mm512_setzero_si512();
-            int32_t total = 0;
+            __m512i vtotal = _mm512_setzero_si512();  // per lane <= K / 16 * 32639: int32 up to K = 2**20
+            int64_t total = 0;  // the group's sum: past int32 from 65,796 elements
             int64_t k = g * group;
             const int64_t end = k + group;
             for (; k + 16 <= end && k % 16 == 0; k += 16) {  // cvtps rounds half to even, as nearbyintf below
@@ -233,7 +238,9 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
                 row_l[at] = (int8_t)(q - hi * 256);
                 total += q;
             }
-            xsum[m * G + g] = s * (float)(total + _mm512_reduce_add_epi32(vtotal));
+            const __m512i wide = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(vtotal)),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(vtotal, 1)));
+            xsum[m * G + g] = s * (float)(total + _mm512_reduce_add_epi64(wide));
         }
     }
     return bad;
@@ -359,12 +366,15 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
     const int64_t wide_blocks = N / (16 * NR), narrow_blocks = (N - wide_blocks * 16 * NR + 15) / 16;
     const __mmask16 tail_lanes = N % 16 ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
     const int64_t chunk = std::max<int64_t>(1, GEMM_X_CHUNK_BYTES / (2 * K));  // rows of x per pass
+    // Per thread: K codes (a byte each) of 16 NR weight rows, and their group scales; allocated here, where a
+    // failure can still reach the caller (std::bad_alloc, not inside the parallel region).
+    const int64_t per_thread = K / 4 * NR + G * NR * 2;
+    std::unique_ptr<Vector[]> buffers(new Vector[threads * per_thread]);
 #pragma omp parallel num_threads(threads)
     {
-        // Per thread: K codes (a byte each) of 16 NR weight rows, and their group scales.
-        std::unique_ptr<Vector[]> code_buffer(new Vector[K / 4 * NR]), scale_buffer(new Vector[G * NR * 2]);
-        __m512i* codes = reinterpret_cast<__m512i*>(code_buffer.get());
-        __m512* group_scales = reinterpret_cast<__m512*>(scale_buffer.get());
+        Vector* own = buffers.get() + omp_get_thread_num() * per_thread;
+        __m512i* codes = reinterpret_cast<__m512i*>(own);
+        __m512* group_scales = reinterpret_cast<__m512*>(own + K / 4 * NR);
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
 #pragma omp for schedule(static) nowait
@@ -394,7 +404,8 @@ extern "C" {
 // bytes h = (q + 128) >> 8 and l = q - 256 h, each (M, per_byte, K / per_byte) by phase: plane p of row m
 // holds the codes k = b * per_byte + p, the elements that meet the code at bit offset p * bits of weight byte
 // b. xsum[m][g] = sx * the sum of q over group g (of `group` elements) of row m. Vectorized and parallel over
-// rows: this runs on every call, at M = 2048 too. Returns 1 when x holds a NaN or infinity.
+// rows: this runs on every call, at M = 2048 too. Returns 1 when x holds a NaN, an infinity or a row too small
+// to scale (see MIN_SCALED_MAX).
 int quanto_split_x(const float* x, int64_t M, int64_t K, int per_byte, int64_t group, int8_t* h, int8_t* l,
                    float* sx, float* xsum, int threads) {
     if (per_byte == 2) return split_x<2>(x, M, K, group, h, l, sx, xsum, threads);
@@ -425,10 +436,10 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
 // null: x split as by quanto_split_x into a workspace, then the GEMV (`gemv` != 0; int8 weights always) or the
 // GEMM (packed weights, groups of whole 32-bit words), the bias added as each output is stored (a separate
 // serial pass over a 2048 x 1536 output had cost more than the GEMM). One call where three Python-side
-// allocations and two calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN or
-// infinity.
+// allocations and two calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN, an
+// infinity or a row too small to scale (see MIN_SCALED_MAX); 2 when the workspace cannot be allocated.
 int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                     const float* scales, int64_t G, const float* bias, int gemv, float* out, int threads) {
+                     const float* scales, int64_t G, const float* bias, int gemv, float* out, int threads) try {
     const int per_byte = 8 / bits;
     std::unique_ptr<int8_t[]> planes(new int8_t[2 * M * K]);  // not zeroed (16 MB at M = 2048): all written
     std::vector<float> sx(M), xsum(M * G);
@@ -440,5 +451,7 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
     if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 2 && !gemv) vnni_gemm<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
     return 0;
+} catch (const std::bad_alloc&) {
+    return 2;
 }
 }

@@ -17,7 +17,8 @@ They are used when all of these hold, else the callers fall back to aten / the f
 - ``QUANTO_FX_CPU_KERNELS`` is not ``0`` (the switch for comparing against aten);
 - the shapes suit them (``supports``: int8 ``in_features`` a multiple of the GEMV's 32-byte chunks; int4 /
   int2 groups of whole 32-bit words, i.e. int4 groups a multiple of 8 codes, int2 of 16);
-- x is finite (a NaN or infinity in x takes the float path, which propagates it).
+- x is finite (a NaN or infinity in x takes the float path, which propagates it), and no row of x is so
+  small (max |x| < ~3.8e-34, not 0) that its 16-bit scale would underflow (the float path computes it).
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ WORD_BYTES = 4  # the GEMM's step along K: one 32-bit word of packed codes per l
 # Packed weights: the GEMV up to this M, the GEMM past it (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
 # 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
 PACKED_GEMV_MAX_M = 2
-# The int32 sums must not overflow: |h * q| <= 128 * 255 per product, summed over K / 16 products per lane
-# (GEMV) or one group (GEMM).
-MAX_IN_FEATURES = 1 << 20
+# The int32 sums must not overflow: |h * q| <= 128 * 255 per product, summed over K / 8 products per lane
+# (the GEMV's 32-byte chunks) or one group of up to K (GEMM); x's codes, |q| <= 32639, over K / 16 per lane.
+MAX_IN_FEATURES = 1 << 19
+# torch._int_mm sums |h * w| <= 128 * 128 over all of K in int32.
+INT_MM_MAX_IN_FEATURES = 1 << 16
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 300
 
@@ -111,9 +114,9 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_combine_planes.restype = None
     library.quanto_float8_gemv.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, pointer]
     library.quanto_float8_gemv.argtypes += [ctypes.c_int]
-    library.quanto_float8_gemv.restype = None
+    library.quanto_float8_gemv.restype = ctypes.c_int
     library.quanto_float8_gemm.argtypes = library.quanto_float8_gemv.argtypes
-    library.quanto_float8_gemm.restype = None
+    library.quanto_float8_gemm.restype = ctypes.c_int
     return library
 
 
@@ -126,7 +129,7 @@ def _group_bytes(bits: int, in_features: int, group_size: int | None) -> int | N
     """Weight bytes per scale: a whole int8 row, or one int4 / int2 group; None for shapes that do not fit."""
     if bits == 8:
         return in_features
-    if bits in (2, 4) and group_size and in_features % group_size == 0:
+    if bits in (2, 4) and group_size and in_features % group_size == 0 and group_size * bits % 8 == 0:
         return group_size * bits // 8
     return None
 
@@ -143,32 +146,44 @@ def supports(bits: int, in_features: int, group_size: int | None = None) -> bool
     int8's per-channel scales) on this machine, for any number of rows of x."""
     group_bytes = _group_bytes(bits, in_features, group_size)
     step = CHUNK_BYTES if bits == 8 else WORD_BYTES
-    fits = group_bytes is not None and group_bytes % step == 0 and in_features <= MAX_IN_FEATURES
+    fits = bool(group_bytes) and group_bytes % step == 0 and 0 < in_features <= MAX_IN_FEATURES
     return fits and available()
 
 
-def _split_x(x: torch.Tensor, per_byte: int, groups: int):
-    """x (M, K) as 16-bit integers in two signed-byte planes (2, M, per_byte, K / per_byte) by phase (plane
-    [., m, p, b] holds x[m, b * per_byte + p], the element that meets the code at bit offset p * bits of
-    weight byte b), with the per-row scales (M,) and per-group sums (M, groups); None when x holds a NaN or
-    infinity."""
+def _split_x(x: torch.Tensor):
+    """x (M, K) as 16-bit integers in two signed-byte planes (2, M, K), with the per-row scales (M,) (see
+    ``quanto_split_x``); None when x holds a NaN, an infinity or a row too small to scale."""
     m, k = x.shape
     x = x.float().contiguous()
-    planes = torch.empty((2, m, per_byte, k // per_byte), dtype=torch.int8)
-    x_scale = torch.empty(m)
-    x_sums = torch.empty((m, groups))
+    planes = torch.empty((2, m, k), dtype=torch.int8)
+    x_scale, x_sums = torch.empty(m), torch.empty((m, 1))
     pointers = (planes[0].data_ptr(), planes[1].data_ptr(), x_scale.data_ptr(), x_sums.data_ptr())
-    threads = torch.get_num_threads()
-    if _library().quanto_split_x(x.data_ptr(), m, k, per_byte, k // groups, *pointers, threads):
+    if _library().quanto_split_x(x.data_ptr(), m, k, 1, k, *pointers, torch.get_num_threads()):
         return None
-    return planes, x_scale, x_sums
+    return planes, x_scale
+
+
+def _check_on_cpu(*tensors) -> None:
+    """The C++ side reads host memory: a tensor elsewhere is refused, not handed over as a pointer."""
+    devices = [t.device.type for t in tensors if t is not None]
+    if any(device != "cpu" for device in devices):
+        raise ValueError(f"the CPU kernels take CPU tensors, got tensors on {devices}")
+
+
+def _run(kernel, *args) -> int:
+    """Call a C++ entry point; its status 2 (a workspace it could not allocate) becomes a MemoryError."""
+    status = kernel(*args)
+    if status == 2:
+        raise MemoryError(f"quanto_fx CPU kernel {kernel.__name__}: could not allocate its workspace")
+    return status
 
 
 def _check_vnni_args(x, weight, scales, bits, group_size, bias) -> None:
     """What the C++ kernel reads, checked (it trusts every index). Plain comparisons only: at M = 1 every
     microsecond here is ~0.1% of the layer."""
-    if x.ndim != 2 or weight.ndim != 2 or x.is_cuda or weight.is_cuda:
-        raise ValueError(f"x and the weight must be 2-d CPU tensors, got {x.shape} and {weight.shape}")
+    if x.ndim != 2 or weight.ndim != 2:
+        raise ValueError(f"x and the weight must be 2-d tensors, got {x.shape} and {weight.shape}")
+    _check_on_cpu(x, weight, scales, bias)
     n, k = weight.shape[0], x.shape[1]
     if not supports(bits, k, group_size):
         raise ValueError(f"no VNNI kernel for {bits}-bit weights, {k} features, group {group_size}")
@@ -206,7 +221,8 @@ def vnni_weight_mm(
     x, weight, scales = x.float().contiguous(), weight.contiguous(), scales.float().contiguous()
     bias = None if bias is None else bias.float().contiguous()
     out = torch.empty((m, weight.shape[0]))
-    bad_x = _library().quanto_weight_mm(
+    bad_x = _run(
+        _library().quanto_weight_mm,
         bits,
         x.data_ptr(),
         m,
@@ -228,11 +244,13 @@ def int8_weight_int_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
     (oneDNN's VNNI GEMM) with the int8 weight, ``sx * (256 * high @ w.T + low @ w.T) * scale``. Integer
     exact but for x's rounding (~3e-5), and about half the fp32 GEMM's time from M = 32 to 512 (K = N =
     4096, bench/RESULTS.md), where dequantizing the weight for the fp32 GEMM cost 1.4x. None when x holds a
-    NaN or infinity.
+    NaN, an infinity or a row too small to scale (the caller's float path then computes it).
 
     Args:
-        x: (M, K) float activations on the CPU; w: int8 (N, K); scale: float (N,) per-channel scales.
+        x: (M, K) float activations on the CPU, 0 < K <= ``INT_MM_MAX_IN_FEATURES``; w: int8 (N, K); scale:
+            float (N,) per-channel scales.
     """
+    _check_on_cpu(x, w, scale)
     scale = scale.reshape(-1).float().contiguous()
     if (
         x.ndim != 2
@@ -244,11 +262,13 @@ def int8_weight_int_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
         raise ValueError(
             f"w {w.dtype} {tuple(w.shape)} and scale {tuple(scale.shape)} do not fit x {tuple(x.shape)}"
         )
+    if not 0 < x.shape[1] <= INT_MM_MAX_IN_FEATURES:
+        raise ValueError(f"{x.shape[1]} input features: the int32 GEMM takes 1 to {INT_MM_MAX_IN_FEATURES}")
     m, n = x.shape[0], w.shape[0]
-    split = _split_x(x, 1, 1)
+    split = _split_x(x)
     if split is None:
         return None
-    planes, x_scale, _ = split
+    planes, x_scale = split
     products = torch._int_mm(planes.view(2 * m, -1), w.t()).contiguous()
     out = torch.empty((m, n))
     pointers = (products.data_ptr(), m, n, x_scale.data_ptr(), scale.data_ptr(), out.data_ptr())

@@ -13,8 +13,9 @@ the GEMM.
   there), or the float GEMM on blocks dequantized by torch ops. CUDA: the Triton kernel when triton is
   installed; otherwise the dequantize-then-GEMM reference.
 - ``quanto_fx::float8_weight_mm(x, w, scale, bias)``: float8_e4m3fn / e5m2 (N, K) weight with per-output-
-  channel scales. CPU with the kernels of ``cpu_float8_mm.py``: their GEMV (M <= 16), else the fp32 GEMM on
-  blocks they convert. Elsewhere: the float GEMM on the dequantized weight.
+  channel scales. CPU: the float8 GEMV / GEMM of ``cpu_float8_mm.py`` where they are available. CUDA (8.9+,
+  triton installed): the Triton kernel of ``int8_weight_mm``. Elsewhere: the float GEMM on the dequantized
+  weight.
 
 All compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
 pay: they read 1 byte (int8, float8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
@@ -137,11 +138,16 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
         out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8, bias=bias)
         if out is not None:
             return out.to(x.dtype)
-    elif x.shape[0] > CPU_KERNEL_MAX_M and cpu_vnni_mm.available():
+    elif (
+        x.shape[0] > CPU_KERNEL_MAX_M
+        and 0 < w.shape[1] <= cpu_vnni_mm.INT_MM_MAX_IN_FEATURES
+        and cpu_vnni_mm.available()
+    ):
         out = cpu_vnni_mm.int8_weight_int_mm(x, w.contiguous(), scale.reshape(-1))
         if out is not None:
             return _with_bias(out.to(x.dtype), bias)
-    if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE:  # float GEMM, dequantized blocks
+    # The float GEMM on dequantized blocks (aten's kernel also crashes for K = 0).
+    if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE or w.shape[1] == 0:
         scale = scale.reshape(-1, 1).to(x.dtype)
         out = _blocked_gemm(
             x, w.shape[0], lambda start, stop, block: torch.mul(w[start:stop], scale[start:stop], out=block)
