@@ -60,7 +60,7 @@ def float8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> t
         raise ValueError(
             f"x must be a contiguous float32 (M, {w.shape[1]}) tensor, got {x.dtype} {tuple(x.shape)}"
         )
-    library = cpu_vnni_mm._library()
+    library = cpu_vnni_mm._loaded_library()
     kernel = library.quanto_float8_gemv if x.shape[0] <= GEMV_MAX_M else library.quanto_float8_gemm
     out = torch.empty((x.shape[0], w.shape[0]))
     cpu_vnni_mm._run(

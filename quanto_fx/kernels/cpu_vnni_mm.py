@@ -120,6 +120,14 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def _loaded_library() -> ctypes.CDLL:
+    """The library, for the public kernel functions: a clear error where this machine has none."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the quanto_fx CPU kernels do not run on this machine (see available())")
+    return library
+
+
 def available() -> bool:
     """Whether the kernels run on this machine (and are not switched off by ``QUANTO_FX_CPU_KERNELS=0``)."""
     return os.environ.get(ENABLE_VARIABLE, "1") != "0" and _library() is not None
@@ -141,13 +149,17 @@ def _uses_gemv(bits: int, rows: int, in_features: int, group_size: int | None) -
     return rows <= PACKED_GEMV_MAX_M and _group_bytes(bits, in_features, group_size) % CHUNK_BYTES == 0
 
 
+def _fits(bits: int, in_features: int, group_size: int | None) -> bool:
+    """Whether the kernels take a weight of this shape (whatever the machine)."""
+    group_bytes = _group_bytes(bits, in_features, group_size)
+    step = CHUNK_BYTES if bits == 8 else WORD_BYTES
+    return bool(group_bytes) and group_bytes % step == 0 and 0 < in_features <= MAX_IN_FEATURES
+
+
 def supports(bits: int, in_features: int, group_size: int | None = None) -> bool:
     """Whether :func:`vnni_weight_mm` serves a weight of these bits, input features and group size (None for
     int8's per-channel scales) on this machine, for any number of rows of x."""
-    group_bytes = _group_bytes(bits, in_features, group_size)
-    step = CHUNK_BYTES if bits == 8 else WORD_BYTES
-    fits = bool(group_bytes) and group_bytes % step == 0 and 0 < in_features <= MAX_IN_FEATURES
-    return fits and available()
+    return _fits(bits, in_features, group_size) and available()
 
 
 def _split_x(x: torch.Tensor):
@@ -158,15 +170,15 @@ def _split_x(x: torch.Tensor):
     planes = torch.empty((2, m, k), dtype=torch.int8)
     x_scale, x_sums = torch.empty(m), torch.empty((m, 1))
     pointers = (planes[0].data_ptr(), planes[1].data_ptr(), x_scale.data_ptr(), x_sums.data_ptr())
-    if _library().quanto_split_x(x.data_ptr(), m, k, 1, k, *pointers, torch.get_num_threads()):
+    if _loaded_library().quanto_split_x(x.data_ptr(), m, k, 1, k, *pointers, torch.get_num_threads()):
         return None
     return planes, x_scale
 
 
 def _check_on_cpu(*tensors) -> None:
     """The C++ side reads host memory: a tensor elsewhere is refused, not handed over as a pointer."""
-    devices = [t.device.type for t in tensors if t is not None]
-    if any(device != "cpu" for device in devices):
+    if not all(t is None or t.is_cpu for t in tensors):
+        devices = [t.device.type for t in tensors if t is not None]
         raise ValueError(f"the CPU kernels take CPU tensors, got tensors on {devices}")
 
 
@@ -185,7 +197,7 @@ def _check_vnni_args(x, weight, scales, bits, group_size, bias) -> None:
         raise ValueError(f"x and the weight must be 2-d tensors, got {x.shape} and {weight.shape}")
     _check_on_cpu(x, weight, scales, bias)
     n, k = weight.shape[0], x.shape[1]
-    if not supports(bits, k, group_size):
+    if not _fits(bits, k, group_size):
         raise ValueError(f"no VNNI kernel for {bits}-bit weights, {k} features, group {group_size}")
     dtype, parts = (torch.int8, (n,)) if bits == 8 else (torch.uint8, (k // group_size, n, 2))
     if weight.dtype != dtype or weight.shape[1] != k * bits // 8 or scales.shape != parts:
@@ -222,7 +234,7 @@ def vnni_weight_mm(
     bias = None if bias is None else bias.float().contiguous()
     out = torch.empty((m, weight.shape[0]))
     bad_x = _run(
-        _library().quanto_weight_mm,
+        _loaded_library().quanto_weight_mm,
         bits,
         x.data_ptr(),
         m,
@@ -272,5 +284,5 @@ def int8_weight_int_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
     products = torch._int_mm(planes.view(2 * m, -1), w.t()).contiguous()
     out = torch.empty((m, n))
     pointers = (products.data_ptr(), m, n, x_scale.data_ptr(), scale.data_ptr(), out.data_ptr())
-    _library().quanto_combine_planes(*pointers, torch.get_num_threads())
+    _loaded_library().quanto_combine_planes(*pointers, torch.get_num_threads())
     return out
