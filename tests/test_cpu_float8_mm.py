@@ -13,12 +13,10 @@ from quanto_fx.kernels import cpu_float8_mm, cpu_vnni_mm
 from quanto_fx.kernels.cpu_float8_mm import GEMV_MAX_M
 from quanto_fx.kernels.weight_only import float8_weight_mm, per_channel_weight_mm_reference
 
+from .utils import relative_error
+
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 needs_kernels = pytest.mark.skipif(not cpu_float8_mm.supports(1), reason="needs the CPU kernel library")
-
-
-def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((out.double() - expected.double()).norm() / expected.double().norm())
 
 
 def _float8_weight(n: int, k: int, dtype: torch.dtype):
@@ -51,7 +49,7 @@ def test_the_kernels_match_the_float_reference(dtype, m, n, k):
     w, scale = _float8_weight(n, k, dtype)
     x = torch.randn(m, k)
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
-    assert _relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double())) < 1e-6
+    assert relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double())) < 1e-6
 
 
 @needs_kernels
@@ -63,7 +61,7 @@ def test_the_gemm_passes_over_x_in_chunks():
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
     for rows in (slice(0, 2048), slice(2048, 2100)):
-        assert _relative_error(out[rows], expected[rows]) < 1e-6
+        assert relative_error(out[rows], expected[rows]) < 1e-6
 
 
 @needs_kernels
@@ -77,7 +75,7 @@ def test_the_op_matches_the_reference_and_returns_x_dtype(dtype, m, x_dtype):
     out = float8_weight_mm(x, w, scale.reshape(-1, 1), bias)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double(), bias.double())
     tolerance = 1e-6 if x_dtype == torch.float32 else 4e-3  # bf16 rounds the output once: 2**-9
-    assert out.dtype == x_dtype and _relative_error(out, expected) < tolerance
+    assert out.dtype == x_dtype and relative_error(out, expected) < tolerance
 
 
 @needs_kernels
@@ -135,4 +133,4 @@ def test_float8_weight_only_linears_call_the_op_in_eager_inference(fqtype):
         expected = float8_weight_mm(hidden, w2._data, w2._scale, q[2].bias).reshape(2, 5, 32)
         assert torch.equal(q(x), expected)
         reference = F.linear(F.relu(F.linear(x, w0.dequantize(), q[0].bias)), w2.dequantize(), q[2].bias)
-    assert _relative_error(expected, reference) < 1e-5
+    assert relative_error(expected, reference) < 1e-5

@@ -18,13 +18,9 @@ from quanto_fx.kernels.weight_only import (
 )
 from quanto_fx.tensor.packing import pack
 
-from .utils import VNNI_TOLERANCE
+from .utils import VNNI_TOLERANCE, relative_error
 
 pytestmark = pytest.mark.skipif(not cpu_vnni_mm.available(), reason="needs AVX512-VNNI and a C++ compiler")
-
-
-def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((out.double() - expected.double()).norm() / expected.double().norm())
 
 
 def _int8_weight(n: int, k: int):
@@ -47,7 +43,7 @@ def test_int8_weights_match_the_float_reference(m, n, k, dtype):
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
     expected = per_channel_weight_mm_reference(x.float(), w, scale)
     tolerance = VNNI_TOLERANCE if dtype == torch.float32 else 1e-4  # x's bf16 values are exact in float32
-    assert out.dtype == torch.float32 and _relative_error(out, expected) < tolerance
+    assert out.dtype == torch.float32 and relative_error(out, expected) < tolerance
 
 
 # GEMV (M <= 2, groups of 32 / 64 bytes) and GEMM (else); group bytes: int4 g8 4, g32 16, g64 32, g128 64.
@@ -63,7 +59,7 @@ def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
     x = torch.randn(m, 512)
     out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
     expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits)
-    assert out.shape == (m, n) and _relative_error(out, expected) < VNNI_TOLERANCE
+    assert out.shape == (m, n) and relative_error(out, expected) < VNNI_TOLERANCE
 
 
 def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
@@ -75,7 +71,7 @@ def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
     x = torch.randn(8, 1024)
     gemv = cpu_vnni_mm.vnni_weight_mm(x[:2], packed, scale_zeros, 4, 128)
     gemm = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128)
-    assert _relative_error(gemv, gemm[:2]) < 1e-6
+    assert relative_error(gemv, gemm[:2]) < 1e-6
 
 
 def test_the_gemm_passes_over_x_in_chunks():
@@ -87,7 +83,7 @@ def test_the_gemm_passes_over_x_in_chunks():
     out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 2, 64)
     expected = lowbit_weight_mm_reference(x, packed, scale_zeros, 2)
     for rows in (slice(0, 1024), slice(1024, 2048), slice(2048, 2100)):
-        assert _relative_error(out[rows], expected[rows]) < VNNI_TOLERANCE
+        assert relative_error(out[rows], expected[rows]) < VNNI_TOLERANCE
 
 
 def test_rows_of_very_different_magnitudes_keep_their_own_precision():
@@ -98,7 +94,7 @@ def test_rows_of_very_different_magnitudes_keep_their_own_precision():
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
     expected = per_channel_weight_mm_reference(x, w, scale)
     for row in range(3):
-        assert _relative_error(out[row], expected[row]) < VNNI_TOLERANCE
+        assert relative_error(out[row], expected[row]) < VNNI_TOLERANCE
 
 
 @pytest.mark.parametrize("m", [1, 8])  # the GEMV, the GEMM
@@ -113,12 +109,12 @@ def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums(m):
     x = torch.full((m, k), 3.0)
     x[:, ::3] = -3.0
     out = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
-    assert _relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < 1e-5
+    assert relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < 1e-5
     codes = torch.full((16, k), 15, dtype=torch.uint8)
     codes[::2] = 0
     scale_zeros = torch.tensor([1e-3, 2e-3]).expand(1, 16, 2).contiguous()
     out = cpu_vnni_mm.vnni_weight_mm(x, pack(codes, 4), scale_zeros, 4, k)
-    assert _relative_error(out, lowbit_weight_mm_reference(x, pack(codes, 4), scale_zeros, 4)) < 1e-5
+    assert relative_error(out, lowbit_weight_mm_reference(x, pack(codes, 4), scale_zeros, 4)) < 1e-5
 
 
 def test_mismatched_arguments_are_refused_before_the_cpp_side_reads_them():
@@ -186,7 +182,7 @@ def test_16_bit_x_is_computed_from_float32_and_returned_in_its_dtype():
         x = torch.randn(m, 256).bfloat16()
         out = lowbit_weight_mm(x, packed, scale_zeros, None, 4, 64)
         expected = lowbit_weight_mm_reference(x.float(), packed, scale_zeros, 4)
-        assert out.dtype == torch.bfloat16 and _relative_error(out, expected) < 4e-3  # bf16 output: 2**-9
+        assert out.dtype == torch.bfloat16 and relative_error(out, expected) < 4e-3  # bf16 output: 2**-9
 
 
 @pytest.mark.parametrize("m, k", [(17, 256), (64, 100), (200, 8)])  # any K: _int_mm takes odd shapes
@@ -195,7 +191,7 @@ def test_int8_weights_at_larger_m_match_the_float_reference(m, k):
     w, scale = _int8_weight(24, k)
     x = torch.randn(m, k) * 3
     out = cpu_vnni_mm.int8_weight_int_mm(x, w, scale)
-    assert _relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
+    assert relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
 
 
 def test_int8_weights_at_larger_m_refuse_a_weight_or_scales_that_do_not_fit_x():
@@ -252,7 +248,7 @@ def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatc
         w, scale = _int8_weight(16, 128)
         x = torch.randn(1, 128)
         assert (
-            _relative_error(int8_weight_mm(x, w, scale), per_channel_weight_mm_reference(x, w, scale)) < 8e-3
+            relative_error(int8_weight_mm(x, w, scale), per_channel_weight_mm_reference(x, w, scale)) < 8e-3
         )
     finally:
         monkeypatch.undo()
@@ -281,7 +277,7 @@ def test_a_long_group_of_large_x_does_not_overflow_the_sum_of_x_codes():
     """The group's sum of x's codes (int8: one group of all K) exceeds int32 from ~65,800 elements."""
     k = 66048
     x, w, scale = torch.ones(1, k), torch.ones(2, k, dtype=torch.int8), torch.ones(2)
-    assert _relative_error(cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8), torch.full((1, 2), float(k))) < 1e-5
+    assert relative_error(cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8), torch.full((1, 2), float(k))) < 1e-5
 
 
 def test_the_gemv_accumulators_hold_at_the_largest_in_features():
@@ -293,7 +289,7 @@ def test_the_gemv_accumulators_hold_at_the_largest_in_features():
     w = torch.full((1, k), 127, dtype=torch.int8)
     w[0, k // 2 :] = -128
     out = cpu_vnni_mm.vnni_weight_mm(x, w, torch.ones(1), 8)
-    assert _relative_error(out, per_channel_weight_mm_reference(x.double(), w, torch.ones(1).double())) < 1e-5
+    assert relative_error(out, per_channel_weight_mm_reference(x.double(), w, torch.ones(1).double())) < 1e-5
 
 
 def test_the_int32_gemm_takes_in_features_whose_sums_fit_and_the_op_computes_the_rest():
@@ -301,7 +297,7 @@ def test_the_int32_gemm_takes_in_features_whose_sums_fit_and_the_op_computes_the
     x, w, scale = torch.ones(17, k), torch.full((1, k), 127, dtype=torch.int8), torch.ones(1)
     with pytest.raises(ValueError, match="input features"):
         cpu_vnni_mm.int8_weight_int_mm(x, w, scale)
-    assert _relative_error(int8_weight_mm(x, w, scale), torch.full((17, 1), 127.0 * k)) < 1e-5
+    assert relative_error(int8_weight_mm(x, w, scale), torch.full((17, 1), 127.0 * k)) < 1e-5
 
 
 @pytest.mark.parametrize("m", [1, 17])
@@ -321,7 +317,7 @@ def test_rows_too_small_to_scale_take_the_float_path(m, magnitude, tolerance):
     assert cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 32) is None
     out = lowbit_weight_mm(x, packed, scale_zeros, None, 4, 32)
     expected = lowbit_weight_mm_reference(x.double(), packed, scale_zeros.double(), 4)
-    assert torch.isfinite(out).all() and _relative_error(out, expected) < tolerance
+    assert torch.isfinite(out).all() and relative_error(out, expected) < tolerance
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 9), (4, 12), (2, 19), (2, 8)])  # not whole 32-bit words

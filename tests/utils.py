@@ -43,6 +43,11 @@ def config_id(config) -> str:
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
 
 
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||out - expected|| / ||expected||``, in float64."""
+    return float((out.double() - expected.double()).norm() / expected.double().norm())
+
+
 def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better; int8 typically gives > 35 dB)."""
     reference, approx = reference.detach().double(), approx.detach().double()

@@ -37,7 +37,8 @@ INLINE void float8_to_float(__m256i raw, __m512& lo, __m512& hi) {
         // Sign-extended and shifted left by 7: eeee.mmm lands on bits 13..7 and the sign on bits 15 and 14;
         // bit 14 is cleared.
         half = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(raw), 7), _mm512_set1_epi16((short)0xBFFF));
-        const __mmask32 nan = _mm256_cmpeq_epi8_mask(_mm256_and_si256(raw, _mm256_set1_epi8(0x7F)), _mm256_set1_epi8(0x7F));
+        const __m256i magnitude = _mm256_and_si256(raw, _mm256_set1_epi8(0x7F));
+        const __mmask32 nan = _mm256_cmpeq_epi8_mask(magnitude, _mm256_set1_epi8(0x7F));
         half = _mm512_mask_mov_epi16(half, nan, _mm512_set1_epi16(0x7E00));
     }
     lo = _mm512_cvtph_ps(_mm512_castsi512_si256(half));
@@ -80,7 +81,8 @@ INLINE void tile(const float* x, int64_t K, const uint8_t* weight, int64_t N, co
     }
     const float unit = FORMAT == E4M3 ? E4M3_SCALE : 1.f;
     for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) out[(m0 + i) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][i]) * unit * scale[n0 + r];
+        for (int i = 0; i < MT; i++)
+            out[(m0 + i) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][i]) * unit * scale[n0 + r];
 }
 
 template <int FORMAT, int RT>

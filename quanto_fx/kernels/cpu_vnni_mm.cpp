@@ -98,7 +98,8 @@ INLINE typename V::I chunk_codes(typename V::I bytes, int phase) {
 // out[m0 + i, n0 + r] for RT rows of weights and MT rows of x, over all of K.
 template <int RT, int MT, int BITS, int CHUNK>
 INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t K,
-                 const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int64_t n0,
+                 const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
+                 int64_t n0,
                  int64_t m0) {
     using V = Lanes<CHUNK>;
     constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
@@ -146,16 +147,19 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
 // 8 weight rows at once, for more independent accumulators.
 template <int RT, int BITS, int CHUNK>
 INLINE void weight_rows(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-                        const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int64_t n0) {
+                        const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias,
+                        float* out, int64_t n0) {
     int64_t m0 = 0;
     if (RT == 4)
-        for (; m0 + 2 <= M; m0 += 2) tile<RT, 2, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
+        for (; m0 + 2 <= M; m0 += 2)
+            tile<RT, 2, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
     for (; m0 < M; m0++) tile<RT, 1, BITS, CHUNK>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
 }
 
 template <int BITS, int CHUNK>
 void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-             const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads) {
+             const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
+             int threads) {
     const int64_t rows = M == 1 ? 8 : 4, full = N - N % rows;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n0 = 0; n0 < full; n0 += rows) {
@@ -170,7 +174,8 @@ void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsu
 
 template <int BITS>
 void vnni_mm_any_chunk(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-                       const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads) {
+                       const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias,
+                       float* out, int threads) {
     if ((K * BITS / 8 / G) % 64 == 0)
         vnni_mm<BITS, 64>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     else
@@ -281,7 +286,8 @@ void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N
         const __mmask16 valid = c == NR - 1 ? last_lanes : (__mmask16)0xFFFF;
         const uint8_t* rows = weight + (n0 + 16 * c) * row_bytes;
         for (int64_t d = 0; d < words; d++) {
-            const __m512i bytes = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_offsets, rows + 4 * d, 1);
+            const __m512i bytes =
+                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_offsets, rows + 4 * d, 1);
             for (int p = 0; p < per_byte; p++)
                 codes[(d * per_byte + p) * NR + c] = chunk_codes<BITS, Lanes<64>>(bytes, p);
         }
@@ -298,8 +304,8 @@ void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N
 // out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the gathered code vectors and x's planes (see quanto_split_x).
 template <int BITS, int MR, int NR>
 INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l,
-                      const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, const float* bias, float* out, int64_t N,
-                      int64_t n0, __mmask16 last_lanes) {
+                      const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, const float* bias,
+                      float* out, int64_t N, int64_t n0, __mmask16 last_lanes) {
     constexpr int per_byte = 8 / BITS;
     const int64_t row_bytes = K / per_byte, words = row_bytes / 4 / G;
     __m512 acc[MR][NR];
@@ -351,17 +357,19 @@ constexpr int GEMM_ROWS = 4, GEMM_COLUMN_BLOCKS = 2;
 
 template <int BITS, int NR>
 void gemm_rows(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l, const float* sx,
-               const float* xsum, int64_t first, int64_t last, int64_t K, int64_t G, const float* bias, float* out, int64_t N,
-               int64_t n0, __mmask16 last_lanes) {
+               const float* xsum, int64_t first, int64_t last, int64_t K, int64_t G, const float* bias,
+               float* out, int64_t N, int64_t n0, __mmask16 last_lanes) {
     int64_t m = first;
     for (; m + GEMM_ROWS <= last; m += GEMM_ROWS)
         gemm_tile<BITS, GEMM_ROWS, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
-    for (; m < last; m++) gemm_tile<BITS, 1, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+    for (; m < last; m++)
+        gemm_tile<BITS, 1, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
 }
 
 template <int BITS>
 void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
-               const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads) {
+               const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
+               int threads) {
     constexpr int NR = GEMM_COLUMN_BLOCKS;
     const int64_t wide_blocks = N / (16 * NR), narrow_blocks = (N - wide_blocks * 16 * NR + 15) / 16;
     const __mmask16 tail_lanes = N % 16 ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
@@ -442,14 +450,15 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
                      const float* scales, int64_t G, const float* bias, int gemv, float* out, int threads) try {
     const int per_byte = 8 / bits;
     std::unique_ptr<int8_t[]> planes(new int8_t[2 * M * K]);  // not zeroed (16 MB at M = 2048): all written
-    std::vector<float> sx(M), xsum(M * G);
+    std::vector<float> scale_buffer(M), sum_buffer(M * G);
+    float *sx = scale_buffer.data(), *xsum = sum_buffer.data();
     int8_t *h = planes.get(), *l = planes.get() + M * K;
-    if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx.data(), xsum.data(), threads)) return 1;
-    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
-    if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
-    if (bits == 2 && gemv) vnni_mm_any_chunk<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
-    if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
-    if (bits == 2 && !gemv) vnni_gemm<2>(h, l, sx.data(), xsum.data(), M, K, weight, N, scales, G, bias, out, threads);
+    if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads)) return 1;
+    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 2 && gemv) vnni_mm_any_chunk<2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 2 && !gemv) vnni_gemm<2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     return 0;
 } catch (const std::bad_alloc&) {
     return 2;

@@ -15,8 +15,9 @@ They are used when all of these hold, else the callers fall back to aten / the f
   ``c++``) builds the source; the library is cached per source, compiler and flags in
   ``$QUANTO_FX_CACHE_DIR`` (default ``~/.cache/quanto_fx``), so a machine compiles it once (~2 s);
 - ``QUANTO_FX_CPU_KERNELS`` is not ``0`` (the switch for comparing against aten);
-- the shapes suit them (``supports``: int8 ``in_features`` a multiple of the GEMV's 32-byte chunks; int4 /
-  int2 groups of whole 32-bit words, i.e. int4 groups a multiple of 8 codes, int2 of 16);
+- the shapes suit them (``supports``: 1 to ``MAX_IN_FEATURES`` (2**19) input features; int8 ones a multiple
+  of the GEMV's 32-byte chunks; int4 / int2 groups of whole 32-bit words, i.e. int4 groups a multiple of 8
+  codes, int2 of 16; ``torch._int_mm`` up to ``INT_MM_MAX_IN_FEATURES``);
 - x is finite (a NaN or infinity in x takes the float path, which propagates it), and no row of x is so
   small (max |x| < ~3.8e-34, not 0) that its 16-bit scale would underflow (the float path computes it).
 """
@@ -37,7 +38,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# One library: these kernels and the float8 ones of cpu_float8_mm.py (which loads it through _library()).
+# One library: these kernels and the float8 ones of cpu_float8_mm.py (which calls it via _loaded_library()).
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_vnni_mm.cpp", "cpu_float8_mm.cpp")]
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
@@ -66,7 +67,7 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    """The compiled library's path, compiling it unless this source, compiler and flags are cached."""
+    """The compiled library's path, compiling it unless these sources, compiler and flags are cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     texts = [source.read_text() for source in SOURCES]
     key = hashlib.sha256("\0".join([*texts, version, *FLAGS]).encode()).hexdigest()[:16]

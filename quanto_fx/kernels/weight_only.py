@@ -133,7 +133,8 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
     if x.device.type != "cpu":
         return per_channel_weight_mm_reference(x, w, scale, bias)
-    # The VNNI paths return None where x is not finite: the paths below propagate NaN and infinity.
+    # The VNNI paths return None where x is not finite or has a row too small to scale: the float paths
+    # below compute it (and propagate NaN and infinity).
     if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
         out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8, bias=bias)
         if out is not None:
@@ -241,7 +242,7 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
         return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
     if cpu_vnni_mm.supports(bits, x.shape[1], group_size):
         out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size, bias)
-        if out is not None:  # None: x is not finite, left to the float path below
+        if out is not None:  # None: x not finite or too small to scale, left to the float path below
             return out.to(x.dtype)
     if kernel is None or x.shape[0] > CPU_KERNEL_MAX_M:  # the float GEMM on dequantized blocks
         scale_zeros = scale_zeros.to(x.dtype)
