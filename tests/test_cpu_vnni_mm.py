@@ -333,6 +333,21 @@ def test_tensors_off_the_cpu_are_refused_before_their_pointers_are_read():
         cpu_vnni_mm.int8_weight_int_mm(torch.randn(20, 128), w.to("meta"), scale)
 
 
+def test_the_ops_refuse_scales_and_biases_on_another_device_than_the_weight():
+    """The ops check what the kernels they call without a second check would read as host pointers."""
+    w, scale = _int8_weight(16, 128)
+    packed, scale_zeros = _lowbit_weight(16, 128, 4, 32)
+    x, bias = torch.randn(1, 128), torch.randn(16)
+    with pytest.raises(ValueError, match="scale must hold 16 float per-channel scales on cpu"):
+        int8_weight_mm(x, w, scale.to("meta"), bias)
+    with pytest.raises(ValueError, match=r"bias must be a \(16,\) tensor on cpu"):
+        int8_weight_mm(x, w, scale, bias.to("meta"))
+    with pytest.raises(ValueError, match=r"bias must be a \(16,\) tensor on cpu"):
+        lowbit_weight_mm(x, packed, scale_zeros, None, 4, 32, bias.to("meta"))
+    with pytest.raises(ValueError, match="scale_zeros on meta"):
+        lowbit_weight_mm(x, packed, scale_zeros.to("meta"), None, 4, 32, bias)
+
+
 def test_a_workspace_that_cannot_be_allocated_raises_memory_error():
     def kernel():
         return 2  # the C++ entry points' status for std::bad_alloc

@@ -230,9 +230,22 @@ def vnni_weight_mm(
         bias: optional (N,) float bias, added in float32.
     """
     _check_vnni_args(x, weight, scales, bits, group_size, bias)
+    return weight_mm_prechecked(x, weight, scales, bits, group_size, bias)
+
+
+def contiguous_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor, without the ~0.5 us of two no-op conversions when it is one."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def weight_mm_prechecked(x, weight, scales, bits, group_size, bias):
+    """:func:`vnni_weight_mm` for callers that have checked its arguments themselves, as the weight-only ops
+    do (at M = 1 a small layer's call is ~20 us, a second round of checks ~3 us): x a 2-d float tensor, the
+    weight, its scales (any float dtype, ``weight.shape[0]`` per-channel scales for int8) and the bias of
+    the format's shapes, all on the CPU, and :func:`supports` true for bits, in-features and group size."""
     m, k = x.shape
-    x, weight, scales = x.float().contiguous(), weight.contiguous(), scales.float().contiguous()
-    bias = None if bias is None else bias.float().contiguous()
+    x, weight, scales = contiguous_float32(x), weight.contiguous(), contiguous_float32(scales)
+    bias = None if bias is None else contiguous_float32(bias)
     out = torch.empty((m, weight.shape[0]))
     bad_x = _run(
         _loaded_library().quanto_weight_mm,

@@ -61,13 +61,20 @@ def _check_x(x: torch.Tensor, in_features: int, device: torch.device) -> None:
         raise ValueError(f"x is on {x.device} but the weight is on {device}")
 
 
-def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+def _check_bias(bias: torch.Tensor | None, out_features: int, device: torch.device) -> None:
+    if bias is not None and (bias.shape != (out_features,) or bias.device != device):
+        raise ValueError(
+            f"bias must be a ({out_features},) tensor on {device}, got {tuple(bias.shape)} on {bias.device}"
+        )
 
 
 def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+def _in_dtype(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out.to(dtype)`` without its ~1 us when it is a no-op (the CPU kernels return float32)."""
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 # -- int8 weights ------------------------------------------------------------------------------------------
@@ -84,11 +91,12 @@ def _check_per_channel_weight_args(x, w, scale, bias, dtypes, kind):
     if w.dtype not in dtypes or w.ndim != 2:
         raise TypeError(f"w must be a 2-d {kind} (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
     _check_x(x, w.shape[1], w.device)
-    if not scale.is_floating_point() or scale.numel() != w.shape[0]:
+    if not scale.is_floating_point() or scale.numel() != w.shape[0] or scale.device != w.device:
         raise ValueError(
-            f"scale must hold {w.shape[0]} float per-channel scales, got {scale.dtype} {tuple(scale.shape)}"
+            f"scale must hold {w.shape[0]} float per-channel scales on {w.device}, got {scale.dtype} "
+            f"{tuple(scale.shape)} on {scale.device}"
         )
-    _check_bias(bias, w.shape[0])
+    _check_bias(bias, w.shape[0], w.device)
 
 
 # Dequantizing a whole weight allocates a fresh (N, K) float buffer per call; past glibc's mmap threshold
@@ -131,14 +139,14 @@ def _cpu_kernel_dtype(x: torch.Tensor) -> torch.dtype:
 
 def int8_weight_mm_torch(x, w, scale, bias=None):
     _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return per_channel_weight_mm_reference(x, w, scale, bias)
     # The VNNI paths return None where x is not finite or has a row too small to scale: the float paths
     # below compute it (and propagate NaN and infinity).
     if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
-        out = cpu_vnni_mm.vnni_weight_mm(x, w, scale.reshape(-1), 8, bias=bias)
+        out = cpu_vnni_mm.weight_mm_prechecked(x, w, scale, 8, None, bias)
         if out is not None:
-            return out.to(x.dtype)
+            return _in_dtype(out, x.dtype)
     elif (
         x.shape[0] > CPU_KERNEL_MAX_M
         and 0 < w.shape[1] <= cpu_vnni_mm.INT_MM_MAX_IN_FEATURES
@@ -146,7 +154,7 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     ):
         out = cpu_vnni_mm.int8_weight_int_mm(x, w.contiguous(), scale.reshape(-1))
         if out is not None:
-            return _with_bias(out.to(x.dtype), bias)
+            return _with_bias(_in_dtype(out, x.dtype), bias)
     # The float GEMM on dequantized blocks (aten's kernel also crashes for K = 0).
     if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE or w.shape[1] == 0:
         scale = scale.reshape(-1, 1).to(x.dtype)
@@ -214,7 +222,7 @@ def lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias=None):
 def _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias):
     out_features, in_features = check_packed_weight(packed, scale_zeros, bits, group_size)
     _check_x(x, in_features, packed.device)
-    _check_bias(bias, out_features)
+    _check_bias(bias, out_features, packed.device)
 
 
 def lowbit_kernel_layout(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor | None:
@@ -238,12 +246,12 @@ def lowbit_kernel_layout(packed: torch.Tensor, bits: int, group_size: int) -> to
 
 def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
     if cpu_vnni_mm.supports(bits, x.shape[1], group_size):
-        out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size, bias)
+        out = cpu_vnni_mm.weight_mm_prechecked(x, packed, scale_zeros, bits, group_size, bias)
         if out is not None:  # None: x not finite or too small to scale, left to the float path below
-            return out.to(x.dtype)
+            return _in_dtype(out, x.dtype)
     if kernel is None or x.shape[0] > CPU_KERNEL_MAX_M:  # the float GEMM on dequantized blocks
         scale_zeros = scale_zeros.to(x.dtype)
 

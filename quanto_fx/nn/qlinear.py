@@ -3,6 +3,8 @@ or dynamic int8 activations or none (weight-only)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -10,18 +12,19 @@ from ..calibrate import active_calibration
 from ..qtypes import qint8
 from ..tensor import PackedQTensor, QTensor
 from ..tensor.ops_matmul import gemm_bound, quantize_int32_bias
-from ..tensor.quantization import FLOAT8_DTYPES
 from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmodule
 
 # Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache
 def _fused_ops():
-    """The fused int8 GEMM ops (loaded on first use: the kernels package may import triton)."""
-    import quanto_fx.kernels  # noqa: F401
+    """The fused GEMM ops' ``.default`` overloads (loaded on first use: the kernels package may import
+    triton). Called as overloads, not as ``torch.ops`` packets, whose overload resolution costs ~2 us."""
+    import quanto_fx.kernels
 
-    return torch.ops.quanto_fx
+    return quanto_fx.kernels
 
 
 @register_qmodule(torch.nn.Linear)
@@ -94,24 +97,25 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         return self.quantize_output(F.linear(qx, self.qweight, self.bias))
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qweight
+        # Every step here counts: a small layer (384 -> 1536) at M = 1 takes ~30 us in fp32, so the weight and
+        # bias are read from _parameters (Module.__getattr__ costs ~0.7 us each) and 2-d x is not reshaped.
+        w, bias = self.qweight, self._parameters["bias"]
         if w.requires_grad:  # training the float weight: the straight-through float path
-            return F.linear(x, float_value(w), self.bias)
+            return F.linear(x, float_value(w), bias)
+        if not (self._inference(x) and x.dtype == w.dtype and isinstance(w, (QTensor, PackedQTensor))):
+            # Traced (the passes fuse the chains into the same ops), or inputs the ops do not take. A
+            # PackedQTensor dispatches its GEMM to lowbit_weight_mm.
+            return F.linear(x, w if isinstance(w, PackedQTensor) else float_value(w), bias)
         # Eager inference calls the weight-only op directly: at M = 1 the two subclass dispatches of
         # F.linear(x, PackedQTensor) (t, then mm) cost ~0.1 ms, a third of a 4096 x 4096 int4 GEMV.
-        inference = self._inference(x) and x.dtype == w.dtype
-        # A 2-d x needs no reshape, in or out (each costs ~2 us, 5% of a small layer's call).
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        ops = _fused_ops()
         if isinstance(w, PackedQTensor):
-            if not inference:
-                return F.linear(x, w, self.bias)  # PackedQTensor dispatches the GEMM to lowbit_weight_mm
             parts = (w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size)
-            out = _fused_ops().lowbit_weight_mm(rows, *parts, self.bias)
-        elif inference and w.qdtype in (torch.int8, *FLOAT8_DTYPES):
-            gemm = _fused_ops().int8_weight_mm if w.qdtype == torch.int8 else _fused_ops().float8_weight_mm
-            out = gemm(rows, w._data, w._scale, self.bias)
+            out = ops.lowbit_weight_mm(rows, *parts, bias)
         else:
-            return F.linear(x, float_value(w), self.bias)  # traced: the passes fuse int8 chains
+            gemm = ops.int8_weight_mm if w.qdtype == torch.int8 else ops.float8_weight_mm
+            out = gemm(rows, w._data, w._scale, bias)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _inference(self, x: torch.Tensor) -> bool:
