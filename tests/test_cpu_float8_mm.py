@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, quantize
 from quanto_fx.kernels import cpu_float8_mm, cpu_vnni_mm
-from quanto_fx.kernels.cpu_float8_mm import GEMV_MAX_M
+from quanto_fx.kernels.cpu_float8_mm import FLOAT16_GEMV_ERROR, GEMV_MAX_M
 from quanto_fx.kernels.weight_only import float8_weight_mm, per_channel_weight_mm_reference
 
 from .utils import relative_error
@@ -21,6 +21,12 @@ needs_kernels = pytest.mark.skipif(not cpu_float8_mm.supports(1), reason="needs 
 
 def _float8_weight(n: int, k: int, dtype: torch.dtype):
     return (torch.randn(n, k) * 0.5).to(dtype), torch.rand(n) + 0.5
+
+
+def _tolerance(dtype: torch.dtype, m: int) -> float:
+    """float32 arithmetic, or the e4m3fn GEMV's float16 arithmetic where this CPU runs it."""
+    in_float16 = dtype == torch.float8_e4m3fn and m <= GEMV_MAX_M and cpu_float8_mm.gemv_in_float16()
+    return FLOAT16_GEMV_ERROR if in_float16 else 1e-6
 
 
 @needs_kernels
@@ -49,7 +55,75 @@ def test_the_kernels_match_the_float_reference(dtype, m, n, k):
     w, scale = _float8_weight(n, k, dtype)
     x = torch.randn(m, k)
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
-    assert relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double())) < 1e-6
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
+    assert relative_error(out, expected) < _tolerance(dtype, m)
+
+
+needs_float16_gemv = pytest.mark.skipif(
+    not (cpu_float8_mm.supports(1) and cpu_float8_mm.gemv_in_float16()), reason="needs a CPU with AVX512-FP16"
+)
+
+
+@needs_float16_gemv
+@pytest.mark.parametrize("m", [1, 2, 4, GEMV_MAX_M])
+@pytest.mark.parametrize("k", [40, 256, 8192])  # within one block of float16 sums, one block, 32 blocks
+def test_the_float16_gemv_stays_within_its_stated_error(m, k):
+    torch.manual_seed(k + m)
+    w, scale = _float8_weight(36, k, torch.float8_e4m3fn)
+    x = torch.randn(m, k) * 1e3  # scaled per row: the magnitude does not matter
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
+    error = relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double()))
+    assert 1e-6 < error < FLOAT16_GEMV_ERROR  # float16 arithmetic (not float32), within its bound
+
+
+@needs_float16_gemv
+def test_the_float16_sums_of_the_largest_codes_do_not_overflow():
+    """Every product at e4m3's largest magnitude (448 = 1.75 in float16 form) and |x| = 1: each float16 lane
+    sums 8 of them per block, 14 at most."""
+    k = 4096
+    w = torch.full((4, k), 448.0).to(torch.float8_e4m3fn)
+    w[1] = -448.0
+    x = torch.ones(1, k)
+    out = cpu_float8_mm.float8_weight_mm(x, w, torch.ones(4))
+    assert torch.equal(out, torch.tensor([[448.0 * k, -448.0 * k, 448.0 * k, 448.0 * k]]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_x_the_float16_gemv_cannot_scale_takes_the_float32_gemv(dtype):
+    """A subnormal row next to an ordinary one: the whole call in float32 (the ordinary row exact to float32
+    rounding; the subnormal one's outputs are subnormal, with ~1% precision)."""
+    torch.manual_seed(0)
+    w, scale = _float8_weight(24, 96, dtype)
+    x = torch.randn(2, 96)
+    x[0] *= 1e-39
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
+    assert relative_error(out[0], expected[0]) < 3e-2 and relative_error(out[1], expected[1]) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, GEMV_MAX_M + 1])
+def test_non_finite_x_is_propagated(dtype, m):
+    torch.manual_seed(m)
+    w, scale = _float8_weight(20, 64, dtype)
+    x = torch.randn(m, 64)
+    x[0, 5] = float("inf")
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
+    assert not out[0].isfinite().any() and out[1:].isfinite().all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, GEMV_MAX_M + 1])  # the GEMV (float16 for e4m3 where it runs), the GEMM
+def test_the_bias_is_added_as_the_outputs_are_stored(dtype, m):
+    torch.manual_seed(m)
+    w, scale = _float8_weight(40, 96, dtype)  # 40 columns: the GEMM's wide block and a masked tail
+    x, bias = torch.randn(m, 96), torch.randn(40) * 10
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale, bias)
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double(), bias.double())
+    assert relative_error(out, expected) < _tolerance(dtype, m)
 
 
 @needs_kernels
@@ -74,33 +148,47 @@ def test_the_op_matches_the_reference_and_returns_x_dtype(dtype, m, x_dtype):
     x, bias = torch.randn(m, 96).to(x_dtype), torch.randn(40)
     out = float8_weight_mm(x, w, scale.reshape(-1, 1), bias)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double(), bias.double())
-    tolerance = 1e-6 if x_dtype == torch.float32 else 4e-3  # bf16 rounds the output once: 2**-9
+    tolerance = _tolerance(dtype, m) if x_dtype == torch.float32 else 4e-3  # bf16 rounds the output: 2**-9
     assert out.dtype == x_dtype and relative_error(out, expected) < tolerance
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [2, 20])  # the GEMV, the GEMM
+@pytest.mark.parametrize("m", [1, 2, 20])  # the GEMV (tiles of 1 and 2 rows of x), the GEMM
 def test_a_nan_code_in_the_weight_is_propagated_not_read_as_a_number(m):
-    w, scale = _float8_weight(8, 64, torch.float8_e4m3fn)
-    w.view(torch.uint8)[3, 10] = 0x7F  # e4m3fn's NaN
+    w, scale = _float8_weight(10, 64, torch.float8_e4m3fn)
+    w.view(torch.uint8)[3, 10] = 0x7F  # e4m3fn's NaNs: in a tile of 4 weight rows, in the single last rows
+    w.view(torch.uint8)[9, 63] = 0xFF
     out = float8_weight_mm(torch.randn(m, 64), w, scale)
-    assert out[:, 3].isnan().all() and not out[:, :3].isnan().any()
+    nan_columns = torch.zeros(10, dtype=torch.bool)
+    nan_columns[[3, 9]] = True
+    assert torch.equal(out.isnan(), nan_columns.expand(m, 10))
 
 
 @needs_kernels
 def test_arguments_the_cpp_side_would_misread_are_refused():
     w, scale = _float8_weight(8, 64, torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="contiguous 2-d float8"):
-        cpu_float8_mm.float8_weight_mm(torch.randn(1, 8), w.t(), scale)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="2-d float8"):
+        cpu_float8_mm.float8_weight_mm(x, w.view(torch.int8), scale)
     with pytest.raises(ValueError, match="scale must be"):
-        cpu_float8_mm.float8_weight_mm(torch.randn(1, 64), w, scale[:4])
-    with pytest.raises(ValueError, match="x must be"):
-        cpu_float8_mm.float8_weight_mm(torch.randn(1, 64).bfloat16(), w, scale)
+        cpu_float8_mm.float8_weight_mm(x, w, scale[:4])
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu_float8_mm.float8_weight_mm(x, w, scale, torch.ones(9))
     with pytest.raises(ValueError, match="x must be"):
         cpu_float8_mm.float8_weight_mm(torch.randn(1, 32), w, scale)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_float8_mm.float8_weight_mm(torch.ones(1, 64, dtype=torch.int32), w, scale)
     assert not cpu_float8_mm.supports(cpu_float8_mm.MAX_IN_FEATURES + 1)  # the panels' memory
     with pytest.raises(ValueError, match="CPU tensors"):
         cpu_float8_mm.float8_weight_mm(torch.randn(1, 64, device="meta"), w, scale)
+
+
+@needs_kernels
+def test_any_float_x_and_strided_weights_are_taken_as_their_contiguous_float32_values():
+    w, scale = _float8_weight(64, 64, torch.float8_e5m2)
+    x = torch.randn(3, 64).bfloat16()
+    expected = cpu_float8_mm.float8_weight_mm(x.float(), w.t().contiguous(), scale)
+    assert torch.equal(cpu_float8_mm.float8_weight_mm(x, w.t(), scale.double()), expected)
 
 
 def test_no_input_features_give_zeros():

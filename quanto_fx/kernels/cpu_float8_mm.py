@@ -5,8 +5,10 @@ Xeon), which made float8 weights 2 to 30x slower than the fp32 GEMM. The kernels
 vector instructions through float16 (exact for every code, NaN included):
 - ``float8_weight_mm``: a GEMV for small M (each weight chunk converted once per 4 rows of x), else a GEMM
   (each block of 32 weight rows converted once into a float32 panel that every row of x runs over with
-  broadcast FMAs, as a float GEMM's micro-kernel does). 4096 x 4096 against the fp32 GEMM (2-core Xeon):
-  0.4x at M = 1, 0.6x at 8 to 16, 0.8x at 64, ~0.9-1.0x from 128 (bench/RESULTS.md).
+  broadcast FMAs, as a float GEMM's micro-kernel does), the bias added as the outputs are stored. On CPUs with
+  AVX512-FP16 the e4m3fn GEMV multiplies the codes' float16 form directly (see :func:`gemv_in_float16`),
+  which halves the conversion's cost. 4096 x 4096 against the fp32 GEMM (2-core Xeon): 0.4x at M = 1, 0.6x at
+  8 to 16, 0.8x at 64, ~0.9-1.0x from 128 (bench/RESULTS.md).
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
 C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`supports` says so.
@@ -31,14 +33,30 @@ def supports(in_features: int) -> bool:
     return 0 < in_features <= MAX_IN_FEATURES and cpu_vnni_mm.available()
 
 
-def _check_weight(w: torch.Tensor, scale: torch.Tensor) -> None:
+def gemv_in_float16() -> bool:
+    """Whether the e4m3fn GEMV (M <= ``GEMV_MAX_M``) computes in float16 on this machine (AVX512-FP16): x
+    rounded per row to float16 and products summed in float16 over 256 inputs, then in float32, for a relative
+    error of ~5e-4 (at most ``FLOAT16_GEMV_ERROR``) against e4m3's own ~3e-2. Elsewhere, and for e5m2, the
+    kernels compute in float32."""
+    return supports(1) and bool(cpu_vnni_mm._loaded_library().quanto_float8_gemv_in_float16())
+
+
+# Bound on the float16 GEMV's relative error (||out - exact|| / ||exact||; measured 4-6e-4 on random data).
+FLOAT16_GEMV_ERROR = 2e-3
+
+
+def _check_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
     """What the C++ side reads, checked (it trusts every index)."""
-    if w.dtype not in FORMATS or w.ndim != 2 or not w.is_contiguous() or w.device.type != "cpu":
-        raise ValueError(f"w must be a contiguous 2-d float8 CPU tensor, got {w.dtype} {tuple(w.shape)}")
-    if scale.dtype != torch.float32 or not scale.is_contiguous() or tuple(scale.shape) != w.shape[:1]:
-        raise ValueError(
-            f"scale must be a contiguous float32 ({w.shape[0]},) tensor, got {tuple(scale.shape)}"
-        )
+    cpu_vnni_mm._check_on_cpu(x, w, scale, bias)
+    if w.dtype not in FORMATS or w.ndim != 2:
+        raise ValueError(f"w must be a 2-d float8 tensor, got {w.dtype} {tuple(w.shape)}")
+    if not supports(w.shape[1]):
+        raise ValueError(f"no float8 kernel for {w.shape[1]} input features on this machine")
+    if x.ndim != 2 or not x.is_floating_point() or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x must be a 2-d float (M, {w.shape[1]}) tensor, got {x.dtype} {tuple(x.shape)}")
+    for name, vector in (("scale", scale), ("bias", bias)):
+        if vector is not None and (not vector.is_floating_point() or vector.shape != w.shape[:1]):
+            raise ValueError(f"{name} must be a float ({w.shape[0]},) tensor, got {tuple(vector.shape)}")
 
 
 # The GEMV up to this M, the GEMM past it (4096 x 4096 e4m3, x fp32 time: GEMV 0.48 / 0.82 / 0.64-0.70 at
@@ -46,25 +64,29 @@ def _check_weight(w: torch.Tensor, scale: torch.Tensor) -> None:
 GEMV_MAX_M = 7
 
 
-def float8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (w * scale).T`` as float32 (M, N): the GEMV or the GEMM by M (see the module docstring).
+def float8_weight_mm(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ (w * scale).T + bias`` as float32 (M, N): the GEMV or the GEMM by M (see the module docstring).
 
     Args:
-        x: (M, K) contiguous float32; w: contiguous float8 (N, K); scale: contiguous float32 (N,).
+        x: (M, K) float activations (any float dtype: computed in float32); w: float8 (N, K); scale: float
+            (N,) per-channel scales; bias: optional float (N,). All on the CPU.
     """
-    _check_weight(w, scale)
-    if not supports(w.shape[1]):
-        raise ValueError(f"no float8 kernel for {w.shape[1]} input features on this machine")
-    cpu_vnni_mm._check_on_cpu(x, w, scale)
-    if x.dtype != torch.float32 or x.ndim != 2 or not x.is_contiguous() or x.shape[1] != w.shape[1]:
-        raise ValueError(
-            f"x must be a contiguous float32 (M, {w.shape[1]}) tensor, got {x.dtype} {tuple(x.shape)}"
-        )
-    library = cpu_vnni_mm._loaded_library()
-    kernel = library.quanto_float8_gemv if x.shape[0] <= GEMV_MAX_M else library.quanto_float8_gemm
+    _check_args(x, w, scale, bias)
+    return weight_mm_prechecked(x, w, scale, bias)
+
+
+def weight_mm_prechecked(x, w, scale, bias=None):
+    """:func:`float8_weight_mm` for callers that have checked its arguments themselves, as the
+    ``float8_weight_mm`` op does: x 2-d float, w float8 (N, K) with :func:`supports` true for K, ``N`` float
+    scales (any shape) and an (N,) float bias or None, all on the CPU."""
+    x, w = cpu_vnni_mm.contiguous_float32(x), w.contiguous()
+    scale = cpu_vnni_mm.contiguous_float32(scale)
+    bias = None if bias is None else cpu_vnni_mm.contiguous_float32(bias)
     out = torch.empty((x.shape[0], w.shape[0]))
     cpu_vnni_mm._run(
-        kernel,
+        cpu_vnni_mm._loaded_library().quanto_float8_weight_mm,
         FORMATS[w.dtype],
         x.data_ptr(),
         x.shape[0],
@@ -72,6 +94,8 @@ def float8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> t
         w.data_ptr(),
         w.shape[0],
         scale.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        x.shape[0] <= GEMV_MAX_M,
         out.data_ptr(),
         torch.get_num_threads(),
     )

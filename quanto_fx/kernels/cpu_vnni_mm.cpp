@@ -31,6 +31,25 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+namespace quanto_fx_cpu {
+
+// The largest |x| of a row of K floats, or NaN when the row holds a NaN or an infinity. Also used by
+// cpu_float8_mm.cpp (built into the same library).
+float row_abs_max(const float* row, int64_t K) {
+    __m512 vmax = _mm512_setzero_ps(), nan_if_not_finite = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 v = _mm512_loadu_ps(row + k);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+        nan_if_not_finite = _mm512_add_ps(nan_if_not_finite, _mm512_sub_ps(v, v));  // inf - inf = NaN
+    }
+    float amax = _mm512_reduce_max_ps(vmax), finite = _mm512_reduce_add_ps(nan_if_not_finite);
+    for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k])), finite += row[k] - row[k];
+    return isnan(finite) ? NAN : amax;
+}
+
+}  // namespace quanto_fx_cpu
+
 namespace {
 
 // Weights stream from memory once per call: prefetching 1 KB ahead in each row took cold-cache int8 from
@@ -246,16 +265,8 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
     for (int64_t m = 0; m < M; m++) {  // (a team costs ~7 us: more than splitting a row or two)
         const float* row = x + m * K;
         int8_t *row_h = h + m * K, *row_l = l + m * K;
-        __m512 vmax = _mm512_setzero_ps(), nan_if_not_finite = _mm512_setzero_ps();
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            const __m512 v = _mm512_loadu_ps(row + k);
-            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-            nan_if_not_finite = _mm512_add_ps(nan_if_not_finite, _mm512_sub_ps(v, v));  // inf - inf = NaN
-        }
-        float amax = _mm512_reduce_max_ps(vmax), finite = _mm512_reduce_add_ps(nan_if_not_finite);
-        for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k])), finite += row[k] - row[k];
-        if (isnan(finite) || (amax > 0.f && amax < MIN_SCALED_MAX)) {
+        const float amax = quanto_fx_cpu::row_abs_max(row, K);
+        if (isnan(amax) || (amax > 0.f && amax < MIN_SCALED_MAX)) {
             bad = 1;
             continue;
         }

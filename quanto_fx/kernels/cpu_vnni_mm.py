@@ -113,11 +113,11 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_weight_mm.restype = ctypes.c_int
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
     library.quanto_combine_planes.restype = None
-    library.quanto_float8_gemv.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, pointer]
-    library.quanto_float8_gemv.argtypes += [ctypes.c_int]
-    library.quanto_float8_gemv.restype = ctypes.c_int
-    library.quanto_float8_gemm.argtypes = library.quanto_float8_gemv.argtypes
-    library.quanto_float8_gemm.restype = ctypes.c_int
+    library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
+    library.quanto_float8_weight_mm.argtypes += [pointer, ctypes.c_int, pointer, ctypes.c_int]
+    library.quanto_float8_weight_mm.restype = ctypes.c_int
+    library.quanto_float8_gemv_in_float16.argtypes = []
+    library.quanto_float8_gemv_in_float16.restype = ctypes.c_int
     return library
 
 

@@ -20,13 +20,14 @@ the GEMM.
 All compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
 pay: they read 1 byte (int8, float8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
 
-CPU precision: the VNNI paths round x to 16-bit integers per row (~3e-5 relative on the output), whatever
-x's dtype (16-bit x is computed from float32 and the result rounded to x's dtype); the float8 kernels compute
-in float32. aten's CPU int8 / int4 weight-only kernels are vectorized for 16-bit activations only (with
-float32 ones they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32 inputs and scales are
-rounded to bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2 from int4 weights)
-and the result is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then runs on the weight
-dequantized block by block.
+CPU precision: the VNNI paths round x to 16-bit integers per row (~3e-5 relative on the output), whatever x's
+dtype (16-bit x is computed from float32 and the result rounded to x's dtype); the float8 kernels compute in
+float32, but for the e4m3fn GEMV (M <= 7) on CPUs with AVX512-FP16, which computes in float16 (~5e-4 relative,
+see ``cpu_float8_mm.gemv_in_float16``). aten's CPU int8 / int4 weight-only kernels are vectorized for 16-bit
+activations only (with float32 ones they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32
+inputs and scales are rounded to bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2
+from int4 weights) and the result is returned in float32. Past M = 16 they lose to the fp32 GEMM, which then
+runs on the weight dequantized block by block.
 """
 
 from __future__ import annotations
@@ -187,11 +188,9 @@ def _int8_weight_mm_fake(x, w, scale, bias=None):
 
 def float8_weight_mm_torch(x, w, scale, bias=None):
     _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
-    if x.device.type != "cpu" or not cpu_float8_mm.supports(w.shape[1]):
+    if not x.is_cpu or not cpu_float8_mm.supports(w.shape[1]):
         return per_channel_weight_mm_reference(x, w, scale, bias)
-    w, scale = w.contiguous(), scale.reshape(-1).float().contiguous()
-    out = cpu_float8_mm.float8_weight_mm(x.float().contiguous(), w, scale)
-    return _with_bias(out.to(x.dtype), bias)
+    return _in_dtype(cpu_float8_mm.weight_mm_prechecked(x, w, scale, bias), x.dtype)
 
 
 def float8_weight_mm_cuda(x, w, scale, bias=None):
