@@ -35,10 +35,10 @@ def variants(m: int, k: int, n: int) -> dict:
     lb.load_state_dict(linear.state_dict())
     xb = x.bfloat16()
     # fp32 compiled by inductor: the baseline of the compiled variants (dynamo's guards and the compiled
-    # wrapper cost every compiled call ~20-30 us, which a small layer's eager fp32 call does not pay). On its
-    # own copy of the weight: sharing fp32's, it kept that weight in the 260 MB L3 for fp32's next call
-    # (fp32 at 4096 x 4096, M = 1: 1.6-2.0 ms instead of 2.5, where the other variants' weights evict it, as
-    # the other layers' weights do in a model).
+    # wrapper cost every compiled call ~25-80 us here, which a small layer's eager fp32 call does not pay).
+    # On its own copy of the weight: sharing fp32's, it kept that weight in the 260 MB L3 for fp32's next
+    # call (fp32 at 4096 x 4096, M = 1: 1.6-2.0 ms instead of 2.5, where the other variants' weights evict
+    # it, as the other layers' weights do in a model).
     compiled_fp32 = torch.compile(copy.deepcopy(linear))
     out = {"fp32": lambda: linear(x), "fp32 inductor": lambda: compiled_fp32(x)}
     out["bf16"] = lambda: lb(xb).float()
