@@ -69,6 +69,7 @@ def test_wheel_has_package_files(wheel):
         "quanto_fx/py.typed",
         "quanto_fx/kernels/cpu_vnni_mm.cpp",  # compiled on first use: must ship as package data
         "quanto_fx/kernels/cpu_float8_mm.cpp",
+        "quanto_fx/kernels/cpu_native_ops.cpp",
     ):
         assert required in names, f"{required} missing from the wheel"
 

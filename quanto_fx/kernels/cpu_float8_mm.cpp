@@ -167,16 +167,17 @@ FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K
         for (int r = 0; r < RT; r++)
             for (int i = 0; i < MT; i++) {
                 const __m512i bits = _mm512_castph_si512(sums[r][i]);
-                acc[r][i] = _mm512_add_ps(acc[r][i], _mm512_add_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(bits)),
-                                                                   _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1))));
+                const __m512 low = _mm512_cvtph_ps(_mm512_castsi512_si256(bits));
+                const __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1));
+                acc[r][i] = _mm512_add_ps(acc[r][i], _mm512_add_ps(low, high));
             }
     }
     for (int r = 0; r < RT; r++) {
         const bool nan = _mm256_cmpeq_epi8_mask(largest[r], _mm256_set1_epi8(0x7F)) != 0;
-        for (int i = 0; i < MT; i++)
-            out[(m0 + i) * N + n0 + r] = nan ? NAN
-                                             : _mm512_reduce_add_ps(acc[r][i]) * sx[m0 + i] * E4M3_SCALE * scale[n0 + r] +
-                                                   (bias ? bias[n0 + r] : 0.f);
+        for (int i = 0; i < MT; i++) {
+            const float dot = _mm512_reduce_add_ps(acc[r][i]) * sx[m0 + i] * E4M3_SCALE * scale[n0 + r];
+            out[(m0 + i) * N + n0 + r] = nan ? NAN : dot + (bias ? bias[n0 + r] : 0.f);
+        }
     }
 }
 

@@ -10,10 +10,16 @@ rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight
   vectors, reused by every row of x: about half the fp32 GEMM's time from M = 4 to 512, bench/RESULTS.md).
 - ``int8_weight_int_mm`` (int8 weights, M > 16): the two planes through one ``torch._int_mm``.
 
+The library also registers C++ CPU kernels for the weight-only ops with torch's dispatcher
+(``cpu_native_ops.cpp``): calls these kernels take as they are run without entering Python (a small layer's
+call at M = 1 spent ~14 us there, as much as its kernel); any other call reaches the ops' Python
+implementations, which reach the kernels through the functions here.
+
 They are used when all of these hold, else the callers fall back to aten / the float GEMM:
 - the CPU has AVX512-VNNI (``torch.cpu._is_vnni_supported``) and a C++ compiler (``$CXX``, else ``g++`` /
-  ``c++``) builds the source; the library is cached per source, compiler and flags in
-  ``$QUANTO_FX_CACHE_DIR`` (default ``~/.cache/quanto_fx``), so a machine compiles it once (~2 s);
+  ``c++``) builds the sources against torch's headers (shipped in its wheels); the library is cached per
+  source, compiler, flags and torch version in ``$QUANTO_FX_CACHE_DIR`` (default ``~/.cache/quanto_fx``),
+  so a machine compiles it once (~10-20 s);
 - ``QUANTO_FX_CPU_KERNELS`` is not ``0`` (the switch for comparing against aten);
 - the shapes suit them (``supports``: 1 to ``MAX_IN_FEATURES`` (2**19) input features; int8 ones a multiple
   of the GEMV's 32-byte chunks; int4 / int2 groups of whole 32-bit words, i.e. int4 groups a multiple of 8
@@ -38,10 +44,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# One library: these kernels and the float8 ones of cpu_float8_mm.py (which calls it via _loaded_library()).
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_vnni_mm.cpp", "cpu_float8_mm.cpp")]
+# One library: these kernels, the float8 ones of cpu_float8_mm.py (which calls it via _loaded_library()), and
+# the ops' CPU kernels registered with torch's dispatcher (cpu_native_ops.cpp, built with torch's headers).
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("cpu_vnni_mm.cpp", "cpu_float8_mm.cpp", "cpu_native_ops.cpp")
+]
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
+# The vectors of int8 weights the GEMV takes up to this M; past it, torch._int_mm on x's byte planes.
+INT8_GEMV_MAX_M = 16
 CHUNK_BYTES = 32  # the GEMV's narrowest step along K (a ymm register of weight bytes; 64 where groups allow)
 WORD_BYTES = 4  # the GEMM's step along K: one 32-bit word of packed codes per lane
 # Packed weights: the GEMV up to this M, the GEMM past it (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
@@ -66,11 +77,19 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def _torch_flags() -> list[str]:
+    """Compiling and linking against this torch (its headers ship in its wheels)."""
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [f"-I{root / 'include'}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-L{root / 'lib'}", "-lc10"]
+
+
 def _build(compiler: str) -> Path:
-    """The compiled library's path, compiling it unless these sources, compiler and flags are cached."""
+    """The compiled library's path, compiled unless these sources, compiler, flags and torch are cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     texts = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256("\0".join([*texts, version, *FLAGS]).encode()).hexdigest()[:16]
+    flags = [*FLAGS, *_torch_flags(), "-ltorch_cpu"]
+    key = hashlib.sha256("\0".join([*texts, version, torch.__version__, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_vnni_mm-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +97,7 @@ def _build(compiler: str) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
             subprocess.run(
-                [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)],
+                [compiler, *map(str, SOURCES), *flags, "-o", str(built)],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -118,7 +137,20 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_float8_weight_mm.restype = ctypes.c_int
     library.quanto_float8_gemv_in_float16.argtypes = []
     library.quanto_float8_gemv_in_float16.restype = ctypes.c_int
+    _set_native_limits(library)
     return library
+
+
+def _set_native_limits(library: ctypes.CDLL) -> None:
+    """Hand the limits the kernels take to the ops' C++ CPU kernels, which registered themselves with torch's
+    dispatcher when the library was loaded and serve nothing until then."""
+    from . import cpu_float8_mm  # (it imports this module)
+
+    limits = [INT8_GEMV_MAX_M, CHUNK_BYTES, WORD_BYTES, PACKED_GEMV_MAX_M, MAX_IN_FEATURES]
+    limits += [cpu_float8_mm.GEMV_MAX_M, cpu_float8_mm.MAX_IN_FEATURES]
+    library.quanto_native_set_limits.argtypes = [ctypes.c_int64] * len(limits)
+    library.quanto_native_set_limits.restype = None
+    library.quanto_native_set_limits(*limits)
 
 
 def _loaded_library() -> ctypes.CDLL:

@@ -17,6 +17,10 @@ the GEMM.
   triton installed): the Triton kernel of ``int8_weight_mm``. Elsewhere: the float GEMM on the dequantized
   weight.
 
+On the CPU, once the kernel library of ``cpu_vnni_mm.py`` is loaded, the calls its kernels take as they are
+run in C++ kernels registered for the ops' CPU dispatch key; the implementations here compute every other
+call (and check every call's arguments, raise the errors) as their CompositeExplicitAutograd kernels.
+
 All compute ``x @ W.T (+ bias)`` and return ``x``'s dtype. Memory-bound decoding (M = 1 to 16) is where they
 pay: they read 1 byte (int8, float8) or half a byte (int4) per weight instead of 4 (fp32) or 2 (bf16).
 
@@ -144,12 +148,12 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
         return per_channel_weight_mm_reference(x, w, scale, bias)
     # The VNNI paths return None where x is not finite or has a row too small to scale: the float paths
     # below compute it (and propagate NaN and infinity).
-    if x.shape[0] <= CPU_KERNEL_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
+    if x.shape[0] <= cpu_vnni_mm.INT8_GEMV_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
         out = cpu_vnni_mm.weight_mm_prechecked(x, w, scale, 8, None, bias)
         if out is not None:
             return _in_dtype(out, x.dtype)
     elif (
-        x.shape[0] > CPU_KERNEL_MAX_M
+        x.shape[0] > cpu_vnni_mm.INT8_GEMV_MAX_M
         and 0 < w.shape[1] <= cpu_vnni_mm.INT_MM_MAX_IN_FEATURES
         and cpu_vnni_mm.available()
     ):

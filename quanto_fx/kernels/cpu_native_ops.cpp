@@ -1,0 +1,156 @@
+// CPU kernels of the weight-only ops (quanto_fx::int8_weight_mm, lowbit_weight_mm, float8_weight_mm) registered
+// with torch's dispatcher, for the calls the C++ kernels of cpu_vnni_mm.cpp / cpu_float8_mm.cpp serve as they
+// are. Built with torch's headers and loaded by cpu_vnni_mm.py; see its docstring.
+//
+// Why: the ops' Python implementations (weight_only.py) reach the same kernels, but on a small layer at M = 1
+// (384 x 1536: ~35 us in fp32) the dispatcher's round trip into Python, the argument checks and the ctypes
+// call cost ~14 us, more than the kernels take. Here a call costs ~2 us above its kernel.
+//
+// Every call these do not take exactly as they are (another dtype, device or shape, a switched-off kernel, x
+// holding a NaN or an infinity, a workspace that cannot be allocated) goes to the Python implementation,
+// registered as the ops' CompositeExplicitAutograd kernel, which checks its arguments, raises the errors,
+// and computes every other case: one definition of the ops' behaviour; this file only takes the common case
+// off its path. The limits the kernels take are set from Python (quanto_native_set_limits) so that they are
+// written once.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
+                                const float* scales, int64_t G, const float* bias, int gemv, float* out,
+                                int threads);
+extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight,
+                                       int64_t N, const float* scale, const float* bias, int gemv, float* out,
+                                       int threads);
+
+namespace {
+
+struct Limits {  // cpu_vnni_mm.py and cpu_float8_mm.py's constants; nothing is served before they are set
+    int64_t int8_max_m = -1, chunk_bytes = 0, word_bytes = 0, packed_gemv_max_m = 0, max_in_features = 0;
+    int64_t float8_gemv_max_m = 0, float8_max_in_features = 0;
+};
+Limits limits;
+
+bool enabled() {
+    const char* value = std::getenv("QUANTO_FX_CPU_KERNELS");
+    return limits.int8_max_m >= 0 && !(value && std::strcmp(value, "0") == 0);
+}
+
+bool is_float(const at::Tensor& t) {
+    const auto dtype = t.scalar_type();
+    return t.is_cpu() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
+}
+
+// x (M, K) and a (N,)-element scale and optional (N,) bias, all float CPU tensors.
+bool takes_x_scale_bias(const at::Tensor& x, int64_t K, const at::Tensor& scale, int64_t scale_numel,
+                        const std::optional<at::Tensor>& bias, int64_t N) {
+    if (!is_float(x) || x.dim() != 2 || x.size(1) != K || !is_float(scale) || scale.numel() != scale_numel)
+        return false;
+    return !bias.has_value() || (is_float(*bias) && bias->dim() == 1 && bias->size(0) == N);
+}
+
+at::Tensor float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// The op's Python implementation (its CompositeExplicitAutograd kernel) on the same arguments.
+at::Tensor python_implementation(const c10::OperatorHandle& op, std::vector<c10::IValue> arguments) {
+    torch::jit::Stack stack(std::move(arguments));
+    op.callBoxedForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd, stack);
+    return stack.back().toTensor();
+}
+
+c10::OperatorHandle handle(const char* name) {  // looked up once per op: a static in each caller
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+// The C++ kernels' result in x's dtype, or nullopt when they returned a status (1: x not finite or too small
+// to scale; 2: no workspace) for the Python implementation to handle.
+template <class Kernel>
+std::optional<at::Tensor> run(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias,
+                              Kernel kernel) {
+    const at::Tensor x32 = float32(x), out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+    const std::optional<at::Tensor> bias32 = bias ? std::optional<at::Tensor>(float32(*bias)) : std::nullopt;
+    const float* bias_data = bias32 ? bias32->data_ptr<float>() : nullptr;
+    if (kernel(x32.data_ptr<float>(), bias_data, out.data_ptr<float>(), at::get_num_threads())) return std::nullopt;
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& bias) {
+    const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
+    if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
+        takes_x_scale_bias(x, K, scale, N, bias, N) && x.size(0) <= limits.int8_max_m && K > 0 &&
+        K <= limits.max_in_features && K % limits.chunk_bytes == 0) {
+        const at::Tensor w_ = w.contiguous(), scale32 = float32(scale);
+        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
+            return quanto_weight_mm(8, xd, x.size(0), K, reinterpret_cast<const uint8_t*>(w_.data_ptr<int8_t>()), N,
+                                    scale32.data_ptr<float>(), 1, bd, 1, od, threads);
+        });
+        if (out) return *out;
+    }
+    static const c10::OperatorHandle op = handle("quanto_fx::int8_weight_mm");
+    return python_implementation(op, {x, w, scale, bias});
+}
+
+at::Tensor lowbit_weight_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zeros,
+                            const std::optional<at::Tensor>& kernel_layout, int64_t bits, int64_t group_size,
+                            const std::optional<at::Tensor>& bias) {
+    const int64_t N = packed.dim() == 2 ? packed.size(0) : 0, per_byte = bits == 2 || bits == 4 ? 8 / bits : 0;
+    const int64_t K = packed.dim() == 2 ? packed.size(1) * per_byte : 0;
+    const bool groups = per_byte && group_size > 0 && K % group_size == 0 && group_size * bits % 8 == 0;
+    const int64_t group_bytes = groups ? group_size * bits / 8 : 0, G = groups ? K / group_size : 0;
+    if (enabled() && groups && group_bytes % limits.word_bytes == 0 && K > 0 && K <= limits.max_in_features &&
+        packed.is_cpu() && packed.scalar_type() == at::kByte && scale_zeros.dim() == 3 &&
+        scale_zeros.size(0) == G && scale_zeros.size(1) == N &&
+        takes_x_scale_bias(x, K, scale_zeros, G * N * 2, bias, N)) {
+        const at::Tensor packed_ = packed.contiguous(), scales32 = float32(scale_zeros);
+        const int gemv = x.size(0) <= limits.packed_gemv_max_m && group_bytes % limits.chunk_bytes == 0;
+        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
+            return quanto_weight_mm((int)bits, xd, x.size(0), K, packed_.data_ptr<uint8_t>(), N,
+                                    scales32.data_ptr<float>(), G, bd, gemv, od, threads);
+        });
+        if (out) return *out;
+    }
+    static const c10::OperatorHandle op = handle("quanto_fx::lowbit_weight_mm");
+    return python_implementation(op, {x, packed, scale_zeros, kernel_layout, bits, group_size, bias});
+}
+
+at::Tensor float8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& bias) {
+    const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
+    const auto format = w.scalar_type();
+    if (enabled() && w.is_cpu() && (format == at::kFloat8_e4m3fn || format == at::kFloat8_e5m2) && w.dim() == 2 &&
+        takes_x_scale_bias(x, K, scale, N, bias, N) && K > 0 && K <= limits.float8_max_in_features) {
+        const at::Tensor w_ = w.contiguous(), scale32 = float32(scale);
+        const int gemv = x.size(0) <= limits.float8_gemv_max_m;
+        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
+            return quanto_float8_weight_mm(format == at::kFloat8_e4m3fn ? 0 : 1, xd, x.size(0), K,
+                                           static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.data_ptr<float>(),
+                                           bd, gemv, od, threads);
+        });
+        if (out) return *out;
+    }
+    static const c10::OperatorHandle op = handle("quanto_fx::float8_weight_mm");
+    return python_implementation(op, {x, w, scale, bias});
+}
+
+}  // namespace
+
+extern "C" void quanto_native_set_limits(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes,
+                                         int64_t packed_gemv_max_m, int64_t max_in_features,
+                                         int64_t float8_gemv_max_m, int64_t float8_max_in_features) {
+    limits = {int8_max_m, chunk_bytes, word_bytes, packed_gemv_max_m, max_in_features, float8_gemv_max_m,
+              float8_max_in_features};
+}
+
+TORCH_LIBRARY_IMPL(quanto_fx, CPU, m) {
+    m.impl("int8_weight_mm", &int8_weight_mm);
+    m.impl("lowbit_weight_mm", &lowbit_weight_mm);
+    m.impl("float8_weight_mm", &float8_weight_mm);
+}

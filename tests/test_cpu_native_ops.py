@@ -1,0 +1,136 @@
+"""The weight-only ops' C++ CPU kernels (quanto_fx/kernels/cpu_native_ops.cpp): registered with torch's
+dispatcher when the kernel library loads, they serve the calls the kernels take as they are, with the Python
+implementation's results bit for bit, and hand every other call to that implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quanto_fx.kernels import cpu_vnni_mm, weight_only
+from quanto_fx.tensor.packing import pack
+
+OPS = ("quanto_fx::int8_weight_mm", "quanto_fx::lowbit_weight_mm", "quanto_fx::float8_weight_mm")
+pytestmark = pytest.mark.skipif(not cpu_vnni_mm.available(), reason="needs the CPU kernel library")
+
+
+@pytest.fixture
+def python_calls(monkeypatch):
+    """The ops' Python implementations that ran: each begins by checking its arguments."""
+    calls = []
+    for name in ("_check_per_channel_weight_args", "_check_lowbit_args"):
+        original = getattr(weight_only, name)
+
+        def counting(*args, original=original):
+            calls.append(original.__name__)
+            return original(*args)
+
+        monkeypatch.setattr(weight_only, name, counting)
+    return calls
+
+
+def _int8(n, k):
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, 1) * 0.01 + 0.001
+
+
+def _lowbit(n, k, bits, group_size):
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    return pack(codes, bits), torch.randn(k // group_size, n, 2) * 0.01
+
+
+def test_the_library_registers_cpu_kernels_for_the_three_ops():
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_calls_are_served_in_cpp_as_python_computes_them(python_calls, m, dtype, with_bias):
+    torch.manual_seed(m)
+    w, scale = _int8(40, 256)
+    x, bias = torch.randn(m, 256).to(dtype), torch.randn(40) if with_bias else None
+    out = weight_only.int8_weight_mm(x, w, scale, bias)
+    assert not python_calls
+    assert torch.equal(out, weight_only.int8_weight_mm_torch(x, w, scale, bias))
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 32), (2, 64)])
+@pytest.mark.parametrize("m", [1, 2, 5])  # the GEMV, the GEMM
+def test_lowbit_calls_are_served_in_cpp_as_python_computes_them(python_calls, bits, group_size, m):
+    torch.manual_seed(m * bits)
+    packed, scale_zeros = _lowbit(36, 256, bits, group_size)
+    x, bias = torch.randn(m, 256), torch.randn(36)
+    out = weight_only.lowbit_weight_mm(x, packed, scale_zeros, None, bits, group_size, bias)
+    assert not python_calls
+    expected = weight_only.lowbit_weight_mm_torch(x, packed, scale_zeros, None, bits, group_size, bias)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("m", [1, 9])  # the GEMV, the GEMM
+def test_float8_calls_are_served_in_cpp_as_python_computes_them(python_calls, dtype, m):
+    torch.manual_seed(m)
+    w, scale = (torch.randn(24, 96) * 0.5).to(dtype), torch.rand(24, 1) + 0.5
+    x, bias = torch.randn(m, 96), torch.randn(24)
+    out = weight_only.float8_weight_mm(x, w, scale, bias)
+    assert not python_calls
+    assert torch.equal(out, weight_only.float8_weight_mm_torch(x, w, scale, bias))
+
+
+def _nan_row(x):
+    x = x.clone()
+    x[0, 1] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "x not finite",  # the kernel's status 1: the float path propagates it
+        "in-features not a multiple of 32",
+        "more rows than the int8 GEMV takes",
+        "float64 scales",
+        "switched off",
+    ],
+)
+def test_other_int8_calls_go_to_the_python_implementation(python_calls, monkeypatch, case):
+    torch.manual_seed(0)
+    k = 100 if case == "in-features not a multiple of 32" else 256
+    w, scale = _int8(16, k)
+    x = torch.randn(cpu_vnni_mm.INT8_GEMV_MAX_M + 1 if case == "more rows than the int8 GEMV takes" else 2, k)
+    if case == "x not finite":
+        x = _nan_row(x)
+    if case == "float64 scales":
+        scale = scale.double()
+    if case == "switched off":
+        monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")
+    out = weight_only.int8_weight_mm(x, w, scale)
+    assert python_calls
+    expected = weight_only.int8_weight_mm_torch(x, w, scale)
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.nan_to_num(), expected.nan_to_num())
+
+
+def test_errors_are_raised_by_the_python_implementation():
+    w, scale = _int8(16, 128)
+    with pytest.raises(ValueError, match="x has 96 features but the weight takes 128"):
+        weight_only.int8_weight_mm(torch.randn(1, 96), w, scale)
+    packed, scale_zeros = _lowbit(16, 128, 4, 32)
+    with pytest.raises(ValueError, match="group"):
+        weight_only.lowbit_weight_mm(torch.randn(1, 128), packed, scale_zeros, None, 4, 48)
+    with pytest.raises(TypeError, match="float8"):
+        weight_only.float8_weight_mm(torch.randn(1, 128), w, scale)
+
+
+def test_other_lowbit_and_float8_calls_go_to_the_python_implementation(python_calls, monkeypatch):
+    torch.manual_seed(0)
+    packed, scale_zeros = _lowbit(16, 256, 4, 128)
+    x = _nan_row(torch.randn(2, 256))
+    out = weight_only.lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128)
+    assert python_calls == ["_check_lowbit_args"] and out[0].isnan().all() and not out[1].isnan().any()
+    monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")
+    w, scale = (torch.randn(16, 64) * 0.5).to(torch.float8_e4m3fn), torch.rand(16)
+    x = torch.randn(1, 64)
+    out = weight_only.float8_weight_mm(x, w, scale)
+    assert python_calls[-1] == "_check_per_channel_weight_args"
+    assert torch.equal(out, weight_only.per_channel_weight_mm_reference(x, w, scale))
