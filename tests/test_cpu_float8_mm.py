@@ -78,14 +78,46 @@ def test_the_float16_gemv_stays_within_its_stated_error(m, k):
 
 @needs_float16_gemv
 def test_the_float16_sums_of_the_largest_codes_do_not_overflow():
-    """Every product at e4m3's largest magnitude (448 = 1.75 in float16 form) and |x| = 1: each float16 lane
-    sums 8 of them per block, 14 at most."""
+    """Every product at e4m3's largest magnitude (448 = 1.75 in float16 form) and x at its largest (scaled to
+    2048): each float16 lane sums 8 of them per block, 28672 at most (float16 holds 65504)."""
     k = 4096
     w = torch.full((4, k), 448.0).to(torch.float8_e4m3fn)
     w[1] = -448.0
     x = torch.ones(1, k)
     out = cpu_float8_mm.float8_weight_mm(x, w, torch.ones(4))
     assert torch.equal(out, torch.tensor([[448.0 * k, -448.0 * k, 448.0 * k, 448.0 * k]]))
+
+
+@needs_float16_gemv
+@pytest.mark.parametrize("std", [0.003, 0.5])  # mostly subnormal e4m3 codes; mostly normal ones
+def test_the_float16_gemv_keeps_its_error_on_weights_of_any_magnitude(std):
+    """Weights not scaled to e4m3's range (as the op may be given): products of its smallest codes must not
+    fall among float16's subnormals."""
+    torch.manual_seed(0)
+    w, scale = (torch.randn(64, 1024) * std).to(torch.float8_e4m3fn), torch.ones(64)
+    x = torch.randn(3, 1024)
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
+    assert (
+        relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double()))
+        < FLOAT16_GEMV_ERROR
+    )
+
+
+@needs_float16_gemv
+def test_x_near_float32s_largest_values_is_scaled_without_subnormals():
+    """max |x| = 1e38: its float16 scaling factor (2048 / 1e38) is a normal float32, which flush-to-zero
+    keeps."""
+    torch.manual_seed(0)
+    w, scale = _float8_weight(16, 64, torch.float8_e4m3fn)
+    x = torch.randn(1, 64)
+    x = x / x.abs().max() * 1e38
+    torch.set_flush_denormal(True)
+    try:
+        out = cpu_float8_mm.float8_weight_mm(x, w, scale * 1e-3)
+    finally:
+        torch.set_flush_denormal(False)
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double() * 1e-3)
+    assert relative_error(out, expected) < FLOAT16_GEMV_ERROR
 
 
 @needs_kernels

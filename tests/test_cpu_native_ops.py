@@ -134,3 +134,12 @@ def test_other_lowbit_and_float8_calls_go_to_the_python_implementation(python_ca
     out = weight_only.float8_weight_mm(x, w, scale)
     assert python_calls[-1] == "_check_per_channel_weight_args"
     assert torch.equal(out, weight_only.per_channel_weight_mm_reference(x, w, scale))
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 48), (2, 48), (4, 8)])
+def test_group_sizes_the_python_implementation_refuses_are_not_served(bits, group_size):
+    """Groups the kernels could compute (whole 32-bit words dividing K) but that are not powers of two >= 16:
+    refused, as under torch.compile and before the library loads."""
+    packed, scale_zeros = _lowbit(16, 96, bits, group_size)
+    with pytest.raises(ValueError, match="group_size must be a power of two >= 16"):
+        weight_only.lowbit_weight_mm(torch.randn(1, 96), packed, scale_zeros, None, bits, group_size)

@@ -348,6 +348,35 @@ def test_the_ops_refuse_scales_and_biases_on_another_device_than_the_weight():
         lowbit_weight_mm(x, packed, scale_zeros.to("meta"), None, 4, 32, bias)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.float16])
+def test_the_kernels_write_float32_whatever_torch_s_default_dtype(default_dtype):
+    """The output and x-scale buffers are float32 however torch.set_default_dtype was called (a float64
+    buffer read the kernels' float32 as garbage; a 16-bit one would overflow)."""
+    from quanto_fx.kernels import cpu_float8_mm
+
+    torch.manual_seed(0)
+    w, scale = _int8_weight(16, 128)
+    x, x_large_m = torch.randn(1, 128), torch.randn(20, 128)
+    w8, scale8 = (torch.randn(16, 128) * 0.5).to(torch.float8_e5m2), torch.rand(16)
+    expected = (
+        per_channel_weight_mm_reference(x, w, scale),
+        per_channel_weight_mm_reference(x_large_m, w, scale),
+        per_channel_weight_mm_reference(x, w8, scale8),
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        outs = (
+            cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8),
+            cpu_vnni_mm.int8_weight_int_mm(x_large_m, w, scale),
+            cpu_float8_mm.float8_weight_mm(x, w8, scale8),
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    for out, reference in zip(outs, expected):
+        assert out.dtype == torch.float32 and relative_error(out, reference) < VNNI_TOLERANCE
+
+
 def test_a_workspace_that_cannot_be_allocated_raises_memory_error():
     def kernel():
         return 2  # the C++ entry points' status for std::bad_alloc

@@ -2,13 +2,21 @@
 
 import pytest
 import torch
+from torch.nn.utils import prune
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from quanto_fx import QTensor, calibration, qint4, qint8
 from quanto_fx.nn import QConv2d, QLayerNorm, QLinear, QRMSNorm, qmodule_class_for
 
-from .utils import WEIGHT_ONLY_TOLERANCE, assert_close_to_max, dequantized, sqnr
+from .utils import (
+    VNNI_TOLERANCE,
+    WEIGHT_ONLY_TOLERANCE,
+    assert_close_to_max,
+    dequantized,
+    relative_error,
+    sqnr,
+)
 
 MODES = [("static", qint8), ("dynamic", qint8), ("weight-only", None)]
 
@@ -161,3 +169,16 @@ def test_inference_runs_the_fused_kernels_with_the_training_path_results(mode, m
         assert torch.equal(fused._scale, training_path._scale)
     else:
         torch.testing.assert_close(fused, training_path.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_pruned_qlinear_quantizes_its_pruned_weight():
+    """Pruning moves the weight out of ``_parameters`` (``weight_orig`` there, ``weight`` an attribute)."""
+    torch.manual_seed(0)
+    q = QLinear.from_module(torch.nn.Linear(64, 32), weights=qint8, activations=None)
+    prune.l1_unstructured(q, "weight", amount=0.5)
+    assert "weight" not in q._parameters and float((q.weight == 0).float().mean()) == 0.5
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        weight = QTensor.quantize(q.weight, qint8, axis=0).dequantize()
+        expected = torch.nn.functional.linear(x, weight, q.bias)
+        assert relative_error(q(x), expected) < VNNI_TOLERANCE  # the kernels' 16-bit rounding of x

@@ -84,7 +84,7 @@ def weight_mm_prechecked(x, w, scale, bias=None):
     x, w = cpu_vnni_mm.contiguous_float32(x), w.contiguous()
     scale = cpu_vnni_mm.contiguous_float32(scale)
     bias = None if bias is None else cpu_vnni_mm.contiguous_float32(bias)
-    out = torch.empty((x.shape[0], w.shape[0]))
+    out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)  # whatever torch's default dtype
     cpu_vnni_mm._run(
         cpu_vnni_mm._loaded_library().quanto_float8_weight_mm,
         FORMATS[w.dtype],

@@ -10,8 +10,8 @@
 // holding a NaN or an infinity, a workspace that cannot be allocated) goes to the Python implementation,
 // registered as the ops' CompositeExplicitAutograd kernel, which checks its arguments, raises the errors,
 // and computes every other case: one definition of the ops' behaviour; this file only takes the common case
-// off its path. The limits the kernels take are set from Python (quanto_native_set_limits) so that they are
-// written once.
+// off its path. cpu_vnni_mm.py registers these kernels after loading the library (quanto_native_register),
+// with the limits the kernels take, written once on the Python side.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,8 +19,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 
 extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
@@ -32,15 +35,16 @@ extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, in
 
 namespace {
 
-struct Limits {  // cpu_vnni_mm.py and cpu_float8_mm.py's constants; nothing is served before they are set
-    int64_t int8_max_m = -1, chunk_bytes = 0, word_bytes = 0, packed_gemv_max_m = 0, max_in_features = 0;
-    int64_t float8_gemv_max_m = 0, float8_max_in_features = 0;
+struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py and groupwise.py
+    int64_t int8_max_m, chunk_bytes, word_bytes, packed_gemv_max_m, max_in_features, min_group_size;
+    int64_t float8_gemv_max_m, float8_max_in_features;
 };
 Limits limits;
+std::atomic<bool> registered{false};  // published after `limits`: a kernel never reads them half-written
 
 bool enabled() {
     const char* value = std::getenv("QUANTO_FX_CPU_KERNELS");
-    return limits.int8_max_m >= 0 && !(value && std::strcmp(value, "0") == 0);
+    return registered.load(std::memory_order_acquire) && !(value && std::strcmp(value, "0") == 0);
 }
 
 bool is_float(const at::Tensor& t) {
@@ -103,7 +107,8 @@ at::Tensor lowbit_weight_mm(const at::Tensor& x, const at::Tensor& packed, const
                             const std::optional<at::Tensor>& bias) {
     const int64_t N = packed.dim() == 2 ? packed.size(0) : 0, per_byte = bits == 2 || bits == 4 ? 8 / bits : 0;
     const int64_t K = packed.dim() == 2 ? packed.size(1) * per_byte : 0;
-    const bool groups = per_byte && group_size > 0 && K % group_size == 0 && group_size * bits % 8 == 0;
+    const bool groups = per_byte && group_size >= limits.min_group_size && (group_size & (group_size - 1)) == 0 &&
+                        K % group_size == 0 && group_size * bits % 8 == 0;  // as groupwise.check_group_size
     const int64_t group_bytes = groups ? group_size * bits / 8 : 0, G = groups ? K / group_size : 0;
     if (enabled() && groups && group_bytes % limits.word_bytes == 0 && K > 0 && K <= limits.max_in_features &&
         packed.is_cpu() && packed.scalar_type() == at::kByte && scale_zeros.dim() == 3 &&
@@ -142,15 +147,29 @@ at::Tensor float8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::
 
 }  // namespace
 
-extern "C" void quanto_native_set_limits(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes,
-                                         int64_t packed_gemv_max_m, int64_t max_in_features,
-                                         int64_t float8_gemv_max_m, int64_t float8_max_in_features) {
-    limits = {int8_max_m, chunk_bytes, word_bytes, packed_gemv_max_m, max_in_features, float8_gemv_max_m,
-              float8_max_in_features};
-}
+extern "C" {
 
-TORCH_LIBRARY_IMPL(quanto_fx, CPU, m) {
-    m.impl("int8_weight_mm", &int8_weight_mm);
-    m.impl("lowbit_weight_mm", &lowbit_weight_mm);
-    m.impl("float8_weight_mm", &float8_weight_mm);
+// Register the kernels above for the ops' CPU dispatch key, with the limits the C++ kernels take. Returns 0,
+// or 1 when torch refuses the registration (e.g. a schema that no longer matches these signatures; the
+// message is in `error`, `error_size` bytes at most), the ops then keeping their Python implementations.
+int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes, int64_t packed_gemv_max_m,
+                           int64_t max_in_features, int64_t min_group_size, int64_t float8_gemv_max_m,
+                           int64_t float8_max_in_features, char* error, int64_t error_size) try {
+    static std::unique_ptr<torch::Library> library;
+    if (library) return 0;
+    limits = {int8_max_m,     chunk_bytes,       word_bytes,           packed_gemv_max_m,
+              max_in_features, min_group_size, float8_gemv_max_m, float8_max_in_features};
+    // Kept only once complete: a registration that fails half-way is undone as its Library is destroyed.
+    auto candidate = std::make_unique<torch::Library>(torch::Library::IMPL, "quanto_fx", c10::DispatchKey::CPU,
+                                                      __FILE__, __LINE__);
+    candidate->impl("int8_weight_mm", &int8_weight_mm);
+    candidate->impl("lowbit_weight_mm", &lowbit_weight_mm);
+    candidate->impl("float8_weight_mm", &float8_weight_mm);
+    library = std::move(candidate);
+    registered.store(true, std::memory_order_release);
+    return 0;
+} catch (const std::exception& failure) {
+    std::snprintf(error, error_size, "%s", failure.what());
+    return 1;
+}
 }

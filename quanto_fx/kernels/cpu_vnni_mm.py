@@ -137,20 +137,25 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_float8_weight_mm.restype = ctypes.c_int
     library.quanto_float8_gemv_in_float16.argtypes = []
     library.quanto_float8_gemv_in_float16.restype = ctypes.c_int
-    _set_native_limits(library)
+    _register_native_ops(library)
     return library
 
 
-def _set_native_limits(library: ctypes.CDLL) -> None:
-    """Hand the limits the kernels take to the ops' C++ CPU kernels, which registered themselves with torch's
-    dispatcher when the library was loaded and serve nothing until then."""
+def _register_native_ops(library: ctypes.CDLL) -> None:
+    """Register the ops' C++ CPU kernels (cpu_native_ops.cpp) with torch's dispatcher, handing them the limits
+    the kernels take; a refusal is logged and leaves the ops' Python implementations serving every call."""
+    from ..tensor.groupwise import MIN_GROUP_SIZE
     from . import cpu_float8_mm  # (it imports this module)
 
-    limits = [INT8_GEMV_MAX_M, CHUNK_BYTES, WORD_BYTES, PACKED_GEMV_MAX_M, MAX_IN_FEATURES]
+    limits = [INT8_GEMV_MAX_M, CHUNK_BYTES, WORD_BYTES, PACKED_GEMV_MAX_M, MAX_IN_FEATURES, MIN_GROUP_SIZE]
     limits += [cpu_float8_mm.GEMV_MAX_M, cpu_float8_mm.MAX_IN_FEATURES]
-    library.quanto_native_set_limits.argtypes = [ctypes.c_int64] * len(limits)
-    library.quanto_native_set_limits.restype = None
-    library.quanto_native_set_limits(*limits)
+    register = library.quanto_native_register
+    register.argtypes = [ctypes.c_int64] * len(limits) + [ctypes.c_char_p, ctypes.c_int64]
+    register.restype = ctypes.c_int
+    error = ctypes.create_string_buffer(2000)
+    if register(*limits, error, len(error)):
+        message = error.value.decode(errors="replace")
+        logger.warning("quanto_fx CPU kernels: the ops' C++ kernels were not registered:\n%s", message)
 
 
 def _loaded_library() -> ctypes.CDLL:
@@ -201,7 +206,7 @@ def _split_x(x: torch.Tensor):
     m, k = x.shape
     x = x.float().contiguous()
     planes = torch.empty((2, m, k), dtype=torch.int8)
-    x_scale, x_sums = torch.empty(m), torch.empty((m, 1))
+    x_scale, x_sums = torch.empty(m, dtype=torch.float32), torch.empty((m, 1), dtype=torch.float32)
     pointers = (planes[0].data_ptr(), planes[1].data_ptr(), x_scale.data_ptr(), x_sums.data_ptr())
     if _loaded_library().quanto_split_x(x.data_ptr(), m, k, 1, k, *pointers, torch.get_num_threads()):
         return None
@@ -278,7 +283,7 @@ def weight_mm_prechecked(x, weight, scales, bits, group_size, bias):
     m, k = x.shape
     x, weight, scales = contiguous_float32(x), weight.contiguous(), contiguous_float32(scales)
     bias = None if bias is None else contiguous_float32(bias)
-    out = torch.empty((m, weight.shape[0]))
+    out = torch.empty((m, weight.shape[0]), dtype=torch.float32)  # whatever torch's default dtype
     bad_x = _run(
         _loaded_library().quanto_weight_mm,
         bits,
@@ -328,7 +333,7 @@ def int8_weight_int_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) ->
         return None
     planes, x_scale = split
     products = torch._int_mm(planes.view(2 * m, -1), w.t()).contiguous()
-    out = torch.empty((m, n))
+    out = torch.empty((m, n), dtype=torch.float32)
     pointers = (products.data_ptr(), m, n, x_scale.data_ptr(), scale.data_ptr(), out.data_ptr())
     _loaded_library().quanto_combine_planes(*pointers, torch.get_num_threads())
     return out

@@ -98,8 +98,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         # Every step here counts: a small layer (384 -> 1536) at M = 1 takes ~30 us in fp32, so the weight and
-        # bias are read from _parameters (Module.__getattr__ costs ~0.7 us each) and 2-d x is not reshaped.
-        w, bias = self.qweight, self._parameters["bias"]
+        # bias are read past Module.__getattr__ (tensor_attribute) and 2-d x is not reshaped.
+        w, bias = self.qweight, self.tensor_attribute("bias")
         if w.requires_grad:  # training the float weight: the straight-through float path
             return F.linear(x, float_value(w), bias)
         if not (self._inference(x) and x.dtype == w.dtype and isinstance(w, (QTensor, PackedQTensor))):

@@ -17,13 +17,14 @@ import torch
 from .packing import codes_per_byte
 from .quantization import check_finite
 
+# The smallest group: the smallest K block of the tensor-core GEMM kernels (a block lies in one group).
+MIN_GROUP_SIZE = 16
+
 
 def check_group_size(group_size: int, in_features: int) -> None:
-    """Raise ValueError unless ``group_size`` is a power of two >= 16 dividing ``in_features``.
-
-    16: the smallest K block of the tensor-core GEMM kernels (a block lies in one group).
-    """
-    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
+    """Raise ValueError unless ``group_size`` is a power of two >= ``MIN_GROUP_SIZE`` dividing
+    ``in_features``."""
+    if not isinstance(group_size, int) or group_size < MIN_GROUP_SIZE or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
     if in_features % group_size:
         raise ValueError(
