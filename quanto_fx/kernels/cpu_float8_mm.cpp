@@ -349,23 +349,37 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     }
 }
 
+// The form by M, chosen here for every caller (4096 x 4096, 1024 x 4096, 4096 x 11008 and 384 x 1536, 2-core
+// Xeon, GEMV / GEMM time interleaved): the float32 GEMV (e5m2, or CPUs without AVX512-FP16) up to M = 7 (at M =
+// 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV (e4m3fn on AVX512-FP16) up to M = 12 (at 8 0.66-0.90, 12
+// 0.82-1.05, 16 0.88-1.19).
+constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 12;
+enum Path { GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2 };
+
+Path path_for(int format, int64_t M) {
+    if (format == E4M3 && QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16())
+        return M <= FLOAT16_GEMV_MAX_M ? FLOAT16_GEMV : GEMM;
+    return M <= GEMV_MAX_M ? FLOAT32_GEMV : GEMM;
+}
+
 }  // namespace
 
 extern "C" {
 
-// Whether quanto_float8_weight_mm's e4m3fn GEMV computes in float16 here (the CPU has AVX512-FP16 and the
-// compiler its intrinsics).
-int quanto_float8_gemv_in_float16() { return QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16(); }
+// The kernel quanto_float8_weight_mm runs for M rows of x with weights in `format` on this machine (a Path),
+// but for e4m3fn x that the float16 GEMV cannot scale, which takes the float32 GEMV.
+int quanto_float8_path(int format, int64_t M) { return path_for(format, M); }
 
 // out (M, N) float32 = x (M, K) float32 @ (W * scale).T + bias for W (N, K) float8 bytes (format 0: e4m3fn,
-// 1: e5m2), scale (N,) float32 and bias (N,) float32 or null, the bias added as each output is stored. `gemv`
-// != 0: the GEMV (small M: each weight chunk converted once per 4 rows of x); else the GEMM (each block of
-// weight rows converted once into a panel that every row of x in a chunk reuses). Returns 2 when the GEMM's
-// panels cannot be allocated, else 0.
+// 1: e5m2), scale (N,) float32 and bias (N,) float32 or null, the bias added as each output is stored: a GEMV
+// for small M (each weight chunk converted once per 4 rows of x), else the GEMM (each block of weight rows
+// converted once into a panel that every row of x in a chunk reuses), by quanto_float8_path. Returns 2 when
+// the GEMM's panels cannot be allocated, else 0.
 int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                            const float* scale, const float* bias, int gemv, float* out, int threads) try {
+                            const float* scale, const float* bias, float* out, int threads) try {
+    const Path path = path_for(format, M);
 #if QUANTO_HAS_FP16_INTRINSICS
-    if (gemv && format == E4M3 && cpu_has_fp16()) {
+    if (path == FLOAT16_GEMV) {
         std::unique_ptr<uint16_t[]> xh(new uint16_t[M * K]);
         std::unique_ptr<float[]> sx(new float[M]);
         if (x_to_half(x, M, K, xh.get(), sx.get())) {
@@ -374,6 +388,7 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
         }
     }
 #endif
+    const bool gemv = path != GEMM;
     if (gemv && format == E4M3) float8_gemv<E4M3>(x, M, K, weight, N, scale, bias, out, threads);
     if (gemv && format == E5M2) float8_gemv<E5M2>(x, M, K, weight, N, scale, bias, out, threads);
     if (!gemv && format == E4M3) float8_gemm<E4M3>(x, M, K, weight, N, scale, bias, out, threads);

@@ -6,7 +6,7 @@ vector instructions through float16 (exact for every code, NaN included):
 - ``float8_weight_mm``: a GEMV for small M (each weight chunk converted once per 4 rows of x), else a GEMM
   (each block of 32 weight rows converted once into a float32 panel that every row of x runs over with
   broadcast FMAs, as a float GEMM's micro-kernel does), the bias added as the outputs are stored. On CPUs with
-  AVX512-FP16 the e4m3fn GEMV multiplies the codes' float16 form directly (see :func:`gemv_in_float16`),
+  AVX512-FP16 the e4m3fn GEMV multiplies the codes' float16 form directly (see :func:`path`),
   which halves the conversion's cost. 4096 x 4096 against the fp32 GEMM (2-core Xeon): 0.4x at M = 1, 0.6x at
   8 to 16, 0.8x at 64, ~0.9-1.0x from 128 (bench/RESULTS.md).
 
@@ -33,12 +33,18 @@ def supports(in_features: int) -> bool:
     return 0 < in_features <= MAX_IN_FEATURES and cpu_vnni_mm.available()
 
 
-def gemv_in_float16() -> bool:
-    """Whether the e4m3fn GEMV (M <= ``GEMV_MAX_M``) computes in float16 on this machine (AVX512-FP16): x
-    rounded per row to float16 and products summed in float16 over 256 inputs, then in float32, for a relative
-    error of ~5e-4 (at most ``FLOAT16_GEMV_ERROR``) against e4m3's own ~3e-2. Elsewhere, and for e5m2, the
-    kernels compute in float32."""
-    return supports(1) and bool(cpu_vnni_mm._loaded_library().quanto_float8_gemv_in_float16())
+PATHS = ("GEMM", "float32 GEMV", "float16 GEMV")
+
+
+def path(dtype: torch.dtype, rows: int) -> str:
+    """The kernel that computes ``rows`` rows of x with ``dtype`` weights on this machine, one of ``PATHS``
+    (the C++ side chooses it by M). "float16 GEMV" (e4m3fn weights, CPUs with AVX512-FP16): x rounded per row
+    to float16 and products summed in float16 over 256 inputs, then in float32, for a relative error of ~5e-4
+    (at most ``FLOAT16_GEMV_ERROR``) against e4m3's own ~3e-2; x it cannot scale (not finite, max |x| <
+    1e-30) takes the float32 GEMV. The others compute in float32."""
+    if dtype not in FORMATS or not supports(1):
+        raise ValueError(f"no float8 kernel for {dtype} on this machine")
+    return PATHS[cpu_vnni_mm._loaded_library().quanto_float8_path(FORMATS[dtype], rows)]
 
 
 # Bound on the float16 GEMV's relative error (||out - exact|| / ||exact||; measured 4-6e-4 on random data).
@@ -57,11 +63,6 @@ def _check_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
     for name, vector in (("scale", scale), ("bias", bias)):
         if vector is not None and (not vector.is_floating_point() or vector.shape != w.shape[:1]):
             raise ValueError(f"{name} must be a float ({w.shape[0]},) tensor, got {tuple(vector.shape)}")
-
-
-# The GEMV up to this M, the GEMM past it (4096 x 4096 e4m3, x fp32 time: GEMV 0.48 / 0.82 / 0.64-0.70 at
-# M = 4 / 6 / 8, GEMM 0.74 / 1.00 / 0.56-0.60).
-GEMV_MAX_M = 7
 
 
 def float8_weight_mm(
@@ -95,7 +96,6 @@ def weight_mm_prechecked(x, w, scale, bias=None):
         w.shape[0],
         scale.data_ptr(),
         None if bias is None else bias.data_ptr(),
-        x.shape[0] <= GEMV_MAX_M,
         out.data_ptr(),
         torch.get_num_threads(),
     )

@@ -30,14 +30,13 @@ extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, 
                                 const float* scales, int64_t G, const float* bias, int gemv, float* out,
                                 int threads);
 extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight,
-                                       int64_t N, const float* scale, const float* bias, int gemv, float* out,
-                                       int threads);
+                                       int64_t N, const float* scale, const float* bias, float* out, int threads);
 
 namespace {
 
 struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py and groupwise.py
     int64_t int8_max_m, chunk_bytes, word_bytes, packed_gemv_max_m, max_in_features, min_group_size;
-    int64_t float8_gemv_max_m, float8_max_in_features;
+    int64_t float8_max_in_features;
 };
 Limits limits;
 std::atomic<bool> registered{false};  // published after `limits`: a kernel never reads them half-written
@@ -133,11 +132,10 @@ at::Tensor float8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::
     if (enabled() && w.is_cpu() && (format == at::kFloat8_e4m3fn || format == at::kFloat8_e5m2) && w.dim() == 2 &&
         takes_x_scale_bias(x, K, scale, N, bias, N) && K > 0 && K <= limits.float8_max_in_features) {
         const at::Tensor w_ = w.contiguous(), scale32 = float32(scale);
-        const int gemv = x.size(0) <= limits.float8_gemv_max_m;
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_float8_weight_mm(format == at::kFloat8_e4m3fn ? 0 : 1, xd, x.size(0), K,
                                            static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.data_ptr<float>(),
-                                           bd, gemv, od, threads);
+                                           bd, od, threads);
         });
         if (out) return *out;
     }
@@ -153,12 +151,12 @@ extern "C" {
 // or 1 when torch refuses the registration (e.g. a schema that no longer matches these signatures; the
 // message is in `error`, `error_size` bytes at most), the ops then keeping their Python implementations.
 int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes, int64_t packed_gemv_max_m,
-                           int64_t max_in_features, int64_t min_group_size, int64_t float8_gemv_max_m,
-                           int64_t float8_max_in_features, char* error, int64_t error_size) try {
+                           int64_t max_in_features, int64_t min_group_size, int64_t float8_max_in_features,
+                           char* error, int64_t error_size) try {
     static std::unique_ptr<torch::Library> library;
     if (library) return 0;
-    limits = {int8_max_m,     chunk_bytes,       word_bytes,           packed_gemv_max_m,
-              max_in_features, min_group_size, float8_gemv_max_m, float8_max_in_features};
+    limits = {int8_max_m, chunk_bytes, word_bytes, packed_gemv_max_m, max_in_features, min_group_size,
+              float8_max_in_features};
     // Kept only once complete: a registration that fails half-way is undone as its Library is destroyed.
     auto candidate = std::make_unique<torch::Library>(torch::Library::IMPL, "quanto_fx", c10::DispatchKey::CPU,
                                                       __FILE__, __LINE__);

@@ -133,10 +133,10 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
     library.quanto_combine_planes.restype = None
     library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
-    library.quanto_float8_weight_mm.argtypes += [pointer, ctypes.c_int, pointer, ctypes.c_int]
+    library.quanto_float8_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_float8_weight_mm.restype = ctypes.c_int
-    library.quanto_float8_gemv_in_float16.argtypes = []
-    library.quanto_float8_gemv_in_float16.restype = ctypes.c_int
+    library.quanto_float8_path.argtypes = [ctypes.c_int, size]
+    library.quanto_float8_path.restype = ctypes.c_int
     _register_native_ops(library)
     return library
 
@@ -148,7 +148,7 @@ def _register_native_ops(library: ctypes.CDLL) -> None:
     from . import cpu_float8_mm  # (it imports this module)
 
     limits = [INT8_GEMV_MAX_M, CHUNK_BYTES, WORD_BYTES, PACKED_GEMV_MAX_M, MAX_IN_FEATURES, MIN_GROUP_SIZE]
-    limits += [cpu_float8_mm.GEMV_MAX_M, cpu_float8_mm.MAX_IN_FEATURES]
+    limits += [cpu_float8_mm.MAX_IN_FEATURES]
     register = library.quanto_native_register
     register.argtypes = [ctypes.c_int64] * len(limits) + [ctypes.c_char_p, ctypes.c_int64]
     register.restype = ctypes.c_int
