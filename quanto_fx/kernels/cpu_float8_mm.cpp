@@ -188,6 +188,9 @@ FP16_TARGET INLINE void weight_rows_fp16(const uint16_t* xh, const float* sx, in
                                          const uint8_t* weight, int64_t N, const float* scale, const float* bias,
                                          float* out, int64_t n0) {
     int64_t m0 = 0;
+    constexpr int RT8 = RT > 1 ? 2 : 1;  // 8 rows of x: 2 weight rows at a time keep the 16 sums in registers
+    for (; m0 + 8 <= M; m0 += 8)
+        for (int64_t r = 0; r < RT; r += RT8) tile_fp16<RT8, 8>(xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
     for (; m0 + 4 <= M; m0 += 4) tile_fp16<RT, 4>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
     for (; m0 + 2 <= M; m0 += 2) tile_fp16<RT, 2>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
     for (; m0 < M; m0++) tile_fp16<RT, 1>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
@@ -351,8 +354,8 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 
 // The form by M, chosen here for every caller (4096 x 4096, 1024 x 4096, 4096 x 11008 and 384 x 1536, 2-core
 // Xeon, GEMV / GEMM time interleaved): the float32 GEMV (e5m2, or CPUs without AVX512-FP16) up to M = 7 (at M =
-// 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV (e4m3fn on AVX512-FP16) up to M = 12 (at 8 0.66-0.90, 12
-// 0.82-1.05, 16 0.88-1.19).
+// 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV (e4m3fn on AVX512-FP16) up to M = 12 (at 12 0.74-0.85 and
+// 1.04 on the small layer, at 16 0.82-0.98 and 1.14: past 12 the small layers would lose).
 constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 12;
 enum Path { GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2 };
 
@@ -372,9 +375,9 @@ int quanto_float8_path(int format, int64_t M) { return path_for(format, M); }
 
 // out (M, N) float32 = x (M, K) float32 @ (W * scale).T + bias for W (N, K) float8 bytes (format 0: e4m3fn,
 // 1: e5m2), scale (N,) float32 and bias (N,) float32 or null, the bias added as each output is stored: a GEMV
-// for small M (each weight chunk converted once per 4 rows of x), else the GEMM (each block of weight rows
-// converted once into a panel that every row of x in a chunk reuses), by quanto_float8_path. Returns 2 when
-// the GEMM's panels cannot be allocated, else 0.
+// for small M (each weight chunk converted once per 4 rows of x, 8 in the float16 GEMV), else the GEMM (each
+// block of weight rows converted once into a panel that every row of x in a chunk reuses), by
+// quanto_float8_path. Returns 2 when the GEMM's panels cannot be allocated, else 0.
 int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                             const float* scale, const float* bias, float* out, int threads) try {
     const Path path = path_for(format, M);
