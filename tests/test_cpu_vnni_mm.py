@@ -65,7 +65,7 @@ def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
 def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
     """Rows 0-1 alone take the GEMV, inside 8 rows the GEMM: the same exact integer sums, summed in another
     order in float32."""
-    assert cpu_vnni_mm.PACKED_GEMV_MAX_M == 2
+    assert cpu_vnni_mm.uses_gemv(4, 2, 1024, 128) and not cpu_vnni_mm.uses_gemv(4, 8, 1024, 128)
     torch.manual_seed(0)
     packed, scale_zeros = _lowbit_weight(64, 1024, 4, 128)
     x = torch.randn(8, 1024)

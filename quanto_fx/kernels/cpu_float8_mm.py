@@ -6,9 +6,9 @@ vector instructions through float16 (exact for every code, NaN included):
 - ``float8_weight_mm``: a GEMV for small M (each weight chunk converted once per 4 rows of x), else a GEMM
   (each block of 32 weight rows converted once into a float32 panel that every row of x runs over with
   broadcast FMAs, as a float GEMM's micro-kernel does), the bias added as the outputs are stored. On CPUs with
-  AVX512-FP16 the e4m3fn GEMV multiplies the codes' float16 form directly (see :func:`path`),
-  which halves the conversion's cost. 4096 x 4096 against the fp32 GEMM (2-core Xeon): 0.4x at M = 1, 0.6x at
-  8 to 16, 0.8x at 64, ~0.9-1.0x from 128 (bench/RESULTS.md).
+  AVX512-FP16 the e4m3fn GEMV multiplies the codes' float16 form directly, 8 rows of x per conversion, up
+  to M = 12 (see :func:`path`). 4096 x 4096 against the fp32 GEMM (2-core Xeon): 0.27-0.31x at M = 1,
+  0.3-0.4x at 8 to 12, ~0.6x at 16, ~0.9x from 128 (bench/RESULTS.md).
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
 C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`supports` says so.

@@ -27,15 +27,14 @@
 #include <optional>
 
 extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                                const float* scales, int64_t G, const float* bias, int gemv, float* out,
-                                int threads);
+                                const float* scales, int64_t G, const float* bias, float* out, int threads);
 extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight,
                                        int64_t N, const float* scale, const float* bias, float* out, int threads);
 
 namespace {
 
 struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py and groupwise.py
-    int64_t int8_max_m, chunk_bytes, word_bytes, packed_gemv_max_m, max_in_features, min_group_size;
+    int64_t int8_max_m, chunk_bytes, word_bytes, max_in_features, min_group_size;
     int64_t float8_max_in_features;
 };
 Limits limits;
@@ -93,7 +92,7 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
         const at::Tensor w_ = w.contiguous(), scale32 = float32(scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_weight_mm(8, xd, x.size(0), K, reinterpret_cast<const uint8_t*>(w_.data_ptr<int8_t>()), N,
-                                    scale32.data_ptr<float>(), 1, bd, 1, od, threads);
+                                    scale32.data_ptr<float>(), 1, bd, od, threads);
         });
         if (out) return *out;
     }
@@ -114,10 +113,9 @@ at::Tensor lowbit_weight_mm(const at::Tensor& x, const at::Tensor& packed, const
         scale_zeros.size(0) == G && scale_zeros.size(1) == N &&
         takes_x_scale_bias(x, K, scale_zeros, G * N * 2, bias, N)) {
         const at::Tensor packed_ = packed.contiguous(), scales32 = float32(scale_zeros);
-        const int gemv = x.size(0) <= limits.packed_gemv_max_m && group_bytes % limits.chunk_bytes == 0;
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_weight_mm((int)bits, xd, x.size(0), K, packed_.data_ptr<uint8_t>(), N,
-                                    scales32.data_ptr<float>(), G, bd, gemv, od, threads);
+                                    scales32.data_ptr<float>(), G, bd, od, threads);
         });
         if (out) return *out;
     }
@@ -150,13 +148,12 @@ extern "C" {
 // Register the kernels above for the ops' CPU dispatch key, with the limits the C++ kernels take. Returns 0,
 // or 1 when torch refuses the registration (e.g. a schema that no longer matches these signatures; the
 // message is in `error`, `error_size` bytes at most), the ops then keeping their Python implementations.
-int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes, int64_t packed_gemv_max_m,
-                           int64_t max_in_features, int64_t min_group_size, int64_t float8_max_in_features,
-                           char* error, int64_t error_size) try {
+int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes, int64_t max_in_features,
+                           int64_t min_group_size, int64_t float8_max_in_features, char* error,
+                           int64_t error_size) try {
     static std::unique_ptr<torch::Library> library;
     if (library) return 0;
-    limits = {int8_max_m, chunk_bytes, word_bytes, packed_gemv_max_m, max_in_features, min_group_size,
-              float8_max_in_features};
+    limits = {int8_max_m, chunk_bytes, word_bytes, max_in_features, min_group_size, float8_max_in_features};
     // Kept only once complete: a registration that fails half-way is undone as its Library is destroyed.
     auto candidate = std::make_unique<torch::Library>(torch::Library::IMPL, "quanto_fx", c10::DispatchKey::CPU,
                                                       __FILE__, __LINE__);

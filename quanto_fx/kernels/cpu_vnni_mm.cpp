@@ -489,16 +489,25 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
     }
 }
 
+// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: int8 weights always; packed ones
+// up to M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
+// 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
+int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
+    constexpr int64_t PACKED_GEMV_MAX_M = 2, GEMV_CHUNK_BYTES = 32;
+    return bits == 8 || (M <= PACKED_GEMV_MAX_M && (K * bits / 8 / G) % GEMV_CHUNK_BYTES == 0);
+}
+
 // out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
 // (N,); 4 / 2: uint8 (N, K * bits / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), bias (N,) or
-// null: x split as by quanto_split_x into a workspace, then the GEMV (`gemv` != 0; int8 weights always) or the
-// GEMM (packed weights, groups of whole 32-bit words), the bias added as each output is stored (a separate
+// null: x split as by quanto_split_x into a workspace, then the GEMV or the GEMM (packed weights, groups of
+// whole 32-bit words) by quanto_weight_mm_uses_gemv, the bias added as each output is stored (a separate
 // serial pass over a 2048 x 1536 output had cost more than the GEMM). One call where three Python-side
 // allocations and two calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN, an
 // infinity or a row too small to scale (see MIN_SCALED_MAX); 2 when the workspace cannot be allocated.
 int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                     const float* scales, int64_t G, const float* bias, int gemv, float* out, int threads) try {
+                     const float* scales, int64_t G, const float* bias, float* out, int threads) try {
     const int per_byte = 8 / bits;
+    const bool gemv = quanto_weight_mm_uses_gemv(bits, M, K, G);
     std::unique_ptr<int8_t[]> planes(new int8_t[2 * M * K]);  // not zeroed (16 MB at M = 2048): all written
     std::vector<float> scale_buffer(M), sum_buffer(M * G);
     float *sx = scale_buffer.data(), *xsum = sum_buffer.data();

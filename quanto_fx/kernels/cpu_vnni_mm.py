@@ -55,9 +55,6 @@ FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # c
 INT8_GEMV_MAX_M = 16
 CHUNK_BYTES = 32  # the GEMV's narrowest step along K (a ymm register of weight bytes; 64 where groups allow)
 WORD_BYTES = 4  # the GEMM's step along K: one 32-bit word of packed codes per lane
-# Packed weights: the GEMV up to this M, the GEMM past it (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
-# 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
-PACKED_GEMV_MAX_M = 2
 # The int32 sums must not overflow: |h * q| <= 128 * 255 per product, summed over K / 8 products per lane
 # (the GEMV's 32-byte chunks) or one group of up to K (GEMM); x's codes, |q| <= 32639, over K / 16 per lane.
 MAX_IN_FEATURES = 1 << 19
@@ -128,8 +125,10 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_split_x.argtypes = [pointer, size, size, ctypes.c_int, size, *[pointer] * 4, ctypes.c_int]
     library.quanto_split_x.restype = ctypes.c_int
     library.quanto_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, size]
-    library.quanto_weight_mm.argtypes += [pointer, ctypes.c_int, pointer, ctypes.c_int]
+    library.quanto_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_weight_mm.restype = ctypes.c_int
+    library.quanto_weight_mm_uses_gemv.argtypes = [ctypes.c_int, size, size, size]
+    library.quanto_weight_mm_uses_gemv.restype = ctypes.c_int
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
     library.quanto_combine_planes.restype = None
     library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
@@ -147,7 +146,7 @@ def _register_native_ops(library: ctypes.CDLL) -> None:
     from ..tensor.groupwise import MIN_GROUP_SIZE
     from . import cpu_float8_mm  # (it imports this module)
 
-    limits = [INT8_GEMV_MAX_M, CHUNK_BYTES, WORD_BYTES, PACKED_GEMV_MAX_M, MAX_IN_FEATURES, MIN_GROUP_SIZE]
+    limits = [INT8_GEMV_MAX_M, CHUNK_BYTES, WORD_BYTES, MAX_IN_FEATURES, MIN_GROUP_SIZE]
     limits += [cpu_float8_mm.MAX_IN_FEATURES]
     register = library.quanto_native_register
     register.argtypes = [ctypes.c_int64] * len(limits) + [ctypes.c_char_p, ctypes.c_int64]
@@ -180,11 +179,11 @@ def _group_bytes(bits: int, in_features: int, group_size: int | None) -> int | N
     return None
 
 
-def _uses_gemv(bits: int, rows: int, in_features: int, group_size: int | None) -> bool:
-    """The GEMV for int8 weights, and for packed ones at small M with groups of whole GEMV chunks."""
-    if bits == 8:
-        return True
-    return rows <= PACKED_GEMV_MAX_M and _group_bytes(bits, in_features, group_size) % CHUNK_BYTES == 0
+def uses_gemv(bits: int, rows: int, in_features: int, group_size: int | None = None) -> bool:
+    """Whether :func:`vnni_weight_mm` runs the GEMV (else the GEMM) for ``rows`` rows of x (the C++ side
+    chooses: int8 weights always, packed ones at M <= 2 with groups of whole 32-byte chunks)."""
+    groups = 1 if bits == 8 else in_features // group_size
+    return bool(_loaded_library().quanto_weight_mm_uses_gemv(bits, rows, in_features, groups))
 
 
 def _fits(bits: int, in_features: int, group_size: int | None) -> bool:
@@ -295,7 +294,6 @@ def weight_mm_prechecked(x, weight, scales, bits, group_size, bias):
         scales.data_ptr(),
         1 if bits == 8 else k // group_size,
         None if bias is None else bias.data_ptr(),
-        _uses_gemv(bits, m, k, group_size),
         out.data_ptr(),
         torch.get_num_threads(),
     )
