@@ -30,7 +30,7 @@ def _tolerance(dtype: torch.dtype, m: int) -> float:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 16])  # the GEMV, the GEMM
+@pytest.mark.parametrize("m", [1, 17])  # the GEMV, the GEMM
 @pytest.mark.parametrize("flush_denormal", [False, True])  # subnormal codes convert exactly either way
 def test_every_code_converts_exactly_as_torch_converts_it(dtype, m, flush_denormal):
     """A (256, 1) weight of every code times x = 1: out[:, n] is code n as float32, NaN and inf included."""
@@ -47,7 +47,8 @@ def test_every_code_converts_exactly_as_torch_converts_it(dtype, m, flush_denorm
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 13, 70])  # GEMV tiles of 4, 2, 1; GEMM tiles of 8, 4, 1
+# GEMV tiles of 8 (float16 GEMV only), 4, 2 and 1 rows of x (13 = 8 + 4 + 1); GEMM tiles of 8, 4, 1 (70)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 13, 70])
 @pytest.mark.parametrize("n, k", [(20, 256), (7, 100), (40, 3)])  # tails: rows past tiles, K % 32 and K % 4
 def test_the_kernels_match_the_float_reference(dtype, m, n, k):
     torch.manual_seed(m * n + k)
@@ -65,12 +66,13 @@ needs_float16_gemv = pytest.mark.skipif(
 
 
 @needs_float16_gemv
-@pytest.mark.parametrize("m", [1, 2, 4, 7, 12])
-@pytest.mark.parametrize("k", [40, 256, 8192])  # within one block of float16 sums, one block, 32 blocks
-def test_the_float16_gemv_stays_within_its_stated_error(m, k):
-    assert cpu_float8_mm.path(torch.float8_e4m3fn, m) == "float16 GEMV"
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 12, 16])
+@pytest.mark.parametrize("k", [40, 512, 8192])  # a chunk and a tail, one block of float16 sums, 16 blocks
+def test_the_float16_gemv_stays_within_its_stated_error(dtype, m, k):
+    assert cpu_float8_mm.path(dtype, m) == "float16 GEMV"
     torch.manual_seed(k + m)
-    w, scale = _float8_weight(36, k, torch.float8_e4m3fn)
+    w, scale = _float8_weight(36, k, dtype)
     x = torch.randn(m, k) * 1e3  # scaled per row: the magnitude does not matter
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
     error = relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double()))
@@ -78,38 +80,43 @@ def test_the_float16_gemv_stays_within_its_stated_error(m, k):
 
 
 @needs_float16_gemv
-def test_the_float16_sums_of_the_largest_codes_do_not_overflow():
-    """Every product at e4m3's largest magnitude (448 = 1.75 in float16 form) and x at its largest (scaled to
-    2048): each float16 lane sums 8 of them per block, 28672 at most (float16 holds 65504)."""
+@pytest.mark.parametrize("dtype, largest", [(torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, 57344.0)])
+def test_the_float16_sums_of_the_largest_codes_do_not_overflow(dtype, largest):
+    """Every product at the format's largest magnitude (e4m3: 448 = 1.75 in float16 form, x scaled to 2048;
+    e5m2: 57344, x scaled to 1 / 16): each float16 lane sums 16 of them per block, 57344 at most (float16
+    holds 65504)."""
     k = 4096
-    w = torch.full((4, k), 448.0).to(torch.float8_e4m3fn)
-    w[1] = -448.0
+    w = torch.full((4, k), largest).to(dtype)
+    w[1] = -largest
     x = torch.ones(1, k)
     out = cpu_float8_mm.float8_weight_mm(x, w, torch.ones(4))
-    assert torch.equal(out, torch.tensor([[448.0 * k, -448.0 * k, 448.0 * k, 448.0 * k]]))
+    assert torch.equal(out, torch.tensor([[largest * k, -largest * k, largest * k, largest * k]]))
 
 
 @needs_float16_gemv
-@pytest.mark.parametrize("std", [0.003, 0.5])  # mostly subnormal e4m3 codes; mostly normal ones
-def test_the_float16_gemv_keeps_its_error_on_weights_of_any_magnitude(std):
-    """Weights not scaled to e4m3's range (as the op may be given): products of its smallest codes must not
-    fall among float16's subnormals."""
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_the_float16_gemv_keeps_its_error_on_weights_of_any_magnitude(dtype):
+    """Weights not scaled to the format's range (as the op may be given), one magnitude per weight row, from
+    mostly subnormal codes up: products of small codes must not fall among float16's subnormals (e5m2 rows
+    of small codes only are computed in float32)."""
     torch.manual_seed(0)
-    w, scale = (torch.randn(64, 1024) * std).to(torch.float8_e4m3fn), torch.ones(64)
+    magnitudes = torch.tensor([1e-4, 1e-3, 3e-3, 1e-2, 0.1, 1.0, 10.0, 100.0])
+    w = (torch.randn(8, 1024) * magnitudes[:, None]).to(dtype)
+    w = w[w.float().abs().amax(1) > 0]  # e4m3's smallest code is 2**-9: rows of 1e-4 are all zeros
     x = torch.randn(3, 1024)
-    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
-    assert (
-        relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double()))
-        < FLOAT16_GEMV_ERROR
-    )
+    out = cpu_float8_mm.float8_weight_mm(x, w, torch.ones(w.shape[0]))
+    expected = per_channel_weight_mm_reference(x.double(), w, torch.ones(w.shape[0], dtype=torch.double))
+    for n in range(w.shape[0]):
+        assert relative_error(out[:, n], expected[:, n]) < FLOAT16_GEMV_ERROR, magnitudes[n]
 
 
 @needs_float16_gemv
-def test_x_near_float32s_largest_values_is_scaled_without_subnormals():
-    """max |x| = 1e38: its float16 scaling factor (2048 / 1e38) is a normal float32, which flush-to-zero
-    keeps."""
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_x_near_float32s_largest_values_is_not_flushed_to_zero(dtype):
+    """max |x| = 1e38: e4m3's float16 scaling factor (2048 / 1e38) is a normal float32, which flush-to-zero
+    keeps; e5m2's (1 / 16 / 1e38) would be subnormal, so that call runs in float32."""
     torch.manual_seed(0)
-    w, scale = _float8_weight(16, 64, torch.float8_e4m3fn)
+    w, scale = _float8_weight(16, 64, dtype)
     x = torch.randn(1, 64)
     x = x / x.abs().max() * 1e38
     torch.set_flush_denormal(True)
@@ -137,7 +144,7 @@ def test_x_the_float16_gemv_cannot_scale_takes_the_float32_gemv(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 17])
 def test_non_finite_x_is_propagated(dtype, m):
     torch.manual_seed(m)
     w, scale = _float8_weight(20, 64, dtype)
@@ -149,7 +156,7 @@ def test_non_finite_x_is_propagated(dtype, m):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 10, 16])  # the GEMVs (float16 for e4m3 up to 12 where it runs), the GEMM
+@pytest.mark.parametrize("m", [1, 3, 10, 17])  # the GEMV (float16 up to 16 where it runs), the GEMM
 def test_the_bias_is_added_as_the_outputs_are_stored(dtype, m):
     torch.manual_seed(m)
     w, scale = _float8_weight(40, 96, dtype)  # 40 columns: the GEMM's wide block and a masked tail

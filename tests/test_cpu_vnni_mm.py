@@ -373,8 +373,10 @@ def test_the_kernels_write_float32_whatever_torch_s_default_dtype(default_dtype)
         )
     finally:
         torch.set_default_dtype(previous)
-    for out, reference in zip(outs, expected):
-        assert out.dtype == torch.float32 and relative_error(out, reference) < VNNI_TOLERANCE
+    # the float8 GEMV computes in float16 on CPUs with AVX512-FP16
+    tolerances = (VNNI_TOLERANCE, VNNI_TOLERANCE, cpu_float8_mm.FLOAT16_GEMV_ERROR)
+    for out, reference, tolerance in zip(outs, expected, tolerances):
+        assert out.dtype == torch.float32 and relative_error(out, reference) < tolerance
 
 
 def test_a_workspace_that_cannot_be_allocated_raises_memory_error():

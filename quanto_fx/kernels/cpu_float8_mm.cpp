@@ -9,7 +9,8 @@
 // times 2**-8 for normal and subnormal codes alike (e4m3's subnormals are float16 normals or subnormals;
 // vcvtph2ps converts both exactly), so 2**8 joins the channel scale. e4m3fn's NaN (s.1111.111) is mapped
 // to a float16 NaN explicitly. Two forms: a GEMV that converts each weight chunk per tile of rows of x
-// (small M), and a GEMM whose micro-kernel runs every row of x over a converted panel of the weight.
+// (small M; in float16 arithmetic on CPUs with AVX512-FP16, see below), and a GEMM whose micro-kernel runs
+// every row of x over a converted panel of the weight.
 //
 // Every index is checked by the Python caller; nothing here validates again.
 
@@ -33,6 +34,7 @@
 
 namespace quanto_fx_cpu {
 float row_abs_max(const float* row, int64_t K);  // cpu_vnni_mm.cpp
+__m256 sum8(const __m512* a);                    // cpu_vnni_mm.cpp
 }
 
 namespace {
@@ -121,88 +123,145 @@ void float8_gemv(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     for (int64_t n0 = full; n0 < N; n0++) weight_rows<FORMAT, 1>(x, M, K, weight, N, scale, bias, out, n0);
 }
 
-// -- GEMV in float16 (e4m3fn weights, CPUs with AVX512-FP16) ----------------------------------------------
+// -- GEMV in float16 (CPUs with AVX512-FP16) --------------------------------------------------------------
 //
-// Converting e4m3 to float32 (above) costs ~13 vector uops per 32 weights, which bounds the float32 GEMV:
-// 0.43x the fp32 GEMV at 4096 x 4096 and 1.2-1.5x on layers that sit in the caches. Their float16 form takes
-// 5 uops, and one vfmadd231ph multiplies-adds 32 of them. Each row of x is scaled to |x| <= X_HALF_MAX and
-// rounded to float16 (relative 2**-11); the products are summed in float16 over FP16_BLOCK inputs per lane and
-// in float32 beyond. The result's relative error is ~5e-4, against e4m3's own ~3e-2. e5m2 codes span float16's
-// whole range (their sums would overflow it): they keep the float32 GEMV.
-constexpr int64_t FP16_BLOCK = 256;
-// 2048, not 1: the products of e4m3's smallest codes (2**-17 in float16 form) with small x stay float16
-// normals (scaled to 1, weights of small codes lost precision: 4.6e-3 relative error at weight std 0.003),
-// while a lane's block sum stays <= FP16_BLOCK / 32 * 1.75 * 2048 = 28672, below float16's 65504.
-constexpr float X_HALF_MAX = 2048.f;
+// Converting float8 to float32 (above) costs ~13 vector uops per 32 e4m3 weights, which bounds the float32
+// GEMV: 0.43x the fp32 GEMV at 4096 x 4096 and 1.2-1.5x on layers that sit in the caches. Their float16 form
+// takes 5 uops (e5m2: 2), and one vfmadd231ph multiplies-adds 32 of them. Each row of x is scaled to |x| <=
+// x_half_max<FORMAT>() and rounded to float16 (relative 2**-11); the products are summed in float16 over
+// FP16_BLOCK inputs per lane and in float32 beyond. The result's relative error is ~5e-4, against the
+// formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2).
+// 512, not 256: K = 384 in one block, whose float16 sums are flushed to float32 once (384 x 1536 at M = 4 and 8:
+// 0.86-0.89x the time).
+constexpr int64_t FP16_BLOCK = 512;
+
+// x's scale: a lane's block sum of FP16_BLOCK / 32 = 16 products stays below float16's 65504. e4m3: 16 *
+// 1.75 * 2048 = 57344 (2048, not 1: the products of e4m3's smallest codes, 2**-17 in float16 form, with small
+// x stay float16 normals; scaled to 1, weights of small codes lost precision: 4.6e-3 relative error at weight
+// std 0.003). e5m2 codes are float16 values up to 57344: 16 * 57344 * 2**-4 = 57344.
+template <int FORMAT>
+constexpr float x_half_max() {
+    return FORMAT == E4M3 ? 2048.f : 0.0625f;
+}
+
+// x is scaled for e5m2's largest codes (57344): the products of a row whose codes are all small (weights not
+// scaled to the format's range) would fall among float16's subnormals, with 2**-24 absolute precision (relative
+// error of the outputs 1e-3 at codes <= 2**-8, 1e-2 at <= 2**-11). Rows whose largest code is below 2**-6
+// (e5m2 magnitude byte 9 << 2) are computed in float32 instead.
+constexpr char E5M2_FLOAT16_MIN_CODE = 9 << 2;
 
 #if QUANTO_HAS_FP16_INTRINSICS
-template <int RT, int MT>
+// The float32 dot product of a row of x in float16 (xh) with a row of e5m2 codes.
+FP16_TARGET float dot_e5m2_float32(const uint16_t* xh, const uint8_t* codes, int64_t K) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 lanes = lanes_from(k, K);
+        const __m512i x = _mm512_maskz_loadu_epi16(lanes, xh + k);
+        __m512 lo, hi;
+        float8_to_float<E5M2>(codes + k, lanes, lo, hi);
+        acc = _mm512_fmadd_ps(lo, _mm512_cvtph_ps(_mm512_castsi512_si256(x)), acc);
+        acc = _mm512_fmadd_ps(hi, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1)), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// One chunk of 32 inputs k .. k + 31 of a tile (see tile_fp16); TAIL: the last, partial one (`lanes`), read
+// with masks. Whole chunks are read without: their loads fold into the instructions that use them.
+template <int FORMAT, int RT, int MT, bool TAIL>
+FP16_TARGET INLINE void chunk_fp16(const uint16_t* xh, int64_t K, const uint8_t* weight, int64_t n0, int64_t m0,
+                                   int64_t k, __mmask32 lanes, __m512h (&sums)[MT][RT], __m256i (&largest)[RT]) {
+    __m512h x[MT];
+    for (int i = 0; i < MT; i++) {
+        const uint16_t* at = xh + (m0 + i) * K + k;
+        x[i] = _mm512_castsi512_ph(TAIL ? _mm512_maskz_loadu_epi16(lanes, at) : _mm512_loadu_si512(at));
+    }
+    for (int r = 0; r < RT; r++) {
+        const uint8_t* at = weight + (n0 + r) * K + k;
+        _mm_prefetch((const char*)(at + 1024), _MM_HINT_T0);  // hints: never fault
+        const __m256i raw = TAIL ? _mm256_maskz_loadu_epi8(lanes, at) : _mm256_loadu_si256((const __m256i*)at);
+        __m512i half;
+        largest[r] = _mm256_max_epu8(largest[r], _mm256_and_si256(raw, _mm256_set1_epi8(0x7F)));
+        if constexpr (FORMAT == E4M3)
+            half = e4m3_to_half_but_nan(raw);
+        else
+            half = _mm512_slli_epi16(_mm512_cvtepu8_epi16(raw), 8);
+        const __m512h w = _mm512_castsi512_ph(half);
+        for (int i = 0; i < MT; i++) sums[i][r] = _mm512_fmadd_ph(w, x[i], sums[i][r]);
+    }
+}
+
+// out[m0 + i, n0 + r] for RT weight rows and MT rows of x (rounded to float16 in xh, with scales sx).
+template <int FORMAT, int RT, int MT>
 FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K, const uint8_t* weight, int64_t N,
                                   const float* scale, const float* bias, float* out, int64_t n0, int64_t m0) {
-    __m512 acc[RT][MT];
-    // NaN codes are not mapped per chunk (3 of the loop's 7 vector uops per weight chunk): each row's
-    // largest code magnitude is tracked instead (2 uops), and a row holding a NaN gives NaN.
+    __m512 acc[MT][RT];  // in the outputs' order, for sum8
+    // Each weight row's largest code magnitude (2 uops per chunk). e4m3fn NaN codes are not mapped per chunk
+    // (3 of the loop's 7 vector uops): a row holding one gives NaN. e5m2's inf and NaN codes are float16's
+    // own, which float16 arithmetic propagates as float32 would; a row of e5m2 codes all below
+    // E5M2_FLOAT16_MIN_CODE is computed again in float32 (see there).
     __m256i largest[RT];
     for (int r = 0; r < RT; r++) {
         largest[r] = _mm256_setzero_si256();
-        for (int i = 0; i < MT; i++) acc[r][i] = _mm512_setzero_ps();
+        for (int i = 0; i < MT; i++) acc[i][r] = _mm512_setzero_ps();
     }
     for (int64_t block = 0; block < K; block += FP16_BLOCK) {
-        __m512h sums[RT][MT];
-        for (int r = 0; r < RT; r++)
-            for (int i = 0; i < MT; i++) sums[r][i] = _mm512_setzero_ph();
+        __m512h sums[MT][RT];
+        for (int i = 0; i < MT; i++)
+            for (int r = 0; r < RT; r++) sums[i][r] = _mm512_setzero_ph();
         const int64_t end = std::min(K, block + FP16_BLOCK);
-        for (int64_t k = block; k < end; k += 32) {
-            const __mmask32 lanes = lanes_from(k, K);
-            __m512h x[MT];
-            for (int i = 0; i < MT; i++)
-                x[i] = _mm512_castsi512_ph(_mm512_maskz_loadu_epi16(lanes, xh + (m0 + i) * K + k));
+        int64_t k = block;
+        for (; k + 32 <= end; k += 32) chunk_fp16<FORMAT, RT, MT, false>(xh, K, weight, n0, m0, k, 0, sums, largest);
+        if (k < end) chunk_fp16<FORMAT, RT, MT, true>(xh, K, weight, n0, m0, k, lanes_from(k, K), sums, largest);
+        for (int i = 0; i < MT; i++)
             for (int r = 0; r < RT; r++) {
-                const uint8_t* row = weight + (n0 + r) * K;
-                _mm_prefetch((const char*)(row + k + 1024), _MM_HINT_T0);  // hints: never fault
-                const __m256i raw = _mm256_maskz_loadu_epi8(lanes, row + k);
-                largest[r] = _mm256_max_epu8(largest[r], _mm256_and_si256(raw, _mm256_set1_epi8(0x7F)));
-                const __m512h w = _mm512_castsi512_ph(e4m3_to_half_but_nan(raw));
-                for (int i = 0; i < MT; i++) sums[r][i] = _mm512_fmadd_ph(w, x[i], sums[r][i]);
-            }
-        }
-        for (int r = 0; r < RT; r++)
-            for (int i = 0; i < MT; i++) {
-                const __m512i bits = _mm512_castph_si512(sums[r][i]);
+                const __m512i bits = _mm512_castph_si512(sums[i][r]);
                 const __m512 low = _mm512_cvtph_ps(_mm512_castsi512_si256(bits));
                 const __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1));
-                acc[r][i] = _mm512_add_ps(acc[r][i], _mm512_add_ps(low, high));
+                acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_add_ps(low, high));
             }
     }
+    alignas(32) float dots[MT][RT];
+    if constexpr (MT * RT % 8 == 0) {
+        for (int o = 0; o < MT * RT; o += 8) _mm256_store_ps(&dots[0][0] + o, quanto_fx_cpu::sum8(&acc[0][0] + o));
+    } else {
+        for (int i = 0; i < MT; i++)
+            for (int r = 0; r < RT; r++) dots[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+    }
+    const float unit = FORMAT == E4M3 ? E4M3_SCALE : 1.f;
     for (int r = 0; r < RT; r++) {
-        const bool nan = _mm256_cmpeq_epi8_mask(largest[r], _mm256_set1_epi8(0x7F)) != 0;
+        const bool nan = FORMAT == E4M3 && _mm256_cmpeq_epi8_mask(largest[r], _mm256_set1_epi8(0x7F)) != 0;
+        if (FORMAT == E5M2 && _mm256_cmpge_epu8_mask(largest[r], _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE)) == 0)
+            for (int i = 0; i < MT; i++) dots[i][r] = dot_e5m2_float32(xh + (m0 + i) * K, weight + (n0 + r) * K, K);
         for (int i = 0; i < MT; i++) {
-            const float dot = _mm512_reduce_add_ps(acc[r][i]) * sx[m0 + i] * E4M3_SCALE * scale[n0 + r];
+            const float dot = dots[i][r] * sx[m0 + i] * unit * scale[n0 + r];
             out[(m0 + i) * N + n0 + r] = nan ? NAN : dot + (bias ? bias[n0 + r] : 0.f);
         }
     }
 }
 
-template <int RT>
+template <int FORMAT, int RT>
 FP16_TARGET INLINE void weight_rows_fp16(const uint16_t* xh, const float* sx, int64_t M, int64_t K,
                                          const uint8_t* weight, int64_t N, const float* scale, const float* bias,
                                          float* out, int64_t n0) {
     int64_t m0 = 0;
     constexpr int RT8 = RT > 1 ? 2 : 1;  // 8 rows of x: 2 weight rows at a time keep the 16 sums in registers
     for (; m0 + 8 <= M; m0 += 8)
-        for (int64_t r = 0; r < RT; r += RT8) tile_fp16<RT8, 8>(xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
-    for (; m0 + 4 <= M; m0 += 4) tile_fp16<RT, 4>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    for (; m0 + 2 <= M; m0 += 2) tile_fp16<RT, 2>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    for (; m0 < M; m0++) tile_fp16<RT, 1>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+        for (int64_t r = 0; r < RT; r += RT8)
+            tile_fp16<FORMAT, RT8, 8>(xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
+    for (; m0 + 4 <= M; m0 += 4) tile_fp16<FORMAT, RT, 4>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    for (; m0 + 2 <= M; m0 += 2) tile_fp16<FORMAT, RT, 2>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    for (; m0 < M; m0++) tile_fp16<FORMAT, RT, 1>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
 }
 
+template <int FORMAT>
 FP16_TARGET void float8_gemv_fp16(const uint16_t* xh, const float* sx, int64_t M, int64_t K, const uint8_t* weight,
                                   int64_t N, const float* scale, const float* bias, float* out, int threads) {
     constexpr int64_t RT = 4;
     const int64_t full = N - N % RT;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n0 = 0; n0 < full; n0 += RT) weight_rows_fp16<RT>(xh, sx, M, K, weight, N, scale, bias, out, n0);
-    for (int64_t n0 = full; n0 < N; n0++) weight_rows_fp16<1>(xh, sx, M, K, weight, N, scale, bias, out, n0);
+    for (int64_t n0 = 0; n0 < full; n0 += RT)
+        weight_rows_fp16<FORMAT, RT>(xh, sx, M, K, weight, N, scale, bias, out, n0);
+    for (int64_t n0 = full; n0 < N; n0++) weight_rows_fp16<FORMAT, 1>(xh, sx, M, K, weight, N, scale, bias, out, n0);
 }
 
 bool cpu_has_fp16() {
@@ -213,16 +272,18 @@ bool cpu_has_fp16() {
 bool cpu_has_fp16() { return false; }
 #endif
 
-// x (M, K) as float16 rows scaled to |x| <= X_HALF_MAX (xh) and their scales (sx); false, for the float32
-// GEMV, when a row holds a NaN or an infinity (which float32 propagates) or is too small to scale (max |x| <
-// 1e-30: X_HALF_MAX / max must be a finite float32).
-bool x_to_half(const float* x, int64_t M, int64_t K, uint16_t* xh, float* sx) {
+// x (M, K) as float16 rows scaled to |x| <= x_half_max (xh) and their scales (sx); false, for the float32
+// GEMV, when a row holds a NaN or an infinity (which float32 propagates) or cannot be scaled: max |x| < 1e-30,
+// or a scale that is not a normal float32 (flush-to-zero would zero it; with e5m2 weights, max |x| > ~5e36).
+bool x_to_half(const float* x, int64_t M, int64_t K, float x_half_max, uint16_t* xh, float* sx) {
     for (int64_t m = 0; m < M; m++) {
         const float* row = x + m * K;
         const float amax = quanto_fx_cpu::row_abs_max(row, K);
-        if (isnan(amax) || (amax > 0.f && amax < 1e-30f)) return false;
-        sx[m] = amax > 0.f ? amax / X_HALF_MAX : 1.f;
-        const __m512 inverse = _mm512_set1_ps(amax > 0.f ? X_HALF_MAX / amax : 1.f);
+        if (isnan(amax)) return false;
+        if (amax > 0.f && (amax < 1e-30f || !isnormal(amax / x_half_max) || !isnormal(x_half_max / amax)))
+            return false;
+        sx[m] = amax > 0.f ? amax / x_half_max : 1.f;
+        const __m512 inverse = _mm512_set1_ps(amax > 0.f ? x_half_max / amax : 1.f);
         for (int64_t k = 0; k < K; k += 16) {
             const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
             const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), inverse);
@@ -352,15 +413,15 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     }
 }
 
-// The form by M, chosen here for every caller (4096 x 4096, 1024 x 4096, 4096 x 11008 and 384 x 1536, 2-core
-// Xeon, GEMV / GEMM time interleaved): the float32 GEMV (e5m2, or CPUs without AVX512-FP16) up to M = 7 (at M =
-// 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV (e4m3fn on AVX512-FP16) up to M = 12 (at 12 0.74-0.85 and
-// 1.04 on the small layer, at 16 0.82-0.98 and 1.14: past 12 the small layers would lose).
-constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 12;
+// The form by M, chosen here for every caller (4096 x 4096, 1024 x 4096, 4096 x 11008, 384 x 1536 and 1536 x
+// 384, 2-core Xeon, GEMV / GEMM time interleaved): the float32 GEMV (CPUs without AVX512-FP16) up to M = 7 (at
+// M = 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV up to M = 16 (at 13-14: 0.53-0.77, at 16: 0.72-1.01 but
+// one noisy e5m2 run at 4096 x 4096, 1.21; at 20-24: 0.8-1.3).
+constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 16;
 enum Path { GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2 };
 
 Path path_for(int format, int64_t M) {
-    if (format == E4M3 && QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16())
+    if (QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16())
         return M <= FLOAT16_GEMV_MAX_M ? FLOAT16_GEMV : GEMM;
     return M <= GEMV_MAX_M ? FLOAT32_GEMV : GEMM;
 }
@@ -370,7 +431,7 @@ Path path_for(int format, int64_t M) {
 extern "C" {
 
 // The kernel quanto_float8_weight_mm runs for M rows of x with weights in `format` on this machine (a Path),
-// but for e4m3fn x that the float16 GEMV cannot scale, which takes the float32 GEMV.
+// but for x that the float16 GEMV cannot scale, which takes the float32 GEMV.
 int quanto_float8_path(int format, int64_t M) { return path_for(format, M); }
 
 // out (M, N) float32 = x (M, K) float32 @ (W * scale).T + bias for W (N, K) float8 bytes (format 0: e4m3fn,
@@ -385,8 +446,10 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
     if (path == FLOAT16_GEMV) {
         std::unique_ptr<uint16_t[]> xh(new uint16_t[M * K]);
         std::unique_ptr<float[]> sx(new float[M]);
-        if (x_to_half(x, M, K, xh.get(), sx.get())) {
-            float8_gemv_fp16(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+        const float x_max = format == E4M3 ? x_half_max<E4M3>() : x_half_max<E5M2>();
+        if (x_to_half(x, M, K, x_max, xh.get(), sx.get())) {
+            if (format == E4M3) float8_gemv_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+            if (format == E5M2) float8_gemv_fp16<E5M2>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             return 0;
         }
     }

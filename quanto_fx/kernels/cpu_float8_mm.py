@@ -6,9 +6,10 @@ vector instructions through float16 (exact for every code, NaN included):
 - ``float8_weight_mm``: a GEMV for small M (each weight chunk converted once per 4 rows of x), else a GEMM
   (each block of 32 weight rows converted once into a float32 panel that every row of x runs over with
   broadcast FMAs, as a float GEMM's micro-kernel does), the bias added as the outputs are stored. On CPUs with
-  AVX512-FP16 the e4m3fn GEMV multiplies the codes' float16 form directly, 8 rows of x per conversion, up
-  to M = 12 (see :func:`path`). 4096 x 4096 against the fp32 GEMM (2-core Xeon): 0.27-0.31x at M = 1,
-  0.3-0.4x at 8 to 12, ~0.6x at 16, ~0.9x from 128 (bench/RESULTS.md).
+  AVX512-FP16 the GEMV multiplies the codes' float16 form directly (e4m3fn and e5m2), 8 rows of x per
+  conversion, up to M = 16 (see :func:`path`). 4096 x 4096 against the fp32 GEMM (2-core Xeon): 0.29-0.30x
+  at M = 1 through a module, the kernels alone 0.15-0.27x up to M = 12, ~0.4-0.6x at 16, ~0.9x from 128
+  (bench/RESULTS.md).
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
 C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`supports` says so.
@@ -38,10 +39,11 @@ PATHS = ("GEMM", "float32 GEMV", "float16 GEMV")
 
 def path(dtype: torch.dtype, rows: int) -> str:
     """The kernel that computes ``rows`` rows of x with ``dtype`` weights on this machine, one of ``PATHS``
-    (the C++ side chooses it by M). "float16 GEMV" (e4m3fn weights, CPUs with AVX512-FP16): x rounded per row
-    to float16 and products summed in float16 over 256 inputs, then in float32, for a relative error of ~5e-4
-    (at most ``FLOAT16_GEMV_ERROR``) against e4m3's own ~3e-2; x it cannot scale (not finite, max |x| <
-    1e-30) takes the float32 GEMV. The others compute in float32."""
+    (the C++ side chooses it by M). "float16 GEMV" (CPUs with AVX512-FP16, up to M = 16): x rounded per row to
+    float16 and products summed in float16 over 512 inputs, then in float32, for a relative error of ~5e-4 (at
+    most ``FLOAT16_GEMV_ERROR``) against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2); e5m2 weight rows of
+    codes all below 2**-6 are computed in float32, and x it cannot scale (not finite, max |x| < 1e-30, and
+    above ~5e36 with e5m2 weights) takes the float32 GEMV. The others compute in float32."""
     if dtype not in FORMATS or not supports(1):
         raise ValueError(f"no float8 kernel for {dtype} on this machine")
     return PATHS[cpu_vnni_mm._loaded_library().quanto_float8_path(FORMATS[dtype], rows)]

@@ -48,6 +48,25 @@ float row_abs_max(const float* row, int64_t K) {
     return isnan(finite) ? NAN : amax;
 }
 
+// The 8 sums of a[0] .. a[7] in one vector: a transposing tree of 23 shuffles and adds, where 8 separate
+// horizontal sums take ~70 dependent instructions (at K = 384 these made half of the GEMV's time). Also used
+// by cpu_float8_mm.cpp.
+__m256 sum8(const __m512* a) {
+    __m512 half[4], quarter[2];
+    constexpr int pairs[4][2] = {{0, 2}, {4, 6}, {1, 3}, {5, 7}};  // chosen so that the sums come out in order
+    for (int p = 0; p < 4; p++) {  // lanes 0-7: 8 partial sums of the first row, lanes 8-15 of the second
+        const __m512 u = a[pairs[p][0]], v = a[pairs[p][1]];
+        half[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x44), _mm512_shuffle_f32x4(u, v, 0xEE));
+    }
+    for (int p = 0; p < 2; p++)  // each 128-bit quarter: 4 partial sums of one row
+        quarter[p] = _mm512_add_ps(_mm512_shuffle_f32x4(half[2 * p], half[2 * p + 1], 0x88),
+                                   _mm512_shuffle_f32x4(half[2 * p], half[2 * p + 1], 0xDD));
+    const __m512 two = _mm512_add_ps(_mm512_shuffle_ps(quarter[0], quarter[1], 0x44),
+                                     _mm512_shuffle_ps(quarter[0], quarter[1], 0xEE));
+    const __m512 one = _mm512_add_ps(two, _mm512_shuffle_ps(two, two, 0xB1));  // the sums in lanes 0, 2, .., 14
+    return _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, one));
+}
+
 }  // namespace quanto_fx_cpu
 
 namespace {
@@ -83,23 +102,7 @@ struct Lanes<64> {
     static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     static F set1(float v) { return _mm512_set1_ps(v); }
     static float sum(F a) { return _mm512_reduce_add_ps(a); }
-    // The 8 sums of a[0] .. a[7] in one vector: a transposing tree of 23 shuffles and adds, where 8 separate
-    // horizontal sums take ~70 dependent instructions (at K = 384 these made half of the GEMV's time).
-    static __m256 sum8(const F* a) {
-        F half[4], quarter[2];
-        constexpr int pairs[4][2] = {{0, 2}, {4, 6}, {1, 3}, {5, 7}};  // chosen so that the sums come out in order
-        for (int p = 0; p < 4; p++) {  // lanes 0-7: 8 partial sums of the first row, lanes 8-15 of the second
-            const F u = a[pairs[p][0]], v = a[pairs[p][1]];
-            half[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x44), _mm512_shuffle_f32x4(u, v, 0xEE));
-        }
-        for (int p = 0; p < 2; p++)  // each 128-bit quarter: 4 partial sums of one row
-            quarter[p] = _mm512_add_ps(_mm512_shuffle_f32x4(half[2 * p], half[2 * p + 1], 0x88),
-                                       _mm512_shuffle_f32x4(half[2 * p], half[2 * p + 1], 0xDD));
-        const F two = _mm512_add_ps(_mm512_shuffle_ps(quarter[0], quarter[1], 0x44),
-                                    _mm512_shuffle_ps(quarter[0], quarter[1], 0xEE));
-        const F one = _mm512_add_ps(two, _mm512_shuffle_ps(two, two, 0xB1));  // the sums in lanes 0, 2, .., 14
-        return _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, one));
-    }
+    static __m256 sum8(const F* a) { return quanto_fx_cpu::sum8(a); }
 };
 
 template <>
