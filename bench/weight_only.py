@@ -16,7 +16,7 @@ import importlib.util
 import torch
 from linear import parse_args, report
 
-from quanto_fx import freeze, qfloat8_e4m3fn, qint2, qint4, qint8, quantize
+from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, quantize
 from quanto_fx.kernels.weight_only import CPU_KERNEL_MAX_M
 from quanto_fx.tensor.packing import unpack
 
@@ -24,7 +24,13 @@ SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (1, 384, 1536)]
 # Every compiled variant is the same lambda (one code object): its dynamo cache holds an entry per format and
 # shape, more than the default limit of 8, past which dynamo would run the later variants eagerly.
 torch._dynamo.config.recompile_limit = 64
-QUANTO_WEIGHTS = {"int8": qint8, "int4": qint4, "int2": qint2, "float8": qfloat8_e4m3fn}
+QUANTO_WEIGHTS = {
+    "int8": qint8,
+    "int4": qint4,
+    "int2": qint2,
+    "float8 e4m3fn": qfloat8_e4m3fn,
+    "float8 e5m2": qfloat8_e5m2,
+}
 
 
 def variants(m: int, k: int, n: int) -> dict:
@@ -45,7 +51,7 @@ def variants(m: int, k: int, n: int) -> dict:
     for name, wqtype in QUANTO_WEIGHTS.items():
         q = freeze(quantize(linear, weights=wqtype, activations=None, inplace=False))
         out[f"quanto_fx {name} eager"] = lambda q=q: q(x)
-        if name in ("int8", "int4", "float8"):
+        if name in ("int8", "int4", "float8 e4m3fn"):
             out[f"quanto_fx {name} quanto"] = torch.compile(lambda q=q: q(x), backend="quanto")
     qb = freeze(quantize(lb, weights=qint4, activations=None, inplace=False))
     out["quanto_fx int4 bf16 eager"] = lambda: qb(xb).float()
