@@ -89,7 +89,7 @@ def _nan_row(x):
     [
         "x not finite",  # the kernel's status 1: the float path propagates it
         "in-features not a multiple of 32",
-        "more rows than the int8 GEMV takes",
+        "more rows than the int8 VNNI kernels take at any weight size",
         "float64 scales",
         "switched off",
     ],
@@ -98,7 +98,8 @@ def test_other_int8_calls_go_to_the_python_implementation(python_calls, monkeypa
     torch.manual_seed(0)
     k = 100 if case == "in-features not a multiple of 32" else 256
     w, scale = _int8(16, k)
-    x = torch.randn(cpu_vnni_mm.INT8_GEMV_MAX_M + 1 if case == "more rows than the int8 GEMV takes" else 2, k)
+    many_rows = case == "more rows than the int8 VNNI kernels take at any weight size"
+    x = torch.randn(cpu_vnni_mm.INT8_VNNI_MAX_M + 1 if many_rows else 2, k)
     if case == "x not finite":
         x = _nan_row(x)
     if case == "float64 scales":

@@ -32,8 +32,10 @@ def _lowbit_weight(n: int, k: int, bits: int, group_size: int):
     return pack(codes, bits), torch.randn(k // group_size, n, 2) * 0.01
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 16])
-@pytest.mark.parametrize("n", [20, 64])  # 20: rows left over after the 8- and 4-row tiles
+# GEMV up to 16 rows; GEMM past them (tiles of 4 rows, then single rows)
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 40, 130])
+# 20: weight rows left over after the GEMV's 8- and 4-row tiles, and past the GEMM's 16-column block
+@pytest.mark.parametrize("n", [20, 64])
 @pytest.mark.parametrize("k", [192, 224])  # 64-byte chunks; 224 is not a multiple of 64: 32-byte chunks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_weights_match_the_float_reference(m, n, k, dtype):
@@ -63,15 +65,19 @@ def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
 
 
 def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
-    """Rows 0-1 alone take the GEMV, inside 8 rows the GEMM: the same exact integer sums, summed in another
-    order in float32."""
+    """int4: rows 0-1 alone take the GEMV, inside 8 rows the GEMM; int8: rows 0-15 alone the GEMV, inside 17
+    the GEMM. The same exact integer sums, summed in another order in float32."""
     assert cpu_vnni_mm.uses_gemv(4, 2, 1024, 128) and not cpu_vnni_mm.uses_gemv(4, 8, 1024, 128)
+    assert cpu_vnni_mm.uses_gemv(8, 16, 1024) and not cpu_vnni_mm.uses_gemv(8, 17, 1024)
     torch.manual_seed(0)
     packed, scale_zeros = _lowbit_weight(64, 1024, 4, 128)
-    x = torch.randn(8, 1024)
+    w, scale = _int8_weight(64, 1024)
+    x = torch.randn(17, 1024)
     gemv = cpu_vnni_mm.vnni_weight_mm(x[:2], packed, scale_zeros, 4, 128)
-    gemm = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128)
+    gemm = cpu_vnni_mm.vnni_weight_mm(x[:8], packed, scale_zeros, 4, 128)
     assert relative_error(gemv, gemm[:2]) < 1e-6
+    gemv, gemm = cpu_vnni_mm.vnni_weight_mm(x[:16], w, scale, 8), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
+    assert relative_error(gemv, gemm[:16]) < 1e-6
 
 
 def test_the_gemm_passes_over_x_in_chunks():
@@ -97,7 +103,7 @@ def test_rows_of_very_different_magnitudes_keep_their_own_precision():
         assert relative_error(out[row], expected[row]) < VNNI_TOLERANCE
 
 
-@pytest.mark.parametrize("m", [1, 8])  # the GEMV, the GEMM
+@pytest.mark.parametrize("m", [1, 8, 17])  # the GEMVs, the int4 GEMM, the GEMMs
 def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums(m):
     """x at its largest code times the extreme weights along K = 16384 (int8: -128 / 127; int4 codes 0 / 15 in
     one group of all of K): the integer sums reach ~3e7 per lane, far from int32's 2e9 but enough to show a
@@ -169,10 +175,29 @@ def test_the_weight_only_ops_dispatch_to_the_vnni_paths():
     assert torch.equal(int8_weight_mm(x, w, scale, bias), vnni)
     vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128, bias)
     assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
-    x = torch.randn(17, 256)  # past CPU_KERNEL_MAX_M: int8 through torch._int_mm; int4 still the VNNI GEMM
-    assert torch.equal(int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.int8_weight_int_mm(x, w, scale) + bias)
+    x = torch.randn(17, 256)  # past the GEMVs: the VNNI GEMM for both
+    assert torch.equal(
+        int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8, bias=bias)
+    )
     vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128, bias)
     assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
+
+
+def test_large_int8_weights_take_torch_int_mm_past_int8_vnni_max_m():
+    """A 4 MB int8 weight: the VNNI kernels up to INT8_VNNI_MAX_M rows, torch._int_mm past them; a small
+    weight keeps the VNNI GEMM at any M."""
+    k = n = 2048
+    assert k * n == cpu_vnni_mm.INT_MM_MIN_WEIGHT_BYTES
+    rows = cpu_vnni_mm.INT8_VNNI_MAX_M
+    assert not cpu_vnni_mm.int8_uses_int_mm(rows, k, n) and cpu_vnni_mm.int8_uses_int_mm(rows + 1, k, n)
+    assert not cpu_vnni_mm.int8_uses_int_mm(4096, 384, 1536)
+    torch.manual_seed(0)
+    w, scale = _int8_weight(n, k)
+    x = torch.randn(rows + 1, k)
+    out = int8_weight_mm(x, w, scale)
+    assert torch.equal(out, cpu_vnni_mm.int8_weight_int_mm(x, w, scale))
+    assert torch.equal(int8_weight_mm(x[:rows], w, scale), cpu_vnni_mm.vnni_weight_mm(x[:rows], w, scale, 8))
+    assert relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
 
 
 def test_16_bit_x_is_computed_from_float32_and_returned_in_its_dtype():
@@ -256,7 +281,9 @@ def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatc
     assert cpu_vnni_mm.available()
 
 
-@pytest.mark.parametrize("bits, group_size, m", [(8, None, 3), (4, 64, 1), (4, 64, 9), (2, 128, 9)])
+@pytest.mark.parametrize(
+    "bits, group_size, m", [(8, None, 3), (8, None, 20), (4, 64, 1), (4, 64, 9), (2, 128, 9)]
+)
 def test_the_bias_is_added_as_the_outputs_are_stored(bits, group_size, m):
     """GEMV and GEMM: out + bias, within float32 rounding (the store may fuse the add)."""
     torch.manual_seed(m)
@@ -280,16 +307,28 @@ def test_a_long_group_of_large_x_does_not_overflow_the_sum_of_x_codes():
     assert relative_error(cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8), torch.full((1, 2), float(k))) < 1e-5
 
 
-def test_the_gemv_accumulators_hold_at_the_largest_in_features():
+@pytest.mark.parametrize("m", [1, 17])  # the GEMV, which also serves M > 16 at this K
+def test_the_gemv_accumulators_hold_at_the_largest_in_features(m):
     """32-byte chunks (K % 64 = 32): 8 int32 lanes each summing K / 8 products of up to 128 * 255."""
     k = cpu_vnni_mm.MAX_IN_FEATURES - 32
     assert cpu_vnni_mm.supports(8, k) and not cpu_vnni_mm.supports(8, cpu_vnni_mm.MAX_IN_FEATURES + 32)
-    x = torch.ones(1, k)
+    assert cpu_vnni_mm.uses_gemv(8, m, k)
+    x = torch.ones(m, k)
     x[0, k // 2 :] = -1.0
     w = torch.full((1, k), 127, dtype=torch.int8)
     w[0, k // 2 :] = -128
     out = cpu_vnni_mm.vnni_weight_mm(x, w, torch.ones(1), 8)
     assert relative_error(out, per_channel_weight_mm_reference(x.double(), w, torch.ones(1).double())) < 1e-5
+
+
+def test_the_int8_gemm_accumulators_hold_at_its_largest_in_features():
+    """K = 2**16: one int32 lane per output sums all K products of 127 * 255 (2.1e9, int32 holds 2.147e9);
+    one more chunk of input features and the GEMV takes over."""
+    k = 1 << 16
+    assert not cpu_vnni_mm.uses_gemv(8, 17, k) and cpu_vnni_mm.uses_gemv(8, 17, k + 32)
+    x, w = torch.ones(17, k), torch.full((16, k), 127, dtype=torch.int8)
+    out = cpu_vnni_mm.vnni_weight_mm(x, w, torch.ones(16), 8)
+    assert relative_error(out, torch.full((17, 16), 127.0 * k)) < 1e-5
 
 
 def test_the_int32_gemm_takes_in_features_whose_sums_fit_and_the_op_computes_the_rest():

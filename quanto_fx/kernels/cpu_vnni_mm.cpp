@@ -316,7 +316,7 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
 // by every row of x in the chunk (GEMM_X_CHUNK_BYTES of x planes stay in L2). At K = N = 4096 on a 2-core
 // Xeon: 0.26x the fp32 GEMM's time at M = 4, 0.35x at 32, 0.5x at 128 to 512 (the dequantize-then-fp32-GEMM
 // it replaced: 0.9 to 1.2x); the GEMV stays ahead at M <= 2, where gathering the weight costs more than it
-// saves.
+// saves. int8 weights (one phase per byte, codes xor 0x80, per-channel scales, no zero) take it past M = 16.
 constexpr int64_t GEMM_X_CHUNK_BYTES = 1 << 20;
 
 struct alignas(64) Vector {  // storage for one __m512 / __m512i (std containers of those drop the alignment)
@@ -330,11 +330,12 @@ struct alignas(64) Vector {  // storage for one __m512 / __m512i (std containers
 template <int BITS, int NR>
 void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N, const float* scales, int64_t G,
                          __mmask16 last_lanes, __m512i* codes, __m512* group_scales) {
-    constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1);
+    constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
     const int64_t row_bytes = K / per_byte, words = row_bytes / 4;
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i row_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)row_bytes));
-    const __m512i scale_offsets = _mm512_slli_epi32(lanes, 1);  // (scale, zero) pairs
+    // (scale, zero) pairs; int8: per-channel scales, no zero
+    const __m512i scale_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(scale_stride));
     for (int c = 0; c < NR; c++) {
         const __mmask16 valid = c == NR - 1 ? last_lanes : (__mmask16)0xFFFF;
         const uint8_t* rows = weight + (n0 + 16 * c) * row_bytes;
@@ -345,9 +346,10 @@ void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N
                 codes[(d * per_byte + p) * NR + c] = chunk_codes<BITS, Lanes<64>>(bytes, p);
         }
         for (int64_t g = 0; g < G; g++) {
-            const float* at = scales + (g * N + n0 + 16 * c) * 2;
+            const float* at = scales + (g * N + n0 + 16 * c) * scale_stride;
             const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, scale_offsets, at, 4);
-            const __m512 z = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, scale_offsets, at + 1, 4);
+            const __m512 z = BITS == 8 ? _mm512_setzero_ps()
+                                       : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, scale_offsets, at + 1, 4);
             group_scales[(g * NR + c) * 2] = s;
             group_scales[(g * NR + c) * 2 + 1] = _mm512_fnmadd_ps(s, _mm512_set1_ps((float)mid), z);
         }
@@ -492,18 +494,21 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
     }
 }
 
-// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: int8 weights always; packed ones
-// up to M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
+// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: int8 weights up to M = 16 (and
+// past 2**16 input features); packed
+// ones up to M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
 // 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
+// The GEMM sums an int8 row's K products of up to 128 * 255 in each int32 lane: at most 2**16 of them.
 int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
-    constexpr int64_t PACKED_GEMV_MAX_M = 2, GEMV_CHUNK_BYTES = 32;
-    return bits == 8 || (M <= PACKED_GEMV_MAX_M && (K * bits / 8 / G) % GEMV_CHUNK_BYTES == 0);
+    constexpr int64_t INT8_GEMV_MAX_M = 16, INT8_GEMM_MAX_K = 1 << 16, PACKED_GEMV_MAX_M = 2, GEMV_CHUNK_BYTES = 32;
+    if (bits == 8) return M <= INT8_GEMV_MAX_M || K > INT8_GEMM_MAX_K;
+    return M <= PACKED_GEMV_MAX_M && (K * bits / 8 / G) % GEMV_CHUNK_BYTES == 0;
 }
 
 // out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
 // (N,); 4 / 2: uint8 (N, K * bits / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), bias (N,) or
-// null: x split as by quanto_split_x into a workspace, then the GEMV or the GEMM (packed weights, groups of
-// whole 32-bit words) by quanto_weight_mm_uses_gemv, the bias added as each output is stored (a separate
+// null: x split as by quanto_split_x into a workspace, then the GEMV or the GEMM (groups of whole 32-bit
+// words) by quanto_weight_mm_uses_gemv, the bias added as each output is stored (a separate
 // serial pass over a 2048 x 1536 output had cost more than the GEMM). One call where three Python-side
 // allocations and two calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN, an
 // infinity or a row too small to scale (see MIN_SCALED_MAX); 2 when the workspace cannot be allocated.
@@ -516,7 +521,8 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
     float *sx = scale_buffer.data(), *xsum = sum_buffer.data();
     int8_t *h = planes.get(), *l = planes.get() + M * K;
     if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads)) return 1;
-    if (bits == 8) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 8 && gemv) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 8 && !gemv) vnni_gemm<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 2 && gemv) vnni_mm_any_chunk<2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);

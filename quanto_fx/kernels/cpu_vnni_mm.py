@@ -6,9 +6,10 @@ rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight
 - ``vnni_weight_mm``: ``vpdpbusd`` integer dot products on the int8 weights or packed int4 / int2 codes as
   stored, group scales and zeros applied to the exact sums. A GEMV for int8 weights (M <= 16) and for packed
   ones at M <= 2 (1.3-2x faster than aten's weight-only kernels with warm caches, on par with cold ones); a
-  GEMM for packed weights at larger M (each block of weight rows gathered once into column-per-lane code
-  vectors, reused by every row of x: about half the fp32 GEMM's time from M = 4 to 512, bench/RESULTS.md).
-- ``int8_weight_int_mm`` (int8 weights, M > 16): the two planes through one ``torch._int_mm``.
+  GEMM at larger M (each block of weight rows gathered once into column-per-lane code vectors, reused by
+  every row of x: about half the fp32 GEMM's time from M = 4 to 512, bench/RESULTS.md).
+- ``int8_weight_int_mm`` (int8 weights of 4 MB or more, M > 128, see :func:`int8_uses_int_mm`): the two
+  planes through one ``torch._int_mm``.
 
 The library also registers C++ CPU kernels for the weight-only ops with torch's dispatcher
 (``cpu_native_ops.cpp``): calls these kernels take as they are run without entering Python (a small layer's
@@ -51,12 +52,17 @@ SOURCES = [
 ]
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
-# The vectors of int8 weights the GEMV takes up to this M; past it, torch._int_mm on x's byte planes.
-INT8_GEMV_MAX_M = 16
+# int8 weights: the VNNI kernels (the GEMV up to M = 16, then the GEMM) up to this M, and past it for
+# weights under INT_MM_MIN_WEIGHT_BYTES; torch._int_mm on x's byte planes for larger ones, where oneDNN's
+# blocking wins (2-core Xeon, x fp32 time, VNNI GEMM / _int_mm: 4096 x 4096 at M = 32 0.35 / 0.45, at 256
+# 0.61 / 0.52; 384 x 1536 at 256 0.52 / 0.67, at 1024 0.58 / 1.11).
+INT8_VNNI_MAX_M = 128
+INT_MM_MIN_WEIGHT_BYTES = 4 << 20
 CHUNK_BYTES = 32  # the GEMV's narrowest step along K (a ymm register of weight bytes; 64 where groups allow)
 WORD_BYTES = 4  # the GEMM's step along K: one 32-bit word of packed codes per lane
 # The int32 sums must not overflow: |h * q| <= 128 * 255 per product, summed over K / 8 products per lane
-# (the GEMV's 32-byte chunks) or one group of up to K (GEMM); x's codes, |q| <= 32639, over K / 16 per lane.
+# (the GEMV's 32-byte chunks) or one group of up to K (GEMM: int4 / int2 codes q <= 15; int8 weights take it
+# up to K = 2**16 only); x's codes, |q| <= 32639, over K / 16 per lane.
 MAX_IN_FEATURES = 1 << 19
 # torch._int_mm sums |h * w| <= 128 * 128 over all of K in int32.
 INT_MM_MAX_IN_FEATURES = 1 << 16
@@ -146,7 +152,7 @@ def _register_native_ops(library: ctypes.CDLL) -> None:
     from ..tensor.groupwise import MIN_GROUP_SIZE
     from . import cpu_float8_mm  # (it imports this module)
 
-    limits = [INT8_GEMV_MAX_M, CHUNK_BYTES, WORD_BYTES, MAX_IN_FEATURES, MIN_GROUP_SIZE]
+    limits = [INT8_VNNI_MAX_M, CHUNK_BYTES, WORD_BYTES, MAX_IN_FEATURES, MIN_GROUP_SIZE]
     limits += [cpu_float8_mm.MAX_IN_FEATURES]
     register = library.quanto_native_register
     register.argtypes = [ctypes.c_int64] * len(limits) + [ctypes.c_char_p, ctypes.c_int64]
@@ -181,9 +187,16 @@ def _group_bytes(bits: int, in_features: int, group_size: int | None) -> int | N
 
 def uses_gemv(bits: int, rows: int, in_features: int, group_size: int | None = None) -> bool:
     """Whether :func:`vnni_weight_mm` runs the GEMV (else the GEMM) for ``rows`` rows of x (the C++ side
-    chooses: int8 weights always, packed ones at M <= 2 with groups of whole 32-byte chunks)."""
+    chooses: int8 weights at M <= 16, packed ones at M <= 2 with groups of whole 32-byte chunks)."""
     groups = 1 if bits == 8 else in_features // group_size
     return bool(_loaded_library().quanto_weight_mm_uses_gemv(bits, rows, in_features, groups))
+
+
+def int8_uses_int_mm(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether int8 weights of this shape take :func:`int8_weight_int_mm` (``torch._int_mm``) for ``rows``
+    rows of x rather than :func:`vnni_weight_mm`: past ``INT8_VNNI_MAX_M`` rows, for weights of at least
+    ``INT_MM_MIN_WEIGHT_BYTES``."""
+    return rows > INT8_VNNI_MAX_M and in_features * out_features >= INT_MM_MIN_WEIGHT_BYTES
 
 
 def _fits(bits: int, in_features: int, group_size: int | None) -> bool:

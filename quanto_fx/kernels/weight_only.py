@@ -2,7 +2,8 @@
 the GEMM.
 
 - ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU
-  with AVX512-VNNI (``cpu_vnni_mm.py``): M <= 16, our kernel where it applies; M > 16, x as two byte planes
+  with AVX512-VNNI (``cpu_vnni_mm.py``): our kernels where they apply (a GEMV up to M = 16, then a GEMM); for
+  weights of 4 MB or more past M = 128 (and past M = 16 for K not a multiple of 32), x as two byte planes
   through ``torch._int_mm``. Otherwise on the CPU: ``aten._weight_int8pack_mm`` (M <= 16, K a multiple of 16),
   or the float GEMM on the dequantized weight. CUDA: the Triton kernel when triton is installed, else the
   float GEMM on the dequantized weight.
@@ -148,13 +149,15 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
         return per_channel_weight_mm_reference(x, w, scale, bias)
     # The VNNI paths return None where x is not finite or has a row too small to scale: the float paths
     # below compute it (and propagate NaN and infinity).
-    if x.shape[0] <= cpu_vnni_mm.INT8_GEMV_MAX_M and cpu_vnni_mm.supports(8, w.shape[1]):
+    rows, (out_features, in_features) = x.shape[0], w.shape
+    vnni = cpu_vnni_mm.supports(8, in_features)
+    if vnni and not cpu_vnni_mm.int8_uses_int_mm(rows, in_features, out_features):
         out = cpu_vnni_mm.weight_mm_prechecked(x, w, scale, 8, None, bias)
         if out is not None:
             return _in_dtype(out, x.dtype)
     elif (
-        x.shape[0] > cpu_vnni_mm.INT8_GEMV_MAX_M
-        and 0 < w.shape[1] <= cpu_vnni_mm.INT_MM_MAX_IN_FEATURES
+        rows > CPU_KERNEL_MAX_M
+        and 0 < in_features <= cpu_vnni_mm.INT_MM_MAX_IN_FEATURES
         and cpu_vnni_mm.available()
     ):
         out = cpu_vnni_mm.int8_weight_int_mm(x, w.contiguous(), scale.reshape(-1))
