@@ -15,7 +15,7 @@ from torch.testing import FileCheck
 
 import quanto_fx
 from quanto_fx import QTensor, calibration, freeze, quantize
-from quanto_fx.kernels.cpu_float8_mm import FLOAT16_GEMV_ERROR
+from quanto_fx.kernels.cpu_float8_mm import FLOAT16_ERROR
 from quanto_fx.passes import counters
 
 from .utils import VNNI_TOLERANCE, WEIGHT_ONLY_TOLERANCE, assert_close_to_max, dequantized, sqnr
@@ -350,8 +350,8 @@ def test_dynamic_mlp_in_16_bits_is_fused(dtype, dims):
         (quanto_fx.qint8, torch.float32, "int8_weight_mm", WEIGHT_ONLY_TOLERANCE),  # bf16 compute on the CPU
         (quanto_fx.qint8, torch.bfloat16, "int8_weight_mm", WEIGHT_ONLY_TOLERANCE),
         # 10 rows of x: the float16 GEMV on CPUs with AVX512-FP16, float32 compute elsewhere
-        (quanto_fx.qfloat8_e4m3fn, torch.float32, "float8_weight_mm", FLOAT16_GEMV_ERROR),
-        (quanto_fx.qfloat8_e5m2, torch.float32, "float8_weight_mm", FLOAT16_GEMV_ERROR),
+        (quanto_fx.qfloat8_e4m3fn, torch.float32, "float8_weight_mm", FLOAT16_ERROR),
+        (quanto_fx.qfloat8_e5m2, torch.float32, "float8_weight_mm", FLOAT16_ERROR),
     ],
 )
 def test_weight_only_chains_are_fused_into_the_weight_only_kernels(wqtype, dtype, op, tolerance):

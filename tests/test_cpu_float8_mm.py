@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, quantize
 from quanto_fx.kernels import cpu_float8_mm, cpu_vnni_mm
-from quanto_fx.kernels.cpu_float8_mm import FLOAT16_GEMV_ERROR
+from quanto_fx.kernels.cpu_float8_mm import FLOAT16_ERROR
 from quanto_fx.kernels.weight_only import float8_weight_mm, per_channel_weight_mm_reference
 
 from .utils import relative_error
@@ -24,8 +24,8 @@ def _float8_weight(n: int, k: int, dtype: torch.dtype):
 
 
 def _tolerance(dtype: torch.dtype, m: int) -> float:
-    """float32 arithmetic, or the e4m3fn GEMV's float16 arithmetic where this CPU runs it."""
-    return FLOAT16_GEMV_ERROR if cpu_float8_mm.path(dtype, m) == "float16 GEMV" else 1e-6
+    """float32 arithmetic, or float16 arithmetic where this CPU runs it."""
+    return FLOAT16_ERROR if cpu_float8_mm.path(dtype, m).startswith("float16") else 1e-6
 
 
 @needs_kernels
@@ -66,36 +66,45 @@ needs_float16_gemv = pytest.mark.skipif(
 
 
 @needs_float16_gemv
-@pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 2, 4, 7, 12, 16])
-@pytest.mark.parametrize("k", [40, 512, 8192])  # a chunk and a tail, one block of float16 sums, 16 blocks
-def test_the_float16_gemv_stays_within_its_stated_error(dtype, m, k):
-    assert cpu_float8_mm.path(dtype, m) == "float16 GEMV"
+@pytest.mark.parametrize(
+    "dtype, m",
+    # the GEMV (tiles of 1, 2, 4 and 8 rows); the e4m3fn GEMM (tiles of 8 rows, then single rows)
+    [(dtype, m) for dtype in FORMATS for m in (1, 2, 4, 7, 12, 16)]
+    + [(torch.float8_e4m3fn, m) for m in (17, 40)],
+)
+# GEMV: a chunk and a tail, one block of float16 sums, 2 blocks and a tail, 16 blocks; GEMM: 1 panel block,
+# 1, 2 (the last with K % 4 = 3 inputs one by one), 16
+@pytest.mark.parametrize("k", [40, 512, 603, 8192])
+def test_the_float16_paths_stay_within_their_stated_error(dtype, m, k):
+    assert cpu_float8_mm.path(dtype, m) == ("float16 GEMV" if m <= 16 else "float16 GEMM")
     torch.manual_seed(k + m)
     w, scale = _float8_weight(36, k, dtype)
     x = torch.randn(m, k) * 1e3  # scaled per row: the magnitude does not matter
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
     error = relative_error(out, per_channel_weight_mm_reference(x.double(), w, scale.double()))
-    assert 1e-6 < error < FLOAT16_GEMV_ERROR  # float16 arithmetic (not float32), within its bound
+    assert 1e-6 < error < FLOAT16_ERROR  # float16 arithmetic (not float32), within its bound
 
 
 @needs_float16_gemv
 @pytest.mark.parametrize("dtype, largest", [(torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, 57344.0)])
-def test_the_float16_sums_of_the_largest_codes_do_not_overflow(dtype, largest):
+@pytest.mark.parametrize("m", [1, 17])  # the GEMV, the GEMM
+def test_the_float16_sums_of_the_largest_codes_do_not_overflow(dtype, largest, m):
     """Every product at the format's largest magnitude (e4m3: 448 = 1.75 in float16 form, x scaled to 2048;
     e5m2: 57344, x scaled to 1 / 16): each float16 lane sums 16 of them per block, 57344 at most (float16
     holds 65504)."""
     k = 4096
     w = torch.full((4, k), largest).to(dtype)
     w[1] = -largest
-    x = torch.ones(1, k)
+    x = torch.ones(m, k)
     out = cpu_float8_mm.float8_weight_mm(x, w, torch.ones(4))
-    assert torch.equal(out, torch.tensor([[largest * k, -largest * k, largest * k, largest * k]]))
+    expected = torch.tensor([[largest * k, -largest * k, largest * k, largest * k]]).expand(m, 4)
+    assert torch.equal(out, expected)
 
 
 @needs_float16_gemv
 @pytest.mark.parametrize("dtype", FORMATS)
-def test_the_float16_gemv_keeps_its_error_on_weights_of_any_magnitude(dtype):
+@pytest.mark.parametrize("m", [3, 17])  # the GEMV, the GEMM (float32 for e5m2)
+def test_the_float16_paths_keep_their_error_on_weights_of_any_magnitude(dtype, m):
     """Weights not scaled to the format's range (as the op may be given), one magnitude per weight row, from
     mostly subnormal codes up: products of small codes must not fall among float16's subnormals (e5m2 rows
     of small codes only are computed in float32)."""
@@ -103,43 +112,48 @@ def test_the_float16_gemv_keeps_its_error_on_weights_of_any_magnitude(dtype):
     magnitudes = torch.tensor([1e-4, 1e-3, 3e-3, 1e-2, 0.1, 1.0, 10.0, 100.0])
     w = (torch.randn(8, 1024) * magnitudes[:, None]).to(dtype)
     w = w[w.float().abs().amax(1) > 0]  # e4m3's smallest code is 2**-9: rows of 1e-4 are all zeros
-    x = torch.randn(3, 1024)
+    x = torch.randn(m, 1024)
     out = cpu_float8_mm.float8_weight_mm(x, w, torch.ones(w.shape[0]))
     expected = per_channel_weight_mm_reference(x.double(), w, torch.ones(w.shape[0], dtype=torch.double))
     for n in range(w.shape[0]):
-        assert relative_error(out[:, n], expected[:, n]) < FLOAT16_GEMV_ERROR, magnitudes[n]
+        assert relative_error(out[:, n], expected[:, n]) < FLOAT16_ERROR, magnitudes[n]
 
 
 @needs_float16_gemv
-@pytest.mark.parametrize("dtype", FORMATS)
-def test_x_near_float32s_largest_values_is_not_flushed_to_zero(dtype):
+# the GEMVs, the e4m3fn float16 GEMM (e5m2's float32 GEMM sums x times codes before the channel scale: with
+# |x| ~ 1e38 those sums overflow float32)
+@pytest.mark.parametrize(
+    "dtype, m", [(torch.float8_e4m3fn, 1), (torch.float8_e5m2, 1), (torch.float8_e4m3fn, 17)]
+)
+def test_x_near_float32s_largest_values_is_not_flushed_to_zero(dtype, m):
     """max |x| = 1e38: e4m3's float16 scaling factor (2048 / 1e38) is a normal float32, which flush-to-zero
     keeps; e5m2's (1 / 16 / 1e38) would be subnormal, so that call runs in float32."""
     torch.manual_seed(0)
     w, scale = _float8_weight(16, 64, dtype)
-    x = torch.randn(1, 64)
-    x = x / x.abs().max() * 1e38
+    x = torch.randn(m, 64)
+    x = x / x.abs().amax(1, keepdim=True) * 1e38
     torch.set_flush_denormal(True)
     try:
         out = cpu_float8_mm.float8_weight_mm(x, w, scale * 1e-3)
     finally:
         torch.set_flush_denormal(False)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double() * 1e-3)
-    assert relative_error(out, expected) < FLOAT16_GEMV_ERROR
+    assert relative_error(out, expected) < FLOAT16_ERROR
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-def test_x_the_float16_gemv_cannot_scale_takes_the_float32_gemv(dtype):
+@pytest.mark.parametrize("m", [2, 17])
+def test_x_the_float16_paths_cannot_scale_takes_float32(dtype, m):
     """A subnormal row next to an ordinary one: the whole call in float32 (the ordinary row exact to float32
     rounding; the subnormal one's outputs are subnormal, with ~1% precision)."""
     torch.manual_seed(0)
     w, scale = _float8_weight(24, 96, dtype)
-    x = torch.randn(2, 96)
+    x = torch.randn(m, 96)
     x[0] *= 1e-39
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
-    assert relative_error(out[0], expected[0]) < 3e-2 and relative_error(out[1], expected[1]) < 1e-6
+    assert relative_error(out[0], expected[0]) < 3e-2 and relative_error(out[1:], expected[1:]) < 1e-6
 
 
 @needs_kernels
@@ -167,15 +181,17 @@ def test_the_bias_is_added_as_the_outputs_are_stored(dtype, m):
 
 
 @needs_kernels
-def test_the_gemm_passes_over_x_in_chunks():
-    """x of more than GEMM_X_CHUNK_BYTES (8 MB: 2048 rows at K = 1024) takes two passes over the weight."""
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_the_gemm_passes_over_x_in_chunks(dtype):
+    """x of more than a chunk (float32 GEMM: 8 MB, 2048 rows at K = 1024; float16 GEMM: 1 MB of float16 x, 512
+    rows) takes several passes over the weight."""
     torch.manual_seed(0)
-    w, scale = _float8_weight(24, 1024, torch.float8_e4m3fn)
+    w, scale = _float8_weight(24, 1024, dtype)
     x = torch.randn(2100, 1024)
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
-    for rows in (slice(0, 2048), slice(2048, 2100)):
-        assert relative_error(out[rows], expected[rows]) < 1e-6
+    for rows in (slice(0, 512), slice(512, 2048), slice(2048, 2100)):
+        assert relative_error(out[rows], expected[rows]) < _tolerance(dtype, 2100)
 
 
 @needs_kernels

@@ -413,17 +413,144 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     }
 }
 
+// -- GEMM in float16 (e4m3fn weights, CPUs with AVX512-FP16) ------------------------------------------------
+//
+// The GEMM above does fp32's multiply-adds plus the conversion (0.8-1.06x the fp32 GEMM past M = 128). Here
+// the panel holds the codes' float16 form, one vector of 32 weight rows per input, and x's float16 rows
+// (scaled as for the GEMV) are broadcast from memory into vfmadd231ph: 32 multiply-adds per instruction. Each
+// lane sums FP16_GEMM_BLOCK products of one output in float16 (the GEMV's bound: 16), then float32. The panel
+// is built FP16_GEMM_KC inputs at a time so that it stays in L1 while every row of x in the chunk runs over it;
+// the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. e5m2 keeps the float32 GEMM
+// (rows of small e5m2 codes need float32, see E5M2_FLOAT16_MIN_CODE).
+#if QUANTO_HAS_FP16_INTRINSICS
+constexpr int64_t FP16_GEMM_BLOCK = FP16_BLOCK / 32;
+// Inputs per panel block: 512 x 64 B = 32 KB, in L1 (256: 0.74-0.90x fp32 where 512 gave 0.62-0.89x).
+constexpr int64_t FP16_GEMM_KC = 512;
+// 8 rows x 32 columns: 8 float16 accumulators and 16 float32 ones. 4 rows x 64 columns ran no faster than the
+// float32 GEMM (each broadcast of x, used twice, took a shuffle uop beside the FMAs).
+constexpr int FP16_GEMM_ROWS = 8;
+// Rows of x per pass over the weight: 1 MB of float16 x (384 x 1536 at M = 2048, x fp32 time: 8 MB 1.02x, 2 MB
+// 0.97x, 1 MB 0.87x; 4096 x 4096 at M = 512: 0.99x / 0.94x / 0.88x).
+constexpr int64_t FP16_GEMM_X_CHUNK_BYTES = 1 << 20;
+
+// panel (kc float16 vectors) from weight rows n0 .. n0 + 31 (valid[0], valid[1]: the rows that exist),
+// inputs k0 .. k0 + kc: 32-bit words of 16 rows gathered and regrouped by input as in gather_panel.
+FP16_TARGET void gather_panel_fp16(const uint8_t* weight, int64_t n0, int64_t K, int64_t k0, int64_t kc,
+                                   const __mmask16* valid, __m512h* panel) {
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i row_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)K));
+    const __m512i by_input = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
+    const __m512i by_lane = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    const int64_t whole_words = kc - kc % 4;
+    alignas(64) uint8_t bytes[2][64];  // [rows 0-15, rows 16-31]: bytes 16 j .. 16 j + 15 = input k + j
+    for (int64_t k = 0; k < whole_words; k += 4) {
+        for (int h = 0; h < 2; h++) {
+            const uint8_t* rows = weight + (n0 + 16 * h) * K + k0 + k;
+            const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid[h], row_offsets, rows, 1);
+            _mm512_store_si512(bytes[h], _mm512_permutexvar_epi32(by_lane, _mm512_shuffle_epi8(words, by_input)));
+        }
+        for (int j = 0; j < 4; j++) {
+            const __m256i codes = _mm256_set_m128i(_mm_load_si128((const __m128i*)(bytes[1] + 16 * j)),
+                                                   _mm_load_si128((const __m128i*)(bytes[0] + 16 * j)));
+            panel[k + j] = _mm512_castsi512_ph(e4m3_to_half(codes));
+        }
+    }
+    for (int64_t k = whole_words; k < kc; k++) {
+        alignas(32) uint8_t column[32] = {};
+        for (int r = 0; r < 32; r++)
+            if (valid[r / 16] >> (r % 16) & 1) column[r] = weight[(n0 + r) * K + k0 + k];
+        panel[k] = _mm512_castsi512_ph(e4m3_to_half(_mm256_load_si256((const __m256i*)column)));
+    }
+}
+
+// out[m0 .. m0 + MR, n0 .. n0 + 31] over inputs k0 .. k0 + kc; the last block scales the sums and adds the bias.
+template <int MR>
+FP16_TARGET INLINE void gemm_tile_fp16(const __m512h* panel, const uint16_t* xh, const float* sx, int64_t K,
+                                       int64_t k0, int64_t kc, int64_t m0, const __m512* column_scales,
+                                       const __m512* column_bias, const __mmask16* valid, float* out, int64_t N,
+                                       int64_t n0) {
+    __m512 acc[MR][2];
+    for (int i = 0; i < MR; i++)
+        for (int h = 0; h < 2; h++)
+            acc[i][h] = k0 ? _mm512_maskz_loadu_ps(valid[h], out + (m0 + i) * N + n0 + 16 * h) : _mm512_setzero_ps();
+    const _Float16* x = reinterpret_cast<const _Float16*>(xh) + m0 * K + k0;
+    for (int64_t block = 0; block < kc; block += FP16_GEMM_BLOCK) {
+        __m512h sums[MR];
+        for (int i = 0; i < MR; i++) sums[i] = _mm512_setzero_ph();
+        const int64_t end = std::min(kc, block + FP16_GEMM_BLOCK);
+        for (int64_t k = block; k < end; k++)
+            for (int i = 0; i < MR; i++) sums[i] = _mm512_fmadd_ph(panel[k], _mm512_set1_ph(x[i * K + k]), sums[i]);
+        for (int i = 0; i < MR; i++) {
+            const __m512i bits = _mm512_castph_si512(sums[i]);
+            acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_cvtph_ps(_mm512_castsi512_si256(bits)));
+            acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1)));
+        }
+    }
+    const bool last = k0 + kc == K;
+    for (int i = 0; i < MR; i++)
+        for (int h = 0; h < 2; h++) {
+            const __m512 scaled = _mm512_mul_ps(acc[i][h], _mm512_set1_ps(sx[m0 + i]));
+            const __m512 value = last ? _mm512_fmadd_ps(scaled, column_scales[h], column_bias[h]) : acc[i][h];
+            _mm512_mask_storeu_ps(out + (m0 + i) * N + n0 + 16 * h, valid[h], value);
+        }
+}
+
+// Rows first .. last of x times weight rows n0 .. n0 + 31 (those below N).
+FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const uint16_t* xh, const float* sx, int64_t first,
+                                 int64_t last, int64_t K, const float* scale, const float* bias, float* out,
+                                 int64_t N, int64_t n0, __m512h* panel) {
+    __mmask16 valid[2];
+    __m512 column_scales[2], column_bias[2];
+    for (int h = 0; h < 2; h++) {
+        const int64_t rows = std::min<int64_t>(16, std::max<int64_t>(0, N - n0 - 16 * h));
+        valid[h] = rows == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+        const __m512 channel_scales = _mm512_maskz_loadu_ps(valid[h], scale + n0 + 16 * h);
+        column_scales[h] = _mm512_mul_ps(channel_scales, _mm512_set1_ps(E4M3_SCALE));
+        column_bias[h] = bias ? _mm512_maskz_loadu_ps(valid[h], bias + n0 + 16 * h) : _mm512_setzero_ps();
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += FP16_GEMM_KC) {
+        const int64_t kc = std::min(FP16_GEMM_KC, K - k0);
+        gather_panel_fp16(weight, n0, K, k0, kc, valid, panel);
+        int64_t m = first;
+        for (; m + FP16_GEMM_ROWS <= last; m += FP16_GEMM_ROWS)
+            gemm_tile_fp16<FP16_GEMM_ROWS>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
+        for (; m < last; m++)
+            gemm_tile_fp16<1>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
+    }
+}
+
+FP16_TARGET void float8_gemm_fp16(const uint16_t* xh, const float* sx, int64_t M, int64_t K, const uint8_t* weight,
+                                  int64_t N, const float* scale, const float* bias, float* out, int threads) {
+    const int64_t blocks = (N + 31) / 32;
+    const int64_t chunk = std::max<int64_t>(FP16_GEMM_ROWS, FP16_GEMM_X_CHUNK_BYTES / (2 * K));
+    std::unique_ptr<Vector[]> panels(new Vector[threads * FP16_GEMM_KC]);  // allocated outside the team
+#pragma omp parallel num_threads(threads)
+    {
+        __m512h* panel = reinterpret_cast<__m512h*>(panels.get() + omp_get_thread_num() * FP16_GEMM_KC);
+        for (int64_t first = 0; first < M; first += chunk) {
+            const int64_t last = std::min(M, first + chunk);
+#pragma omp for schedule(static) nowait
+            for (int64_t b = 0; b < blocks; b++)
+                gemm_block_fp16(weight, xh, sx, first, last, K, scale, bias, out, N, 32 * b, panel);
+        }
+    }
+}
+#endif
+
 // The form by M, chosen here for every caller (4096 x 4096, 1024 x 4096, 4096 x 11008, 384 x 1536 and 1536 x
 // 384, 2-core Xeon, GEMV / GEMM time interleaved): the float32 GEMV (CPUs without AVX512-FP16) up to M = 7 (at
 // M = 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV up to M = 16 (at 13-14: 0.53-0.77, at 16: 0.72-1.01 but
 // one noisy e5m2 run at 4096 x 4096, 1.21; at 20-24: 0.8-1.3).
+// Past M = 16, e4m3fn takes the float16 GEMM on those CPUs.
 constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 16;
-enum Path { GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2 };
+enum Path { FLOAT32_GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2, FLOAT16_GEMM = 3 };
 
 Path path_for(int format, int64_t M) {
-    if (QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16())
-        return M <= FLOAT16_GEMV_MAX_M ? FLOAT16_GEMV : GEMM;
-    return M <= GEMV_MAX_M ? FLOAT32_GEMV : GEMM;
+    if (QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16()) {
+        if (M <= FLOAT16_GEMV_MAX_M) return FLOAT16_GEMV;
+        return format == E4M3 ? FLOAT16_GEMM : FLOAT32_GEMM;
+    }
+    return M <= GEMV_MAX_M ? FLOAT32_GEMV : FLOAT32_GEMM;
 }
 
 }  // namespace
@@ -431,30 +558,34 @@ Path path_for(int format, int64_t M) {
 extern "C" {
 
 // The kernel quanto_float8_weight_mm runs for M rows of x with weights in `format` on this machine (a Path),
-// but for x that the float16 GEMV cannot scale, which takes the float32 GEMV.
+// but for x that the float16 paths cannot scale, which takes the float32 GEMV or GEMM.
 int quanto_float8_path(int format, int64_t M) { return path_for(format, M); }
 
 // out (M, N) float32 = x (M, K) float32 @ (W * scale).T + bias for W (N, K) float8 bytes (format 0: e4m3fn,
 // 1: e5m2), scale (N,) float32 and bias (N,) float32 or null, the bias added as each output is stored: a GEMV
-// for small M (each weight chunk converted once per 4 rows of x, 8 in the float16 GEMV), else the GEMM (each
+// for small M (each weight chunk converted once per 4 rows of x, 8 in the float16 GEMV), else a GEMM (each
 // block of weight rows converted once into a panel that every row of x in a chunk reuses), by
 // quanto_float8_path. Returns 2 when the GEMM's panels cannot be allocated, else 0.
 int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                             const float* scale, const float* bias, float* out, int threads) try {
     const Path path = path_for(format, M);
 #if QUANTO_HAS_FP16_INTRINSICS
-    if (path == FLOAT16_GEMV) {
+    if (path == FLOAT16_GEMV || path == FLOAT16_GEMM) {
         std::unique_ptr<uint16_t[]> xh(new uint16_t[M * K]);
         std::unique_ptr<float[]> sx(new float[M]);
         const float x_max = format == E4M3 ? x_half_max<E4M3>() : x_half_max<E5M2>();
         if (x_to_half(x, M, K, x_max, xh.get(), sx.get())) {
-            if (format == E4M3) float8_gemv_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
-            if (format == E5M2) float8_gemv_fp16<E5M2>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+            if (path == FLOAT16_GEMM) float8_gemm_fp16(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+            if (path == FLOAT16_GEMV && format == E4M3)
+                float8_gemv_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+            if (path == FLOAT16_GEMV && format == E5M2)
+                float8_gemv_fp16<E5M2>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             return 0;
         }
     }
 #endif
-    const bool gemv = path != GEMM;
+    // float32: by path, or x that the float16 paths cannot scale
+    const bool gemv = path == FLOAT32_GEMV || path == FLOAT16_GEMV;
     if (gemv && format == E4M3) float8_gemv<E4M3>(x, M, K, weight, N, scale, bias, out, threads);
     if (gemv && format == E5M2) float8_gemv<E5M2>(x, M, K, weight, N, scale, bias, out, threads);
     if (!gemv && format == E4M3) float8_gemm<E4M3>(x, M, K, weight, N, scale, bias, out, threads);

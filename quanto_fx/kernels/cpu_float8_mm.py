@@ -4,11 +4,12 @@ torch converts float8 to float32 element by element on the CPU (~55 ms for a 409
 Xeon), which made float8 weights 2 to 30x slower than the fp32 GEMM. The kernels convert 32 codes in a few
 vector instructions through float16 (exact for every code, NaN included):
 - ``float8_weight_mm``: a GEMV for small M (each weight chunk converted once per 4 rows of x), else a GEMM
-  (each block of 32 weight rows converted once into a float32 panel that every row of x runs over with
-  broadcast FMAs, as a float GEMM's micro-kernel does), the bias added as the outputs are stored. On CPUs with
-  AVX512-FP16 the GEMV multiplies the codes' float16 form directly (e4m3fn and e5m2), 8 rows of x per
-  conversion, up to M = 16 (see :func:`path`). 4096 x 4096 against the fp32 GEMM (2-core Xeon): 0.29-0.30x
-  at M = 1 through a module, the kernels alone 0.15-0.27x up to M = 12, ~0.4-0.6x at 16, ~0.9x from 128
+  (each block of 32 weight rows converted once into a panel that every row of x runs over with broadcast
+  FMAs, as a float GEMM's micro-kernel does), the bias added as the outputs are stored. On CPUs with
+  AVX512-FP16 both multiply the codes' float16 form directly (see :func:`path`): the GEMV for e4m3fn and
+  e5m2 up to M = 16, 8 rows of x per conversion; the GEMM for e4m3fn past it, on panels of 512 inputs that
+  stay in L1. Against the fp32 GEMM (2-core Xeon, kernels alone): 4096 x 4096 0.15-0.27x up to M = 12,
+  ~0.4-0.6x at 16 to 32, 0.75-0.9x from 128; small layers 0.6-0.9x, but 1536 -> 384 at M = 2048 1.1x
   (bench/RESULTS.md).
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
@@ -34,23 +35,24 @@ def supports(in_features: int) -> bool:
     return 0 < in_features <= MAX_IN_FEATURES and cpu_vnni_mm.available()
 
 
-PATHS = ("GEMM", "float32 GEMV", "float16 GEMV")
+PATHS = ("float32 GEMM", "float32 GEMV", "float16 GEMV", "float16 GEMM")
 
 
 def path(dtype: torch.dtype, rows: int) -> str:
     """The kernel that computes ``rows`` rows of x with ``dtype`` weights on this machine, one of ``PATHS``
-    (the C++ side chooses it by M). "float16 GEMV" (CPUs with AVX512-FP16, up to M = 16): x rounded per row to
-    float16 and products summed in float16 over 512 inputs, then in float32, for a relative error of ~5e-4 (at
-    most ``FLOAT16_GEMV_ERROR``) against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2); e5m2 weight rows of
-    codes all below 2**-6 are computed in float32, and x it cannot scale (not finite, max |x| < 1e-30, and
-    above ~5e36 with e5m2 weights) takes the float32 GEMV. The others compute in float32."""
+    (the C++ side chooses it by M). The float16 paths run on CPUs with AVX512-FP16: the GEMV up to M = 16, the
+    GEMM past it for e4m3fn. x is rounded per row to float16 and each output's products are summed in float16
+    over 16 products per lane, then in float32, for a relative error of ~5e-4 (at most ``FLOAT16_ERROR``)
+    against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2); e5m2 weight rows of codes all below 2**-6 are
+    computed in float32, and x they cannot scale (not finite, max |x| < 1e-30, and above ~5e36 with e5m2
+    weights) takes the float32 GEMV or GEMM. The float32 paths compute in float32."""
     if dtype not in FORMATS or not supports(1):
         raise ValueError(f"no float8 kernel for {dtype} on this machine")
     return PATHS[cpu_vnni_mm._loaded_library().quanto_float8_path(FORMATS[dtype], rows)]
 
 
-# Bound on the float16 GEMV's relative error (||out - exact|| / ||exact||; measured 4-6e-4 on random data).
-FLOAT16_GEMV_ERROR = 2e-3
+# Bound on the float16 paths' relative error (||out - exact|| / ||exact||; measured 4-7e-4 on random data).
+FLOAT16_ERROR = 2e-3
 
 
 def _check_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
