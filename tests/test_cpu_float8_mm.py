@@ -59,13 +59,13 @@ def test_the_kernels_match_the_float_reference(dtype, m, n, k):
     assert relative_error(out, expected) < _tolerance(dtype, m)
 
 
-needs_float16_gemv = pytest.mark.skipif(
+needs_avx512_fp16 = pytest.mark.skipif(
     not (cpu_float8_mm.supports(1) and cpu_float8_mm.path(torch.float8_e4m3fn, 1) == "float16 GEMV"),
     reason="needs a CPU with AVX512-FP16",
 )
 
 
-@needs_float16_gemv
+@needs_avx512_fp16
 @pytest.mark.parametrize(
     "dtype, m",
     # the GEMV (tiles of 1, 2, 4 and 8 rows); the e4m3fn GEMM (tiles of 8 rows, then single rows)
@@ -85,7 +85,7 @@ def test_the_float16_paths_stay_within_their_stated_error(dtype, m, k):
     assert 1e-6 < error < FLOAT16_ERROR  # float16 arithmetic (not float32), within its bound
 
 
-@needs_float16_gemv
+@needs_avx512_fp16
 @pytest.mark.parametrize("dtype, largest", [(torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, 57344.0)])
 @pytest.mark.parametrize("m", [1, 17])  # the GEMV, the GEMM
 def test_the_float16_sums_of_the_largest_codes_do_not_overflow(dtype, largest, m):
@@ -101,7 +101,7 @@ def test_the_float16_sums_of_the_largest_codes_do_not_overflow(dtype, largest, m
     assert torch.equal(out, expected)
 
 
-@needs_float16_gemv
+@needs_avx512_fp16
 @pytest.mark.parametrize("dtype", FORMATS)
 @pytest.mark.parametrize("m", [3, 17])  # the GEMV, the GEMM (float32 for e5m2)
 def test_the_float16_paths_keep_their_error_on_weights_of_any_magnitude(dtype, m):
@@ -119,7 +119,7 @@ def test_the_float16_paths_keep_their_error_on_weights_of_any_magnitude(dtype, m
         assert relative_error(out[:, n], expected[:, n]) < FLOAT16_ERROR, magnitudes[n]
 
 
-@needs_float16_gemv
+@needs_avx512_fp16
 # the GEMVs, the e4m3fn float16 GEMM (e5m2's float32 GEMM sums x times codes before the channel scale: with
 # |x| ~ 1e38 those sums overflow float32)
 @pytest.mark.parametrize(

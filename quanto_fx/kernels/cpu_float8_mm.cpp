@@ -9,8 +9,8 @@
 // times 2**-8 for normal and subnormal codes alike (e4m3's subnormals are float16 normals or subnormals;
 // vcvtph2ps converts both exactly), so 2**8 joins the channel scale. e4m3fn's NaN (s.1111.111) is mapped
 // to a float16 NaN explicitly. Two forms: a GEMV that converts each weight chunk per tile of rows of x
-// (small M; in float16 arithmetic on CPUs with AVX512-FP16, see below), and a GEMM whose micro-kernel runs
-// every row of x over a converted panel of the weight.
+// (small M), and a GEMM whose micro-kernel runs every row of x over a converted panel of the weight; on CPUs
+// with AVX512-FP16 the GEMV and the e4m3fn GEMM compute in float16 (see there).
 //
 // Every index is checked by the Python caller; nothing here validates again.
 
@@ -308,32 +308,42 @@ struct alignas(64) Vector {  // storage for one __m512 (std containers of __m512
     float lanes[16];
 };
 
-// panel (K * NR vectors) from rows n0 .. n0 + 16 NR: 32-bit words of 16 rows gathered, their bytes regrouped
-// by input (bytes 16 j .. 16 j + 15 = input k + j of the 16 rows), then converted; the last K % 4 inputs one
-// by one.
-template <int FORMAT, int NR>
-void gather_panel(const uint8_t* weight, int64_t n0, int64_t K, __mmask16 last_lanes, __m512* panel) {
+// Inputs k .. k + 3 of 16 weight rows from `rows` (K bytes apart; rows outside `valid` read as 0): their
+// 32-bit words gathered and the bytes regrouped by input (bytes 16 j .. 16 j + 15 = input k + j of the rows).
+INLINE __m512i gather_inputs(const uint8_t* rows, int64_t K, int64_t k, __mmask16 valid) {
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i row_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)K));
     const __m512i by_input = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
     const __m512i by_lane = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_offsets, rows + k, 1);
+    return _mm512_permutexvar_epi32(by_lane, _mm512_shuffle_epi8(words, by_input));
+}
+
+// Input k of up to 32 weight rows from `rows` (K bytes apart; rows outside `valid` as 0), one byte at a time:
+// the K % 4 inputs past the gathered words.
+INLINE __m256i input_codes(const uint8_t* rows, int64_t K, int64_t k, __mmask32 valid) {
+    alignas(32) uint8_t column[32] = {};
+    for (int r = 0; r < 32; r++)
+        if (valid >> r & 1) column[r] = rows[r * K + k];
+    return _mm256_load_si256((const __m256i*)column);
+}
+
+// panel (K * NR vectors) from rows n0 .. n0 + 16 NR, converted to float32.
+template <int FORMAT, int NR>
+void gather_panel(const uint8_t* weight, int64_t n0, int64_t K, __mmask16 last_lanes, __m512* panel) {
     const int64_t whole_words = K - K % 4;
     for (int c = 0; c < NR; c++) {
         const __mmask16 valid = c == NR - 1 ? last_lanes : (__mmask16)0xFFFF;
         const uint8_t* rows = weight + (n0 + 16 * c) * K;
         __m512 v[4];
         for (int64_t k = 0; k < whole_words; k += 4) {
-            const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_offsets, rows + k, 1);
-            const __m512i codes = _mm512_permutexvar_epi32(by_lane, _mm512_shuffle_epi8(words, by_input));
+            const __m512i codes = gather_inputs(rows, K, k, valid);
             float8_to_float<FORMAT>(_mm512_castsi512_si256(codes), v[0], v[1]);
             float8_to_float<FORMAT>(_mm512_extracti64x4_epi64(codes, 1), v[2], v[3]);
             for (int j = 0; j < 4; j++) panel[(k + j) * NR + c] = v[j];
         }
         for (int64_t k = whole_words; k < K; k++) {
-            alignas(32) uint8_t column[32] = {};
-            for (int r = 0; r < 16; r++)
-                if (valid >> r & 1) column[r] = rows[r * K + k];
-            float8_to_float<FORMAT>(_mm256_load_si256((const __m256i*)column), v[0], v[1]);
+            float8_to_float<FORMAT>(input_codes(rows, K, k, valid), v[0], v[1]);
             panel[k * NR + c] = v[0];
         }
     }
@@ -434,33 +444,23 @@ constexpr int FP16_GEMM_ROWS = 8;
 constexpr int64_t FP16_GEMM_X_CHUNK_BYTES = 1 << 20;
 
 // panel (kc float16 vectors) from weight rows n0 .. n0 + 31 (valid[0], valid[1]: the rows that exist),
-// inputs k0 .. k0 + kc: 32-bit words of 16 rows gathered and regrouped by input as in gather_panel.
+// inputs k0 .. k0 + kc.
 FP16_TARGET void gather_panel_fp16(const uint8_t* weight, int64_t n0, int64_t K, int64_t k0, int64_t kc,
                                    const __mmask16* valid, __m512h* panel) {
-    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i row_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)K));
-    const __m512i by_input = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
-    const __m512i by_lane = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    const uint8_t* rows = weight + n0 * K + k0;
     const int64_t whole_words = kc - kc % 4;
-    alignas(64) uint8_t bytes[2][64];  // [rows 0-15, rows 16-31]: bytes 16 j .. 16 j + 15 = input k + j
+    alignas(64) uint8_t bytes[2][64];  // gather_inputs of rows 0-15 and 16-31
     for (int64_t k = 0; k < whole_words; k += 4) {
-        for (int h = 0; h < 2; h++) {
-            const uint8_t* rows = weight + (n0 + 16 * h) * K + k0 + k;
-            const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid[h], row_offsets, rows, 1);
-            _mm512_store_si512(bytes[h], _mm512_permutexvar_epi32(by_lane, _mm512_shuffle_epi8(words, by_input)));
-        }
+        for (int h = 0; h < 2; h++) _mm512_store_si512(bytes[h], gather_inputs(rows + 16 * h * K, K, k, valid[h]));
         for (int j = 0; j < 4; j++) {
             const __m256i codes = _mm256_set_m128i(_mm_load_si128((const __m128i*)(bytes[1] + 16 * j)),
                                                    _mm_load_si128((const __m128i*)(bytes[0] + 16 * j)));
             panel[k + j] = _mm512_castsi512_ph(e4m3_to_half(codes));
         }
     }
-    for (int64_t k = whole_words; k < kc; k++) {
-        alignas(32) uint8_t column[32] = {};
-        for (int r = 0; r < 32; r++)
-            if (valid[r / 16] >> (r % 16) & 1) column[r] = weight[(n0 + r) * K + k0 + k];
-        panel[k] = _mm512_castsi512_ph(e4m3_to_half(_mm256_load_si256((const __m256i*)column)));
-    }
+    const __mmask32 all_valid = (__mmask32)valid[0] | (__mmask32)valid[1] << 16;
+    for (int64_t k = whole_words; k < kc; k++)
+        panel[k] = _mm512_castsi512_ph(e4m3_to_half(input_codes(rows, K, k, all_valid)));
 }
 
 // out[m0 .. m0 + MR, n0 .. n0 + 31] over inputs k0 .. k0 + kc; the last block scales the sums and adds the bias.

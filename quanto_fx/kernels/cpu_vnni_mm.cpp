@@ -494,11 +494,10 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
     }
 }
 
-// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: int8 weights up to M = 16 (and
-// past 2**16 input features); packed
-// ones up to M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4, 2-core Xeon, x fp32 time: GEMV
-// 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
-// The GEMM sums an int8 row's K products of up to 128 * 255 in each int32 lane: at most 2**16 of them.
+// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: int8 weights up to M = 16, and past
+// 2**16 input features (the GEMM sums all K products of up to 128 * 255 of an int8 row in one int32 lane);
+// packed ones up to M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4, 2-core Xeon, x fp32
+// time: GEMV 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
 int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
     constexpr int64_t INT8_GEMV_MAX_M = 16, INT8_GEMM_MAX_K = 1 << 16, PACKED_GEMV_MAX_M = 2, GEMV_CHUNK_BYTES = 32;
     if (bits == 8) return M <= INT8_GEMV_MAX_M || K > INT8_GEMM_MAX_K;
