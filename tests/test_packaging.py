@@ -70,6 +70,7 @@ def test_wheel_has_package_files(wheel):
         "quanto_fx/kernels/cpu_vnni_mm.cpp",  # compiled on first use: must ship as package data
         "quanto_fx/kernels/cpu_float8_mm.cpp",
         "quanto_fx/kernels/cpu_native_ops.cpp",
+        "quanto_fx/kernels/cpu_simd.h",  # included by the two kernel sources
     ):
         assert required in names, f"{required} missing from the wheel"
 

@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <memory>
 
+#include "cpu_simd.h"
+
 // AVX512-FP16 intrinsics need GCC 12 or Clang 14; older compilers build the rest (float32 GEMV only).
 #if (defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12)
 #define QUANTO_HAS_FP16_INTRINSICS 1
@@ -29,13 +31,6 @@
 #else
 #define QUANTO_HAS_FP16_INTRINSICS 0
 #endif
-
-#define INLINE static inline __attribute__((always_inline))
-
-namespace quanto_fx_cpu {
-float row_abs_max(const float* row, int64_t K);  // cpu_vnni_mm.cpp
-__m256 sum8(const __m512* a);                    // cpu_vnni_mm.cpp
-}
 
 namespace {
 
@@ -571,7 +566,7 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
     const Path path = path_for(format, M);
 #if QUANTO_HAS_FP16_INTRINSICS
     if (path == FLOAT16_GEMV || path == FLOAT16_GEMM) {
-        std::unique_ptr<uint16_t[]> xh(new uint16_t[M * K]);
+        const auto xh = quanto_fx_cpu::aligned_workspace<uint16_t>(M * K);
         std::unique_ptr<float[]> sx(new float[M]);
         const float x_max = format == E4M3 ? x_half_max<E4M3>() : x_half_max<E5M2>();
         if (x_to_half(x, M, K, x_max, xh.get(), sx.get())) {

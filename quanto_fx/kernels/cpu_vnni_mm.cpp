@@ -28,46 +28,7 @@
 #include <memory>
 #include <vector>
 
-
-#define INLINE static inline __attribute__((always_inline))
-
-namespace quanto_fx_cpu {
-
-// The largest |x| of a row of K floats, or NaN when the row holds a NaN or an infinity. Also used by
-// cpu_float8_mm.cpp (built into the same library).
-float row_abs_max(const float* row, int64_t K) {
-    __m512 vmax = _mm512_setzero_ps(), nan_if_not_finite = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        const __m512 v = _mm512_loadu_ps(row + k);
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-        nan_if_not_finite = _mm512_add_ps(nan_if_not_finite, _mm512_sub_ps(v, v));  // inf - inf = NaN
-    }
-    float amax = _mm512_reduce_max_ps(vmax), finite = _mm512_reduce_add_ps(nan_if_not_finite);
-    for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k])), finite += row[k] - row[k];
-    return isnan(finite) ? NAN : amax;
-}
-
-// The 8 sums of a[0] .. a[7] in one vector: a transposing tree of 23 shuffles and adds, where 8 separate
-// horizontal sums take ~70 dependent instructions (at K = 384 these made half of the GEMV's time). Also used
-// by cpu_float8_mm.cpp.
-__m256 sum8(const __m512* a) {
-    __m512 half[4], quarter[2];
-    constexpr int pairs[4][2] = {{0, 2}, {4, 6}, {1, 3}, {5, 7}};  // chosen so that the sums come out in order
-    for (int p = 0; p < 4; p++) {  // lanes 0-7: 8 partial sums of the first row, lanes 8-15 of the second
-        const __m512 u = a[pairs[p][0]], v = a[pairs[p][1]];
-        half[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x44), _mm512_shuffle_f32x4(u, v, 0xEE));
-    }
-    for (int p = 0; p < 2; p++)  // each 128-bit quarter: 4 partial sums of one row
-        quarter[p] = _mm512_add_ps(_mm512_shuffle_f32x4(half[2 * p], half[2 * p + 1], 0x88),
-                                   _mm512_shuffle_f32x4(half[2 * p], half[2 * p + 1], 0xDD));
-    const __m512 two = _mm512_add_ps(_mm512_shuffle_ps(quarter[0], quarter[1], 0x44),
-                                     _mm512_shuffle_ps(quarter[0], quarter[1], 0xEE));
-    const __m512 one = _mm512_add_ps(two, _mm512_shuffle_ps(two, two, 0xB1));  // the sums in lanes 0, 2, .., 14
-    return _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, one));
-}
-
-}  // namespace quanto_fx_cpu
+#include "cpu_simd.h"
 
 namespace {
 
@@ -191,11 +152,12 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
         }
     }
     if constexpr (RT * MT == 8) {  // (RT = 8, MT = 1) and (4, 2): out rows of RT contiguous floats
-        alignas(32) float terms[MT][RT];
-        for (int i = 0; i < MT; i++)
-            for (int r = 0; r < RT; r++) terms[i][r] = zero_acc[i][r] + (bias ? bias[n0 + r] : 0.f);
+        // Built in registers: eight scalar stores read back as one vector stalled every tile (failed
+        // store-to-load forwarding: the hottest instruction in a profile of the int8 GEMV at K = 384).
+        const auto term = [&](int o) { return zero_acc[o / RT][o % RT] + (bias ? bias[n0 + o % RT] : 0.f); };
+        const __m256 terms = _mm256_setr_ps(term(0), term(1), term(2), term(3), term(4), term(5), term(6), term(7));
         alignas(32) float sums[MT][RT];
-        _mm256_store_ps(&sums[0][0], _mm256_add_ps(V::sum8(&acc[0][0]), _mm256_load_ps(&terms[0][0])));
+        _mm256_store_ps(&sums[0][0], _mm256_add_ps(V::sum8(&acc[0][0]), terms));
         for (int i = 0; i < MT; i++) memcpy(out + (m0 + i) * N + n0, sums[i], RT * sizeof(float));
     } else {
         for (int i = 0; i < MT; i++)
@@ -515,10 +477,11 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
                      const float* scales, int64_t G, const float* bias, float* out, int threads) try {
     const int per_byte = 8 / bits;
     const bool gemv = quanto_weight_mm_uses_gemv(bits, M, K, G);
-    std::unique_ptr<int8_t[]> planes(new int8_t[2 * M * K]);  // not zeroed (16 MB at M = 2048): all written
+    const int64_t plane_bytes = (M * K + 63) / 64 * 64;  // each plane on cache lines
+    const auto planes = quanto_fx_cpu::aligned_workspace<int8_t>(2 * plane_bytes);  // all written: not zeroed
     std::vector<float> scale_buffer(M), sum_buffer(M * G);
     float *sx = scale_buffer.data(), *xsum = sum_buffer.data();
-    int8_t *h = planes.get(), *l = planes.get() + M * K;
+    int8_t *h = planes.get(), *l = planes.get() + plane_bytes;
     if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads)) return 1;
     if (bits == 8 && gemv) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 8 && !gemv) vnni_gemm<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);

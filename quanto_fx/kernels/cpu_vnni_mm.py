@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [
     Path(__file__).with_name(name) for name in ("cpu_vnni_mm.cpp", "cpu_float8_mm.cpp", "cpu_native_ops.cpp")
 ]
+HEADERS = [Path(__file__).with_name("cpu_simd.h")]  # included by the sources: part of the cache key
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
 # int8 weights: the VNNI kernels (the GEMV up to M = 16, then the GEMM) up to this M, and past it for
@@ -90,7 +91,7 @@ def _torch_flags() -> list[str]:
 def _build(compiler: str) -> Path:
     """The compiled library's path, compiled unless these sources, compiler, flags and torch are cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    texts = [source.read_text() for source in SOURCES]
+    texts = [source.read_text() for source in [*SOURCES, *HEADERS]]
     flags = [*FLAGS, *_torch_flags(), "-ltorch_cpu"]
     key = hashlib.sha256("\0".join([*texts, version, torch.__version__, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_vnni_mm-{key}.so"
