@@ -32,11 +32,13 @@ def _lowbit_weight(n: int, k: int, bits: int, group_size: int):
     return pack(codes, bits), torch.randn(k // group_size, n, 2) * 0.01
 
 
-# GEMV up to 16 rows; GEMM past them (tiles of 4 rows, then single rows)
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 40, 130])
+# The GEMV up to 6 rows (2 for K <= 512); the GEMM past them: tiles of 4 rows, the last 1 to 3 in one tile
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 17, 40, 130])
 # 20: weight rows left over after the GEMV's 8- and 4-row tiles, and past the GEMM's 16-column block
 @pytest.mark.parametrize("n", [20, 64])
-@pytest.mark.parametrize("k", [192, 224])  # 64-byte chunks; 224 is not a multiple of 64: 32-byte chunks
+# 64-byte GEMV chunks; 224 is not a multiple of 64 (32-byte chunks), nor its 56 words of 16 (the GEMM reads
+# rows 16 words at a time); 576 > 512: the GEMV up to 6 rows
+@pytest.mark.parametrize("k", [192, 224, 576])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_weights_match_the_float_reference(m, n, k, dtype):
     torch.manual_seed(m * n + k)
@@ -53,8 +55,10 @@ GROUPS = [(4, 8), (4, 32), (4, 64), (4, 128), (2, 16), (2, 128), (2, 256)]
 
 
 @pytest.mark.parametrize("bits, group_size", GROUPS)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 40])  # GEMM: tiles of 4 rows, then single rows
-@pytest.mark.parametrize("n", [20, 48, 100])  # GEMM: 32-column blocks, then 16-column ones, the last partial
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 16, 40])  # GEMM: tiles of 4 rows, the last 1 to 3 in one
+# GEMM: 32-column blocks, then 16-column ones, the last partial (60: 12 columns, whose 24 (scale, zero) floats
+# span two vectors)
+@pytest.mark.parametrize("n", [20, 48, 60, 100])
 def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
     torch.manual_seed(bits * m * n + group_size)
     packed, scale_zeros = _lowbit_weight(n, 512, bits, group_size)
@@ -65,10 +69,11 @@ def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
 
 
 def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
-    """int4: rows 0-1 alone take the GEMV, inside 8 rows the GEMM; int8: rows 0-15 alone the GEMV, inside 17
+    """int4: rows 0-1 alone take the GEMV, inside 8 rows the GEMM; int8: rows 0-5 alone the GEMV, inside 17
     the GEMM. The same exact integer sums, summed in another order in float32."""
     assert cpu_vnni_mm.uses_gemv(4, 2, 1024, 128) and not cpu_vnni_mm.uses_gemv(4, 8, 1024, 128)
-    assert cpu_vnni_mm.uses_gemv(8, 16, 1024) and not cpu_vnni_mm.uses_gemv(8, 17, 1024)
+    assert cpu_vnni_mm.uses_gemv(8, 6, 1024) and not cpu_vnni_mm.uses_gemv(8, 7, 1024)
+    assert cpu_vnni_mm.uses_gemv(8, 2, 512) and not cpu_vnni_mm.uses_gemv(8, 3, 512)  # small K: GEMM sooner
     torch.manual_seed(0)
     packed, scale_zeros = _lowbit_weight(64, 1024, 4, 128)
     w, scale = _int8_weight(64, 1024)
@@ -76,8 +81,8 @@ def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
     gemv = cpu_vnni_mm.vnni_weight_mm(x[:2], packed, scale_zeros, 4, 128)
     gemm = cpu_vnni_mm.vnni_weight_mm(x[:8], packed, scale_zeros, 4, 128)
     assert relative_error(gemv, gemm[:2]) < 1e-6
-    gemv, gemm = cpu_vnni_mm.vnni_weight_mm(x[:16], w, scale, 8), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
-    assert relative_error(gemv, gemm[:16]) < 1e-6
+    gemv, gemm = cpu_vnni_mm.vnni_weight_mm(x[:6], w, scale, 8), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
+    assert relative_error(gemv, gemm[:6]) < 1e-6
 
 
 def test_the_gemm_passes_over_x_in_chunks():

@@ -244,8 +244,11 @@ FP16_TARGET INLINE void weight_rows_fp16(const uint16_t* xh, const float* sx, in
         for (int64_t r = 0; r < RT; r += RT8)
             tile_fp16<FORMAT, RT8, 8>(xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
     for (; m0 + 4 <= M; m0 += 4) tile_fp16<FORMAT, RT, 4>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    for (; m0 + 2 <= M; m0 += 2) tile_fp16<FORMAT, RT, 2>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    for (; m0 < M; m0++) tile_fp16<FORMAT, RT, 1>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    // The last 1 to 3 rows in one tile: each tile converts the weight again (3 rows as 2 + 1: 1.4x the fp32
+    // GEMM's time on 384 x 1536, whose weight stays in L2).
+    if (M - m0 == 3) tile_fp16<FORMAT, RT, 3>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 2) tile_fp16<FORMAT, RT, 2>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 1) tile_fp16<FORMAT, RT, 1>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
 }
 
 template <int FORMAT>

@@ -285,33 +285,69 @@ struct alignas(64) Vector {  // storage for one __m512 / __m512i (std containers
     char bytes[64];
 };
 
+// The 16 x 16 transpose of 32-bit words: v[r] word d becomes v[d] word r, in 64 shuffles (4 per vector).
+INLINE void transpose_words(__m512i v[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2)  // per 128-bit block b: t[i] = words 4b, 4b + 1 of rows i, i + 1
+        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    for (int i = 0; i < 16; i += 4) {  // block b of v[i + e]: word 4b + e of rows i .. i + 3
+        v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) {  // gather block b of v[e], v[4 + e], v[8 + e], v[12 + e] into word 4b + e
+        const __m512i even_low = _mm512_shuffle_i32x4(v[e], v[4 + e], 0x88);
+        const __m512i odd_low = _mm512_shuffle_i32x4(v[e], v[4 + e], 0xDD);
+        const __m512i even_high = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0x88);
+        const __m512i odd_high = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0xDD);
+        t[e] = _mm512_shuffle_i32x4(even_low, even_high, 0x88);
+        t[8 + e] = _mm512_shuffle_i32x4(even_low, even_high, 0xDD);
+        t[4 + e] = _mm512_shuffle_i32x4(odd_low, odd_high, 0x88);
+        t[12 + e] = _mm512_shuffle_i32x4(odd_low, odd_high, 0xDD);
+    }
+    for (int d = 0; d < 16; d++) v[d] = t[d];
+}
+
 // Rows n0 .. n0 + 16 NR of the weight as code vectors: for 32-bit word d of the row's bytes, phase p and
 // column block c, 16 lanes of 4 codes at (d * PB + p) * NR + c; then per group and block the scale and
 // (z - mid * s) vectors of the 16 columns. Lanes past `last_lanes` of the last block (the weight's last
-// rows when N is not a multiple of 16) read nothing and hold zeros.
+// rows when N is not a multiple of 16) read nothing. The rows are read 64 bytes at a time and transposed
+// in registers: with a 16-lane gather per word (and per group's scales), the int8 GEMM on 384 x 1536 had
+// run 1.3x the fp32 GEMM's time at M = 2 (0.9x now), 0.74x at M = 8 (0.6x).
 template <int BITS, int NR>
 void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N, const float* scales, int64_t G,
                          __mmask16 last_lanes, __m512i* codes, __m512* group_scales) {
     constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
     const int64_t row_bytes = K / per_byte, words = row_bytes / 4;
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i row_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)row_bytes));
-    // (scale, zero) pairs; int8: per-channel scales, no zero
-    const __m512i scale_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(scale_stride));
     for (int c = 0; c < NR; c++) {
         const __mmask16 valid = c == NR - 1 ? last_lanes : (__mmask16)0xFFFF;
         const uint8_t* rows = weight + (n0 + 16 * c) * row_bytes;
-        for (int64_t d = 0; d < words; d++) {
-            const __m512i bytes =
-                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_offsets, rows + 4 * d, 1);
-            for (int p = 0; p < per_byte; p++)
-                codes[(d * per_byte + p) * NR + c] = chunk_codes<BITS, Lanes<64>>(bytes, p);
+        for (int64_t d0 = 0; d0 < words; d0 += 16) {
+            const int64_t count = std::min<int64_t>(16, words - d0);
+            const __mmask16 in_row = (__mmask16)((1u << count) - 1);
+            __m512i v[16];
+            for (int r = 0; r < 16; r++)
+                v[r] = (valid >> r) & 1 ? _mm512_maskz_loadu_epi32(in_row, rows + r * row_bytes + 4 * d0)
+                                        : _mm512_setzero_si512();
+            transpose_words(v);
+            for (int64_t d = 0; d < count; d++)
+                for (int p = 0; p < per_byte; p++)
+                    codes[((d0 + d) * per_byte + p) * NR + c] = chunk_codes<BITS, Lanes<64>>(v[d], p);
         }
+        // The (scale, zero) pairs of the 16 columns are 32 floats in a row: two loads and two permutes (two
+        // gathers per group had been this function's hottest instructions at K = 384).
+        const int pair_floats = 2 * __builtin_popcount(valid);  // valid lanes are a prefix
+        const __mmask16 first_half = pair_floats >= 16 ? 0xFFFF : (__mmask16)((1u << pair_floats) - 1);
+        const __mmask16 second_half = pair_floats > 16 ? (__mmask16)((1u << (pair_floats - 16)) - 1) : 0;
+        const __m512i evens = _mm512_add_epi32(lanes, lanes), odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
         for (int64_t g = 0; g < G; g++) {
             const float* at = scales + (g * N + n0 + 16 * c) * scale_stride;
-            const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, scale_offsets, at, 4);
-            const __m512 z = BITS == 8 ? _mm512_setzero_ps()
-                                       : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, scale_offsets, at + 1, 4);
+            __m512 s = _mm512_maskz_loadu_ps(valid, at), z = _mm512_setzero_ps();
+            if (BITS != 8) {
+                const __m512 low = _mm512_maskz_loadu_ps(first_half, at);
+                const __m512 high = _mm512_maskz_loadu_ps(second_half, at + 16);
+                s = _mm512_permutex2var_ps(low, evens, high), z = _mm512_permutex2var_ps(low, odds, high);
+            }
             group_scales[(g * NR + c) * 2] = s;
             group_scales[(g * NR + c) * 2 + 1] = _mm512_fnmadd_ps(s, _mm512_set1_ps((float)mid), z);
         }
@@ -369,7 +405,8 @@ INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const in
 }
 
 // Rows of x in tiles of 4 (4 x 2 tiles of 16 columns: 16 integer accumulators; 3 x 3 and 2 x 4 ran as fast,
-// 6 x 1 and 3 x 2 slower), then one at a time.
+// 6 x 1 and 3 x 2 slower), the last 1 to 3 rows in one tile: row by row, the 4 accumulators of a row wait on
+// vpdpbusd's latency (int4 on 384 x 1536 at M = 3: ~1.1x the fp32 GEMM's time, against 0.67x at M = 4).
 constexpr int GEMM_ROWS = 4, GEMM_COLUMN_BLOCKS = 2;
 
 template <int BITS, int NR>
@@ -379,7 +416,11 @@ void gemm_rows(const __m512i* codes, const __m512* group_scales, const int8_t* h
     int64_t m = first;
     for (; m + GEMM_ROWS <= last; m += GEMM_ROWS)
         gemm_tile<BITS, GEMM_ROWS, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
-    for (; m < last; m++)
+    if (last - m == 3)
+        gemm_tile<BITS, 3, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+    if (last - m == 2)
+        gemm_tile<BITS, 2, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+    if (last - m == 1)
         gemm_tile<BITS, 1, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
 }
 
@@ -456,13 +497,18 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
     }
 }
 
-// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: int8 weights up to M = 16, and past
-// 2**16 input features (the GEMM sums all K products of up to 128 * 255 of an int8 row in one int32 lane);
-// packed ones up to M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4, 2-core Xeon, x fp32
-// time: GEMV 0.23 / 0.34 / 0.33 / 0.55 at M = 1 / 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26).
+// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x. int8 weights: up to M = 6, and up to
+// M = 2 for K <= 512, where the GEMV's work per output (a horizontal sum, the flush) weighs most against its
+// K loop; and past 2**16 input features (the GEMM sums all K products of up to 128 * 255 of an int8 row in
+// one int32 lane). 2-core Xeon, x fp32 time, GEMV / GEMM: 384 x 1536 at M = 3 1.05 / 0.90, at 8 0.87 / 0.61;
+// 1536 x 384 at M = 6 0.92 / 0.93; 4096 x 4096 at M = 6 0.28 / 0.32, at 8 0.31 / 0.25. Packed weights: up to
+// M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4: GEMV 0.23 / 0.34 / 0.33 / 0.55 at M = 1 /
+// 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26 when it gathered the weight; at M = 2 it still loses: 0.40).
 int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
-    constexpr int64_t INT8_GEMV_MAX_M = 16, INT8_GEMM_MAX_K = 1 << 16, PACKED_GEMV_MAX_M = 2, GEMV_CHUNK_BYTES = 32;
-    if (bits == 8) return M <= INT8_GEMV_MAX_M || K > INT8_GEMM_MAX_K;
+    constexpr int64_t INT8_GEMV_MAX_M = 6, INT8_SMALL_K = 512, INT8_SMALL_K_GEMV_MAX_M = 2;
+    constexpr int64_t INT8_GEMM_MAX_K = 1 << 16, PACKED_GEMV_MAX_M = 2, GEMV_CHUNK_BYTES = 32;
+    if (bits == 8)
+        return M <= (K <= INT8_SMALL_K ? INT8_SMALL_K_GEMV_MAX_M : INT8_GEMV_MAX_M) || K > INT8_GEMM_MAX_K;
     return M <= PACKED_GEMV_MAX_M && (K * bits / 8 / G) % GEMV_CHUNK_BYTES == 0;
 }
 

@@ -4,10 +4,11 @@ Each row of x is split into 16-bit integers in two signed-byte planes (relative 
 largest magnitude, ~3e-5 on the output: far below the weights' own error, and 60x below the bfloat16
 rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight_only.py``:
 - ``vnni_weight_mm``: ``vpdpbusd`` integer dot products on the int8 weights or packed int4 / int2 codes as
-  stored, group scales and zeros applied to the exact sums. A GEMV for int8 weights (M <= 16) and for packed
-  ones at M <= 2 (1.3-2x faster than aten's weight-only kernels with warm caches, on par with cold ones); a
-  GEMM at larger M (each block of weight rows gathered once into column-per-lane code vectors, reused by
-  every row of x: about half the fp32 GEMM's time from M = 4 to 512, bench/RESULTS.md).
+  stored, group scales and zeros applied to the exact sums. A GEMV for int8 weights (M <= 6; M <= 2 at
+  K <= 512) and for packed ones at M <= 2 (1.3-2x faster than aten's weight-only kernels with warm caches,
+  on par with cold ones); a GEMM at larger M (each block of weight rows transposed once into column-per-lane
+  code vectors, reused by every row of x: about half the fp32 GEMM's time from M = 4 to 512,
+  bench/RESULTS.md).
 - ``int8_weight_int_mm`` (int8 weights of 4 MB or more, M > 128, see :func:`int8_uses_int_mm`): the two
   planes through one ``torch._int_mm``.
 
@@ -53,7 +54,7 @@ SOURCES = [
 HEADERS = [Path(__file__).with_name("cpu_simd.h")]  # included by the sources: part of the cache key
 FLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fopenmp"]
 FLAGS += ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # checked at run time, not -march
-# int8 weights: the VNNI kernels (the GEMV up to M = 16, then the GEMM) up to this M, and past it for
+# int8 weights: the VNNI kernels (the GEMV, then the GEMM: see uses_gemv) up to this M, and past it for
 # weights under INT_MM_MIN_WEIGHT_BYTES; torch._int_mm on x's byte planes for larger ones, where oneDNN's
 # blocking wins (2-core Xeon, x fp32 time, VNNI GEMM / _int_mm: 4096 x 4096 at M = 32 0.35 / 0.45, at 256
 # 0.61 / 0.52; 384 x 1536 at 256 0.52 / 0.67, at 1024 0.58 / 1.11).
@@ -188,7 +189,8 @@ def _group_bytes(bits: int, in_features: int, group_size: int | None) -> int | N
 
 def uses_gemv(bits: int, rows: int, in_features: int, group_size: int | None = None) -> bool:
     """Whether :func:`vnni_weight_mm` runs the GEMV (else the GEMM) for ``rows`` rows of x (the C++ side
-    chooses: int8 weights at M <= 16, packed ones at M <= 2 with groups of whole 32-byte chunks)."""
+    chooses: int8 weights at M <= 6, or M <= 2 for K <= 512; packed ones at M <= 2 with groups of whole
+    32-byte chunks)."""
     groups = 1 if bits == 8 else in_features // group_size
     return bool(_loaded_library().quanto_weight_mm_uses_gemv(bits, rows, in_features, groups))
 

@@ -2,7 +2,7 @@
 the GEMM.
 
 - ``quanto_fx::int8_weight_mm(x, w, scale, bias)``: int8 (N, K) weight with per-output-channel scales. CPU
-  with AVX512-VNNI (``cpu_vnni_mm.py``): our kernels where they apply (a GEMV up to M = 16, then a GEMM); for
+  with AVX512-VNNI (``cpu_vnni_mm.py``): our kernels where they apply (a GEMV at small M, then a GEMM); for
   weights of 4 MB or more past M = 128 (and past M = 16 for K not a multiple of 32), x as two byte planes
   through ``torch._int_mm``. Otherwise on the CPU: ``aten._weight_int8pack_mm`` (M <= 16, K a multiple of 16),
   or the float GEMM on the dequantized weight. CUDA: the Triton kernel when triton is installed, else the
