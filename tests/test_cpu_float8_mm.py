@@ -103,7 +103,7 @@ def test_the_float16_sums_of_the_largest_codes_do_not_overflow(dtype, largest, m
 
 @needs_avx512_fp16
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [3, 17])  # the GEMV, the GEMM (float32 for e5m2)
+@pytest.mark.parametrize("m", [3, 17])  # the float16 GEMV, the float16 GEMM
 def test_the_float16_paths_keep_their_error_on_weights_of_any_magnitude(dtype, m):
     """Weights not scaled to the format's range (as the op may be given), one magnitude per weight row, from
     mostly subnormal codes up: products of small codes must not fall among float16's subnormals (e5m2 rows
@@ -120,8 +120,8 @@ def test_the_float16_paths_keep_their_error_on_weights_of_any_magnitude(dtype, m
 
 
 @needs_avx512_fp16
-# the GEMVs, the e4m3fn float16 GEMM (e5m2's float32 GEMM sums x times codes before the channel scale: with
-# |x| ~ 1e38 those sums overflow float32)
+# the GEMVs, the e4m3fn float16 GEMM (x that e5m2 cannot scale for float16 takes its float32 GEMM past M = 7,
+# which sums x times codes before the channel scale: with |x| ~ 1e38 those sums overflow float32)
 @pytest.mark.parametrize(
     "dtype, m", [(torch.float8_e4m3fn, 1), (torch.float8_e5m2, 1), (torch.float8_e4m3fn, 17)]
 )

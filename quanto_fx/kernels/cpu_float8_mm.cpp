@@ -428,8 +428,9 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 // (scaled as for the GEMV) are broadcast from memory into vfmadd231ph: 32 multiply-adds per instruction. Each
 // lane sums FP16_GEMM_BLOCK products of one output in float16 (the GEMV's bound: 16), then float32. The panel
 // is built FP16_GEMM_KC inputs at a time so that it stays in L1 while every row of x in the chunk runs over it;
-// the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. e5m2 keeps the float32 GEMM
-// (rows of small e5m2 codes need float32, see E5M2_FLOAT16_MIN_CODE).
+// the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. As in the GEMV, e5m2 weight rows
+// whose codes are all below E5M2_FLOAT16_MIN_CODE are computed again in float32 (their columns' largest code
+// is tracked while the panels are built: 2 uops per input of 32 columns).
 #if QUANTO_HAS_FP16_INTRINSICS
 constexpr int64_t FP16_GEMM_BLOCK = FP16_BLOCK / 32;
 // Inputs per panel block: 512 x 64 B = 32 KB, in L1 (256: 0.74-0.90x fp32 where 512 gave 0.62-0.89x).
@@ -441,10 +442,20 @@ constexpr int FP16_GEMM_ROWS = 8;
 // 0.97x, 1 MB 0.87x; 4096 x 4096 at M = 512: 0.99x / 0.94x / 0.88x).
 constexpr int64_t FP16_GEMM_X_CHUNK_BYTES = 1 << 20;
 
+// The float16 form of input k of 32 weight rows (e4m3fn: times 2**-8, NaN codes as float16 NaNs; e5m2: as is,
+// and the rows' largest code magnitude so far in `largest`).
+template <int FORMAT>
+FP16_TARGET INLINE __m512h panel_vector(__m256i codes, __m256i& largest) {
+    if constexpr (FORMAT == E4M3) return _mm512_castsi512_ph(e4m3_to_half(codes));
+    largest = _mm256_max_epu8(largest, _mm256_and_si256(codes, _mm256_set1_epi8(0x7F)));
+    return _mm512_castsi512_ph(_mm512_slli_epi16(_mm512_cvtepu8_epi16(codes), 8));
+}
+
 // panel (kc float16 vectors) from weight rows n0 .. n0 + 31 (valid[0], valid[1]: the rows that exist),
 // inputs k0 .. k0 + kc.
+template <int FORMAT>
 FP16_TARGET void gather_panel_fp16(const uint8_t* weight, int64_t n0, int64_t K, int64_t k0, int64_t kc,
-                                   const __mmask16* valid, __m512h* panel) {
+                                   const __mmask16* valid, __m512h* panel, __m256i& largest) {
     const uint8_t* rows = weight + n0 * K + k0;
     const int64_t whole_words = kc - kc % 4;
     alignas(64) uint8_t bytes[2][64];  // gather_inputs of rows 0-15 and 16-31
@@ -453,12 +464,12 @@ FP16_TARGET void gather_panel_fp16(const uint8_t* weight, int64_t n0, int64_t K,
         for (int j = 0; j < 4; j++) {
             const __m256i codes = _mm256_set_m128i(_mm_load_si128((const __m128i*)(bytes[1] + 16 * j)),
                                                    _mm_load_si128((const __m128i*)(bytes[0] + 16 * j)));
-            panel[k + j] = _mm512_castsi512_ph(e4m3_to_half(codes));
+            panel[k + j] = panel_vector<FORMAT>(codes, largest);
         }
     }
     const __mmask32 all_valid = (__mmask32)valid[0] | (__mmask32)valid[1] << 16;
     for (int64_t k = whole_words; k < kc; k++)
-        panel[k] = _mm512_castsi512_ph(e4m3_to_half(input_codes(rows, K, k, all_valid)));
+        panel[k] = panel_vector<FORMAT>(input_codes(rows, K, k, all_valid), largest);
 }
 
 // out[m0 .. m0 + MR, n0 .. n0 + 31] over inputs k0 .. k0 + kc; the last block scales the sums and adds the bias.
@@ -494,6 +505,7 @@ FP16_TARGET INLINE void gemm_tile_fp16(const __m512h* panel, const uint16_t* xh,
 }
 
 // Rows first .. last of x times weight rows n0 .. n0 + 31 (those below N).
+template <int FORMAT>
 FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const uint16_t* xh, const float* sx, int64_t first,
                                  int64_t last, int64_t K, const float* scale, const float* bias, float* out,
                                  int64_t N, int64_t n0, __m512h* panel) {
@@ -503,20 +515,31 @@ FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const uint16_t* xh, cons
         const int64_t rows = std::min<int64_t>(16, std::max<int64_t>(0, N - n0 - 16 * h));
         valid[h] = rows == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
         const __m512 channel_scales = _mm512_maskz_loadu_ps(valid[h], scale + n0 + 16 * h);
-        column_scales[h] = _mm512_mul_ps(channel_scales, _mm512_set1_ps(E4M3_SCALE));
+        column_scales[h] = _mm512_mul_ps(channel_scales, _mm512_set1_ps(FORMAT == E4M3 ? E4M3_SCALE : 1.f));
         column_bias[h] = bias ? _mm512_maskz_loadu_ps(valid[h], bias + n0 + 16 * h) : _mm512_setzero_ps();
     }
+    __m256i largest = _mm256_setzero_si256();  // e5m2: each column's largest code magnitude
     for (int64_t k0 = 0; k0 < K; k0 += FP16_GEMM_KC) {
         const int64_t kc = std::min(FP16_GEMM_KC, K - k0);
-        gather_panel_fp16(weight, n0, K, k0, kc, valid, panel);
+        gather_panel_fp16<FORMAT>(weight, n0, K, k0, kc, valid, panel, largest);
         int64_t m = first;
         for (; m + FP16_GEMM_ROWS <= last; m += FP16_GEMM_ROWS)
             gemm_tile_fp16<FP16_GEMM_ROWS>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
         for (; m < last; m++)
             gemm_tile_fp16<1>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
     }
+    if constexpr (FORMAT == E5M2) {
+        const __mmask32 all_valid = (__mmask32)valid[0] | (__mmask32)valid[1] << 16;
+        const __mmask32 small = all_valid & ~_mm256_cmpge_epu8_mask(largest, _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE));
+        for (int c = 0; c < 32; c++)
+            for (int64_t m = first; (small >> c & 1) && m < last; m++) {
+                const float dot = dot_e5m2_float32(xh + m * K, weight + (n0 + c) * K, K);
+                out[m * N + n0 + c] = dot * sx[m] * scale[n0 + c] + (bias ? bias[n0 + c] : 0.f);
+            }
+    }
 }
 
+template <int FORMAT>
 FP16_TARGET void float8_gemm_fp16(const uint16_t* xh, const float* sx, int64_t M, int64_t K, const uint8_t* weight,
                                   int64_t N, const float* scale, const float* bias, float* out, int threads) {
     const int64_t blocks = (N + 31) / 32;
@@ -529,7 +552,7 @@ FP16_TARGET void float8_gemm_fp16(const uint16_t* xh, const float* sx, int64_t M
             const int64_t last = std::min(M, first + chunk);
 #pragma omp for schedule(static) nowait
             for (int64_t b = 0; b < blocks; b++)
-                gemm_block_fp16(weight, xh, sx, first, last, K, scale, bias, out, N, 32 * b, panel);
+                gemm_block_fp16<FORMAT>(weight, xh, sx, first, last, K, scale, bias, out, N, 32 * b, panel);
         }
     }
 }
@@ -539,14 +562,13 @@ FP16_TARGET void float8_gemm_fp16(const uint16_t* xh, const float* sx, int64_t M
 // 384, 2-core Xeon, GEMV / GEMM time interleaved): the float32 GEMV (CPUs without AVX512-FP16) up to M = 7 (at
 // M = 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV up to M = 16 (at 13-14: 0.53-0.77, at 16: 0.72-1.01 but
 // one noisy e5m2 run at 4096 x 4096, 1.21; at 20-24: 0.8-1.3).
-// Past M = 16, e4m3fn takes the float16 GEMM on those CPUs.
+// Past M = 16, the float16 GEMM on those CPUs.
 constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 16;
 enum Path { FLOAT32_GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2, FLOAT16_GEMM = 3 };
 
 Path path_for(int format, int64_t M) {
     if (QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16()) {
-        if (M <= FLOAT16_GEMV_MAX_M) return FLOAT16_GEMV;
-        return format == E4M3 ? FLOAT16_GEMM : FLOAT32_GEMM;
+        return M <= FLOAT16_GEMV_MAX_M ? FLOAT16_GEMV : FLOAT16_GEMM;
     }
     return M <= GEMV_MAX_M ? FLOAT32_GEMV : FLOAT32_GEMM;
 }
@@ -573,7 +595,10 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
         std::unique_ptr<float[]> sx(new float[M]);
         const float x_max = format == E4M3 ? x_half_max<E4M3>() : x_half_max<E5M2>();
         if (x_to_half(x, M, K, x_max, xh.get(), sx.get())) {
-            if (path == FLOAT16_GEMM) float8_gemm_fp16(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+            if (path == FLOAT16_GEMM && format == E4M3)
+                float8_gemm_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+            if (path == FLOAT16_GEMM && format == E5M2)
+                float8_gemm_fp16<E5M2>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             if (path == FLOAT16_GEMV && format == E4M3)
                 float8_gemv_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             if (path == FLOAT16_GEMV && format == E5M2)

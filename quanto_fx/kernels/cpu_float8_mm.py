@@ -7,8 +7,8 @@ vector instructions through float16 (exact for every code, NaN included):
   (each block of 32 weight rows converted once into a panel that every row of x runs over with broadcast
   FMAs, as a float GEMM's micro-kernel does), the bias added as the outputs are stored. On CPUs with
   AVX512-FP16 both multiply the codes' float16 form directly (see :func:`path`): the GEMV for e4m3fn and
-  e5m2 up to M = 16, 8 rows of x per conversion; the GEMM for e4m3fn past it, on panels of 512 inputs that
-  stay in L1. Against the fp32 GEMM (2-core Xeon, kernels alone): 4096 x 4096 0.15-0.27x up to M = 12,
+  e5m2 up to M = 16, 8 rows of x per conversion; the GEMM past it, on panels of 512 inputs that stay in
+  L1. Against the fp32 GEMM (2-core Xeon, kernels alone): 4096 x 4096 0.15-0.27x up to M = 12,
   ~0.4-0.6x at 16 to 32, 0.75-0.9x from 128; small layers 0.6-0.9x, but 1536 -> 384 at M = 2048 1.1x
   (bench/RESULTS.md).
 
@@ -41,7 +41,7 @@ PATHS = ("float32 GEMM", "float32 GEMV", "float16 GEMV", "float16 GEMM")
 def path(dtype: torch.dtype, rows: int) -> str:
     """The kernel that computes ``rows`` rows of x with ``dtype`` weights on this machine, one of ``PATHS``
     (the C++ side chooses it by M). The float16 paths run on CPUs with AVX512-FP16: the GEMV up to M = 16, the
-    GEMM past it for e4m3fn. x is rounded per row to float16 and each output's products are summed in float16
+    GEMM past it. x is rounded per row to float16 and each output's products are summed in float16
     over 16 products per lane, then in float32, for a relative error of ~5e-4 (at most ``FLOAT16_ERROR``)
     against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2); e5m2 weight rows of codes all below 2**-6 are
     computed in float32, and x they cannot scale (not finite, max |x| < 1e-30, and above ~5e36 with e5m2
