@@ -50,7 +50,8 @@ def test_int8_weights_match_the_float_reference(m, n, k, dtype):
     assert out.dtype == torch.float32 and relative_error(out, expected) < tolerance
 
 
-# GEMV (M <= 2, groups of 32 / 64 bytes) and GEMM (else); group bytes: int4 g8 4, g32 16, g64 32, g128 64.
+# GEMV (M <= 2 at K > 512, groups of 32 / 64 bytes) and GEMM (else); group bytes: int4 g8 4, g32 16, g64 32,
+# g128 64.
 GROUPS = [(4, 8), (4, 32), (4, 64), (4, 128), (2, 16), (2, 128), (2, 256)]
 
 
@@ -61,8 +62,8 @@ GROUPS = [(4, 8), (4, 32), (4, 64), (4, 128), (2, 16), (2, 128), (2, 256)]
 @pytest.mark.parametrize("n", [20, 48, 60, 100])
 def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
     torch.manual_seed(bits * m * n + group_size)
-    packed, scale_zeros = _lowbit_weight(n, 512, bits, group_size)
-    x = torch.randn(m, 512)
+    packed, scale_zeros = _lowbit_weight(n, 1024, bits, group_size)
+    x = torch.randn(m, 1024)
     out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
     expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits)
     assert out.shape == (m, n) and relative_error(out, expected) < VNNI_TOLERANCE
@@ -72,6 +73,7 @@ def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
     """int4: rows 0-1 alone take the GEMV, inside 8 rows the GEMM; int8: rows 0-5 alone the GEMV, inside 17
     the GEMM. The same exact integer sums, summed in another order in float32."""
     assert cpu_vnni_mm.uses_gemv(4, 2, 1024, 128) and not cpu_vnni_mm.uses_gemv(4, 8, 1024, 128)
+    assert cpu_vnni_mm.uses_gemv(4, 1, 512, 128) and not cpu_vnni_mm.uses_gemv(4, 2, 512, 128)
     assert cpu_vnni_mm.uses_gemv(8, 6, 1024) and not cpu_vnni_mm.uses_gemv(8, 7, 1024)
     assert cpu_vnni_mm.uses_gemv(8, 2, 512) and not cpu_vnni_mm.uses_gemv(8, 3, 512)  # small K: GEMM sooner
     torch.manual_seed(0)

@@ -497,19 +497,20 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
     }
 }
 
-// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x. int8 weights: up to M = 6, and up to
-// M = 2 for K <= 512, where the GEMV's work per output (a horizontal sum, the flush) weighs most against its
-// K loop; and past 2**16 input features (the GEMM sums all K products of up to 128 * 255 of an int8 row in
-// one int32 lane). 2-core Xeon, x fp32 time, GEMV / GEMM: 384 x 1536 at M = 3 1.05 / 0.90, at 8 0.87 / 0.61;
-// 1536 x 384 at M = 6 0.92 / 0.93; 4096 x 4096 at M = 6 0.28 / 0.32, at 8 0.31 / 0.25. Packed weights: up to
-// M = 2 with groups of whole 32-byte GEMV chunks (4096 x 4096 int4: GEMV 0.23 / 0.34 / 0.33 / 0.55 at M = 1 /
-// 2 / 4 / 16, GEMM 0.47 / 0.52 / 0.26 / 0.26 when it gathered the weight; at M = 2 it still loses: 0.40).
+// Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: the GEMM from fewer rows when K <=
+// 512, where the GEMV's work per output (a horizontal sum, the group flushes) weighs most against its K loop.
+// int8 weights: up to M = 6, M = 2 for K <= 512; and past 2**16 input features (the GEMM sums all K products
+// of up to 128 * 255 of an int8 row in one int32 lane). 2-core Xeon, x fp32 time, GEMV / GEMM: 384 x 1536 at
+// M = 3 1.05 / 0.90, at 8 0.87 / 0.61; 1536 x 384 at M = 6 0.92 / 0.93; 4096 x 4096 at M = 6 0.28 / 0.32, at 8
+// 0.31 / 0.25. Packed weights: up to M = 2, M = 1 for K <= 512, with groups of whole 32-byte GEMV chunks (at
+// M = 2, int4 / int2: 384 x 1536 1.14 / 1.23 against 0.88 / 0.95, 384 x 384 1.13 / 1.23 against 0.95 / 0.94;
+// 1536 x 384 1.07 / 1.14 against 1.32 / 1.02, 4096 x 4096 0.28 / 0.32 against 0.40 / 0.36).
 int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
-    constexpr int64_t INT8_GEMV_MAX_M = 6, INT8_SMALL_K = 512, INT8_SMALL_K_GEMV_MAX_M = 2;
-    constexpr int64_t INT8_GEMM_MAX_K = 1 << 16, PACKED_GEMV_MAX_M = 2, GEMV_CHUNK_BYTES = 32;
-    if (bits == 8)
-        return M <= (K <= INT8_SMALL_K ? INT8_SMALL_K_GEMV_MAX_M : INT8_GEMV_MAX_M) || K > INT8_GEMM_MAX_K;
-    return M <= PACKED_GEMV_MAX_M && (K * bits / 8 / G) % GEMV_CHUNK_BYTES == 0;
+    constexpr int64_t SMALL_K = 512, INT8_GEMV_MAX_M = 6, INT8_SMALL_K_GEMV_MAX_M = 2, INT8_GEMM_MAX_K = 1 << 16;
+    constexpr int64_t PACKED_GEMV_MAX_M = 2, PACKED_SMALL_K_GEMV_MAX_M = 1, GEMV_CHUNK_BYTES = 32;
+    if (bits == 8) return M <= (K <= SMALL_K ? INT8_SMALL_K_GEMV_MAX_M : INT8_GEMV_MAX_M) || K > INT8_GEMM_MAX_K;
+    const int64_t max_m = K <= SMALL_K ? PACKED_SMALL_K_GEMV_MAX_M : PACKED_GEMV_MAX_M;
+    return M <= max_m && (K * bits / 8 / G) % GEMV_CHUNK_BYTES == 0;
 }
 
 // out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
