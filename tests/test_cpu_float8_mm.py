@@ -47,7 +47,8 @@ def test_every_code_converts_exactly_as_torch_converts_it(dtype, m, flush_denorm
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-# GEMV tiles of 8 (float16 GEMV only), 4, 2 and 1 rows of x (13 = 8 + 4 + 1); GEMM tiles of 8, 4, 1 (70)
+# GEMV tiles of 8 (float16 GEMV only), 4, then the last 1-3 rows in one (3 in the float16 GEMV, 2 + 1 in the
+# float32 one; 7 = 4 + 3, 13 = 8 + 4 + 1); GEMM tiles of 8, 4, 1 (70)
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 13, 70])
 @pytest.mark.parametrize("n, k", [(20, 256), (7, 100), (40, 3)])  # tails: rows past tiles, K % 32 and K % 4
 def test_the_kernels_match_the_float_reference(dtype, m, n, k):
@@ -120,8 +121,28 @@ def test_the_float16_paths_keep_their_error_on_weights_of_any_magnitude(dtype, m
 
 
 @needs_avx512_fp16
-# the GEMVs, the e4m3fn float16 GEMM (x that e5m2 cannot scale for float16 takes its float32 GEMM past M = 7,
-# which sums x times codes before the channel scale: with |x| ~ 1e38 those sums overflow float32)
+def test_e5m2_blocks_holding_a_row_of_small_codes_take_the_float32_gemm():
+    """Rows 5 and 69 of an unscaled weight have codes all below 2**-6: their blocks of 32 rows (the first, and
+    the last, partial one) are computed in float32, the block between them in float16; with a bias."""
+    torch.manual_seed(0)
+    magnitudes = torch.full((70, 1), 0.5)
+    magnitudes[[5, 69]] = 1e-3
+    w = (torch.randn(70, 1024) * magnitudes).to(torch.float8_e5m2)
+    x, bias = torch.randn(40, 1024), torch.randn(70)
+    assert cpu_float8_mm.path(torch.float8_e5m2, 40) == "float16 GEMM"
+    out = cpu_float8_mm.float8_weight_mm(x, w, torch.ones(70), bias)
+    expected = per_channel_weight_mm_reference(
+        x.double(), w, torch.ones(70, dtype=torch.double), bias.double()
+    )
+    for n in (5, 69):
+        assert relative_error(out[:, n] - bias[n], expected[:, n] - bias[n]) < 1e-5  # float32: exact here
+    assert relative_error(out, expected) < FLOAT16_ERROR
+
+
+@needs_avx512_fp16
+# the GEMVs, the e4m3fn float16 GEMM (x that e5m2 cannot scale for float16 takes the float32 GEMV, then past
+# M = 16 the float32 GEMM, which sums x times codes before the channel scale: with |x| ~ 1e38 those sums
+# overflow float32)
 @pytest.mark.parametrize(
     "dtype, m", [(torch.float8_e4m3fn, 1), (torch.float8_e5m2, 1), (torch.float8_e4m3fn, 17)]
 )

@@ -69,6 +69,19 @@ def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
     assert out.shape == (m, n) and relative_error(out, expected) < VNNI_TOLERANCE
 
 
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (2, 16)])
+@pytest.mark.parametrize("m", [3, 17])
+def test_packed_rows_that_end_in_a_partial_block_of_16_words(bits, group_size, m):
+    """The GEMM reads weight rows 16 words (64 bytes) at a time: K = 1088 ends in 8 (int4) or 4 (int2)."""
+    torch.manual_seed(m + bits)
+    packed, scale_zeros = _lowbit_weight(20, 1088, bits, group_size)
+    assert (packed.shape[1] // 4) % 16 and not cpu_vnni_mm.uses_gemv(bits, m, 1088, group_size)
+    x = torch.randn(m, 1088)
+    out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
+    expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits)
+    assert relative_error(out, expected) < VNNI_TOLERANCE
+
+
 def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
     """int4: rows 0-1 alone take the GEMV, inside 8 rows the GEMM; int8: rows 0-5 alone the GEMV, inside 17
     the GEMM. The same exact integer sums, summed in another order in float32."""
@@ -177,12 +190,14 @@ def test_the_weight_only_ops_dispatch_to_the_vnni_paths():
     w, scale = _int8_weight(64, 256)
     packed, scale_zeros = _lowbit_weight(64, 256, 4, 128)
     bias = torch.randn(64)
-    x = torch.randn(16, 256)
+    x = torch.randn(1, 256)  # the GEMVs
+    assert cpu_vnni_mm.uses_gemv(8, 1, 256) and cpu_vnni_mm.uses_gemv(4, 1, 256, 128)
     vnni = cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8, bias=bias)
     assert torch.equal(int8_weight_mm(x, w, scale, bias), vnni)
     vnni = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, 4, 128, bias)
     assert torch.equal(lowbit_weight_mm(x, packed, scale_zeros, None, 4, 128, bias), vnni)
     x = torch.randn(17, 256)  # past the GEMVs: the VNNI GEMM for both
+    assert not cpu_vnni_mm.uses_gemv(8, 17, 256) and not cpu_vnni_mm.uses_gemv(4, 17, 256, 128)
     assert torch.equal(
         int8_weight_mm(x, w, scale, bias), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8, bias=bias)
     )
@@ -289,10 +304,10 @@ def test_a_failing_build_is_logged_and_leaves_the_aten_path(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "bits, group_size, m", [(8, None, 3), (8, None, 20), (4, 64, 1), (4, 64, 9), (2, 128, 9)]
+    "bits, group_size, m", [(8, None, 1), (8, None, 2), (8, None, 20), (4, 64, 1), (4, 64, 9), (2, 128, 9)]
 )
 def test_the_bias_is_added_as_the_outputs_are_stored(bits, group_size, m):
-    """GEMV and GEMM: out + bias, within float32 rounding (the store may fuse the add)."""
+    """GEMV (M <= 2 here, K = 256) and GEMM: out + bias, within float32 rounding (the store may fuse it)."""
     torch.manual_seed(m)
     if bits == 8:
         weight, scales = _int8_weight(40, 256)

@@ -10,7 +10,7 @@
 // vcvtph2ps converts both exactly), so 2**8 joins the channel scale. e4m3fn's NaN (s.1111.111) is mapped
 // to a float16 NaN explicitly. Two forms: a GEMV that converts each weight chunk per tile of rows of x
 // (small M), and a GEMM whose micro-kernel runs every row of x over a converted panel of the weight; on CPUs
-// with AVX512-FP16 the GEMV and the e4m3fn GEMM compute in float16 (see there).
+// with AVX512-FP16 both compute in float16 (see there).
 //
 // Every index is checked by the Python caller; nothing here validates again.
 
@@ -428,9 +428,11 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 // (scaled as for the GEMV) are broadcast from memory into vfmadd231ph: 32 multiply-adds per instruction. Each
 // lane sums FP16_GEMM_BLOCK products of one output in float16 (the GEMV's bound: 16), then float32. The panel
 // is built FP16_GEMM_KC inputs at a time so that it stays in L1 while every row of x in the chunk runs over it;
-// the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. As in the GEMV, e5m2 weight rows
-// whose codes are all below E5M2_FLOAT16_MIN_CODE are computed again in float32 (their columns' largest code
-// is tracked while the panels are built: 2 uops per input of 32 columns).
+// the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. e5m2: a block of 32 weight rows
+// of which one has no code of at least E5M2_FLOAT16_MIN_CODE among its first FP16_GEMM_KC inputs (weights not
+// scaled to the format's range, whose products would be float16 subnormals) is computed by the float32 GEMM's
+// block instead, decided before any float16 work (recomputing such columns one dot product per row of x
+// after the fact made unscaled weights 8x slower than fp32).
 #if QUANTO_HAS_FP16_INTRINSICS
 constexpr int64_t FP16_GEMM_BLOCK = FP16_BLOCK / 32;
 // Inputs per panel block: 512 x 64 B = 32 KB, in L1 (256: 0.74-0.90x fp32 where 512 gave 0.62-0.89x).
@@ -443,7 +445,7 @@ constexpr int FP16_GEMM_ROWS = 8;
 constexpr int64_t FP16_GEMM_X_CHUNK_BYTES = 1 << 20;
 
 // The float16 form of input k of 32 weight rows (e4m3fn: times 2**-8, NaN codes as float16 NaNs; e5m2: as is,
-// and the rows' largest code magnitude so far in `largest`).
+// and the rows' largest code magnitude so far in `largest`, 2 uops).
 template <int FORMAT>
 FP16_TARGET INLINE __m512h panel_vector(__m256i codes, __m256i& largest) {
     if constexpr (FORMAT == E4M3) return _mm512_castsi512_ph(e4m3_to_half(codes));
@@ -504,11 +506,12 @@ FP16_TARGET INLINE void gemm_tile_fp16(const __m512h* panel, const uint16_t* xh,
         }
 }
 
-// Rows first .. last of x times weight rows n0 .. n0 + 31 (those below N).
+// Rows first .. last of x times weight rows n0 .. n0 + 31 (those below N). e5m2: x (float32) and a float32
+// panel (K * GEMM_COLUMN_BLOCKS vectors) for blocks of small codes.
 template <int FORMAT>
-FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const uint16_t* xh, const float* sx, int64_t first,
-                                 int64_t last, int64_t K, const float* scale, const float* bias, float* out,
-                                 int64_t N, int64_t n0, __m512h* panel) {
+FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const float* x, const uint16_t* xh, const float* sx,
+                                 int64_t first, int64_t last, int64_t K, const float* scale, const float* bias,
+                                 float* out, int64_t N, int64_t n0, __m512h* panel, __m512* panel32) {
     __mmask16 valid[2];
     __m512 column_scales[2], column_bias[2];
     for (int h = 0; h < 2; h++) {
@@ -522,37 +525,42 @@ FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const uint16_t* xh, cons
     for (int64_t k0 = 0; k0 < K; k0 += FP16_GEMM_KC) {
         const int64_t kc = std::min(FP16_GEMM_KC, K - k0);
         gather_panel_fp16<FORMAT>(weight, n0, K, k0, kc, valid, panel, largest);
+        const __mmask32 all_valid = (__mmask32)valid[0] | (__mmask32)valid[1] << 16;
+        const __m256i min_code = _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE);
+        if (FORMAT == E5M2 && k0 == 0 && (all_valid & ~_mm256_cmpge_epu8_mask(largest, min_code))) {
+            if (valid[1])
+                gemm_block<E5M2, 2>(weight, x, first, last, K, scale, bias, out, N, n0, valid[1], panel32);
+            else
+                gemm_block<E5M2, 1>(weight, x, first, last, K, scale, bias, out, N, n0, valid[0], panel32);
+            return;
+        }
         int64_t m = first;
         for (; m + FP16_GEMM_ROWS <= last; m += FP16_GEMM_ROWS)
             gemm_tile_fp16<FP16_GEMM_ROWS>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
         for (; m < last; m++)
             gemm_tile_fp16<1>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
     }
-    if constexpr (FORMAT == E5M2) {
-        const __mmask32 all_valid = (__mmask32)valid[0] | (__mmask32)valid[1] << 16;
-        const __mmask32 small = all_valid & ~_mm256_cmpge_epu8_mask(largest, _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE));
-        for (int c = 0; c < 32; c++)
-            for (int64_t m = first; (small >> c & 1) && m < last; m++) {
-                const float dot = dot_e5m2_float32(xh + m * K, weight + (n0 + c) * K, K);
-                out[m * N + n0 + c] = dot * sx[m] * scale[n0 + c] + (bias ? bias[n0 + c] : 0.f);
-            }
-    }
 }
 
 template <int FORMAT>
-FP16_TARGET void float8_gemm_fp16(const uint16_t* xh, const float* sx, int64_t M, int64_t K, const uint8_t* weight,
-                                  int64_t N, const float* scale, const float* bias, float* out, int threads) {
+FP16_TARGET void float8_gemm_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
+                                  const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
+                                  int threads) {
     const int64_t blocks = (N + 31) / 32;
     const int64_t chunk = std::max<int64_t>(FP16_GEMM_ROWS, FP16_GEMM_X_CHUNK_BYTES / (2 * K));
-    std::unique_ptr<Vector[]> panels(new Vector[threads * FP16_GEMM_KC]);  // allocated outside the team
+    // Per thread, allocated outside the team: the float16 panel, and for e5m2 a float32 one (see above).
+    const int64_t panel32_vectors = FORMAT == E5M2 ? K * GEMM_COLUMN_BLOCKS : 0;
+    std::unique_ptr<Vector[]> panels(new Vector[threads * (FP16_GEMM_KC + panel32_vectors)]);
 #pragma omp parallel num_threads(threads)
     {
-        __m512h* panel = reinterpret_cast<__m512h*>(panels.get() + omp_get_thread_num() * FP16_GEMM_KC);
+        Vector* own = panels.get() + omp_get_thread_num() * (FP16_GEMM_KC + panel32_vectors);
+        __m512h* panel = reinterpret_cast<__m512h*>(own);
+        __m512* panel32 = reinterpret_cast<__m512*>(own + FP16_GEMM_KC);
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
 #pragma omp for schedule(static) nowait
             for (int64_t b = 0; b < blocks; b++)
-                gemm_block_fp16<FORMAT>(weight, xh, sx, first, last, K, scale, bias, out, N, 32 * b, panel);
+                gemm_block_fp16<FORMAT>(weight, x, xh, sx, first, last, K, scale, bias, out, N, 32 * b, panel, panel32);
         }
     }
 }
@@ -566,7 +574,7 @@ FP16_TARGET void float8_gemm_fp16(const uint16_t* xh, const float* sx, int64_t M
 constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 16;
 enum Path { FLOAT32_GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2, FLOAT16_GEMM = 3 };
 
-Path path_for(int format, int64_t M) {
+Path path_for(int64_t M) {  // the same for both formats
     if (QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16()) {
         return M <= FLOAT16_GEMV_MAX_M ? FLOAT16_GEMV : FLOAT16_GEMM;
     }
@@ -579,7 +587,7 @@ extern "C" {
 
 // The kernel quanto_float8_weight_mm runs for M rows of x with weights in `format` on this machine (a Path),
 // but for x that the float16 paths cannot scale, which takes the float32 GEMV or GEMM.
-int quanto_float8_path(int format, int64_t M) { return path_for(format, M); }
+int quanto_float8_path(int format, int64_t M) { return path_for(M); }
 
 // out (M, N) float32 = x (M, K) float32 @ (W * scale).T + bias for W (N, K) float8 bytes (format 0: e4m3fn,
 // 1: e5m2), scale (N,) float32 and bias (N,) float32 or null, the bias added as each output is stored: a GEMV
@@ -588,7 +596,7 @@ int quanto_float8_path(int format, int64_t M) { return path_for(format, M); }
 // quanto_float8_path. Returns 2 when the GEMM's panels cannot be allocated, else 0.
 int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                             const float* scale, const float* bias, float* out, int threads) try {
-    const Path path = path_for(format, M);
+    const Path path = path_for(M);
 #if QUANTO_HAS_FP16_INTRINSICS
     if (path == FLOAT16_GEMV || path == FLOAT16_GEMM) {
         const auto xh = quanto_fx_cpu::aligned_workspace<uint16_t>(M * K);
@@ -596,9 +604,9 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
         const float x_max = format == E4M3 ? x_half_max<E4M3>() : x_half_max<E5M2>();
         if (x_to_half(x, M, K, x_max, xh.get(), sx.get())) {
             if (path == FLOAT16_GEMM && format == E4M3)
-                float8_gemm_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+                float8_gemm_fp16<E4M3>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             if (path == FLOAT16_GEMM && format == E5M2)
-                float8_gemm_fp16<E5M2>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+                float8_gemm_fp16<E5M2>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             if (path == FLOAT16_GEMV && format == E4M3)
                 float8_gemv_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             if (path == FLOAT16_GEMV && format == E5M2)

@@ -274,11 +274,12 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
 // fp32 GEMM once x has many rows. Here each int32 lane is one output column: lane j of a code vector holds 4
 // codes of weight row n0 + j (one phase of a 32-bit word of its packed bytes), and x's 4 matching phase bytes
 // are broadcast to all lanes, so one vpdpbusd does 64 multiply-adds for 16 columns and the group scales
-// apply to whole vectors. The weight is gathered into that form once per block of 16 * NR rows and reused
+// apply to whole vectors. The weight is transposed into that form once per block of 16 * NR rows and reused
 // by every row of x in the chunk (GEMM_X_CHUNK_BYTES of x planes stay in L2). At K = N = 4096 on a 2-core
 // Xeon: 0.26x the fp32 GEMM's time at M = 4, 0.35x at 32, 0.5x at 128 to 512 (the dequantize-then-fp32-GEMM
-// it replaced: 0.9 to 1.2x); the GEMV stays ahead at M <= 2, where gathering the weight costs more than it
-// saves. int8 weights (one phase per byte, codes xor 0x80, per-channel scales, no zero) take it past M = 16.
+// it replaced: 0.9 to 1.2x); the GEMV stays ahead at small M (quanto_weight_mm_uses_gemv), where
+// transposing the weight costs more than it saves. int8 weights: one phase per byte, codes xor 0x80,
+// per-channel scales, no zero.
 constexpr int64_t GEMM_X_CHUNK_BYTES = 1 << 20;
 
 struct alignas(64) Vector {  // storage for one __m512 / __m512i (std containers of those drop the alignment)
@@ -335,15 +336,17 @@ void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N
                     codes[((d0 + d) * per_byte + p) * NR + c] = chunk_codes<BITS, Lanes<64>>(v[d], p);
         }
         // The (scale, zero) pairs of the 16 columns are 32 floats in a row: two loads and two permutes (two
-        // gathers per group had been this function's hottest instructions at K = 384).
+        // gathers per group had been this function's hottest instructions at K = 384). int8: 16 scales.
         const int pair_floats = 2 * __builtin_popcount(valid);  // valid lanes are a prefix
         const __mmask16 first_half = pair_floats >= 16 ? 0xFFFF : (__mmask16)((1u << pair_floats) - 1);
         const __mmask16 second_half = pair_floats > 16 ? (__mmask16)((1u << (pair_floats - 16)) - 1) : 0;
         const __m512i evens = _mm512_add_epi32(lanes, lanes), odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
         for (int64_t g = 0; g < G; g++) {
             const float* at = scales + (g * N + n0 + 16 * c) * scale_stride;
-            __m512 s = _mm512_maskz_loadu_ps(valid, at), z = _mm512_setzero_ps();
-            if (BITS != 8) {
+            __m512 s, z = _mm512_setzero_ps();
+            if constexpr (BITS == 8) {
+                s = _mm512_maskz_loadu_ps(valid, at);
+            } else {
                 const __m512 low = _mm512_maskz_loadu_ps(first_half, at);
                 const __m512 high = _mm512_maskz_loadu_ps(second_half, at + 16);
                 s = _mm512_permutex2var_ps(low, evens, high), z = _mm512_permutex2var_ps(low, odds, high);

@@ -27,7 +27,7 @@ pay: they read 1 byte (int8, float8) or half a byte (int4) per weight instead of
 
 CPU precision: the VNNI paths round x to 16-bit integers per row (~3e-5 relative on the output), whatever x's
 dtype (16-bit x is computed from float32 and the result rounded to x's dtype); the float8 kernels compute in
-float32, but on CPUs with AVX512-FP16 the GEMV and the e4m3fn GEMM compute in float16 (~5e-4
+float32, but on CPUs with AVX512-FP16 the GEMV and the GEMM compute in float16 (~5e-4
 relative, see ``cpu_float8_mm.path``). aten's CPU int8 / int4 weight-only kernels are vectorized for 16-bit
 activations only (with float32 ones they ran 3 to 46x slower than the fp32 GEMM, bench/RESULTS.md), so float32
 inputs and scales are rounded to bfloat16 for them (relative error ~2**-9, against ~4e-3 from int8 and ~6e-2
