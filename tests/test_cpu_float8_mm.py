@@ -140,15 +140,11 @@ def test_e5m2_blocks_holding_a_row_of_small_codes_take_the_float32_gemm():
 
 
 @needs_avx512_fp16
-# the GEMVs, the e4m3fn float16 GEMM (x that e5m2 cannot scale for float16 takes the float32 GEMV, then past
-# M = 16 the float32 GEMM, which sums x times codes before the channel scale: with |x| ~ 1e38 those sums
-# overflow float32)
-@pytest.mark.parametrize(
-    "dtype, m", [(torch.float8_e4m3fn, 1), (torch.float8_e5m2, 1), (torch.float8_e4m3fn, 17)]
-)
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("m", [1, 17])  # the GEMV, the GEMM
 def test_x_near_float32s_largest_values_is_not_flushed_to_zero(dtype, m):
     """max |x| = 1e38: e4m3's float16 scaling factor (2048 / 1e38) is a normal float32, which flush-to-zero
-    keeps; e5m2's (1 / 16 / 1e38) would be subnormal, so that call runs in float32."""
+    keeps; with e5m2 weights x is first divided by a power of two (see the next test)."""
     torch.manual_seed(0)
     w, scale = _float8_weight(16, 64, dtype)
     x = torch.randn(m, 64)
@@ -160,6 +156,21 @@ def test_x_near_float32s_largest_values_is_not_flushed_to_zero(dtype, m):
         torch.set_flush_denormal(False)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double() * 1e-3)
     assert relative_error(out, expected) < FLOAT16_ERROR
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 17])  # the GEMV, the GEMM
+def test_e5m2_sums_of_huge_x_times_large_codes_do_not_overflow(m):
+    """x ~ 1e37 times e5m2 codes of 10240 sum to ~1e41 before a channel scale of 1e-10 brings the outputs to
+    ~1e32: x is divided by a power of two first, the scales multiplied by it."""
+    torch.manual_seed(m)
+    w = (torch.randint(0, 2, (16, 64)) * 2 - 1).float().mul(10240.0).to(torch.float8_e5m2)  # exact codes
+    x = torch.randn(m, 64)
+    x = x / x.abs().amax(1, keepdim=True) * 1e37
+    scale = torch.full((16,), 1e-10)
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale)
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
+    assert out.isfinite().all() and relative_error(out, expected) < _tolerance(torch.float8_e5m2, m)
 
 
 @needs_kernels

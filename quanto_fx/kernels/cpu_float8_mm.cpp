@@ -14,6 +14,7 @@
 //
 // Every index is checked by the Python caller; nothing here validates again.
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -581,6 +582,16 @@ Path path_for(int64_t M) {  // the same for both formats
     return M <= GEMV_MAX_M ? FLOAT32_GEMV : FLOAT32_GEMM;
 }
 
+// The power of two by which quanto_float8_weight_mm divides x with e5m2 weights: max |x| * 57344 * K (a bound
+// on the float32 kernels' sums before the channel scale) kept below FLT_MAX / 4; 0 for x below that already
+// (max |x| < ~3.6e29 at K = 4096: any activation in practice).
+int e5m2_x_shift(const float* x, int64_t M, int64_t K) {
+    float amax = 0.f;  // rows holding a NaN or an infinity are skipped: they propagate either way
+    for (int64_t m = 0; m < M; m++) amax = fmaxf(amax, quanto_fx_cpu::row_abs_max(x + m * K, K));
+    const float limit = FLT_MAX / 4.f / (57344.f * (float)K);
+    return amax > limit ? ilogbf(amax / limit) + 1 : 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -597,6 +608,19 @@ int quanto_float8_path(int format, int64_t M) { return path_for(M); }
 int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                             const float* scale, const float* bias, float* out, int threads) try {
     const Path path = path_for(M);
+    // e5m2 codes reach 57344 and the float32 kernels sum x times codes before the channel scale: x that would
+    // overflow those sums (where the result need not) is divided by a power of two and the channel scales
+    // multiplied by it, both exactly.
+    const int shift = format == E5M2 ? e5m2_x_shift(x, M, K) : 0;
+    std::unique_ptr<float[], quanto_fx_cpu::Free> scaled_x, scaled_scale;
+    if (shift) {
+        scaled_x = quanto_fx_cpu::aligned_workspace<float>(M * K);
+        scaled_scale = quanto_fx_cpu::aligned_workspace<float>(N);
+        const float down = ldexpf(1.f, -shift), up = ldexpf(1.f, shift);
+        for (int64_t i = 0; i < M * K; i++) scaled_x[i] = x[i] * down;
+        for (int64_t n = 0; n < N; n++) scaled_scale[n] = scale[n] * up;
+        x = scaled_x.get(), scale = scaled_scale.get();
+    }
 #if QUANTO_HAS_FP16_INTRINSICS
     if (path == FLOAT16_GEMV || path == FLOAT16_GEMM) {
         const auto xh = quanto_fx_cpu::aligned_workspace<uint16_t>(M * K);
