@@ -142,25 +142,13 @@ constexpr float x_half_max() {
 
 // x is scaled for e5m2's largest codes (57344): the products of a row whose codes are all small (weights not
 // scaled to the format's range) would fall among float16's subnormals, with 2**-24 absolute precision (relative
-// error of the outputs 1e-3 at codes <= 2**-8, 1e-2 at <= 2**-11). Rows whose largest code is below 2**-6
-// (e5m2 magnitude byte 9 << 2) are computed in float32 instead.
+// error of the outputs 1e-3 at codes <= 2**-8, 1e-2 at <= 2**-11). A GEMV tile or GEMM block holding a row with
+// no code of at least 2**-6 (e5m2 magnitude byte 9 << 2) among its first 512 inputs is computed by the float32
+// kernels instead (float32 x), decided after those inputs: recomputing such rows one dot product per row of x
+// after the float16 work had made unscaled weights 3x (GEMV) to 8x (GEMM) slower than fp32.
 constexpr char E5M2_FLOAT16_MIN_CODE = 9 << 2;
 
 #if QUANTO_HAS_FP16_INTRINSICS
-// The float32 dot product of a row of x in float16 (xh) with a row of e5m2 codes.
-FP16_TARGET float dot_e5m2_float32(const uint16_t* xh, const uint8_t* codes, int64_t K) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-        const __mmask32 lanes = lanes_from(k, K);
-        const __m512i x = _mm512_maskz_loadu_epi16(lanes, xh + k);
-        __m512 lo, hi;
-        float8_to_float<E5M2>(codes + k, lanes, lo, hi);
-        acc = _mm512_fmadd_ps(lo, _mm512_cvtph_ps(_mm512_castsi512_si256(x)), acc);
-        acc = _mm512_fmadd_ps(hi, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1)), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 // One chunk of 32 inputs k .. k + 31 of a tile (see tile_fp16); TAIL: the last, partial one (`lanes`), read
 // with masks. Whole chunks are read without: their loads fold into the instructions that use them.
 template <int FORMAT, int RT, int MT, bool TAIL>
@@ -186,15 +174,17 @@ FP16_TARGET INLINE void chunk_fp16(const uint16_t* xh, int64_t K, const uint8_t*
     }
 }
 
-// out[m0 + i, n0 + r] for RT weight rows and MT rows of x (rounded to float16 in xh, with scales sx).
+// out[m0 + i, n0 + r] for RT weight rows and MT rows of x (rounded to float16 in xh, with scales sx; x itself
+// for e5m2 rows of small codes).
 template <int FORMAT, int RT, int MT>
-FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K, const uint8_t* weight, int64_t N,
-                                  const float* scale, const float* bias, float* out, int64_t n0, int64_t m0) {
+FP16_TARGET INLINE void tile_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t K,
+                                  const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
+                                  int64_t n0, int64_t m0) {
     __m512 acc[MT][RT];  // in the outputs' order, for sum8
     // Each weight row's largest code magnitude (2 uops per chunk). e4m3fn NaN codes are not mapped per chunk
     // (3 of the loop's 7 vector uops): a row holding one gives NaN. e5m2's inf and NaN codes are float16's
-    // own, which float16 arithmetic propagates as float32 would; a row of e5m2 codes all below
-    // E5M2_FLOAT16_MIN_CODE is computed again in float32 (see there).
+    // own, which float16 arithmetic propagates as float32 would; e5m2 rows of small codes: see
+    // E5M2_FLOAT16_MIN_CODE.
     __m256i largest[RT];
     for (int r = 0; r < RT; r++) {
         largest[r] = _mm256_setzero_si256();
@@ -215,6 +205,9 @@ FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K
                 const __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1));
                 acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_add_ps(low, high));
             }
+        for (int r = 0; FORMAT == E5M2 && block == 0 && r < RT; r++)
+            if (_mm256_cmpge_epu8_mask(largest[r], _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE)) == 0)
+                return tile<E5M2, RT, MT>(x, K, weight, N, scale, bias, out, n0, m0);
     }
     alignas(32) float dots[MT][RT];
     if constexpr (MT * RT % 8 == 0) {
@@ -226,8 +219,6 @@ FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K
     const float unit = FORMAT == E4M3 ? E4M3_SCALE : 1.f;
     for (int r = 0; r < RT; r++) {
         const bool nan = FORMAT == E4M3 && _mm256_cmpeq_epi8_mask(largest[r], _mm256_set1_epi8(0x7F)) != 0;
-        if (FORMAT == E5M2 && _mm256_cmpge_epu8_mask(largest[r], _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE)) == 0)
-            for (int i = 0; i < MT; i++) dots[i][r] = dot_e5m2_float32(xh + (m0 + i) * K, weight + (n0 + r) * K, K);
         for (int i = 0; i < MT; i++) {
             const float dot = dots[i][r] * sx[m0 + i] * unit * scale[n0 + r];
             out[(m0 + i) * N + n0 + r] = nan ? NAN : dot + (bias ? bias[n0 + r] : 0.f);
@@ -236,31 +227,32 @@ FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K
 }
 
 template <int FORMAT, int RT>
-FP16_TARGET INLINE void weight_rows_fp16(const uint16_t* xh, const float* sx, int64_t M, int64_t K,
+FP16_TARGET INLINE void weight_rows_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
                                          const uint8_t* weight, int64_t N, const float* scale, const float* bias,
                                          float* out, int64_t n0) {
     int64_t m0 = 0;
     constexpr int RT8 = RT > 1 ? 2 : 1;  // 8 rows of x: 2 weight rows at a time keep the 16 sums in registers
     for (; m0 + 8 <= M; m0 += 8)
         for (int64_t r = 0; r < RT; r += RT8)
-            tile_fp16<FORMAT, RT8, 8>(xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
-    for (; m0 + 4 <= M; m0 += 4) tile_fp16<FORMAT, RT, 4>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+            tile_fp16<FORMAT, RT8, 8>(x, xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
+    for (; m0 + 4 <= M; m0 += 4) tile_fp16<FORMAT, RT, 4>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
     // The last 1 to 3 rows in one tile: each tile converts the weight again (3 rows as 2 + 1: 1.4x the fp32
     // GEMM's time on 384 x 1536, whose weight stays in L2).
-    if (M - m0 == 3) tile_fp16<FORMAT, RT, 3>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    if (M - m0 == 2) tile_fp16<FORMAT, RT, 2>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    if (M - m0 == 1) tile_fp16<FORMAT, RT, 1>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 3) tile_fp16<FORMAT, RT, 3>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 2) tile_fp16<FORMAT, RT, 2>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 1) tile_fp16<FORMAT, RT, 1>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
 }
 
 template <int FORMAT>
-FP16_TARGET void float8_gemv_fp16(const uint16_t* xh, const float* sx, int64_t M, int64_t K, const uint8_t* weight,
-                                  int64_t N, const float* scale, const float* bias, float* out, int threads) {
+FP16_TARGET void float8_gemv_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
+                                  const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
+                                  int threads) {
     constexpr int64_t RT = 4;
     const int64_t full = N - N % RT;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n0 = 0; n0 < full; n0 += RT)
-        weight_rows_fp16<FORMAT, RT>(xh, sx, M, K, weight, N, scale, bias, out, n0);
-    for (int64_t n0 = full; n0 < N; n0++) weight_rows_fp16<FORMAT, 1>(xh, sx, M, K, weight, N, scale, bias, out, n0);
+        weight_rows_fp16<FORMAT, RT>(x, xh, sx, M, K, weight, N, scale, bias, out, n0);
+    for (int64_t n0 = full; n0 < N; n0++) weight_rows_fp16<FORMAT, 1>(x, xh, sx, M, K, weight, N, scale, bias, out, n0);
 }
 
 bool cpu_has_fp16() {
@@ -429,11 +421,9 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 // (scaled as for the GEMV) are broadcast from memory into vfmadd231ph: 32 multiply-adds per instruction. Each
 // lane sums FP16_GEMM_BLOCK products of one output in float16 (the GEMV's bound: 16), then float32. The panel
 // is built FP16_GEMM_KC inputs at a time so that it stays in L1 while every row of x in the chunk runs over it;
-// the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. e5m2: a block of 32 weight rows
-// of which one has no code of at least E5M2_FLOAT16_MIN_CODE among its first FP16_GEMM_KC inputs (weights not
-// scaled to the format's range, whose products would be float16 subnormals) is computed by the float32 GEMM's
-// block instead, decided before any float16 work (recomputing such columns one dot product per row of x
-// after the fact made unscaled weights 8x slower than fp32).
+// the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. e5m2 blocks holding a row of
+// small codes run the float32 GEMM's block (see E5M2_FLOAT16_MIN_CODE), decided once the first panel is built,
+// before any float16 work.
 #if QUANTO_HAS_FP16_INTRINSICS
 constexpr int64_t FP16_GEMM_BLOCK = FP16_BLOCK / 32;
 // Inputs per panel block: 512 x 64 B = 32 KB, in L1 (256: 0.74-0.90x fp32 where 512 gave 0.62-0.89x).
@@ -632,9 +622,9 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
             if (path == FLOAT16_GEMM && format == E5M2)
                 float8_gemm_fp16<E5M2>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             if (path == FLOAT16_GEMV && format == E4M3)
-                float8_gemv_fp16<E4M3>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+                float8_gemv_fp16<E4M3>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             if (path == FLOAT16_GEMV && format == E5M2)
-                float8_gemv_fp16<E5M2>(xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
+                float8_gemv_fp16<E5M2>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             return 0;
         }
     }

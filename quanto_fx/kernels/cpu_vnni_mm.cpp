@@ -295,7 +295,7 @@ INLINE void transpose_words(__m512i v[16]) {
         v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
         v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
     }
-    for (int e = 0; e < 4; e++) {  // gather block b of v[e], v[4 + e], v[8 + e], v[12 + e] into word 4b + e
+    for (int e = 0; e < 4; e++) {  // collect block b of v[e], v[4 + e], v[8 + e], v[12 + e] into word 4b + e
         const __m512i even_low = _mm512_shuffle_i32x4(v[e], v[4 + e], 0x88);
         const __m512i odd_low = _mm512_shuffle_i32x4(v[e], v[4 + e], 0xDD);
         const __m512i even_high = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0x88);
@@ -315,7 +315,7 @@ INLINE void transpose_words(__m512i v[16]) {
 // in registers: with a 16-lane gather per word (and per group's scales), the int8 GEMM on 384 x 1536 had
 // run 1.3x the fp32 GEMM's time at M = 2 (0.9x now), 0.74x at M = 8 (0.6x).
 template <int BITS, int NR>
-void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N, const float* scales, int64_t G,
+void transpose_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N, const float* scales, int64_t G,
                          __mmask16 last_lanes, __m512i* codes, __m512* group_scales) {
     constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
     const int64_t row_bytes = K / per_byte, words = row_bytes / 4;
@@ -357,7 +357,7 @@ void gather_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N
     }
 }
 
-// out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the gathered code vectors and x's planes (see quanto_split_x).
+// out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the transposed code vectors and x's planes (see quanto_split_x).
 template <int BITS, int MR, int NR>
 INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l,
                       const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, const float* bias,
@@ -450,13 +450,13 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
             for (int64_t b = 0; b < wide_blocks + narrow_blocks; b++) {
                 if (b < wide_blocks) {
                     const int64_t n0 = b * 16 * NR;
-                    gather_code_vectors<BITS, NR>(weight, n0, K, N, scales, G, 0xFFFF, codes, group_scales);
+                    transpose_code_vectors<BITS, NR>(weight, n0, K, N, scales, G, 0xFFFF, codes, group_scales);
                     gemm_rows<BITS, NR>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
                                         n0, 0xFFFF);
                 } else {
                     const int64_t n0 = wide_blocks * 16 * NR + (b - wide_blocks) * 16;
                     const __mmask16 lanes = n0 + 16 > N ? tail_lanes : (__mmask16)0xFFFF;
-                    gather_code_vectors<BITS, 1>(weight, n0, K, N, scales, G, lanes, codes, group_scales);
+                    transpose_code_vectors<BITS, 1>(weight, n0, K, N, scales, G, lanes, codes, group_scales);
                     gemm_rows<BITS, 1>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
                                        n0, lanes);
                 }
