@@ -243,14 +243,16 @@ def test_the_op_matches_the_reference_and_returns_x_dtype(dtype, m, x_dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 2, 20])  # the GEMV (tiles of 1 and 2 rows of x), the GEMM
+@pytest.mark.parametrize("m", [1, 2, 3, 20])  # the GEMV (tiles of 1, 2 and 3 rows of x), the GEMM
 def test_a_nan_code_in_the_weight_is_propagated_not_read_as_a_number(m):
-    w, scale = _float8_weight(10, 64, torch.float8_e4m3fn)
-    w.view(torch.uint8)[3, 10] = 0x7F  # e4m3fn's NaNs: in a tile of 4 weight rows, in the single last rows
-    w.view(torch.uint8)[9, 63] = 0xFF
-    out = float8_weight_mm(torch.randn(m, 64), w, scale)
+    w, scale = _float8_weight(10, 96, torch.float8_e4m3fn)
+    # e4m3fn's NaNs: in groups of 4 weight rows (in the first 64 inputs and past them), in a last single row
+    w.view(torch.uint8)[3, 10] = 0x7F
+    w.view(torch.uint8)[5, 70] = 0xFF
+    w.view(torch.uint8)[9, 95] = 0xFF
+    out = float8_weight_mm(torch.randn(m, 96), w, scale)
     nan_columns = torch.zeros(10, dtype=torch.bool)
-    nan_columns[[3, 9]] = True
+    nan_columns[[3, 5, 9]] = True
     assert torch.equal(out.isnan(), nan_columns.expand(m, 10))
 
 

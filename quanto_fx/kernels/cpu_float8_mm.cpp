@@ -69,14 +69,39 @@ INLINE __mmask32 lanes_from(int64_t k, int64_t K) {
     return K - k >= 32 ? (__mmask32)0xFFFFFFFF : (__mmask32)((1u << (K - k)) - 1);
 }
 
+// out[m0 + i, n0 + r] = (the lane sum of acc[i][r]) * x_scales[m0 + i] (1 if null) * unit * scale[n0 + r] +
+// bias[n0 + r]: the sums 8 at a time (a last group of fewer padded with zeros), the RT outputs of a row of x in
+// one vector. A sum and the scalar arithmetic per output, which reloaded scale, bias and out pointers from the
+// stack, took a tenth of the float16 GEMV's time at K = 384.
+template <int MT, int RT>
+INLINE void store_tile(const __m512 (&acc)[MT][RT], const float* x_scales, float unit, const float* scale,
+                       const float* bias, float* out, int64_t N, int64_t n0, int64_t m0) {
+    static_assert(RT <= 4, "one 128-bit vector of outputs per row of x");
+    constexpr int OUTPUTS = MT * RT;
+    alignas(32) float dots[(OUTPUTS + 7) / 8 * 8];
+    for (int o = 0; o < OUTPUTS; o += 8) {
+        __m512 group[8];
+        for (int j = 0; j < 8; j++) group[j] = o + j < OUTPUTS ? (&acc[0][0])[o + j] : _mm512_setzero_ps();
+        _mm256_store_ps(dots + o, quanto_fx_cpu::sum8(group));
+    }
+    const __mmask8 lanes = (1u << RT) - 1;
+    const __m128 scales = _mm_mul_ps(_mm_maskz_loadu_ps(lanes, scale + n0), _mm_set1_ps(unit));
+    const __m128 biases = bias ? _mm_maskz_loadu_ps(lanes, bias + n0) : _mm_setzero_ps();
+    for (int i = 0; i < MT; i++) {
+        __m128 row = RT == 4 ? _mm_load_ps(dots + 4 * i) : _mm_maskz_loadu_ps(lanes, dots + RT * i);
+        if (x_scales) row = _mm_mul_ps(row, _mm_set1_ps(x_scales[m0 + i]));
+        _mm_mask_storeu_ps(out + (m0 + i) * N + n0, lanes, _mm_fmadd_ps(row, scales, biases));
+    }
+}
+
 // out[m0 + i, n0 + r] for RT weight rows and MT rows of x: each weight chunk is converted once and used by
 // MT rows of x.
 template <int FORMAT, int RT, int MT>
 INLINE void tile(const float* x, int64_t K, const uint8_t* weight, int64_t N, const float* scale,
                  const float* bias, float* out, int64_t n0, int64_t m0) {
-    __m512 acc[RT][MT];
-    for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) acc[r][i] = _mm512_setzero_ps();
+    __m512 acc[MT][RT];
+    for (int i = 0; i < MT; i++)
+        for (int r = 0; r < RT; r++) acc[i][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         const __mmask32 lanes = lanes_from(k, K);
         __m512 x_lo[MT], x_hi[MT];
@@ -90,14 +115,10 @@ INLINE void tile(const float* x, int64_t K, const uint8_t* weight, int64_t N, co
             __m512 w_lo, w_hi;
             float8_to_float<FORMAT>(row + k, lanes, w_lo, w_hi);
             for (int i = 0; i < MT; i++)
-                acc[r][i] = _mm512_fmadd_ps(w_hi, x_hi[i], _mm512_fmadd_ps(w_lo, x_lo[i], acc[r][i]));
+                acc[i][r] = _mm512_fmadd_ps(w_hi, x_hi[i], _mm512_fmadd_ps(w_lo, x_lo[i], acc[i][r]));
         }
     }
-    const float unit = FORMAT == E4M3 ? E4M3_SCALE : 1.f;
-    for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++)
-            out[(m0 + i) * N + n0 + r] =
-                _mm512_reduce_add_ps(acc[r][i]) * unit * scale[n0 + r] + (bias ? bias[n0 + r] : 0.f);
+    store_tile(acc, nullptr, FORMAT == E4M3 ? E4M3_SCALE : 1.f, scale, bias, out, N, n0, m0);
 }
 
 template <int FORMAT, int RT>
@@ -123,7 +144,7 @@ void float8_gemv(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 //
 // Converting float8 to float32 (above) costs ~13 vector uops per 32 e4m3 weights, which bounds the float32
 // GEMV: 0.43x the fp32 GEMV at 4096 x 4096 and 1.2-1.5x on layers that sit in the caches. Their float16 form
-// takes 5 uops (e5m2: 2), and one vfmadd231ph multiplies-adds 32 of them. Each row of x is scaled to |x| <=
+// takes 3 uops (e5m2: 2), and one vfmadd231ph multiplies-adds 32 of them. Each row of x is scaled to |x| <=
 // x_half_max<FORMAT>() and rounded to float16 (relative 2**-11); the products are summed in float16 over
 // FP16_BLOCK inputs per lane and in float32 beyond. The result's relative error is ~5e-4, against the
 // formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2).
@@ -144,16 +165,44 @@ constexpr float x_half_max() {
 // scaled to the format's range) would fall among float16's subnormals, with 2**-24 absolute precision (relative
 // error of the outputs 1e-3 at codes <= 2**-8, 1e-2 at <= 2**-11). A GEMV tile or GEMM block holding a row with
 // no code of at least 2**-6 (e5m2 magnitude byte 9 << 2) among its first 512 inputs is computed by the float32
-// kernels instead (float32 x), decided after those inputs: recomputing such rows one dot product per row of x
-// after the float16 work had made unscaled weights 3x (GEMV) to 8x (GEMM) slower than fp32.
+// kernels instead (float32 x), decided before any float16 work on it: recomputing such rows one dot product per
+// row of x after the float16 work had made unscaled weights 3x (GEMV) to 8x (GEMM) slower than fp32.
 constexpr char E5M2_FLOAT16_MIN_CODE = 9 << 2;
+
+// Whether one of the first `count` codes of a weight row has a magnitude (sign bit cleared) of `code` or more,
+// 64 codes at a time, stopping at the first.
+INLINE bool holds_magnitude(const uint8_t* row, int64_t count, char code) {
+    for (int64_t k = 0; k < count; k += 64) {
+        const __mmask64 lanes = count - k >= 64 ? ~0ull : (1ull << (count - k)) - 1;
+        const __m512i magnitudes = _mm512_and_si512(_mm512_maskz_loadu_epi8(lanes, row + k), _mm512_set1_epi8(0x7F));
+        if (_mm512_cmpge_epu8_mask(magnitudes, _mm512_set1_epi8(code))) return true;
+    }
+    return false;
+}
+
+// Whether one of RT weight rows (K codes each, from `rows`) holds an e4m3fn NaN code (s.1111.111): their
+// largest magnitude, 64 codes at a time without a branch.
+template <int RT>
+INLINE bool rows_hold_e4m3_nan(const uint8_t* rows, int64_t K) {
+    __m512i largest = _mm512_setzero_si512();
+    const __m512i magnitude = _mm512_set1_epi8(0x7F);
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+        for (int r = 0; r < RT; r++)
+            largest = _mm512_max_epu8(largest, _mm512_and_si512(_mm512_loadu_si512(rows + r * K + k), magnitude));
+    for (int r = 0; k < K && r < RT; r++) {
+        const __m512i codes = _mm512_maskz_loadu_epi8((1ull << (K - k)) - 1, rows + r * K + k);
+        largest = _mm512_max_epu8(largest, _mm512_and_si512(codes, magnitude));
+    }
+    return _mm512_cmpeq_epi8_mask(largest, _mm512_set1_epi8(0x7F)) != 0;
+}
 
 #if QUANTO_HAS_FP16_INTRINSICS
 // One chunk of 32 inputs k .. k + 31 of a tile (see tile_fp16); TAIL: the last, partial one (`lanes`), read
 // with masks. Whole chunks are read without: their loads fold into the instructions that use them.
 template <int FORMAT, int RT, int MT, bool TAIL>
 FP16_TARGET INLINE void chunk_fp16(const uint16_t* xh, int64_t K, const uint8_t* weight, int64_t n0, int64_t m0,
-                                   int64_t k, __mmask32 lanes, __m512h (&sums)[MT][RT], __m256i (&largest)[RT]) {
+                                   int64_t k, __mmask32 lanes, __m512h (&sums)[MT][RT]) {
     __m512h x[MT];
     for (int i = 0; i < MT; i++) {
         const uint16_t* at = xh + (m0 + i) * K + k;
@@ -163,41 +212,29 @@ FP16_TARGET INLINE void chunk_fp16(const uint16_t* xh, int64_t K, const uint8_t*
         const uint8_t* at = weight + (n0 + r) * K + k;
         _mm_prefetch((const char*)(at + 1024), _MM_HINT_T0);  // hints: never fault
         const __m256i raw = TAIL ? _mm256_maskz_loadu_epi8(lanes, at) : _mm256_loadu_si256((const __m256i*)at);
-        __m512i half;
-        largest[r] = _mm256_max_epu8(largest[r], _mm256_and_si256(raw, _mm256_set1_epi8(0x7F)));
-        if constexpr (FORMAT == E4M3)
-            half = e4m3_to_half_but_nan(raw);
-        else
-            half = _mm512_slli_epi16(_mm512_cvtepu8_epi16(raw), 8);
+        const __m512i half =
+            FORMAT == E4M3 ? e4m3_to_half_but_nan(raw) : _mm512_slli_epi16(_mm512_cvtepu8_epi16(raw), 8);
         const __m512h w = _mm512_castsi512_ph(half);
         for (int i = 0; i < MT; i++) sums[i][r] = _mm512_fmadd_ph(w, x[i], sums[i][r]);
     }
 }
 
-// out[m0 + i, n0 + r] for RT weight rows and MT rows of x (rounded to float16 in xh, with scales sx; x itself
-// for e5m2 rows of small codes).
+// out[m0 + i, n0 + r] for RT weight rows and MT rows of x (rounded to float16 in xh, with scales sx). e4m3fn
+// NaN codes come out finite here (see weight_rows_fp16).
 template <int FORMAT, int RT, int MT>
-FP16_TARGET INLINE void tile_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t K,
-                                  const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
-                                  int64_t n0, int64_t m0) {
-    __m512 acc[MT][RT];  // in the outputs' order, for sum8
-    // Each weight row's largest code magnitude (2 uops per chunk). e4m3fn NaN codes are not mapped per chunk
-    // (3 of the loop's 7 vector uops): a row holding one gives NaN. e5m2's inf and NaN codes are float16's
-    // own, which float16 arithmetic propagates as float32 would; e5m2 rows of small codes: see
-    // E5M2_FLOAT16_MIN_CODE.
-    __m256i largest[RT];
-    for (int r = 0; r < RT; r++) {
-        largest[r] = _mm256_setzero_si256();
-        for (int i = 0; i < MT; i++) acc[i][r] = _mm512_setzero_ps();
-    }
+FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K, const uint8_t* weight, int64_t N,
+                                  const float* scale, const float* bias, float* out, int64_t n0, int64_t m0) {
+    __m512 acc[MT][RT];
+    for (int i = 0; i < MT; i++)
+        for (int r = 0; r < RT; r++) acc[i][r] = _mm512_setzero_ps();
     for (int64_t block = 0; block < K; block += FP16_BLOCK) {
         __m512h sums[MT][RT];
         for (int i = 0; i < MT; i++)
             for (int r = 0; r < RT; r++) sums[i][r] = _mm512_setzero_ph();
         const int64_t end = std::min(K, block + FP16_BLOCK);
         int64_t k = block;
-        for (; k + 32 <= end; k += 32) chunk_fp16<FORMAT, RT, MT, false>(xh, K, weight, n0, m0, k, 0, sums, largest);
-        if (k < end) chunk_fp16<FORMAT, RT, MT, true>(xh, K, weight, n0, m0, k, lanes_from(k, K), sums, largest);
+        for (; k + 32 <= end; k += 32) chunk_fp16<FORMAT, RT, MT, false>(xh, K, weight, n0, m0, k, 0, sums);
+        if (k < end) chunk_fp16<FORMAT, RT, MT, true>(xh, K, weight, n0, m0, k, lanes_from(k, K), sums);
         for (int i = 0; i < MT; i++)
             for (int r = 0; r < RT; r++) {
                 const __m512i bits = _mm512_castph_si512(sums[i][r]);
@@ -205,42 +242,37 @@ FP16_TARGET INLINE void tile_fp16(const float* x, const uint16_t* xh, const floa
                 const __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1));
                 acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_add_ps(low, high));
             }
-        for (int r = 0; FORMAT == E5M2 && block == 0 && r < RT; r++)
-            if (_mm256_cmpge_epu8_mask(largest[r], _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE)) == 0)
-                return tile<E5M2, RT, MT>(x, K, weight, N, scale, bias, out, n0, m0);
     }
-    alignas(32) float dots[MT][RT];
-    if constexpr (MT * RT % 8 == 0) {
-        for (int o = 0; o < MT * RT; o += 8) _mm256_store_ps(&dots[0][0] + o, quanto_fx_cpu::sum8(&acc[0][0] + o));
-    } else {
-        for (int i = 0; i < MT; i++)
-            for (int r = 0; r < RT; r++) dots[i][r] = _mm512_reduce_add_ps(acc[i][r]);
-    }
-    const float unit = FORMAT == E4M3 ? E4M3_SCALE : 1.f;
-    for (int r = 0; r < RT; r++) {
-        const bool nan = FORMAT == E4M3 && _mm256_cmpeq_epi8_mask(largest[r], _mm256_set1_epi8(0x7F)) != 0;
-        for (int i = 0; i < MT; i++) {
-            const float dot = dots[i][r] * sx[m0 + i] * unit * scale[n0 + r];
-            out[(m0 + i) * N + n0 + r] = nan ? NAN : dot + (bias ? bias[n0 + r] : 0.f);
-        }
-    }
+    store_tile(acc, sx, FORMAT == E4M3 ? E4M3_SCALE : 1.f, scale, bias, out, N, n0, m0);
 }
 
 template <int FORMAT, int RT>
 FP16_TARGET INLINE void weight_rows_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
                                          const uint8_t* weight, int64_t N, const float* scale, const float* bias,
                                          float* out, int64_t n0) {
+    // Each weight row is checked once here, not in every tile (2 uops per chunk of 32 codes; with the scalar
+    // stores of tile_fp16, 384 x 1536 at M = 2-6 took 1.0-1.2x the fp32 time, now 0.8-0.96x): e5m2 rows of small
+    // codes take the float32 GEMV (see E5M2_FLOAT16_MIN_CODE); an e4m3fn row holding a NaN code (s.1111.111,
+    // not mapped in the tiles) gives NaN outputs. e5m2's inf and NaN codes are float16's own, which float16
+    // arithmetic propagates as float32 would.
+    for (int r = 0; FORMAT == E5M2 && r < RT; r++)
+        if (!holds_magnitude(weight + (n0 + r) * K, std::min(K, FP16_BLOCK), E5M2_FLOAT16_MIN_CODE))
+            return weight_rows<E5M2, RT>(x, M, K, weight, N, scale, bias, out, n0);
     int64_t m0 = 0;
     constexpr int RT8 = RT > 1 ? 2 : 1;  // 8 rows of x: 2 weight rows at a time keep the 16 sums in registers
     for (; m0 + 8 <= M; m0 += 8)
         for (int64_t r = 0; r < RT; r += RT8)
-            tile_fp16<FORMAT, RT8, 8>(x, xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
-    for (; m0 + 4 <= M; m0 += 4) tile_fp16<FORMAT, RT, 4>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
+            tile_fp16<FORMAT, RT8, 8>(xh, sx, K, weight, N, scale, bias, out, n0 + r, m0);
+    for (; m0 + 4 <= M; m0 += 4) tile_fp16<FORMAT, RT, 4>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
     // The last 1 to 3 rows in one tile: each tile converts the weight again (3 rows as 2 + 1: 1.4x the fp32
     // GEMM's time on 384 x 1536, whose weight stays in L2).
-    if (M - m0 == 3) tile_fp16<FORMAT, RT, 3>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    if (M - m0 == 2) tile_fp16<FORMAT, RT, 2>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
-    if (M - m0 == 1) tile_fp16<FORMAT, RT, 1>(x, xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 3) tile_fp16<FORMAT, RT, 3>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 2) tile_fp16<FORMAT, RT, 2>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (M - m0 == 1) tile_fp16<FORMAT, RT, 1>(xh, sx, K, weight, N, scale, bias, out, n0, m0);
+    if (FORMAT == E4M3 && rows_hold_e4m3_nan<RT>(weight + n0 * K, K))
+        for (int r = 0; r < RT; r++)
+            if (rows_hold_e4m3_nan<1>(weight + (n0 + r) * K, K))
+                for (int64_t m = 0; m < M; m++) out[m * N + n0 + r] = NAN;
 }
 
 template <int FORMAT>
