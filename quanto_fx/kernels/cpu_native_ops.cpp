@@ -58,7 +58,11 @@ bool takes_x_scale_bias(const at::Tensor& x, int64_t K, const at::Tensor& scale,
     return !bias.has_value() || (is_float(*bias) && bias->dim() == 1 && bias->size(0) == N);
 }
 
-at::Tensor float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// Without a dispatcher call where t is float32 and contiguous already (.to() costs ~0.3 us even as a no-op,
+// three per call).
+at::Tensor float32(const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
 
 // The op's Python implementation (its CompositeExplicitAutograd kernel) on the same arguments.
 at::Tensor python_implementation(const c10::OperatorHandle& op, std::vector<c10::IValue> arguments) {
