@@ -78,7 +78,7 @@ class QLinear(QModuleMixin, torch.nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.activation_qtype is None:
-            return self._weight_only(float_value(input))
+            return self._weight_only(input)
         if self.activation_mode == "dynamic":
             x = float_value(input)
             rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
@@ -97,26 +97,32 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         return self.quantize_output(F.linear(qx, self.qweight, self.bias))
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
-        # Every step here counts: a small layer (384 -> 1536) at M = 1 takes ~30 us in fp32, so the weight and
-        # bias are read past Module.__getattr__ (tensor_attribute) and 2-d x is not reshaped.
+        # Every step here counts: a small layer (384 -> 1536) at M = 1 takes ~30 us in fp32, a 128 -> 64 one
+        # ~7 us. So the weight and bias are read past Module.__getattr__ (tensor_attribute), a plain tensor
+        # input skips float_value, the type checks come before the subclass attributes (w.dtype costs ~0.2 us)
+        # and 2-d x is not reshaped.
         w, bias = self.qweight, self.tensor_attribute("bias")
+        if type(x) is not torch.Tensor:
+            x = float_value(x)
+        kind = type(w)
+        if (kind is QTensor or kind is PackedQTensor) and self._inference(x) and x.dtype == w.dtype:
+            # Eager inference calls the weight-only op directly: at M = 1 the two subclass dispatches of
+            # F.linear(x, PackedQTensor) (t, then mm) cost ~0.1 ms, a third of a 4096 x 4096 int4 GEMV.
+            rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            ops = _fused_ops()
+            if kind is PackedQTensor:
+                out = ops.lowbit_weight_mm(
+                    rows, w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size, bias
+                )
+            else:
+                gemm = ops.int8_weight_mm if w._data.dtype == torch.int8 else ops.float8_weight_mm
+                out = gemm(rows, w._data, w._scale, bias)
+            return out if rows is x else out.reshape(*x.shape[:-1], self.out_features)
         if w.requires_grad:  # training the float weight: the straight-through float path
             return F.linear(x, float_value(w), bias)
-        if not (self._inference(x) and x.dtype == w.dtype and isinstance(w, (QTensor, PackedQTensor))):
-            # Traced (the passes fuse the chains into the same ops), or inputs the ops do not take. A
-            # PackedQTensor dispatches its GEMM to lowbit_weight_mm.
-            return F.linear(x, w if isinstance(w, PackedQTensor) else float_value(w), bias)
-        # Eager inference calls the weight-only op directly: at M = 1 the two subclass dispatches of
-        # F.linear(x, PackedQTensor) (t, then mm) cost ~0.1 ms, a third of a 4096 x 4096 int4 GEMV.
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        ops = _fused_ops()
-        if isinstance(w, PackedQTensor):
-            parts = (w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size)
-            out = ops.lowbit_weight_mm(rows, *parts, bias)
-        else:
-            gemm = ops.int8_weight_mm if w.qdtype == torch.int8 else ops.float8_weight_mm
-            out = gemm(rows, w._data, w._scale, bias)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+        # Traced (the passes fuse the chains into the same ops), or inputs the ops do not take. A
+        # PackedQTensor dispatches its GEMM to lowbit_weight_mm.
+        return F.linear(x, w if kind is PackedQTensor else float_value(w), bias)
 
     def _inference(self, x: torch.Tensor) -> bool:
         """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""
