@@ -135,8 +135,9 @@ void float8_gemv(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
                  const float* bias, float* out, int threads) {
     constexpr int64_t RT = 4;
     const int64_t full = N - N % RT;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n0 = 0; n0 < full; n0 += RT) weight_rows<FORMAT, RT>(x, M, K, weight, N, scale, bias, out, n0);
+    quanto_fx_cpu::parallel_for(0, full, RT, threads, [&](int64_t n0) {
+        weight_rows<FORMAT, RT>(x, M, K, weight, N, scale, bias, out, n0);
+    });
     for (int64_t n0 = full; n0 < N; n0++) weight_rows<FORMAT, 1>(x, M, K, weight, N, scale, bias, out, n0);
 }
 
@@ -246,8 +247,8 @@ FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K
     store_tile(acc, sx, FORMAT == E4M3 ? E4M3_SCALE : 1.f, scale, bias, out, N, n0, m0);
 }
 
-template <int FORMAT, int RT>
-FP16_TARGET INLINE void weight_rows_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
+template <int FORMAT, int RT>  // not inlined: called from parallel_for's lambda, which has no target attribute
+FP16_TARGET void weight_rows_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
                                          const uint8_t* weight, int64_t N, const float* scale, const float* bias,
                                          float* out, int64_t n0) {
     // Each weight row is checked once here, not in every tile (2 uops per chunk of 32 codes; with the scalar
@@ -281,9 +282,9 @@ FP16_TARGET void float8_gemv_fp16(const float* x, const uint16_t* xh, const floa
                                   int threads) {
     constexpr int64_t RT = 4;
     const int64_t full = N - N % RT;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n0 = 0; n0 < full; n0 += RT)
+    quanto_fx_cpu::parallel_for(0, full, RT, threads, [&](int64_t n0) {
         weight_rows_fp16<FORMAT, RT>(x, xh, sx, M, K, weight, N, scale, bias, out, n0);
+    });
     for (int64_t n0 = full; n0 < N; n0++) weight_rows_fp16<FORMAT, 1>(x, xh, sx, M, K, weight, N, scale, bias, out, n0);
 }
 
@@ -427,8 +428,7 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     // One panel per thread (not zeroed: every vector is written), allocated where a failure can still reach
     // the caller (std::bad_alloc, not inside the parallel region).
     std::unique_ptr<Vector[]> panels(new Vector[threads * K * NR]);
-#pragma omp parallel num_threads(threads)
-    {
+    quanto_fx_cpu::parallel_region(threads, [&] {
         __m512* panel = reinterpret_cast<__m512*>(panels.get() + omp_get_thread_num() * K * NR);
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
@@ -443,7 +443,7 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
                 }
             }
         }
-    }
+    });
 }
 
 // -- GEMM in float16 (e4m3fn weights, CPUs with AVX512-FP16) ------------------------------------------------
@@ -574,8 +574,7 @@ FP16_TARGET void float8_gemm_fp16(const float* x, const uint16_t* xh, const floa
     // Per thread, allocated outside the team: the float16 panel, and for e5m2 a float32 one (see above).
     const int64_t panel32_vectors = FORMAT == E5M2 ? K * GEMM_COLUMN_BLOCKS : 0;
     std::unique_ptr<Vector[]> panels(new Vector[threads * (FP16_GEMM_KC + panel32_vectors)]);
-#pragma omp parallel num_threads(threads)
-    {
+    quanto_fx_cpu::parallel_region(threads, [&] {
         Vector* own = panels.get() + omp_get_thread_num() * (FP16_GEMM_KC + panel32_vectors);
         __m512h* panel = reinterpret_cast<__m512h*>(own);
         __m512* panel32 = reinterpret_cast<__m512*>(own + FP16_GEMM_KC);
@@ -585,7 +584,7 @@ FP16_TARGET void float8_gemm_fp16(const float* x, const uint16_t* xh, const floa
             for (int64_t b = 0; b < blocks; b++)
                 gemm_block_fp16<FORMAT>(weight, x, xh, sx, first, last, K, scale, bias, out, N, 32 * b, panel, panel32);
         }
-    }
+    });
 }
 #endif
 

@@ -1,6 +1,6 @@
-// Vector helpers and workspaces shared by cpu_vnni_mm.cpp and cpu_float8_mm.cpp. Inline, in a header: called
-// across the two files, sum8 had been a call through the PLT, and a call spills every live vector register (the
-// x86-64 ABI saves none of them): ~8% of the int8 GEMV's time at K = 384.
+// Vector helpers, workspaces and OpenMP regions shared by cpu_vnni_mm.cpp and cpu_float8_mm.cpp. Inline, in a
+// header: called across the two files, sum8 had been a call through the PLT, and a call spills every live vector
+// register (the x86-64 ABI saves none of them): ~8% of the int8 GEMV's time at K = 384.
 #pragma once
 
 #include <immintrin.h>
@@ -45,6 +45,30 @@ INLINE __m256 sum8(const __m512* a) {
                                      _mm512_shuffle_ps(quarter[0], quarter[1], 0xEE));
     const __m512 one = _mm512_add_ps(two, _mm512_shuffle_ps(two, two, 0xB1));  // the sums in lanes 0, 2, .., 14
     return _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, one));
+}
+
+// OpenMP regions that cost nothing when one thread runs them: even a region of one thread (num_threads(1),
+// if(false)) makes a futex system call on its way out once libgomp's thread pool exists (~0.2 us; a small
+// layer's call ran two). Bodies are called, not inlined, across a target attribute (a lambda has none).
+
+// body(i) for i = begin, begin + step, .. below end, shared statically among `threads` threads.
+template <class Body>
+INLINE void parallel_for(int64_t begin, int64_t end, int64_t step, int threads, const Body& body) {
+    if (threads <= 1) {
+        for (int64_t i = begin; i < end; i += step) body(i);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = begin; i < end; i += step) body(i);
+}
+
+// body() run by each of `threads` threads, whose `omp for` loops share their iterations; with one thread, run
+// here, where those loops (orphaned) run whole and omp_get_thread_num() is 0.
+template <class Body>
+INLINE void parallel_region(int threads, const Body& body) {
+    if (threads <= 1) return body();
+#pragma omp parallel num_threads(threads)
+    body();
 }
 
 struct Free {

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -184,13 +185,12 @@ void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsu
              const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
              int threads) {
     const int64_t rows = M == 1 ? 8 : 4, full = N - N % rows;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n0 = 0; n0 < full; n0 += rows) {
+    quanto_fx_cpu::parallel_for(0, full, rows, threads, [&](int64_t n0) {
         if (M == 1)
             weight_rows<8, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
         else
             weight_rows<4, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
-    }
+    });
     for (int64_t n0 = full; n0 < N; n0++)
         weight_rows<1, BITS, CHUNK>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
 }
@@ -225,15 +225,15 @@ template <int PB>
 int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8_t* l, float* sx, float* xsum,
             int threads) {
     const int64_t G = K / group, plane_bytes = K / PB;
-    int bad = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (M > 2)
-    for (int64_t m = 0; m < M; m++) {  // (a team costs ~7 us: more than splitting a row or two)
+    std::atomic<bool> bad{false};
+    // One thread for a row or two: a team costs ~7 us, more than splitting them.
+    quanto_fx_cpu::parallel_for(0, M, 1, M > 2 ? threads : 1, [&](int64_t m) {
         const float* row = x + m * K;
         int8_t *row_h = h + m * K, *row_l = l + m * K;
         const float amax = quanto_fx_cpu::row_abs_max(row, K);
         if (isnan(amax) || (amax > 0.f && amax < MIN_SCALED_MAX)) {
-            bad = 1;
-            continue;
+            bad.store(true, std::memory_order_relaxed);
+            return;
         }
         const float s = amax > 0.f ? amax / X_LEVELS : 1.f, inverse = 1.f / s;
         const __m512 vinverse = _mm512_set1_ps(inverse);
@@ -262,8 +262,8 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
                                                   _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(vtotal, 1)));
             xsum[m * G + g] = s * (float)(total + _mm512_reduce_add_epi64(wide));
         }
-    }
-    return bad;
+    });
+    return bad.load();
 }
 
 
@@ -439,8 +439,7 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
     // failure can still reach the caller (std::bad_alloc, not inside the parallel region).
     const int64_t per_thread = K / 4 * NR + G * NR * 2;
     std::unique_ptr<Vector[]> buffers(new Vector[threads * per_thread]);
-#pragma omp parallel num_threads(threads)
-    {
+    quanto_fx_cpu::parallel_region(threads, [&] {
         Vector* own = buffers.get() + omp_get_thread_num() * per_thread;
         __m512i* codes = reinterpret_cast<__m512i*>(own);
         __m512* group_scales = reinterpret_cast<__m512*>(own + K / 4 * NR);
@@ -462,7 +461,7 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
                 }
             }
         }
-    }
+    });
 }
 
 }  // namespace
@@ -486,8 +485,7 @@ int quanto_split_x(const float* x, int64_t M, int64_t K, int per_byte, int64_t g
 // int8 GEMM of x's high and low byte planes stacked: one pass where torch ops took five.
 void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const float* sx, const float* scale,
                            float* out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
+    quanto_fx_cpu::parallel_for(0, M, 1, threads, [&](int64_t m) {
         const int32_t *high = products + m * N, *low = products + (M + m) * N;
         const __m512 row_scale = _mm512_set1_ps(sx[m]);
         int64_t n = 0;
@@ -497,7 +495,7 @@ void quanto_combine_planes(const int32_t* products, int64_t M, int64_t N, const 
             _mm512_storeu_ps(out + m * N + n, _mm512_mul_ps(_mm512_mul_ps(dot, row_scale), _mm512_loadu_ps(scale + n)));
         }
         for (; n < N; n++) out[m * N + n] = (256.f * (float)high[n] + (float)low[n]) * sx[m] * scale[n];
-    }
+    });
 }
 
 // Whether quanto_weight_mm runs the GEMV (else the GEMM) for M rows of x: the GEMM from fewer rows when K <=
