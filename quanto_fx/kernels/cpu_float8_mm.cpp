@@ -88,7 +88,11 @@ INLINE void store_tile(const __m512 (&acc)[MT][RT], const float* x_scales, float
     const __m128 scales = _mm_mul_ps(_mm_maskz_loadu_ps(lanes, scale + n0), _mm_set1_ps(unit));
     const __m128 biases = bias ? _mm_maskz_loadu_ps(lanes, bias + n0) : _mm_setzero_ps();
     for (int i = 0; i < MT; i++) {
-        __m128 row = RT == 4 ? _mm_load_ps(dots + 4 * i) : _mm_maskz_loadu_ps(lanes, dots + RT * i);
+        __m128 row;
+        if constexpr (RT == 4)
+            row = _mm_load_ps(dots + 4 * i);
+        else
+            row = _mm_maskz_loadu_ps(lanes, dots + RT * i);
         if (x_scales) row = _mm_mul_ps(row, _mm_set1_ps(x_scales[m0 + i]));
         _mm_mask_storeu_ps(out + (m0 + i) * N + n0, lanes, _mm_fmadd_ps(row, scales, biases));
     }
@@ -164,10 +168,11 @@ constexpr float x_half_max() {
 
 // x is scaled for e5m2's largest codes (57344): the products of a row whose codes are all small (weights not
 // scaled to the format's range) would fall among float16's subnormals, with 2**-24 absolute precision (relative
-// error of the outputs 1e-3 at codes <= 2**-8, 1e-2 at <= 2**-11). A GEMV tile or GEMM block holding a row with
-// no code of at least 2**-6 (e5m2 magnitude byte 9 << 2) among its first 512 inputs is computed by the float32
-// kernels instead (float32 x), decided before any float16 work on it: recomputing such rows one dot product per
-// row of x after the float16 work had made unscaled weights 3x (GEMV) to 8x (GEMM) slower than fp32.
+// error of the outputs 1e-3 at codes <= 2**-8, 1e-2 at <= 2**-11). A GEMV group of 4 weight rows (for every row
+// of x) or a GEMM block holding a row with no code of at least 2**-6 (e5m2 magnitude byte 9 << 2) among its
+// first 512 inputs is computed by the float32 kernels instead (float32 x), decided before any float16 work on
+// it: recomputing such rows one dot product per row of x after the float16 work had made unscaled weights 3x
+// (GEMV) to 8x (GEMM) slower than fp32.
 constexpr char E5M2_FLOAT16_MIN_CODE = 9 << 2;
 
 // Whether one of the first `count` codes of a weight row has a magnitude (sign bit cleared) of `code` or more,
@@ -249,13 +254,13 @@ FP16_TARGET INLINE void tile_fp16(const uint16_t* xh, const float* sx, int64_t K
 
 template <int FORMAT, int RT>  // not inlined: called from parallel_for's lambda, which has no target attribute
 FP16_TARGET void weight_rows_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
-                                         const uint8_t* weight, int64_t N, const float* scale, const float* bias,
-                                         float* out, int64_t n0) {
+                                  const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
+                                  int64_t n0) {
     // Each weight row is checked once here, not in every tile (2 uops per chunk of 32 codes; with the scalar
-    // stores of tile_fp16, 384 x 1536 at M = 2-6 took 1.0-1.2x the fp32 time, now 0.8-0.96x): e5m2 rows of small
-    // codes take the float32 GEMV (see E5M2_FLOAT16_MIN_CODE); an e4m3fn row holding a NaN code (s.1111.111,
-    // not mapped in the tiles) gives NaN outputs. e5m2's inf and NaN codes are float16's own, which float16
-    // arithmetic propagates as float32 would.
+    // stores of tile_fp16, 384 x 1536 at M = 2-6 took 0.88-1.16x the fp32 time, now 0.75-0.99x): e5m2 rows of
+    // small codes take the float32 GEMV (see E5M2_FLOAT16_MIN_CODE); an e4m3fn row holding a NaN code
+    // (s.1111.111, not mapped in the tiles) gives NaN outputs. e5m2's inf and NaN codes are float16's own, which
+    // float16 arithmetic propagates as float32 would.
     for (int r = 0; FORMAT == E5M2 && r < RT; r++)
         if (!holds_magnitude(weight + (n0 + r) * K, std::min(K, FP16_BLOCK), E5M2_FLOAT16_MIN_CODE))
             return weight_rows<E5M2, RT>(x, M, K, weight, N, scale, bias, out, n0);
@@ -616,7 +621,7 @@ int e5m2_x_shift(const float* x, int64_t M, int64_t K) {
 // One thread below this many multiply-adds: the conversions make float8's work per weight larger than int8's,
 // and two threads pay from smaller layers on (2-core Xeon, e4m3, one / two threads: 128 x 64 at M = 1 and 4,
 // 3.1 / 3.8 and 3.6 / 4.9 us; 128 x 128 at M = 2, 3.9 / 4.5 us; 256 x 256 at M = 1, 5.9 / 5.0 us).
-constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;
+constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;  // (at 2**16 itself: 128 x 128 at M = 4, 4.6 / 5.0 us)
 
 }  // namespace
 

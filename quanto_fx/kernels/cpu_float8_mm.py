@@ -43,10 +43,10 @@ def path(dtype: torch.dtype, rows: int) -> str:
     (the C++ side chooses it by M). The float16 paths run on CPUs with AVX512-FP16: the GEMV up to M = 16, the
     GEMM past it. x is rounded per row to float16 and each output's products are summed in float16
     over 16 products per lane, then in float32, for a relative error of ~5e-4 (at most ``FLOAT16_ERROR``)
-    against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2). e5m2 GEMV tiles and GEMM blocks holding a weight
-    row with no code of at least 2**-6 among its first 512 inputs (weights not scaled to the format's range)
-    are computed in float32, and x they cannot scale (not finite, or max |x| < 1e-30) takes the float32 GEMV
-    or GEMM. The float32 paths compute in float32."""
+    against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2). e5m2 GEMV groups of 4 weight rows and GEMM
+    blocks holding a weight row with no code of at least 2**-6 among its first 512 inputs (weights not
+    scaled to the format's range) are computed in float32, and x they cannot scale (not finite, or max |x|
+    < 1e-30) takes the float32 GEMV or GEMM. The float32 paths compute in float32."""
     if dtype not in FORMATS or not supports(1):
         raise ValueError(f"no float8 kernel for {dtype} on this machine")
     return PATHS[cpu_vnni_mm._loaded_library().quanto_float8_path(FORMATS[dtype], rows)]

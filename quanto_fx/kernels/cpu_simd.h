@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -63,10 +64,12 @@ INLINE void parallel_for(int64_t begin, int64_t end, int64_t step, int threads, 
 }
 
 // body() run by each of `threads` threads, whose `omp for` loops share their iterations; with one thread, run
-// here, where those loops (orphaned) run whole and omp_get_thread_num() is 0.
+// here, where those loops (orphaned) run whole and omp_get_thread_num() is 0. Not inside another OpenMP region
+// (torch's own, where get_num_threads() is 1): there the orphaned loops would bind to the outer team, so a
+// region of one thread is opened as before.
 template <class Body>
 INLINE void parallel_region(int threads, const Body& body) {
-    if (threads <= 1) return body();
+    if (threads <= 1 && !omp_in_parallel()) return body();
 #pragma omp parallel num_threads(threads)
     body();
 }

@@ -515,9 +515,9 @@ int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
 }
 
 // One thread below this many multiply-adds (2-core Xeon, int8, one / two threads: 128 x 64 at M = 1 and 4,
-// 3.6 / 4.3 and 3.9 / 6.1 us; 256 x 128 at M = 4, 5.6 / 6.8 us; 256 x 256 at M = 4, 7.5 / 7.6 us; 512 x 512
-// at M = 1, 7.9 / 7.3 us).
-constexpr int64_t SERIAL_BELOW_WORK = 1 << 17;
+// 3.6 / 4.3 and 3.9 / 6.1 us; 256 x 128 at M = 4, 5.6 / 6.8 us; 384 x 384 at M = 1, 6.3 / 6.3 us; 256 x 256
+// at M = 4 (2**18), 7.5 / 7.6 us; 384 x 768 at M = 1, 8.9 / 7.8 us; 512 x 512 at M = 1, 7.9 / 7.3 us).
+constexpr int64_t SERIAL_BELOW_WORK = 1 << 18;
 
 // out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
 // (N,); 4 / 2: uint8 (N, K * bits / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), bias (N,) or

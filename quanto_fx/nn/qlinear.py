@@ -128,8 +128,9 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""
         if torch.compiler.is_compiling():
             return False  # trace the QTensor chain: the backend's passes fuse it (and report it)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return not needs_grad and x.dtype in _FUSED_DTYPES
+        if torch.is_grad_enabled() and (x.requires_grad or self.tensor_attribute("weight").requires_grad):
+            return False
+        return x.dtype in _FUSED_DTYPES
 
     def _fused_static(self, qx: QTensor) -> QTensor | None:
         """int8 GEMM + int32 bias + requantization at ``out_scale`` in one op; None if the bias overflows."""
