@@ -69,6 +69,22 @@ def test_lowbit_weights_match_the_float_reference(bits, group_size, m, n):
     assert out.shape == (m, n) and relative_error(out, expected) < VNNI_TOLERANCE
 
 
+# Groups of 32 bytes (int4 g64, int2 g128): the GEMV takes two per 64-byte chunk, each half scaled by its own
+# group, where a row holds an even number of them (K = 1024 above); 32-byte chunks where it holds an odd one.
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (2, 128)])
+@pytest.mark.parametrize("groups", [2, 3, 12, 13])
+@pytest.mark.parametrize("m", [1, 2])  # the GEMV (at m = 2 from K > 512)
+def test_groups_of_32_bytes_in_the_gemv_keep_their_own_scales(bits, group_size, groups, m):
+    torch.manual_seed(bits * groups + m)
+    k = groups * group_size
+    packed, scale_zeros = _lowbit_weight(36, k, bits, group_size)
+    scale_zeros[1::2] *= 8  # neighbouring groups far apart: a half scaled by the other group's scale shows
+    x, bias = torch.randn(m, k), torch.randn(36)
+    out = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size, bias)
+    expected = lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias)
+    assert relative_error(out, expected) < VNNI_TOLERANCE
+
+
 @pytest.mark.parametrize("bits, group_size", [(4, 32), (2, 16)])
 @pytest.mark.parametrize("m", [3, 17])
 def test_packed_rows_that_end_in_a_partial_block_of_16_words(bits, group_size, m):
