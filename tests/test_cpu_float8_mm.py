@@ -123,9 +123,9 @@ def test_the_float16_paths_keep_their_error_on_weights_of_any_magnitude(dtype, m
 @needs_avx512_fp16
 @pytest.mark.parametrize("m", [3, 9, 40])  # the float16 GEMV (tiles of 3; of 8 and 1), the float16 GEMM
 def test_e5m2_tiles_holding_a_row_of_small_codes_take_the_float32_kernels(m):
-    """Rows 5 and 69 of an unscaled weight have codes all below 2**-6: the GEMV tiles (4 rows; row 69 alone,
-    past them) or GEMM blocks (32 rows: the first and the last, partial one) that hold them are computed in
-    float32 from float32 x, the others in float16; with a bias."""
+    """Rows 5 and 69 of an unscaled weight have codes all below 2**-6: the GEMV groups (4 rows; row 69
+    alone, past them) or GEMM blocks (32 rows: the first and the last, partial one) that hold them are
+    computed in float32 from float32 x, the others in float16; with a bias."""
     torch.manual_seed(0)
     magnitudes = torch.full((70, 1), 0.5)
     magnitudes[[5, 69]] = 1e-3

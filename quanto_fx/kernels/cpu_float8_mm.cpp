@@ -186,6 +186,14 @@ INLINE bool holds_magnitude(const uint8_t* row, int64_t count, char code) {
     return false;
 }
 
+// Whether one of `count` weight rows from row n0 has no code of at least E5M2_FLOAT16_MIN_CODE among its first
+// FP16_BLOCK inputs (e5m2 rows the float16 kernels leave to the float32 ones, see there).
+INLINE bool holds_row_of_small_e5m2_codes(const uint8_t* weight, int64_t n0, int64_t count, int64_t K) {
+    for (int64_t r = 0; r < count; r++)
+        if (!holds_magnitude(weight + (n0 + r) * K, std::min(K, FP16_BLOCK), E5M2_FLOAT16_MIN_CODE)) return true;
+    return false;
+}
+
 // Whether one of RT weight rows (K codes each, from `rows`) holds an e4m3fn NaN code (s.1111.111): their
 // largest magnitude, 64 codes at a time without a branch.
 template <int RT>
@@ -261,9 +269,8 @@ FP16_TARGET void weight_rows_fp16(const float* x, const uint16_t* xh, const floa
     // small codes take the float32 GEMV (see E5M2_FLOAT16_MIN_CODE); an e4m3fn row holding a NaN code
     // (s.1111.111, not mapped in the tiles) gives NaN outputs. e5m2's inf and NaN codes are float16's own, which
     // float16 arithmetic propagates as float32 would.
-    for (int r = 0; FORMAT == E5M2 && r < RT; r++)
-        if (!holds_magnitude(weight + (n0 + r) * K, std::min(K, FP16_BLOCK), E5M2_FLOAT16_MIN_CODE))
-            return weight_rows<E5M2, RT>(x, M, K, weight, N, scale, bias, out, n0);
+    if (FORMAT == E5M2 && holds_row_of_small_e5m2_codes(weight, n0, RT, K))
+        return weight_rows<E5M2, RT>(x, M, K, weight, N, scale, bias, out, n0);
     int64_t m0 = 0;
     constexpr int RT8 = RT > 1 ? 2 : 1;  // 8 rows of x: 2 weight rows at a time keep the 16 sums in registers
     for (; m0 + 8 <= M; m0 += 8)
@@ -459,8 +466,7 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 // lane sums FP16_GEMM_BLOCK products of one output in float16 (the GEMV's bound: 16), then float32. The panel
 // is built FP16_GEMM_KC inputs at a time so that it stays in L1 while every row of x in the chunk runs over it;
 // the sums so far wait in out. NaN codes map to float16 NaNs, which propagate. e5m2 blocks holding a row of
-// small codes run the float32 GEMM's block (see E5M2_FLOAT16_MIN_CODE), decided once the first panel is built,
-// before any float16 work.
+// small codes run the float32 GEMM's block (see E5M2_FLOAT16_MIN_CODE).
 #if QUANTO_HAS_FP16_INTRINSICS
 constexpr int64_t FP16_GEMM_BLOCK = FP16_BLOCK / 32;
 // Inputs per panel block: 512 x 64 B = 32 KB, in L1 (256: 0.74-0.90x fp32 where 512 gave 0.62-0.89x).
@@ -472,12 +478,10 @@ constexpr int FP16_GEMM_ROWS = 8;
 // 0.97x, 1 MB 0.87x; 4096 x 4096 at M = 512: 0.99x / 0.94x / 0.88x).
 constexpr int64_t FP16_GEMM_X_CHUNK_BYTES = 1 << 20;
 
-// The float16 form of input k of 32 weight rows (e4m3fn: times 2**-8, NaN codes as float16 NaNs; e5m2: as is,
-// and the rows' largest code magnitude so far in `largest`, 2 uops).
+// The float16 form of input k of 32 weight rows (e4m3fn: times 2**-8, NaN codes as float16 NaNs; e5m2: as is).
 template <int FORMAT>
-FP16_TARGET INLINE __m512h panel_vector(__m256i codes, __m256i& largest) {
+FP16_TARGET INLINE __m512h panel_vector(__m256i codes) {
     if constexpr (FORMAT == E4M3) return _mm512_castsi512_ph(e4m3_to_half(codes));
-    largest = _mm256_max_epu8(largest, _mm256_and_si256(codes, _mm256_set1_epi8(0x7F)));
     return _mm512_castsi512_ph(_mm512_slli_epi16(_mm512_cvtepu8_epi16(codes), 8));
 }
 
@@ -485,7 +489,7 @@ FP16_TARGET INLINE __m512h panel_vector(__m256i codes, __m256i& largest) {
 // inputs k0 .. k0 + kc.
 template <int FORMAT>
 FP16_TARGET void gather_panel_fp16(const uint8_t* weight, int64_t n0, int64_t K, int64_t k0, int64_t kc,
-                                   const __mmask16* valid, __m512h* panel, __m256i& largest) {
+                                   const __mmask16* valid, __m512h* panel) {
     const uint8_t* rows = weight + n0 * K + k0;
     const int64_t whole_words = kc - kc % 4;
     alignas(64) uint8_t bytes[2][64];  // gather_inputs of rows 0-15 and 16-31
@@ -494,12 +498,12 @@ FP16_TARGET void gather_panel_fp16(const uint8_t* weight, int64_t n0, int64_t K,
         for (int j = 0; j < 4; j++) {
             const __m256i codes = _mm256_set_m128i(_mm_load_si128((const __m128i*)(bytes[1] + 16 * j)),
                                                    _mm_load_si128((const __m128i*)(bytes[0] + 16 * j)));
-            panel[k + j] = panel_vector<FORMAT>(codes, largest);
+            panel[k + j] = panel_vector<FORMAT>(codes);
         }
     }
     const __mmask32 all_valid = (__mmask32)valid[0] | (__mmask32)valid[1] << 16;
     for (int64_t k = whole_words; k < kc; k++)
-        panel[k] = panel_vector<FORMAT>(input_codes(rows, K, k, all_valid), largest);
+        panel[k] = panel_vector<FORMAT>(input_codes(rows, K, k, all_valid));
 }
 
 // out[m0 .. m0 + MR, n0 .. n0 + 31] over inputs k0 .. k0 + kc; the last block scales the sums and adds the bias.
@@ -549,19 +553,16 @@ FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const float* x, const ui
         column_scales[h] = _mm512_mul_ps(channel_scales, _mm512_set1_ps(FORMAT == E4M3 ? E4M3_SCALE : 1.f));
         column_bias[h] = bias ? _mm512_maskz_loadu_ps(valid[h], bias + n0 + 16 * h) : _mm512_setzero_ps();
     }
-    __m256i largest = _mm256_setzero_si256();  // e5m2: each column's largest code magnitude
+    if (FORMAT == E5M2 && holds_row_of_small_e5m2_codes(weight, n0, std::min<int64_t>(32, N - n0), K)) {
+        if (valid[1])
+            gemm_block<E5M2, 2>(weight, x, first, last, K, scale, bias, out, N, n0, valid[1], panel32);
+        else
+            gemm_block<E5M2, 1>(weight, x, first, last, K, scale, bias, out, N, n0, valid[0], panel32);
+        return;
+    }
     for (int64_t k0 = 0; k0 < K; k0 += FP16_GEMM_KC) {
         const int64_t kc = std::min(FP16_GEMM_KC, K - k0);
-        gather_panel_fp16<FORMAT>(weight, n0, K, k0, kc, valid, panel, largest);
-        const __mmask32 all_valid = (__mmask32)valid[0] | (__mmask32)valid[1] << 16;
-        const __m256i min_code = _mm256_set1_epi8(E5M2_FLOAT16_MIN_CODE);
-        if (FORMAT == E5M2 && k0 == 0 && (all_valid & ~_mm256_cmpge_epu8_mask(largest, min_code))) {
-            if (valid[1])
-                gemm_block<E5M2, 2>(weight, x, first, last, K, scale, bias, out, N, n0, valid[1], panel32);
-            else
-                gemm_block<E5M2, 1>(weight, x, first, last, K, scale, bias, out, N, n0, valid[0], panel32);
-            return;
-        }
+        gather_panel_fp16<FORMAT>(weight, n0, K, k0, kc, valid, panel);
         int64_t m = first;
         for (; m + FP16_GEMM_ROWS <= last; m += FP16_GEMM_ROWS)
             gemm_tile_fp16<FP16_GEMM_ROWS>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);

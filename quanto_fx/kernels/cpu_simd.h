@@ -80,8 +80,8 @@ struct Free {
 
 // A workspace of `count` T starting on a cache line (and so every row of x whose bytes are a multiple of 64);
 // throws std::bad_alloc. The kernels read x's rows in 64-byte loads: from new[]'s 16-byte alignment, every
-// one of them could split two lines (the float16 GEMV on 4096 x
-// 4096 at M = 4 ran 1.4x slower in a process whose heap placed its x 16 bytes off).
+// one of them could split two lines (the float16 GEMV on 4096 x 4096 at M = 4 ran 1.4x slower in a process
+// whose heap placed its x 16 bytes off).
 template <class T>
 std::unique_ptr<T[], Free> aligned_workspace(int64_t count) {
     const size_t bytes = ((size_t)count * sizeof(T) + 63) / 64 * 64;

@@ -210,11 +210,11 @@ void vnni_mm_any_chunk(const int8_t* h, const int8_t* l, const float* sx, const 
                        float* out, int threads) {
     const int64_t group_bytes = K * BITS / 8 / G;
     if (group_bytes % 64 == 0)
-        vnni_mm<BITS, 64, 1>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
-    else if (BITS != 8 && group_bytes == 32 && G % 2 == 0)  // (int8: one group)
-        vnni_mm<BITS, 64, BITS == 8 ? 1 : 2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
-    else
-        vnni_mm<BITS, 32, 1>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+        return vnni_mm<BITS, 64, 1>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if constexpr (BITS != 8)  // (int8 weights hold one group a row)
+        if (group_bytes == 32 && G % 2 == 0)
+            return vnni_mm<BITS, 64, 2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    vnni_mm<BITS, 32, 1>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
 }
 
 // Bytes of the 16 codes k .. k + 15 of a row (k a multiple of 16) into the row's phase planes (PB, K / PB):
@@ -328,7 +328,7 @@ INLINE void transpose_words(__m512i v[16]) {
 // run 1.3x the fp32 GEMM's time at M = 2 (0.9x now), 0.74x at M = 8 (0.6x).
 template <int BITS, int NR>
 void transpose_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N, const float* scales, int64_t G,
-                         __mmask16 last_lanes, __m512i* codes, __m512* group_scales) {
+                            __mmask16 last_lanes, __m512i* codes, __m512* group_scales) {
     constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
     const int64_t row_bytes = K / per_byte, words = row_bytes / 4;
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
