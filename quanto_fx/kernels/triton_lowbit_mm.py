@@ -86,22 +86,24 @@ def lowbit_mm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """out = x @ dequantize(packed, scale_zeros).T, float32 sums stored as out's dtype.
 
     Rows past M, columns past N and K past the end load 0 and are not stored: any M and N, and any K that
     is a multiple of GROUP_SIZE. M_BUCKET is unused here: it is the autotuner's key. With SPLIT_K > 1, the
     program (tile, s) sums the K blocks s, s + SPLIT_K, ... and adds its sums atomically into ``out``, which
-    must then be float32 zeros.
+    must then be float32 zeros. EVEN_K: K is a multiple of BLOCK_K (``_with_even_k`` sets it).
 
     Every global load feeds the tl.dot, so triton pipelines all of them (cp.async, num_stages deep); a load
     whose value is used only after the dot, like a scale applied to the sums, or a strided one, waits a full
     memory latency in every K iteration. At M = 1, K = N = 4096 on an H200, versions that did so ran 3.2x
     to 3.7x the bf16 GEMM's time; this one 1.8x, and 1.1x with split-K (bench/RESULTS.md):
     - the weight tile is loaded as bytes, each byte once, in the (K, N) orientation of tl.dot's second
-      operand, contiguous along K; code j of every byte (bits j * BITS and up) is dequantized in float32,
-      ``(q - MID) * scale + zero``, rounded to x's dtype (as torch's int4 kernels do) and meets the x columns
-      k0 + b * PER_BYTE + j in its own tl.dot: no weight tile is reshaped or transposed;
+      operand, contiguous along K; code j of every byte (bits j * BITS and up) is dequantized in x's
+      dtype, ``(q - MID) * scale + zero`` with scale and zero rounded to it (as torch's int4 kernels and the
+      reference do) and one rounding for the rest (an fma), and meets the x columns k0 + b * PER_BYTE + j
+      in its own tl.dot: no weight tile is reshaped or transposed;
     - x's tile is loaded contiguous and split into those column sets in registers (it is BLOCK_M rows: the
       small operand in decode);
     - a K block inside one group (GROUP_SIZE >= BLOCK_K) loads one scale and zero per column, smaller
@@ -115,6 +117,23 @@ def lowbit_mm_kernel(
     BYTES_K: tl.constexpr = BLOCK_K // PER_BYTE
     MID: tl.constexpr = 1 << (BITS - 1)  # the code of the zero point: w = (q - MID) * scale + zero
     ONE_GROUP: tl.constexpr = GROUP_SIZE >= BLOCK_K
+    # Codes become x's dtype without int -> float conversions: Hopper runs 16 a clock per SM (an eighth of
+    # float32 FMAs; CUDA guide, throughput table), and one per code plus a float -> bfloat16 one per two
+    # codes bounded the decode kernel (SASS: 96 conversions in 487 instructions per 64 codes). A code OR-ed
+    # into the mantissa of MAGIC (whose mantissa's unit is 1) reads as MAGIC + code: MAGIC is 2**7 in
+    # bfloat16 (bits 0x4300), 2**10 in float16, 2**23 in float32. Subtracting MAGIC + MID (bits
+    # MAGIC_BITS | MID) is exact, and w = (code - MID) * scale + zero one fma, two codes an instruction.
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    if DTYPE == tl.bfloat16:
+        MAGIC_BITS: tl.constexpr = 0x4300
+        CODE_TYPE: tl.constexpr = tl.int16
+    elif DTYPE == tl.float16:
+        MAGIC_BITS: tl.constexpr = 0x6400
+        CODE_TYPE: tl.constexpr = tl.int16
+    else:
+        MAGIC_BITS: tl.constexpr = 0x4B000000
+        CODE_TYPE: tl.constexpr = tl.int32
+    magic_mid = tl.full((1, 1), MAGIC_BITS | MID, CODE_TYPE).to(DTYPE, bitcast=True)
     tl.static_assert(BYTES_K >= 16, "tl.dot needs 16 bytes of K per code: BLOCK_K >= 16 * PER_BYTE")
 
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -132,21 +151,26 @@ def lowbit_mm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
         k0 = kb * BLOCK_K
-        x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & (rk < K - k0)[None, :], other=0.0)
-        b_mask = (rb < (K - k0) // PER_BYTE)[:, None] & n_mask[None, :]
-        byte = tl.load(packed_ptrs + (k0 // PER_BYTE) * stride_pk, mask=b_mask, other=0).to(tl.int32)
+        if EVEN_K:  # K a multiple of BLOCK_K: no mask along K to compute in every iteration
+            x_mask = m_mask[:, None]
+            b_mask = n_mask[None, :]
+        else:
+            x_mask = m_mask[:, None] & (rk < K - k0)[None, :]
+            b_mask = (rb < (K - k0) // PER_BYTE)[:, None] & n_mask[None, :]
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=x_mask, other=0.0)
+        byte = tl.load(packed_ptrs + (k0 // PER_BYTE) * stride_pk, mask=b_mask, other=0).to(CODE_TYPE)
         if ONE_GROUP:  # (1, BLOCK_N): one group for the whole block
             group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
             sz_mask = n_mask[None, :]
         else:  # (BYTES_K, BLOCK_N): byte b's group, the same for its codes (GROUP_SIZE % PER_BYTE == 0)
             group_ptrs = sz_ptrs + ((k0 + rb * PER_BYTE) // GROUP_SIZE)[:, None] * stride_sg
             sz_mask = b_mask
-        scale = tl.load(group_ptrs, mask=sz_mask, other=0.0).to(tl.float32)
-        zero = tl.load(group_ptrs + stride_sc, mask=sz_mask, other=0.0).to(tl.float32)
+        scale = tl.load(group_ptrs, mask=sz_mask, other=0.0).to(DTYPE)
+        zero = tl.load(group_ptrs + stride_sc, mask=sz_mask, other=0.0).to(DTYPE)
         xs = _split_codes(x, PER_BYTE)
         for j in tl.static_range(PER_BYTE):
-            q = ((byte >> (j * BITS)) & ((1 << BITS) - 1)) - MID
-            w = (q.to(tl.float32) * scale + zero).to(x_ptr.dtype.element_ty)
+            code = ((byte >> (j * BITS)) & ((1 << BITS) - 1)) | MAGIC_BITS
+            w = (code.to(DTYPE, bitcast=True) - magic_mid) * scale + zero
             # input_precision="ieee": a float32 x stays float32 (FMA), not TF32 (10 mantissa bits), as torch
             # computes float32 matmuls by default. It has no effect on 16-bit operands.
             acc = tl.dot(xs[j], w, acc, input_precision="ieee")
@@ -222,13 +246,16 @@ def _prune_configs(configs, named_args, **kwargs):
     return list(fitted.values())
 
 
+# EVEN_K from the launch's K and BLOCK_K (the config's, autotuned or forced).
+_with_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(lowbit_mm_kernel)
+
 _autotuned = triton.autotune(
     configs=CONFIGS,
     key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "SPLIT_K"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_bench_on_gpu_alone,
     reset_to_zero=["out_ptr"],  # split-K adds into the output: each timed run starts from zeros
-)(lowbit_mm_kernel)
+)(_with_even_k)
 
 
 def _is_power_of_two(v: int) -> bool:
@@ -338,7 +365,7 @@ def lowbit_mm_triton(
         else:
             meta, options = forced
             grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-            lowbit_mm_kernel[grid](*args, BITS=bits, GROUP_SIZE=group_size, **meta, **options)
+            _with_even_k[grid](*args, BITS=bits, GROUP_SIZE=group_size, **meta, **options)
     return out.to(x.dtype)
 
 
