@@ -189,14 +189,17 @@ def lowbit_mm_kernel(
 # Block configs in tiers by M; the autotuner picks within the tier. _prune_configs fits BLOCK_K to the group
 # size (see _fit_block_k). Timings: bench/gpu_weight_only_sweep.py, H200, torch 2.11, bench/RESULTS.md.
 CONFIG_TIERS = {
-    # M <= 16 (decode): one 16-row tile (mma.sync; wgmma needs 64 rows), bound by reading the weight, with
-    # split-K (below). Best at M = 1 and 16, K = N = 4096: 64 x 128 tiles, 3 stages (11.6 / 12.0 us; 32-wide
-    # tiles 13.3 / 13.4 us; 6 stages 13.6 / 13.3 us).
+    # M <= 16 (decode): one 16-row tile (mma.sync; wgmma needs 64 rows), with split-K (below). Best at M = 1
+    # and 16, K = N = 4096, with the conversion-bound dequantization of before: 64 x 128 tiles, 3 stages
+    # (11.6 / 12.0 us; 32-wide tiles 13.3 / 13.4 us; 6 stages 13.6 / 13.3 us). Since, the loop is bound by
+    # integer instructions (unpacking, and x split in registers by every warp): per code, 4.4 / 3.6 / 3.2
+    # with 32- / 64- / 128-wide tiles (SASS), hence the 128-wide config, not yet timed on a GPU.
     16: [
         _config(16, 64, 128, 4, 3),
         _config(16, 32, 128, 4, 3),
         _config(16, 64, 128, 4, 6),
         _config(16, 32, 128, 4, 6),
+        _config(16, 128, 128, 4, 3),
     ],
     # 16 < M <= 64: one row tile, so each weight element is unpacked once per 64 rows.
     64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
