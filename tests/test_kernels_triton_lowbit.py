@@ -350,10 +350,11 @@ def _interpreter_bfloat16_fix():
 
     The interpreter stores bfloat16 as uint16 and hands those bits to numpy as they are: ``np.matmul`` and
     ``np.add`` compute on the bit patterns (triton-lang/triton#11584; the maintainers: bfloat16 is not
-    supported there yet), and it truncates float32 to bfloat16. Here bfloat16 operands become float32 first,
-    with the interpreter's own converter: a dot gets the exact products, as the tensor cores do; +, - and *
-    compute in float32, and they and float32 -> bfloat16 casts round to nearest even, as the GPU does. The
-    compiled kernel is untouched: this only fixes the simulator.
+    supported there yet), it truncates float32 to bfloat16, and it has no bfloat16 constants (``get_bf16``).
+    Here bfloat16 operands become float32 first, with the interpreter's own converter: a dot gets the exact
+    products, as the tensor cores do; +, - and * compute in float32, and they, float32 -> bfloat16 casts and
+    constants round to nearest even, as the GPU does. The compiled kernel is untouched: this only fixes the
+    simulator.
     """
     import numpy as np
     import triton.language as tl
@@ -394,11 +395,13 @@ def _interpreter_bfloat16_fix():
 
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
+    builder.get_bf16 = lambda self, value: to_bfloat16(np.array([value], dtype=np.float32))
     for name in ("create_fadd", "create_fsub", "create_fmul"):
         setattr(builder, name, in_float32(name))
     yield
     for name, original in originals.items():
         setattr(builder, name, original)
+    del builder.get_bf16
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child pytest")

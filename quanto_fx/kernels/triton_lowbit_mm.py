@@ -120,20 +120,23 @@ def lowbit_mm_kernel(
     # Codes become x's dtype without int -> float conversions: Hopper runs 16 a clock per SM (an eighth of
     # float32 FMAs; CUDA guide, throughput table), and one per code plus a float -> bfloat16 one per two
     # codes bounded the decode kernel (SASS: 96 conversions in 487 instructions per 64 codes). A code OR-ed
-    # into the mantissa of MAGIC (whose mantissa's unit is 1) reads as MAGIC + code: MAGIC is 2**7 in
-    # bfloat16 (bits 0x4300), 2**10 in float16, 2**23 in float32. Subtracting MAGIC + MID (bits
-    # MAGIC_BITS | MID) is exact, and w = (code - MID) * scale + zero one fma, two codes an instruction.
+    # into the mantissa of MAGIC (whose mantissa's unit is 1) reads as MAGIC + code. Subtracting MAGIC + MID
+    # is exact, and w = (code - MID) * scale + zero one fma, two codes an instruction. magic_mid is a float
+    # constant: built by a bitcast it was not folded (51 more instructions a loop, and shared memory).
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     if DTYPE == tl.bfloat16:
+        MAGIC: tl.constexpr = 128.0
         MAGIC_BITS: tl.constexpr = 0x4300
         CODE_TYPE: tl.constexpr = tl.int16
     elif DTYPE == tl.float16:
+        MAGIC: tl.constexpr = 1024.0
         MAGIC_BITS: tl.constexpr = 0x6400
         CODE_TYPE: tl.constexpr = tl.int16
     else:
+        MAGIC: tl.constexpr = 8388608.0
         MAGIC_BITS: tl.constexpr = 0x4B000000
         CODE_TYPE: tl.constexpr = tl.int32
-    magic_mid = tl.full((1, 1), MAGIC_BITS | MID, CODE_TYPE).to(DTYPE, bitcast=True)
+    magic_mid = tl.full((), MAGIC + MID, DTYPE)
     tl.static_assert(BYTES_K >= 16, "tl.dot needs 16 bytes of K per code: BLOCK_K >= 16 * PER_BYTE")
 
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
