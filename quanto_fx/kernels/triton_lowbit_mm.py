@@ -98,7 +98,8 @@ def lowbit_mm_kernel(
     Every global load feeds the tl.dot, so triton pipelines all of them (cp.async, num_stages deep); a load
     whose value is used only after the dot, like a scale applied to the sums, or a strided one, waits a full
     memory latency in every K iteration. At M = 1, K = N = 4096 on an H200, versions that did so ran 3.2x
-    to 3.7x the bf16 GEMM's time; this one 1.8x, and 1.1x with split-K (bench/RESULTS.md):
+    to 3.7x the bf16 GEMM's time; this one 1.8x, and 1.1x with split-K, before it lost its conversion
+    instructions (below; not re-timed since; bench/RESULTS.md):
     - the weight tile is loaded as bytes, each byte once, in the (K, N) orientation of tl.dot's second
       operand, contiguous along K; code j of every byte (bits j * BITS and up) is dequantized in x's
       dtype, ``(q - MID) * scale + zero`` with scale and zero rounded to it (as torch's int4 kernels and the
