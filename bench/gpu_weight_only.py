@@ -14,7 +14,7 @@ from gpu_timing import gpu_us, tinygemm
 
 import quanto_fx.kernels  # noqa: F401  (registers the ops)
 from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4
-from quanto_fx.kernels import triton_lowbit_mm
+from quanto_fx.kernels import triton_int8_weight_mm, triton_lowbit_mm
 from quanto_fx.kernels.float8_mm import float8_mm_reference, scaled_mm_works
 from quanto_fx.kernels.weight_only import lowbit_weight_mm_reference, per_channel_weight_mm_reference
 from quanto_fx.tensor import PackedQTensor
@@ -108,6 +108,6 @@ for m, k, n in [
     print("  " + "  ".join(f"{k} {v:.1f} us ({v / bf16:.2f}x)" for k, v in times.items()), flush=True)
     print(
         f"  configs: lowbit {triton_lowbit_mm._autotuned.best_config}, "
-        f"int8 {triton_lowbit_mm._int8_autotuned.best_config}",
+        f"int8 {triton_int8_weight_mm._int8_autotuned.best_config}",
         flush=True,
     )

@@ -16,7 +16,8 @@ import triton
 from gpu_timing import gpu_us, tinygemm
 
 from quanto_fx import QTensor, qint4
-from quanto_fx.kernels.triton_lowbit_mm import int8_weight_mm_triton, lowbit_mm_triton
+from quanto_fx.kernels.triton_int8_weight_mm import int8_weight_mm_triton
+from quanto_fx.kernels.triton_lowbit_mm import lowbit_mm_triton
 from quanto_fx.kernels.weight_only import lowbit_weight_mm_reference, per_channel_weight_mm_reference
 from quanto_fx.tensor import PackedQTensor
 from quanto_fx.tensor.groupwise import dequantize_groupwise

@@ -15,17 +15,19 @@ from .utils import INTERPRETING, assert_passes_in_the_interpreter, config_id, re
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels import triton_lowbit_mm as lowbit_module  # noqa: E402
+from quanto_fx.kernels.triton_int8_weight_mm import (  # noqa: E402
+    INT8_CONFIG_TIERS,
+    INT8_CONFIGS,
+    _prune_int8_configs,
+    int8_weight_mm_kernel,
+    int8_weight_mm_triton,
+)
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     CONFIG_TIERS,
     CONFIGS,
-    INT8_CONFIG_TIERS,
-    INT8_CONFIGS,
     _fit_block_k,
     _prune_configs,
-    _prune_int8_configs,
     _split_k,
-    int8_weight_mm_kernel,
-    int8_weight_mm_triton,
     lowbit_mm_kernel,
     lowbit_mm_triton,
     min_block_k,

@@ -178,8 +178,8 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
 
 
 def int8_weight_mm_cuda(x, w, scale, bias=None):
-    """CUDA (with triton installed): the Triton int8 weight-only kernel of ``triton_lowbit_mm.py``."""
-    from .triton_lowbit_mm import int8_weight_mm_triton
+    """CUDA (with triton installed): the Triton int8 weight-only kernel of ``triton_int8_weight_mm.py``."""
+    from .triton_int8_weight_mm import int8_weight_mm_triton
 
     _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
     return _with_bias(int8_weight_mm_triton(x, w, scale.reshape(-1)), bias)
@@ -203,7 +203,7 @@ def float8_weight_mm_torch(x, w, scale, bias=None):
 def float8_weight_mm_cuda(x, w, scale, bias=None):
     """CUDA (with triton installed): the Triton kernel of ``int8_weight_mm`` reads float8 weights too, on GPUs
     that convert float8 (compute capability 8.9+); elsewhere the float GEMM on the dequantized weight."""
-    from .triton_lowbit_mm import int8_weight_mm_triton
+    from .triton_int8_weight_mm import int8_weight_mm_triton
 
     _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
     if torch.cuda.get_device_capability(x.device) < (8, 9):

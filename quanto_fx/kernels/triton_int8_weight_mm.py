@@ -1,0 +1,193 @@
+"""Triton kernel: weight-only int8 (and float8) linear layers, for ``quanto_fx::int8_weight_mm`` on CUDA.
+
+``int8_weight_mm_kernel``, launched by ``int8_weight_mm_triton``, computes ``x @ (w * scale[:, None]).T`` for
+an int8 ``w`` (N, K) and N per-output-channel float scales. The design of the low-bit kernel
+(``triton_lowbit_mm.py``: tl.dot on the weight converted to x's dtype inside the K loop, tiers of configs by
+M), without packing or groups: any K, the K tail masked; the scale applies once per column after the K loop.
+Its int32 offsets need fewer than 2**31 elements in x, w and the output.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..tensor.quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES
+from .triton_int8_mm import _tile_ids
+from .triton_launch import (
+    _bench_on_gpu_alone,
+    _config,
+    _device_guard,
+    _forced_config,
+    _m_bucket,
+    _output,
+    _tier,
+)
+
+
+@triton.jit
+def int8_weight_mm_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_s,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """out = (x @ w.T) * scale[None, :] for an int8 or float8 w (N, K), float32 sums stored as out's dtype.
+
+    Any M, N and K: rows past M, columns past N and the K tail load 0 and are not stored. M_BUCKET is the
+    autotuner's key. tl.dot even for M = 1, for lowbit_mm_kernel's reason: only the loads feeding a tl.dot
+    are pipelined, and decode is bound by reading the weight (1 byte per element here). The weight tile is
+    loaded in the (K, N) orientation of tl.dot's second operand (no transpose in registers). SPLIT_K as in
+    lowbit_mm_kernel (programs (tile, s) add their sums atomically into float32 zeros), for forced configs
+    only: it gained nothing in decode on an H200, so the autotuned launch runs unsplit.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = kb * BLOCK_K
+        k_mask = rk < K - k0
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        # other=0.0: a float8 weight takes no integer fill
+        w = tl.load(w_ptrs + k0 * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        # int8 values are exact in every float dtype (|w| <= 128 < 2**8 = bfloat16's 8-bit significand), and
+        # so are float8 ones (e4m3 / e5m2: 3 / 2 mantissa bits, exponents within float16's and bfloat16's), so
+        # the tensor cores see the weight unrounded; the scale applies once, in float32, after the loop.
+        # Via float32 for the interpreter's int -> bfloat16 cast (see lowbit_mm_kernel); compiled: one cvt.
+        w = w.to(tl.float32).to(x_ptr.dtype.element_ty)
+        # "ieee": float32 x stays float32 (FMA), not TF32; no effect on 16-bit operands.
+        acc += tl.dot(x, w, input_precision="ieee")
+
+    scale = tl.load(scale_ptr + rn * stride_s, mask=n_mask, other=0.0).to(tl.float32)
+    acc = acc * scale[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+
+
+# Tiers by M like CONFIG_TIERS (timings: bench/gpu_weight_only_sweep.py, H200). An int8 weight is 2x an int4
+# one per element, so the same BLOCK_K moves twice the bytes per stage. Shared memory per stage: BLOCK_N *
+# BLOCK_K bytes of weight and a BLOCK_M x BLOCK_K x tile (4 bytes an element for float32 x); all fit an
+# H100's 227 KiB (tests check).
+INT8_CONFIG_TIERS = {
+    # M <= 16 (decode): one 16-row tile (mma.sync), narrow N tiles to spread the weight over the SMs. Best
+    # at M = 1, K = N = 4096: 32 x 256 tiles, 3 stages (8.5 us; 32 x 128: 8.9 us); N = 14336: 64 x 256.
+    16: [
+        _config(16, 32, 256, 4, 3),
+        _config(16, 64, 256, 4, 3),
+        _config(16, 32, 128, 4, 5),
+        _config(16, 64, 128, 4, 4),
+    ],
+    # 16 < M <= 64: one row tile, each weight element converted once per 64 rows.
+    64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
+    # M > 64 (prefill): compute bound, wgmma tiles.
+    None: [_config(128, 128, 64, 8, 3), _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4)],
+}
+INT8_CONFIGS = [config for tier in INT8_CONFIG_TIERS.values() for config in tier]
+
+
+def _prune_int8_configs(configs, named_args, **kwargs):
+    """The configs of M's tier."""
+    return _tier(INT8_CONFIG_TIERS, named_args["M"])
+
+
+_int8_autotuned = triton.autotune(
+    configs=INT8_CONFIGS,
+    key=["M_BUCKET", "N", "K"],  # the autotuner adds the tensors' dtypes
+    prune_configs_by={"early_config_prune": _prune_int8_configs},
+    do_bench=_bench_on_gpu_alone,
+)(int8_weight_mm_kernel)
+
+
+def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:
+    """Check ``int8_weight_mm_triton``'s operands: x (M, K) float, w (N, K) int8 or float8, N float scales."""
+    for name, t in (("x", x), ("w", w), ("scale", scale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in GEMM_FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    if w.dtype not in (torch.int8, *FLOAT8_DTYPES):
+        raise TypeError(f"w must have dtype torch.int8 or a float8 dtype, got {w.dtype}")
+    if w.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"w must be 2-D (N, K) with K = {x.shape[1]} (x's columns), got shape {tuple(w.shape)}"
+        )
+    if not scale.is_floating_point():
+        raise TypeError(f"scale must be a float tensor, got {scale.dtype}")
+    n = w.shape[0]
+    if scale.numel() != n or scale.ndim > 2 or (scale.ndim == 2 and scale.shape[1] != 1):
+        raise ValueError(
+            f"scale must hold N = {n} scales, shaped ({n},) or ({n}, 1), got {tuple(scale.shape)}"
+        )
+    for name, t in (("w", w), ("scale", scale)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def int8_weight_mm_triton(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: dict | None = None
+) -> torch.Tensor:
+    """``x @ (w.float() * scale[:, None]).T`` for an int8 or float8 weight ``w`` (N, K), float32 sums, as x's
+    dtype (float8 weights: on GPUs with float8 conversions, compute capability 8.9+).
+
+    x (M, K) float16 / bfloat16 / float32; ``scale`` N float per-output-channel scales, (N,) or (N, 1), any
+    float dtype (applied in float32). Any M, N and K; operands may be strided. No bias: add it to the result.
+    Fast path: K and the row strides multiples of 16 (16-byte rows of w for cp.async); other K run correctly
+    with unpipelined byte loads (compiled for sm_90: no cp.async).
+    ``config`` runs one fixed config instead of autotuning: BLOCK_M, BLOCK_N and BLOCK_K (powers of two
+    >= 16), optionally GROUP_M, SPLIT_K, num_warps, num_stages (default 8, 1, 4, 3). On CUDA (or CPU
+    tensors under TRITON_INTERPRET=1).
+    """
+    check_int8_weight_mm_args(x, w, scale)
+    forced = None if config is None else _forced_config(config, 16)
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
+        )
+    (m, k), n = x.shape, w.shape[0]
+    split_k = 1 if forced is None else forced[0]["SPLIT_K"]  # see DECODE_SPLIT_K
+    out = _output(x, n, split_k)
+    if m == 0 or n == 0 or k == 0:  # k == 0: the empty sum
+        return out.zero_().to(x.dtype)
+    args = (x, w, scale, out, m, n, k, _m_bucket(m), *x.stride(), *w.stride(), scale.stride(0), *out.stride())
+    with _device_guard(x):
+        if forced is None:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
+            _int8_autotuned[grid](*args, SPLIT_K=1)
+        else:
+            meta, options = forced
+            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
+            int8_weight_mm_kernel[grid](*args, **meta, **options)
+    return out.to(x.dtype)
