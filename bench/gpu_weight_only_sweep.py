@@ -1,11 +1,12 @@
-"""GPU sweep of the weight-only Triton kernels' block configs and split-K at decode shapes (M <= 16).
+"""GPU sweep of the weight-only Triton kernels' configs at decode shapes (M <= 16): the int4 decode kernel's
+tiles, K slices and stages, the int8 kernel's tiles, stages and split-K.
 
 Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 2 minutes). Each config runs
 once against the reference (a mismatch stops the sweep), then is timed as a CUDA-graph replay (GPU time, no
 host overhead), microseconds per call, against bf16 ``F.linear`` and torch's tinygemm int4 kernel. It prints
-the fastest configs per shape: the tiers and DECODE_SPLIT_K in ``quanto_fx/kernels/triton_lowbit_mm.py``
-come from its output. Then, for prefill shapes, it compares the autotuned kernels with dequantizing the
-weight to bf16 and calling cuBLAS.
+the fastest configs per shape: GEMV_CONFIGS in ``quanto_fx/kernels/triton_lowbit_mm.py`` and the int8 tiers in
+``triton_int8_weight_mm.py`` come from its output. Then, for prefill shapes, it compares the autotuned kernels
+with dequantizing the weight to bf16 and calling cuBLAS.
 """
 
 import itertools
@@ -25,21 +26,25 @@ from quanto_fx.tensor.packing import unpack
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
 GROUP = 128
-BLOCKS_N = (32, 64)
-BLOCKS_K = {"int4": (64, 128), "int8": (128, 256)}  # int4: K blocks inside the groups of 128
-STAGES = (3, 6)
-SPLITS = (1, 2, 4, 8)
+# int4: the decode kernel, one warp per K slice (K blocks of 128: one group each).
+INT4_CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 128, "SLICES": s, "num_warps": s, "num_stages": st}
+    for n, s, st in itertools.product((16, 32, 64), (2, 4, 8), (2, 3))
+]
+# int8: the GEMM's decode tier, and split-K (which gained nothing at 2, 4 or 8 splits before).
+INT8_CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": 4, "num_stages": st}
+    for n, k, st, split in itertools.product((32, 64), (128, 256), (3, 4), (1, 4))
+]
 
 
 def rel_error(out, ref):
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
-def sweep(name, run, ref):
+def sweep(name, configs, run, ref, by):
     results = []
-    for block_n, block_k, stages, split in itertools.product(BLOCKS_N, BLOCKS_K[name], STAGES, SPLITS):
-        config = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}
-        config.update(num_warps=4, num_stages=stages)
+    for config in configs:
         try:
             error = rel_error(run(config), ref)
         except Exception as e:  # noqa: BLE001  (a config a GPU cannot launch: report it, go on)
@@ -51,10 +56,9 @@ def sweep(name, run, ref):
     results.sort(key=lambda r: r[0])
     for t, config in results[:5]:
         print(f"    {name} {t:6.1f} us  {config}", flush=True)
-    by_split = {s: min((t for t, c in results if c["SPLIT_K"] == s), default=float("nan")) for s in SPLITS}
-    print(
-        f"    {name} best per SPLIT_K: " + " ".join(f"{s}: {t:.1f}" for s, t in by_split.items()), flush=True
-    )
+    values = sorted({c[by] for c in configs})
+    best = {v: min((t for t, c in results if c[by] == v), default=float("nan")) for v in values}
+    print(f"    {name} best per {by}: " + " ".join(f"{v}: {t:.1f}" for v, t in best.items()), flush=True)
 
 
 torch.manual_seed(0)
@@ -69,13 +73,17 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336)]:
     print(f"{(m, k, n)}: bf16 {bf16:.1f} us, tinygemm int4 {tiny_us:.1f} us", flush=True)
     sweep(
         "int4",
+        INT4_CONFIGS,
         lambda c: lowbit_mm_triton(x, p._packed, p._scale_zeros, 4, GROUP, c),
         lowbit_weight_mm_reference(x.float(), p._packed, p._scale_zeros, 4),
+        "SLICES",
     )
     sweep(
         "int8",
+        INT8_CONFIGS,
         lambda c: int8_weight_mm_triton(x, w8_data, w8_scale, c),
         per_channel_weight_mm_reference(x, w8_data, w8_scale),
+        "SPLIT_K",
     )
 
 # Prefill: the autotuned kernels against dequantize-to-bf16 + cuBLAS.

@@ -14,7 +14,6 @@ import torch
 from .utils import INTERPRETING, assert_passes_in_the_interpreter, config_id, requires_cuda
 
 triton = pytest.importorskip("triton")
-from quanto_fx.kernels import triton_lowbit_mm as lowbit_module  # noqa: E402
 from quanto_fx.kernels.triton_int8_weight_mm import (  # noqa: E402
     INT8_CONFIG_TIERS,
     INT8_CONFIGS,
@@ -25,9 +24,11 @@ from quanto_fx.kernels.triton_int8_weight_mm import (  # noqa: E402
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     CONFIG_TIERS,
     CONFIGS,
+    GEMV_CONFIGS,
     _fit_block_k,
     _prune_configs,
-    _split_k,
+    _prune_gemv_configs,
+    lowbit_gemv_kernel,
     lowbit_mm_kernel,
     lowbit_mm_triton,
     min_block_k,
@@ -75,6 +76,9 @@ def make_operands(m, n, k, bits, group_size, dtype=torch.float32, device="cpu", 
     scale_zeros = torch.stack([scale, zero], dim=-1)
     return x.to(device), packed.to(device), scale_zeros.to(device)
 
+
+# Triton's names of the float dtypes (test ids, compile signatures).
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 # Relative error allowed: max |out - reference| / max |reference|. float32 sums in another order; with 16-bit
 # x the output, each group's scale and zero and each weight are rounded to x's dtype (bfloat16: 2**-9
@@ -183,9 +187,20 @@ def test_bad_inputs_raise_naming_the_problem(args, exc, words):
         ({"BLOCK_M": 24, "BLOCK_N": 16, "BLOCK_K": 32}, ["BLOCK_M"]),
         ({"BLOCK_M": 16, "BLOCK_N": 16}, ["lacks", "BLOCK_K"]),
         ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "block_n": 16}, ["unknown", "block_n"]),
-        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 0}, ["SPLIT_K", ">= 1"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SLICES": 0}, ["SLICES", ">= 1"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SLICES": 3}, ["SLICES", "power of two"]),
+        ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}, ["unknown", "SPLIT_K"]),
     ],
-    ids=["BLOCK_K-16", "BLOCK_N-8", "BLOCK_M-24", "missing", "unknown-key", "SPLIT_K-0"],
+    ids=[
+        "BLOCK_K-16",
+        "BLOCK_N-8",
+        "BLOCK_M-24",
+        "missing",
+        "unknown-key",
+        "SLICES-0",
+        "SLICES-3",
+        "SPLIT_K",
+    ],
 )
 def test_bad_configs_raise(config, words):
     with pytest.raises(ValueError) as info:
@@ -296,17 +311,28 @@ def test_int8_cpu_tensors_outside_the_interpreter_raise():
         int8_weight_mm_triton(*make_int8_operands(3, 40, 64))
 
 
-def test_split_k_only_in_decode_and_not_in_deterministic_mode(monkeypatch):
-    monkeypatch.setattr(lowbit_module, "DECODE_SPLIT_K", 4)
-    assert _split_k(1, 4096) == 4 and _split_k(16, 4096) == 4
-    assert _split_k(1, 1024) == 2  # at least SPLIT_K_MIN_K = 512 columns per split
-    assert _split_k(17, 4096) == 1
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert _split_k(1, 4096) == 1
-    finally:
-        torch.use_deterministic_algorithms(previous)
+def test_autotuned_launches_pick_the_decode_kernel_up_to_16_rows(monkeypatch):
+    # Which autotuned kernel a launch takes, without running one: the two autotuners record their calls.
+    from quanto_fx.kernels import triton_lowbit_mm
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, grid))
+
+    monkeypatch.setattr(triton_lowbit_mm, "_gemv_autotuned", Recorder("gemv"))
+    monkeypatch.setattr(triton_lowbit_mm, "_autotuned", Recorder("gemm"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors get through the launcher's device check
+    for m in (1, 16, 17, 64):
+        lowbit_mm_triton(*make_operands(m, 40, 64, 4, 32), 4, 32)
+    assert [name for name, _ in calls] == ["gemv", "gemv", "gemm", "gemm"]
+    # The decode grid: N tiles first, then M tiles.
+    assert calls[0][1]({"BLOCK_M": 16, "BLOCK_N": 16}) == (3, 1)
+    assert calls[2][1]({"BLOCK_M": 16, "BLOCK_N": 16}) == (6,)
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
@@ -316,6 +342,22 @@ def test_int8_pruned_configs_are_the_tier(m):
 
 
 # -- autotuning configs (no kernel) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=TYPES.get)
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
+def test_decode_configs_fit_the_group(group_size, bits, dtype):
+    x = torch.empty(1, 256, dtype=dtype)
+    configs = _prune_gemv_configs(GEMV_CONFIGS, {"M": 1, "x_ptr": x}, BITS=bits, GROUP_SIZE=group_size)
+    assert configs and len(configs) <= len(GEMV_CONFIGS)
+    for c in configs:
+        block_k = c.kwargs["BLOCK_K"]
+        assert c.kwargs["BLOCK_M"] == 16 and block_k >= min_block_k(bits)
+        assert group_size % block_k == 0 or block_k == min_block_k(bits) > group_size
+        assert c.kwargs["SLICES"] >= c.num_warps  # a warp's K range is its own (see the kernel)
+        # float32 x: the configs whose tiles fit an H100's shared memory (test_float32_compiles_without_tf32)
+        assert dtype != torch.float32 or c.kwargs["SLICES"] <= 4
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -440,17 +482,40 @@ class TestInterpreted:
             out.T, dequantize_reference(packed, scale_zeros, bits, 16), rtol=1e-6, atol=0
         )
 
-    @pytest.mark.parametrize("split_k", [2, 3])
+    @pytest.mark.parametrize(
+        "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+    )
+    @pytest.mark.parametrize("slices", [1, 2, 4])
     @pytest.mark.parametrize("group_size", [32, 128])
-    def test_split_k(self, split_k, group_size):
-        # K = 512: 8 blocks of 64 shared by 2 or 3 programs per tile (3 leaves them uneven).
-        for dtype in (torch.float32, torch.bfloat16):
-            run(5, 40, 512, 4, group_size, {**INTERPRETER_CONFIG, "SPLIT_K": split_k}, dtype)
+    @pytest.mark.parametrize("bits", [4, 2])
+    def test_decode_kernel(self, bits, group_size, slices, dtype):
+        # K = 512: 8 blocks of 64 taken 1, 2 or 4 at a time (4 slices: two K steps). M = 1 and 17 (two row
+        # tiles), N = 40 a partial column tile.
+        config = {**INTERPRETER_CONFIG, "SLICES": slices}
+        for m in (1, 17):
+            run(m, 40, 512, bits, group_size, config, dtype, seed=m)
+
+    @pytest.mark.parametrize("slices", [2, 4])
+    def test_decode_kernel_with_slices_past_k(self, slices):
+        # K = 192 = 3 blocks of 64: the last K step's slices run past K (2 slices: one of two; 4: one of
+        # four is in), groups of 64 (one per slice) and of 32 (per byte).
+        for group_size in (64, 32):
+            run(3, 40, 192, 4, group_size, {**INTERPRETER_CONFIG, "SLICES": slices}, torch.bfloat16)
+
+    @pytest.mark.parametrize("bits", [4, 2])
+    def test_decode_kernel_reads_the_weight(self, bits):
+        # As test_reads_the_weight, through the decode kernel: 2 slices, K = 96 ends inside the second.
+        k = 96
+        x, packed, scale_zeros = make_operands(k, 40, k, bits, 16)
+        config = {**INTERPRETER_CONFIG, "SLICES": 2}
+        out = lowbit_mm_triton(torch.eye(k), packed, scale_zeros, bits, 16, config)
+        torch.testing.assert_close(
+            out.T, dequantize_reference(packed, scale_zeros, bits, 16), rtol=1e-6, atol=0
+        )
 
     def test_k_ending_inside_a_block(self):
         # Groups of 32 under 64-wide K blocks, K = 96: the second block is half masked.
         run(3, 40, 96, 4, 32, INTERPRETER_CONFIG)
-        run(3, 40, 96, 4, 32, {**INTERPRETER_CONFIG, "SPLIT_K": 2})
 
     def test_strided_operands(self):
         m, n, k, bits, g = 5, 40, 128, 4, 32
@@ -560,13 +625,14 @@ def test_lowbit_kernel_in_the_interpreter():
 
 # H100's most shared memory for one block (227 KiB): a config over it fails to launch (OutOfResources).
 H100_MAX_SHARED = 232448
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_for_h100(bits, group_size, config, dtype, split_k=1, even_k=True):
-    """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it."""
+def compile_for_h100(bits, group_size, config, dtype, even_k=True):
+    """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it: the
+    decode kernel for a config with SLICES, else the GEMM."""
     from triton.backends.compiler import GPUTarget
 
+    kernel = lowbit_gemv_kernel if "SLICES" in config.kwargs else lowbit_mm_kernel
     # Ints equal to 1 become constants; pointers, N, K and the other strides (multiples of 16 for the usual
     # K and N) carry a divisibility hint; stride_sn (2) carries none.
     unit_strides = ("stride_xk", "stride_pk", "stride_sc", "stride_on")
@@ -574,7 +640,6 @@ def compile_for_h100(bits, group_size, config, dtype, split_k=1, even_k=True):
         **config.kwargs,
         "BITS": bits,
         "GROUP_SIZE": group_size,
-        "SPLIT_K": split_k,
         "EVEN_K": even_k,
         **dict.fromkeys(unit_strides, 1),
     }
@@ -582,19 +647,17 @@ def compile_for_h100(bits, group_size, config, dtype, split_k=1, even_k=True):
         "x_ptr": TYPES[dtype],
         "packed_ptr": "u8",
         "scale_zeros_ptr": "fp32",
-        "out_ptr": TYPES[dtype] if split_k == 1 else "fp32",  # split-K adds into float32
+        "out_ptr": TYPES[dtype],
     }
     signature, attrs = {}, {}
-    for i, name in enumerate(lowbit_mm_kernel.arg_names):
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
         signature[name] = "*" + pointer_types[name] if name.endswith("_ptr") else "i32"
         if name.endswith("_ptr") or name in ("N", "K", "stride_xm", "stride_pn", "stride_sg", "stride_om"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(
-        fn=lowbit_mm_kernel, signature=signature, constexprs=constexprs, attrs=attrs
-    )
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -604,7 +667,7 @@ def _unique(configs):
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
-@pytest.mark.parametrize("config", _unique(CONFIGS), ids=config_id)
+@pytest.mark.parametrize("config", _unique(GEMV_CONFIGS + CONFIGS), ids=config_id)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_compiles_to_hopper_bf16_tensor_cores(bits, config):
     kernel = compile_for_h100(bits, 128, _fit_block_k(config, bits, 128), torch.bfloat16)
@@ -617,11 +680,19 @@ def test_compiles_to_hopper_bf16_tensor_cores(bits, config):
     # 16-byte copies (.cg) or, for narrow tiles, 4 or 8 bytes a copy (.ca).
     assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
     assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
+    # One kernel writes the output: no atomic adds into a zeroed float32 buffer (and no cast after).
+    assert not re.search(r"\b(red|atom)\.", ptx)
     assert kernel.metadata.shared <= H100_MAX_SHARED
+    if "SLICES" in config.kwargs:  # the decode kernel: one warp per K slice, as its docstring says
+        warps = config.num_warps
+        assert f"warpsPerCTA = [{warps}, 1, 1]" in kernel.asm["ttgir"], "warps not laid along the slices"
 
 
-# The decode tier's deepest pipeline and the largest tile: the most shared memory with 4-byte x tiles.
-FLOAT32_CONFIGS = [CONFIG_TIERS[16][0], CONFIG_TIERS[None][0]]
+# The most shared memory with 4-byte x tiles: the decode configs float32 x keeps, and the GEMM's largest tile.
+FLOAT32_CONFIGS = [
+    *_prune_gemv_configs(GEMV_CONFIGS, {"x_ptr": torch.empty(0)}, BITS=2, GROUP_SIZE=128),
+    CONFIG_TIERS[None][0],
+]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
@@ -637,33 +708,29 @@ def test_float32_compiles_without_tf32(bits, config):
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
-def test_split_k_compiles_to_float32_atomic_adds():
-    config = _fit_block_k(CONFIG_TIERS[16][0], 4, 128)
-    for kernel in (
-        compile_for_h100(4, 128, config, torch.bfloat16, split_k=4),
-        compile_int8_for_h100(config, torch.bfloat16, split_k=4),
-    ):
-        ptx = kernel.asm["ptx"]
-        assert re.search(r"(red|atom)\.global\S*\.add\S*\.f32", ptx), "no float32 atomic add"
-        assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
+def test_int8_split_k_compiles_to_float32_atomic_adds():
+    ptx = compile_int8_for_h100(INT8_CONFIG_TIERS[16][0], torch.bfloat16, split_k=4).asm["ptx"]
+    assert re.search(r"(red|atom)\.global\S*\.add\S*\.f32", ptx), "no float32 atomic add"
+    assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
-def test_float16_compiles_to_f16_mma():
-    ptx = compile_for_h100(4, 32, _fit_block_k(CONFIG_TIERS[16][0], 4, 32), torch.float16).asm["ptx"]
+@pytest.mark.parametrize("config", [GEMV_CONFIGS[0], CONFIG_TIERS[64][0]], ids=config_id)
+def test_float16_compiles_to_f16_mma(config):
+    ptx = compile_for_h100(4, 32, _fit_block_k(config, 4, 32), torch.float16).asm["ptx"]
     assert re.search(r"mma\.sync\.aligned\.m16n8k16\S*\.f32\.f16\.f16\.f32", ptx)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("config", [GEMV_CONFIGS[0], CONFIG_TIERS[None][0]], ids=config_id)
 @pytest.mark.parametrize("even_k", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=TYPES.get)
 @pytest.mark.parametrize("bits", [4, 2])
-def test_codes_become_floats_without_conversion_instructions(bits, dtype, even_k):
-    # Int -> float conversions (cvt.rn.f32.s16 and the like) run at a quarter of the FMA rate on Hopper: one
+def test_codes_become_floats_without_conversion_instructions(bits, dtype, even_k, config):
+    # Int -> float conversions (cvt.rn.f32.s16 and the like) run at an eighth of the FMA rate on Hopper: one
     # per code bounded the decode kernel. The codes are OR-ed into a float's mantissa instead, and a 16-bit
     # x's weights are dequantized by packed fmas (two weights an instruction).
-    config = _fit_block_k(CONFIG_TIERS[16][0], bits, 128)
-    ptx = compile_for_h100(bits, 128, config, dtype, split_k=8, even_k=even_k).asm["ptx"]
+    ptx = compile_for_h100(bits, 128, _fit_block_k(config, bits, 128), dtype, even_k=even_k).asm["ptx"]
     assert not re.search(r"cvt\.rn\.(f16|bf16|f32)\.[su](8|16|32)\b", ptx), "an int -> float conversion"
     packed_fma = {torch.bfloat16: "fma.rn.bf16x2", torch.float16: "fma.rn.f16x2", torch.float32: "fma.rn.f32"}
     assert packed_fma[dtype] in ptx

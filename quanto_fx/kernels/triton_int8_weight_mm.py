@@ -23,7 +23,6 @@ from .triton_launch import (
     _device_guard,
     _forced_config,
     _m_bucket,
-    _output,
     _tier,
 )
 
@@ -54,11 +53,11 @@ def int8_weight_mm_kernel(
     """out = (x @ w.T) * scale[None, :] for an int8 or float8 w (N, K), float32 sums stored as out's dtype.
 
     Any M, N and K: rows past M, columns past N and the K tail load 0 and are not stored. M_BUCKET is the
-    autotuner's key. tl.dot even for M = 1, for lowbit_mm_kernel's reason: only the loads feeding a tl.dot
-    are pipelined, and decode is bound by reading the weight (1 byte per element here). The weight tile is
-    loaded in the (K, N) orientation of tl.dot's second operand (no transpose in registers). SPLIT_K as in
-    lowbit_mm_kernel (programs (tile, s) add their sums atomically into float32 zeros), for forced configs
-    only: it gained nothing in decode on an H200, so the autotuned launch runs unsplit.
+    autotuner's key. tl.dot even for M = 1: only the loads feeding a tl.dot are pipelined (cp.async), and
+    decode is bound by reading the weight (1 byte per element here). The weight tile is loaded in the (K, N)
+    orientation of tl.dot's second operand (no transpose in registers). SPLIT_K > 1: the program (tile, s)
+    sums the K blocks s, s + SPLIT_K, ... and adds its sums atomically into ``out``, float32 zeros; for
+    forced configs only: it gained nothing in decode on an H200, so the autotuned launch runs unsplit.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -80,7 +79,8 @@ def int8_weight_mm_kernel(
         # int8 values are exact in every float dtype (|w| <= 128 < 2**8 = bfloat16's 8-bit significand), and
         # so are float8 ones (e4m3 / e5m2: 3 / 2 mantissa bits, exponents within float16's and bfloat16's), so
         # the tensor cores see the weight unrounded; the scale applies once, in float32, after the loop.
-        # Via float32 for the interpreter's int -> bfloat16 cast (see lowbit_mm_kernel); compiled: one cvt.
+        # Via float32 for the interpreter's int -> bfloat16 cast; compiled, LLVM folds the two casts into bit
+        # operations and one bfloat16 subtraction (SASS: LOP3 + HADD2, no conversion instruction).
         w = w.to(tl.float32).to(x_ptr.dtype.element_ty)
         # "ieee": float32 x stays float32 (FMA), not TF32; no effect on 16-bit operands.
         acc += tl.dot(x, w, input_precision="ieee")
@@ -95,10 +95,10 @@ def int8_weight_mm_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
 
 
-# Tiers by M like CONFIG_TIERS (timings: bench/gpu_weight_only_sweep.py, H200). An int8 weight is 2x an int4
-# one per element, so the same BLOCK_K moves twice the bytes per stage. Shared memory per stage: BLOCK_N *
-# BLOCK_K bytes of weight and a BLOCK_M x BLOCK_K x tile (4 bytes an element for float32 x); all fit an
-# H100's 227 KiB (tests check).
+# Tiers by M like the low-bit GEMM's (timings: bench/gpu_weight_only_sweep.py, H200). An int8 weight is 2x an
+# int4 one per element, so the same BLOCK_K moves twice the bytes per stage. Shared memory per stage:
+# BLOCK_N * BLOCK_K bytes of weight and a BLOCK_M x BLOCK_K x tile (4 bytes an element for float32 x); all
+# fit an H100's 227 KiB (tests check).
 INT8_CONFIG_TIERS = {
     # M <= 16 (decode): one 16-row tile (mma.sync), narrow N tiles to spread the weight over the SMs. Best
     # at M = 1, K = N = 4096: 32 x 256 tiles, 3 stages (8.5 us; 32 x 128: 8.9 us); N = 14336: 64 x 256.
@@ -156,6 +156,13 @@ def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Ten
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def _output(x: torch.Tensor, n: int, split_k: int) -> torch.Tensor:
+    """The kernels' output: x's dtype, or float32 zeros that split-K programs add into."""
+    if split_k == 1:
+        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    return torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
+
+
 def int8_weight_mm_triton(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: dict | None = None
 ) -> torch.Tensor:
@@ -171,13 +178,13 @@ def int8_weight_mm_triton(
     tensors under TRITON_INTERPRET=1).
     """
     check_int8_weight_mm_args(x, w, scale)
-    forced = None if config is None else _forced_config(config, 16)
+    forced = None if config is None else _forced_config(config, 16, "SPLIT_K")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
         )
     (m, k), n = x.shape, w.shape[0]
-    split_k = 1 if forced is None else forced[0]["SPLIT_K"]  # see DECODE_SPLIT_K
+    split_k = 1 if forced is None else forced[0]["SPLIT_K"] or 1
     out = _output(x, n, split_k)
     if m == 0 or n == 0 or k == 0:  # k == 0: the empty sum
         return out.zero_().to(x.dtype)
@@ -189,5 +196,5 @@ def int8_weight_mm_triton(
         else:
             meta, options = forced
             grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-            int8_weight_mm_kernel[grid](*args, **meta, **options)
+            int8_weight_mm_kernel[grid](*args, **{**meta, "SPLIT_K": split_k}, **options)
     return out.to(x.dtype)

@@ -183,9 +183,13 @@ def _is_power_of_two(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def _forced_config(config: dict, min_block_k: int) -> tuple[dict, dict]:
-    """(block sizes, launch options) of a forced ``config`` dict, checked against the kernel's constraints."""
-    unknown = set(config) - {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages"}
+def _forced_config(config: dict, min_block_k: int, option: str) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a forced ``config`` dict, checked against the kernels' constraints.
+
+    ``option`` names the one more key a kernel takes (an int >= 1, None in the sizes when absent): SPLIT_K for
+    the int8 weight-only kernel, SLICES for the low-bit one."""
+    allowed = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", option, "num_warps", "num_stages"}
+    unknown = set(config) - allowed
     if unknown:
         raise ValueError(f"config has unknown keys {sorted(unknown)}")
     missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(config)
@@ -197,16 +201,9 @@ def _forced_config(config: dict, min_block_k: int) -> tuple[dict, dict]:
             raise ValueError(f"config {name} must be a power of two >= 16 (tl.dot's tile), got {block!r}")
     if not isinstance(block_k, int) or block_k < min_block_k or not _is_power_of_two(block_k):
         raise ValueError(f"config BLOCK_K must be a power of two >= {min_block_k}, got {block_k!r}")
-    split_k = config.get("SPLIT_K", 1)
-    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
-        raise ValueError(f"config SPLIT_K must be an int >= 1, got {split_k!r}")
+    value = config.get(option)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"config {option} must be an int >= 1, got {value!r}")
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
-    return {**meta, "SPLIT_K": split_k}, options
-
-
-def _output(x: torch.Tensor, n: int, split_k: int) -> torch.Tensor:
-    """The kernels' output: x's dtype, or float32 zeros that split-K programs add into."""
-    if split_k == 1:
-        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    return torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
+    return {**meta, option: value}, options

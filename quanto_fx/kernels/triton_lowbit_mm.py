@@ -1,4 +1,4 @@
-"""Triton kernel: weight-only int4 / int2 linear layers, dequantizing the packed weight inside the GEMM.
+"""Triton kernels: weight-only int4 / int2 linear layers, dequantizing the packed weight inside the GEMM.
 
 ``out = x @ w.T`` for a float ``x`` (M, K) and a low-bit weight ``w`` of logical shape (N, K)
 (N = out_features, K = in_features), accumulated in float32 and stored as ``x.dtype``. The weight is never
@@ -15,10 +15,11 @@ The packed weight format (portable: plain uint8 bytes and one float tensor, no d
 - ``K % group_size == 0``; ``group_size`` a power of two >= 16 (quanto_fx.tensor.groupwise requires the
   same). K blocks hold at least 16 bytes per weight row (tl.dot's smallest K): BLOCK_K >= 16 * per_byte.
 
-Written for decode (M = 1..16: the GEMM is bound by reading the weight, which is 4 or 8 times smaller than in
-bfloat16) and correct for any M. Launch it through ``lowbit_mm_triton``; the kernel is a plain ``@triton.jit``
-function so that tests can interpret it on the CPU (``TRITON_INTERPRET=1``) and compile it for an H100 without
-one. Offsets are int32: fine while x, the output and ``packed`` hold fewer than 2**31 elements each.
+Two kernels, both correct for any M: ``lowbit_gemv_kernel`` for decode (M = 1..16, bound by reading the
+weight, which is 4 or 8 times smaller than in bfloat16) and ``lowbit_mm_kernel``, the GEMM, past it. Launch
+them through ``lowbit_mm_triton``; they are plain ``@triton.jit`` functions so that tests can interpret them
+on the CPU (``TRITON_INTERPRET=1``) and compile them for an H100 without one. Offsets are int32: fine while x,
+the output and ``packed`` hold fewer than 2**31 elements each.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from .triton_launch import (
     _config,
     _device_guard,
     _forced_config,
+    _is_power_of_two,
     _m_bucket,
-    _output,
     _tier,
 )
 
@@ -47,19 +48,60 @@ LOWBIT_BITS = (2, 4)
 
 @triton.jit
 def _split_codes(t, PER_BYTE: tl.constexpr):
-    """A (R, BYTES_K * PER_BYTE) tile whose columns run b * PER_BYTE + j -> PER_BYTE tiles (R, BYTES_K), the
-    columns of code j (j = 0 first)."""
-    R: tl.constexpr = t.shape[0]
-    BYTES_K: tl.constexpr = t.shape[1] // PER_BYTE
-    if PER_BYTE == 2:
-        even, odd = tl.split(tl.reshape(t, (R, BYTES_K, 2)))
-        return even, odd, even, odd  # codes 2 and 3 unused for int4
+    """A tile whose last axis runs b * PER_BYTE + j (shape (..., R, BYTES_K * PER_BYTE), 2-D or 3-D) ->
+    PER_BYTE tiles (..., R, BYTES_K), the columns of code j (j = 0 first)."""
+    R: tl.constexpr = t.shape[-2]
+    BYTES_K: tl.constexpr = t.shape[-1] // PER_BYTE
+    if len(t.shape) == 3:  # (slices, R, K): the decode kernel's
+        S: tl.constexpr = t.shape[0]
+        if PER_BYTE == 2:
+            even, odd = tl.split(tl.reshape(t, (S, R, BYTES_K, 2)))
+            return even, odd, even, odd  # codes 2 and 3 unused for int4
+        else:
+            # k = b * 4 + 2 * j1 + j0: split j0 off first, then j1.
+            j0_0, j0_1 = tl.split(tl.reshape(t, (S, R, BYTES_K, 2, 2)))
+            c0, c2 = tl.split(j0_0)
+            c1, c3 = tl.split(j0_1)
+            return c0, c1, c2, c3
     else:
-        # k = b * 4 + 2 * j1 + j0: split j0 off first, then j1.
-        j0_0, j0_1 = tl.split(tl.reshape(t, (R, BYTES_K, 2, 2)))
-        c0, c2 = tl.split(j0_0)
-        c1, c3 = tl.split(j0_1)
-        return c0, c1, c2, c3
+        if PER_BYTE == 2:
+            even, odd = tl.split(tl.reshape(t, (R, BYTES_K, 2)))
+            return even, odd, even, odd
+        else:
+            j0_0, j0_1 = tl.split(tl.reshape(t, (R, BYTES_K, 2, 2)))
+            c0, c2 = tl.split(j0_0)
+            c1, c3 = tl.split(j0_1)
+            return c0, c1, c2, c3
+
+
+@triton.jit
+def _dequantize(byte, j: tl.constexpr, scale, zero, BITS: tl.constexpr):
+    """Code j of every byte of ``byte`` (a uint8 tile), dequantized in scale's dtype (x's):
+    ``(q - MID) * scale + zero``, scale and zero of the byte's group, broadcast to byte's shape.
+
+    Without int -> float conversions: Hopper runs 16 a clock per SM (an eighth of float32 FMAs; CUDA guide,
+    throughput table), and one per code plus a float -> bfloat16 one per two codes bounded the decode kernel
+    (SASS: 96 conversions in 487 instructions per 64 codes). A code OR-ed into the mantissa of MAGIC (whose
+    mantissa's unit is 1) reads as MAGIC + code; subtracting MAGIC + MID is exact, and the rest is one fma,
+    two codes an instruction for 16-bit dtypes. MAGIC + MID is a float constant: built by a bitcast it was not
+    folded (51 more instructions a loop, and shared memory).
+    """
+    DTYPE: tl.constexpr = scale.dtype
+    MID: tl.constexpr = 1 << (BITS - 1)  # the code of the zero point
+    if DTYPE == tl.bfloat16:
+        MAGIC: tl.constexpr = 128.0
+        MAGIC_BITS: tl.constexpr = 0x4300
+        CODE_TYPE: tl.constexpr = tl.int16
+    elif DTYPE == tl.float16:
+        MAGIC: tl.constexpr = 1024.0
+        MAGIC_BITS: tl.constexpr = 0x6400
+        CODE_TYPE: tl.constexpr = tl.int16
+    else:
+        MAGIC: tl.constexpr = 8388608.0
+        MAGIC_BITS: tl.constexpr = 0x4B000000
+        CODE_TYPE: tl.constexpr = tl.int32
+    code = ((byte.to(CODE_TYPE) >> (j * BITS)) & ((1 << BITS) - 1)) | MAGIC_BITS
+    return (code.to(DTYPE, bitcast=True) - tl.full((), MAGIC + MID, DTYPE)) * scale + zero
 
 
 @triton.jit
@@ -87,63 +129,32 @@ def lowbit_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """out = x @ dequantize(packed, scale_zeros).T, float32 sums stored as out's dtype.
+    """out = x @ dequantize(packed, scale_zeros).T, float32 sums stored as out's dtype: the GEMM (M > 16).
 
     Rows past M, columns past N and K past the end load 0 and are not stored: any M and N, and any K that
-    is a multiple of GROUP_SIZE. M_BUCKET is unused here: it is the autotuner's key. With SPLIT_K > 1, the
-    program (tile, s) sums the K blocks s, s + SPLIT_K, ... and adds its sums atomically into ``out``, which
-    must then be float32 zeros. EVEN_K: K is a multiple of BLOCK_K (``_with_even_k`` sets it).
+    is a multiple of GROUP_SIZE. M_BUCKET is unused here: it is the autotuner's key. EVEN_K: K is a multiple
+    of BLOCK_K (``_with_even_k`` sets it; the K masks are not computed then).
 
     Every global load feeds the tl.dot, so triton pipelines all of them (cp.async, num_stages deep); a load
     whose value is used only after the dot, like a scale applied to the sums, or a strided one, waits a full
     memory latency in every K iteration. At M = 1, K = N = 4096 on an H200, versions that did so ran 3.2x
-    to 3.7x the bf16 GEMM's time; this one 1.8x, and 1.1x with split-K, before it lost its conversion
-    instructions (below; not re-timed since; bench/RESULTS.md):
+    to 3.7x the bf16 GEMM's time; this design 1.8x (bench/RESULTS.md):
     - the weight tile is loaded as bytes, each byte once, in the (K, N) orientation of tl.dot's second
-      operand, contiguous along K; code j of every byte (bits j * BITS and up) is dequantized in x's
-      dtype, ``(q - MID) * scale + zero`` with scale and zero rounded to it (as torch's int4 kernels and the
-      reference do) and one rounding for the rest (an fma), and meets the x columns k0 + b * PER_BYTE + j
-      in its own tl.dot: no weight tile is reshaped or transposed;
-    - x's tile is loaded contiguous and split into those column sets in registers (it is BLOCK_M rows: the
-      small operand in decode);
+      operand, contiguous along K; code j of every byte (bits j * BITS and up) is dequantized in x's dtype
+      (``_dequantize``: scale and zero rounded to it, as torch's int4 kernels and the reference do) and meets
+      the x columns k0 + b * PER_BYTE + j in its own tl.dot: no weight tile is reshaped or transposed;
+    - x's tile is loaded contiguous and split into those column sets in registers;
     - a K block inside one group (GROUP_SIZE >= BLOCK_K) loads one scale and zero per column, smaller
       groups one per (k, column).
-
-    Why tl.dot even for M = 1 (a 16-row tile, 15 rows of zeros): decode is bound by reading the weight, and
-    only loads feeding a tl.dot are pipelined; a multiply-and-reduce loop keeps one K block in flight per
-    program, far too few bytes for HBM (checked in the PTX for triton 3.6.0, sm_90).
     """
     PER_BYTE: tl.constexpr = 8 // BITS
     BYTES_K: tl.constexpr = BLOCK_K // PER_BYTE
-    MID: tl.constexpr = 1 << (BITS - 1)  # the code of the zero point: w = (q - MID) * scale + zero
-    ONE_GROUP: tl.constexpr = GROUP_SIZE >= BLOCK_K
-    # Codes become x's dtype without int -> float conversions: Hopper runs 16 a clock per SM (an eighth of
-    # float32 FMAs; CUDA guide, throughput table), and one per code plus a float -> bfloat16 one per two
-    # codes bounded the decode kernel (SASS: 96 conversions in 487 instructions per 64 codes). A code OR-ed
-    # into the mantissa of MAGIC (whose mantissa's unit is 1) reads as MAGIC + code. Subtracting MAGIC + MID
-    # is exact, and w = (code - MID) * scale + zero one fma, two codes an instruction. magic_mid is a float
-    # constant: built by a bitcast it was not folded (51 more instructions a loop, and shared memory).
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    if DTYPE == tl.bfloat16:
-        MAGIC: tl.constexpr = 128.0
-        MAGIC_BITS: tl.constexpr = 0x4300
-        CODE_TYPE: tl.constexpr = tl.int16
-    elif DTYPE == tl.float16:
-        MAGIC: tl.constexpr = 1024.0
-        MAGIC_BITS: tl.constexpr = 0x6400
-        CODE_TYPE: tl.constexpr = tl.int16
-    else:
-        MAGIC: tl.constexpr = 8388608.0
-        MAGIC_BITS: tl.constexpr = 0x4B000000
-        CODE_TYPE: tl.constexpr = tl.int32
-    magic_mid = tl.full((), MAGIC + MID, DTYPE)
     tl.static_assert(BYTES_K >= 16, "tl.dot needs 16 bytes of K per code: BLOCK_K >= 16 * PER_BYTE")
 
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -155,17 +166,16 @@ def lowbit_mm_kernel(
     sz_ptrs = scale_zeros_ptr + rn[None, :] * stride_sn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        k0 = kb * BLOCK_K
-        if EVEN_K:  # K a multiple of BLOCK_K: no mask along K to compute in every iteration
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
             x_mask = m_mask[:, None]
             b_mask = n_mask[None, :]
         else:
             x_mask = m_mask[:, None] & (rk < K - k0)[None, :]
             b_mask = (rb < (K - k0) // PER_BYTE)[:, None] & n_mask[None, :]
         x = tl.load(x_ptrs + k0 * stride_xk, mask=x_mask, other=0.0)
-        byte = tl.load(packed_ptrs + (k0 // PER_BYTE) * stride_pk, mask=b_mask, other=0).to(CODE_TYPE)
-        if ONE_GROUP:  # (1, BLOCK_N): one group for the whole block
+        byte = tl.load(packed_ptrs + (k0 // PER_BYTE) * stride_pk, mask=b_mask, other=0)
+        if GROUP_SIZE >= BLOCK_K:  # (1, BLOCK_N): one group for the whole block
             group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
             sz_mask = n_mask[None, :]
         else:  # (BYTES_K, BLOCK_N): byte b's group, the same for its codes (GROUP_SIZE % PER_BYTE == 0)
@@ -175,38 +185,108 @@ def lowbit_mm_kernel(
         zero = tl.load(group_ptrs + stride_sc, mask=sz_mask, other=0.0).to(DTYPE)
         xs = _split_codes(x, PER_BYTE)
         for j in tl.static_range(PER_BYTE):
-            code = ((byte >> (j * BITS)) & ((1 << BITS) - 1)) | MAGIC_BITS
-            w = (code.to(DTYPE, bitcast=True) - magic_mid) * scale + zero
             # input_precision="ieee": a float32 x stays float32 (FMA), not TF32 (10 mantissa bits), as torch
             # computes float32 matmuls by default. It has no effect on 16-bit operands.
-            acc = tl.dot(xs[j], w, acc, input_precision="ieee")
+            acc = tl.dot(xs[j], _dequantize(byte, j, scale, zero, BITS), acc, input_precision="ieee")
 
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def lowbit_gemv_kernel(
+    x_ptr,
+    packed_ptr,
+    scale_zeros_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_pn,
+    stride_pk,
+    stride_sg,
+    stride_sn,
+    stride_sc,
+    stride_om,
+    stride_on,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SLICES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """lowbit_mm_kernel's product for decode (M <= 16): each step takes SLICES consecutive K blocks at once,
+    one per warp, as a batched tl.dot over (SLICES, BLOCK_M, BLOCK_K) x (SLICES, BLOCK_K, BLOCK_N); the
+    slices' sums are added across warps once, after the K loop. EVEN_K: K is a multiple of SLICES * BLOCK_K.
+
+    Decode moves little data per output tile: one program per tile over all of K leaves an H200's HBM idle
+    (bench/RESULTS.md), and splitting K over programs that add their sums atomically took two more kernels a
+    call (a float32 output zeroed before, cast to x's dtype after) and lost determinism. Slices keep one
+    program per tile and give each warp its own K range: more bytes in flight per program, and no warp splits
+    the same x columns as another (in the GEMM kernel every warp splits all of x's tile). Slices fully past K
+    load zeros (x's and the weight's: a zero x times any finite weight adds nothing).
+    """
+    PER_BYTE: tl.constexpr = 8 // BITS
+    BYTES_K: tl.constexpr = BLOCK_K // PER_BYTE
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    tl.static_assert(BYTES_K >= 16, "tl.dot needs 16 bytes of K per code: BLOCK_K >= 16 * PER_BYTE")
+
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    # (SLICES, rows, columns) tiles; slice s starts BLOCK_K after slice s - 1.
+    slice_k = tl.arange(0, SLICES)[:, None, None] * BLOCK_K
+    rk = slice_k + tl.arange(0, BLOCK_K)[None, None, :]  # (S, 1, BLOCK_K)
+    rb = slice_k // PER_BYTE + tl.arange(0, BYTES_K)[None, :, None]  # (S, BYTES_K, 1)
+    x_ptrs = x_ptr + rm[None, :, None] * stride_xm + rk * stride_xk
+    packed_ptrs = packed_ptr + rb * stride_pk + rn[None, None, :] * stride_pn
+    sz_ptrs = scale_zeros_ptr + rn[None, None, :] * stride_sn
+
+    acc = tl.zeros((SLICES, BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, SLICES * BLOCK_K):
+        if EVEN_K:
+            x_mask = m_mask[None, :, None]
+            b_mask = n_mask[None, None, :]
+        else:
+            x_mask = m_mask[None, :, None] & (rk < K - k0)
+            b_mask = (rb < (K - k0) // PER_BYTE) & n_mask[None, None, :]
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=x_mask, other=0.0)
+        byte = tl.load(packed_ptrs + (k0 // PER_BYTE) * stride_pk, mask=b_mask, other=0)
+        if GROUP_SIZE >= BLOCK_K:  # (S, 1, BLOCK_N): one group per slice
+            group_ptrs = sz_ptrs + ((k0 + slice_k) // GROUP_SIZE) * stride_sg
+            if EVEN_K:
+                sz_mask = b_mask
+            else:  # no group past K
+                sz_mask = n_mask[None, None, :] & (slice_k < K - k0)
+        else:  # (S, BYTES_K, BLOCK_N): byte b's group
+            group_ptrs = sz_ptrs + ((k0 // PER_BYTE + rb) * PER_BYTE // GROUP_SIZE) * stride_sg
+            sz_mask = b_mask
+        scale = tl.load(group_ptrs, mask=sz_mask, other=0.0).to(DTYPE)
+        zero = tl.load(group_ptrs + stride_sc, mask=sz_mask, other=0.0).to(DTYPE)
+        xs = _split_codes(x, PER_BYTE)
+        for j in tl.static_range(PER_BYTE):
+            acc = tl.dot(xs[j], _dequantize(byte, j, scale, zero, BITS), acc, input_precision="ieee")
+
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    out = tl.sum(acc, axis=0)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # -- the launcher --------------------------------------------------------------------------------------
 
 
-# Block configs in tiers by M; the autotuner picks within the tier. _prune_configs fits BLOCK_K to the group
-# size (see _fit_block_k). Timings: bench/gpu_weight_only_sweep.py, H200, torch 2.11, bench/RESULTS.md.
+# The GEMM's block configs in tiers by M; the autotuner picks within the tier. _prune_configs fits BLOCK_K to
+# the group size (see _fit_block_k). Timings: bench/gpu_weight_only_sweep.py, H200, torch 2.11,
+# bench/RESULTS.md. M <= 16 takes the decode kernel (GEMV_CONFIGS) unless a config is forced.
 CONFIG_TIERS = {
-    # M <= 16 (decode): one 16-row tile (mma.sync; wgmma needs 64 rows), with split-K (below). Best at M = 1
-    # and 16, K = N = 4096, with the conversion-bound dequantization of before: 64 x 128 tiles, 3 stages
-    # (11.6 / 12.0 us; 32-wide tiles 13.3 / 13.4 us; 6 stages 13.6 / 13.3 us). Since, the loop is bound by
-    # integer instructions (unpacking, and x split in registers by every warp): per code, 4.4 / 3.6 / 3.2
-    # with 32- / 64- / 128-wide tiles (SASS), hence the 128-wide config, not yet timed on a GPU.
-    16: [
-        _config(16, 64, 128, 4, 3),
-        _config(16, 32, 128, 4, 3),
-        _config(16, 64, 128, 4, 6),
-        _config(16, 32, 128, 4, 6),
-        _config(16, 128, 128, 4, 3),
-    ],
     # 16 < M <= 64: one row tile, so each weight element is unpacked once per 64 rows.
     64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
     # M > 64 (prefill): compute bound; unpacking amortized over 64 or 128 rows, wgmma tiles.
@@ -214,20 +294,25 @@ CONFIG_TIERS = {
 }
 CONFIGS = [config for tier in CONFIG_TIERS.values() for config in tier]
 
-# Programs per output tile in decode (M <= 16), while K holds at least SPLIT_K_MIN_K columns per split: each
-# adds its float32 sums atomically into a zeroed float32 output. One program per tile leaves an H200's HBM
-# idle: at M = 1, K = N = 4096 the best config ran 18.6 / 14.2 / 11.8 / 11.6 us with 1 / 2 / 4 / 8 splits
-# (K = 4096, N = 14336: 34.1 / 32.7 / 29.9 / 30.5). Not under torch's deterministic mode (atomic float
-# additions land in any order). The int8 weight-only kernel gained nothing from it and runs unsplit.
-DECODE_SPLIT_K = 8
-SPLIT_K_MIN_K = 512
+DECODE_MAX_M = 16  # the decode kernel's rows: one 16-row tile (mma.sync's height)
 
 
-def _split_k(m: int, k: int) -> int:
-    """The low-bit kernel's split-K for M rows and K columns (see DECODE_SPLIT_K)."""
-    if m > 16 or torch.are_deterministic_algorithms_enabled():
-        return 1
-    return max(1, min(DECODE_SPLIT_K, k // SPLIT_K_MIN_K))
+def _gemv_config(block_n: int, slices: int, num_warps: int, num_stages: int) -> triton.Config:
+    kwargs = {"BLOCK_M": DECODE_MAX_M, "BLOCK_N": block_n, "BLOCK_K": 128, "SLICES": slices}
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+# The decode kernel's configs, one slice per warp (so that each warp runs its own K range), not yet timed on a
+# GPU. Narrow N tiles give more programs (K = N = 4096: 128 of 32 columns); 8 warps a program hide more
+# latency, since there are few programs per SM. Integer instructions per code (SASS, int4, bfloat16): 3.3 at
+# 32 columns, 3.1 at 64, 3.9 at 16; the split-K GEMM it replaced took 3.6 at 64 columns, plus two kernels.
+GEMV_CONFIGS = [
+    _gemv_config(32, 4, 4, 3),
+    _gemv_config(32, 4, 4, 2),
+    _gemv_config(32, 8, 8, 3),
+    _gemv_config(16, 8, 8, 3),
+    _gemv_config(64, 4, 4, 3),
+]
 
 
 def min_block_k(bits: int) -> int:
@@ -245,26 +330,50 @@ def _fit_block_k(config: triton.Config, bits: int, group_size: int) -> triton.Co
     return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """The configs of M's tier, fitted to the bits and group size, without duplicates."""
-    m, bits, group_size = named_args["M"], kwargs["BITS"], kwargs["GROUP_SIZE"]
+def _fitted(configs, kwargs) -> list[triton.Config]:
+    """``configs`` fitted to the launch's bits and group size, without duplicates."""
     fitted = {}
-    for config in _tier(CONFIG_TIERS, m):
-        config = _fit_block_k(config, bits, group_size)
+    for config in configs:
+        config = _fit_block_k(config, kwargs["BITS"], kwargs["GROUP_SIZE"])
         fitted.setdefault((tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages), config)
     return list(fitted.values())
 
 
-# EVEN_K from the launch's K and BLOCK_K (the config's, autotuned or forced).
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs of M's tier, fitted to the bits and group size."""
+    return _fitted(_tier(CONFIG_TIERS, named_args["M"]), kwargs)
+
+
+# float32 x tiles: 8 slices take 220-300 KB of shared memory (compiled for sm_90), over an H100's 227 KiB.
+FLOAT32_MAX_SLICES = 4
+
+
+def _prune_gemv_configs(configs, named_args, **kwargs):
+    """The decode configs, fitted to the bits and group size (for float32 x, up to FLOAT32_MAX_SLICES)."""
+    if named_args["x_ptr"].dtype == torch.float32:
+        configs = [c for c in configs if c.kwargs["SLICES"] <= FLOAT32_MAX_SLICES]
+    return _fitted(configs, kwargs)
+
+
+# EVEN_K from the launch's K and K step (the config's, autotuned or forced): the K masks are compiled out.
 _with_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(lowbit_mm_kernel)
+_gemv_with_even_k = triton.heuristics(
+    {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_K"]) == 0}
+)(lowbit_gemv_kernel)
 
 _autotuned = triton.autotune(
     configs=CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "SPLIT_K"],  # the autotuner adds the tensors' dtypes
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_bench_on_gpu_alone,
-    reset_to_zero=["out_ptr"],  # split-K adds into the output: each timed run starts from zeros
 )(_with_even_k)
+
+_gemv_autotuned = triton.autotune(
+    configs=GEMV_CONFIGS,
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune_gemv_configs},
+    do_bench=_bench_on_gpu_alone,
+)(_gemv_with_even_k)
 
 
 def check_lowbit_mm_args(
@@ -304,22 +413,25 @@ def lowbit_mm_triton(
 ) -> torch.Tensor:
     """``x @ w.T`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype.
 
-    ``config`` runs one fixed config instead of autotuning (tests, the interpreter, benchmarks): a dict with
+    M <= 16 runs the decode kernel (``lowbit_gemv_kernel``), larger M the GEMM (``lowbit_mm_kernel``), both
+    autotuned. ``config`` runs one fixed config instead (tests, the interpreter, benchmarks): a dict with
     BLOCK_M and BLOCK_N (powers of two >= 16), BLOCK_K (a power of two >= 16 * per_byte) and optionally
-    GROUP_M, SPLIT_K, num_warps, num_stages (default 8, 1, 4, 3). Any M and N; K is a multiple of
-    group_size. Operands may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
+    num_warps, num_stages (default 4, 3); with SLICES (a power of two) the decode kernel runs, any M,
+    otherwise the GEMM, with GROUP_M (default 8). Any M and N; K is a multiple of group_size. Operands may
+    be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
-    forced = None if config is None else _forced_config(config, min_block_k(bits))
+    forced = None if config is None else _forced_config(config, min_block_k(bits), "SLICES")
+    if forced is not None and forced[0]["SLICES"] is not None and not _is_power_of_two(forced[0]["SLICES"]):
+        raise ValueError(f"config SLICES must be a power of two (tl.arange's length), got {config['SLICES']}")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
         )
     (m, k), n = x.shape, packed.shape[0]
-    split_k = _split_k(m, k) if forced is None else forced[0]["SPLIT_K"]
-    out = _output(x, n, split_k)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:  # k == 0: the empty sum
-        return out.zero_().to(x.dtype)
+        return out.zero_()
     args = (
         x,
         packed,
@@ -334,12 +446,21 @@ def lowbit_mm_triton(
         *scale_zeros.stride(),
         *out.stride(),
     )
+    flags = {"BITS": bits, "GROUP_SIZE": group_size}
+    gemv_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+    gemm_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     with _device_guard(x):
         if forced is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-            _autotuned[grid](*args, BITS=bits, GROUP_SIZE=group_size, SPLIT_K=split_k)
+            if m <= DECODE_MAX_M:
+                _gemv_autotuned[gemv_grid](*args, **flags)
+            else:
+                _autotuned[gemm_grid](*args, **flags)
         else:
-            meta, options = forced
-            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-            _with_even_k[grid](*args, BITS=bits, GROUP_SIZE=group_size, **meta, **options)
-    return out.to(x.dtype)
+            (meta, options), slices = forced, forced[0]["SLICES"]
+            if slices is not None:
+                del meta["GROUP_M"]
+                _gemv_with_even_k[gemv_grid(meta)](*args, **flags, **meta, **options)
+            else:
+                del meta["SLICES"]
+                _with_even_k[gemm_grid(meta)](*args, **flags, **meta, **options)
+    return out
