@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tensor.quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES
+from ..tensor.quantization import FLOAT8_DTYPES
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
     _bench_on_gpu_alone,
+    _check_float_x,
     _config,
     _device_guard,
     _forced_config,
@@ -131,13 +132,10 @@ _int8_autotuned = triton.autotune(
 
 def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:
     """Check ``int8_weight_mm_triton``'s operands: x (M, K) float, w (N, K) int8 or float8, N float scales."""
-    for name, t in (("x", x), ("w", w), ("scale", scale)):
+    _check_float_x(x)
+    for name, t in (("w", w), ("scale", scale)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in GEMM_FLOAT_DTYPES:
-        raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
     if w.dtype not in (torch.int8, *FLOAT8_DTYPES):
         raise TypeError(f"w must have dtype torch.int8 or a float8 dtype, got {w.dtype}")
     if w.ndim != 2 or w.shape[1] != x.shape[1]:

@@ -11,6 +11,7 @@ import contextlib
 import torch
 import triton
 
+from ..tensor.quantization import GEMM_FLOAT_DTYPES
 from .checks import check_requantize_args, check_rescale_args
 from .triton_int8_mm import int8_mm_requantize_kernel, int8_mm_rescale_kernel
 
@@ -207,3 +208,13 @@ def _forced_config(config: dict, min_block_k: int, option: str) -> tuple[dict, d
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
     return {**meta, option: value}, options
+
+
+def _check_float_x(x: torch.Tensor) -> None:
+    """The x of a weight-only kernel: a 2-D (M, K) tensor of a float dtype the GEMMs take."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in GEMM_FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")

@@ -31,10 +31,10 @@ import triton
 import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
-from ..tensor.quantization import GEMM_FLOAT_DTYPES
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
     _bench_on_gpu_alone,
+    _check_float_x,
     _config,
     _device_guard,
     _forced_config,
@@ -384,13 +384,10 @@ def check_lowbit_mm_args(
         raise ValueError(f"bits must be one of {LOWBIT_BITS}, got {bits!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    for name, t in (("x", x), ("packed", packed), ("scale_zeros", scale_zeros)):
+    _check_float_x(x)
+    for name, t in (("packed", packed), ("scale_zeros", scale_zeros)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in GEMM_FLOAT_DTYPES:
-        raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
     k, per_byte = x.shape[1], 8 // bits
     if packed.dtype == torch.uint8 and (packed.ndim != 2 or packed.shape[1] * per_byte != k):
         raise ValueError(
