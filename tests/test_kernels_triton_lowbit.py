@@ -556,13 +556,15 @@ class TestInt8Interpreted:
         # BLOCK_K = 32: K = 40 is a full block and an 8-wide tail; N = 24 and 40 end in partial N tiles.
         run_int8(m, n, k, INTERPRETER_CONFIG, dtype, scale_2d=scale_2d, seed=m + k + n)
 
-    def test_reads_the_weight(self):
-        # x = identity: out.T is w * scale, element by element; the extreme codes -128 and 127 included.
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=TYPES.get)
+    def test_reads_the_weight(self, dtype):
+        # x = identity: out.T is w * scale (float32, rounded once to x's dtype), element by element; the
+        # extreme codes -128 and 127 included. Each dtype has its own path from int8 to float (float16: bits).
         k = 40
         x, w, scale = make_int8_operands(k, 24, k)
         w[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
-        out = int8_weight_mm_triton(torch.eye(k), w, scale, INTERPRETER_CONFIG)
-        torch.testing.assert_close(out.T, w.float() * scale[:, None], rtol=0, atol=0)
+        out = int8_weight_mm_triton(torch.eye(k, dtype=dtype), w, scale, INTERPRETER_CONFIG)
+        torch.testing.assert_close(out.T, (w.float() * scale[:, None]).to(dtype), rtol=0, atol=0)
 
     @pytest.mark.parametrize("split_k", [2, 3])
     def test_split_k(self, split_k):
@@ -800,6 +802,14 @@ def test_int8_float32_compiles_without_tf32(config):
     assert "tf32" not in ptx and "mma" not in ptx
     assert "fma.rn.f32" in ptx
     assert kernel.metadata.shared <= H100_MAX_SHARED
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=TYPES.get)
+def test_int8_weights_become_16_bit_floats_without_conversion_instructions(dtype):
+    # As test_codes_become_floats_without_conversion_instructions: no int -> float cvt in the loop.
+    ptx = compile_int8_for_h100(INT8_CONFIG_TIERS[16][0], dtype).asm["ptx"]
+    assert not re.search(r"cvt\.rn\.(f16|bf16|f32)\.[su](8|16|32)\b", ptx), "an int -> float conversion"
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
