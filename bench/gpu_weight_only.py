@@ -59,6 +59,14 @@ for m, k, n in [
             lowbit_weight_mm_reference(x.float(), *args[1:3], args[4]),
             2e-2,
         )
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    int4_args = (x, packed["qint4"]._packed, packed["qint4"]._scale_zeros, None, 4, 128)
+    check(
+        "int4 weights + bias (added in the kernel)",
+        ops.lowbit_weight_mm(*int4_args, bias),
+        lowbit_weight_mm_reference(x.float(), *int4_args[1:3], 4) + bias.float(),
+        2e-2,
+    )
     check(
         "int8 weights",
         ops.int8_weight_mm(x, w8_data, w8_scale),
@@ -89,11 +97,8 @@ for m, k, n in [
     )
     times = {
         "bf16": gpu_us(lambda: F.linear(x, w)),
-        "int4 (Triton)": gpu_us(
-            lambda: ops.lowbit_weight_mm(
-                x, packed["qint4"]._packed, packed["qint4"]._scale_zeros, None, 4, 128
-            )
-        ),
+        "int4 (Triton)": gpu_us(lambda: ops.lowbit_weight_mm(*int4_args)),
+        "int4 + bias": gpu_us(lambda: ops.lowbit_weight_mm(*int4_args, bias)),
         "int4 (tinygemm)": gpu_us(lambda: tiny(x)) if tiny_ok else float("nan"),
         "int2 (Triton)": gpu_us(
             lambda: ops.lowbit_weight_mm(
@@ -106,8 +111,12 @@ for m, k, n in [
     }
     bf16 = times["bf16"]
     print("  " + "  ".join(f"{k} {v:.1f} us ({v / bf16:.2f}x)" for k, v in times.items()), flush=True)
+    lowbit = (
+        triton_lowbit_mm._gemv_autotuned
+        if m <= triton_lowbit_mm.DECODE_MAX_M
+        else triton_lowbit_mm._autotuned
+    )
     print(
-        f"  configs: lowbit {triton_lowbit_mm._autotuned.best_config}, "
-        f"int8 {triton_int8_weight_mm._int8_autotuned.best_config}",
+        f"  configs: lowbit {lowbit.best_config}, int8 {triton_int8_weight_mm._int8_autotuned.best_config}",
         flush=True,
     )

@@ -1,5 +1,5 @@
 """GPU sweep of the weight-only Triton kernels' configs at decode shapes (M <= 16): the int4 decode kernel's
-tiles, K slices and stages, the int8 kernel's tiles, stages and split-K.
+tiles, K slices and stages, the int8 kernel's tiles and stages.
 
 Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 2 minutes). Each config runs
 once against the reference (a mismatch stops the sweep), then is timed as a CUDA-graph replay (GPU time, no
@@ -31,10 +31,10 @@ INT4_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 128, "SLICES": s, "num_warps": s, "num_stages": st}
     for n, s, st in itertools.product((16, 32, 64), (2, 4, 8), (2, 3))
 ]
-# int8: the GEMM's decode tier, and split-K (which gained nothing at 2, 4 or 8 splits before).
+# int8: the decode tier's tiles and stages.
 INT8_CONFIGS = [
-    {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": 4, "num_stages": st}
-    for n, k, st, split in itertools.product((32, 64), (128, 256), (3, 4), (1, 4))
+    {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": st}
+    for n, k, st in itertools.product((32, 64), (128, 256), (3, 4, 6))
 ]
 
 
@@ -83,7 +83,7 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336)]:
         INT8_CONFIGS,
         lambda c: int8_weight_mm_triton(x, w8_data, w8_scale, c),
         per_channel_weight_mm_reference(x, w8_data, w8_scale),
-        "SPLIT_K",
+        "BLOCK_N",
     )
 
 # Prefill: the autotuned kernels against dequantize-to-bf16 + cuBLAS.

@@ -87,8 +87,9 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def assert_matches_reference(out, x, packed, scale_zeros, bits, group_size):
+def assert_matches_reference(out, x, packed, scale_zeros, bits, group_size, bias=None):
     ref = lowbit_mm_reference(x.cpu(), packed.cpu(), scale_zeros.cpu(), bits, group_size)
+    ref = ref if bias is None else ref + bias.cpu().float()
     assert out.dtype == x.dtype and out.shape == ref.shape
     err = (out.cpu().float() - ref).abs().max() / ref.abs().max()
     assert err <= TOLERANCE[x.dtype], f"relative error {err:.3g}"
@@ -210,6 +211,28 @@ def test_bad_configs_raise(config, words):
         assert word in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "bias, exc, words",
+    [
+        (torch.ones(40, dtype=torch.int32), TypeError, ["bias must be a float", "int32"]),
+        (torch.ones(39), ValueError, ["bias must be shaped (40,)", "(39,)"]),
+        (torch.ones(1, 40), ValueError, ["bias must be shaped (40,)", "(1, 40)"]),
+        (torch.ones(40, device="meta"), ValueError, ["bias is on meta"]),
+        ([1.0] * 40, TypeError, ["bias must be a float tensor", "list"]),
+    ],
+    ids=["int", "short", "2d", "meta", "list"],
+)
+def test_bad_bias_raises_naming_the_problem(bias, exc, words):
+    for call in (
+        lambda: lowbit_mm_triton(*make_operands(3, 40, 64, 4, 32), 4, 32, bias=bias),
+        lambda: int8_weight_mm_triton(*make_int8_operands(3, 40, 64), bias=bias),
+    ):
+        with pytest.raises(exc) as info:
+            call()
+        for word in words:
+            assert word in str(info.value)
+
+
 @pytest.mark.skipif(INTERPRETING, reason="CPU tensors are allowed in the interpreter")
 def test_cpu_tensors_outside_the_interpreter_raise():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
@@ -235,8 +258,9 @@ def make_int8_operands(m, n, k, dtype=torch.float32, device="cpu", seed=0, scale
     return x.to(device), w.to(device), scale.to(device)
 
 
-def assert_matches_int8_reference(out, x, w, scale):
-    ref = per_channel_weight_mm_reference(x.cpu(), w.cpu(), scale.cpu())
+def assert_matches_int8_reference(out, x, w, scale, bias=None):
+    ref = per_channel_weight_mm_reference(x.cpu(), w.cpu(), scale.cpu()).float()
+    ref = ref if bias is None else ref + bias.cpu().float()
     assert out.dtype == x.dtype and out.shape == ref.shape
     err = (out.cpu().float() - ref).abs().max() / ref.abs().max()
     assert err <= TOLERANCE[x.dtype], f"relative error {err:.3g}"
@@ -518,6 +542,20 @@ class TestInterpreted:
         # Groups of 32 under 64-wide K blocks, K = 96: the second block is half masked.
         run(3, 40, 96, 4, 32, INTERPRETER_CONFIG)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=TYPES.get)
+    @pytest.mark.parametrize("slices", [None, 2], ids=["gemm", "decode"])
+    def test_bias(self, slices, dtype):
+        # Added in float32 in each kernel's epilogue; a bias in another float dtype than x's.
+        config = INTERPRETER_CONFIG if slices is None else {**INTERPRETER_CONFIG, "SLICES": slices}
+        x, packed, scale_zeros = make_operands(3, 40, 256, 4, 64, dtype)
+        bias = torch.randn(40).to(torch.bfloat16 if dtype == torch.float32 else torch.float32)
+        out = lowbit_mm_triton(x, packed, scale_zeros, 4, 64, config, bias=bias)
+        assert_matches_reference(out, x, packed, scale_zeros, 4, 64, bias)
+        # The empty sum: the bias alone.
+        x, packed, scale_zeros = x[:, :0], packed[:, :0], scale_zeros[:0]
+        out = lowbit_mm_triton(x, packed, scale_zeros, 4, 64, config, bias=bias)
+        torch.testing.assert_close(out, bias.to(dtype).expand(3, 40), rtol=0, atol=0)
+
     def test_strided_operands(self):
         m, n, k, bits, g = 5, 40, 128, 4, 32
         x, packed, scale_zeros = make_operands(m, n, k, bits, g)
@@ -566,11 +604,16 @@ class TestInt8Interpreted:
         out = int8_weight_mm_triton(torch.eye(k, dtype=dtype), w, scale, INTERPRETER_CONFIG)
         torch.testing.assert_close(out.T, (w.float() * scale[:, None]).to(dtype), rtol=0, atol=0)
 
-    @pytest.mark.parametrize("split_k", [2, 3])
-    def test_split_k(self, split_k):
-        # K = 200: 7 blocks of 32, the last one 8 wide, shared by 2 or 3 programs per tile.
-        for dtype in (torch.float32, torch.bfloat16):
-            run_int8(5, 40, 200, {**INTERPRETER_CONFIG, "BLOCK_K": 32, "SPLIT_K": split_k}, dtype)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=TYPES.get)
+    def test_bias(self, dtype):
+        # K = 200: 7 blocks of 32, the last one 8 wide; a bias in another float dtype than x's.
+        x, w, scale = make_int8_operands(5, 40, 200, dtype)
+        bias = torch.randn(40).to(torch.bfloat16 if dtype == torch.float32 else torch.float32)
+        out = int8_weight_mm_triton(x, w, scale, {**INTERPRETER_CONFIG, "BLOCK_K": 32}, bias=bias)
+        assert_matches_int8_reference(out, x, w, scale, bias)
+        # The empty sum: the bias alone.
+        out = int8_weight_mm_triton(x[:, :0], w[:, :0], scale, INTERPRETER_CONFIG, bias=bias)
+        torch.testing.assert_close(out, bias.to(dtype).expand(5, 40), rtol=0, atol=0)
 
     def test_float16_and_a_16_bit_scale(self):
         x, w, scale = make_int8_operands(3, 40, 64, torch.float16)
@@ -630,19 +673,20 @@ def test_lowbit_kernel_in_the_interpreter():
 H100_MAX_SHARED = 232448
 
 
-def compile_for_h100(bits, group_size, config, dtype, even_k=True):
+def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True):
     """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it: the
-    decode kernel for a config with SLICES, else the GEMM."""
+    decode kernel for a config with SLICES, else the GEMM; with a float32 bias unless ``has_bias=False``."""
     from triton.backends.compiler import GPUTarget
 
     kernel = lowbit_gemv_kernel if "SLICES" in config.kwargs else lowbit_mm_kernel
     # Ints equal to 1 become constants; pointers, N, K and the other strides (multiples of 16 for the usual
     # K and N) carry a divisibility hint; stride_sn (2) carries none.
-    unit_strides = ("stride_xk", "stride_pk", "stride_sc", "stride_on")
+    unit_strides = ("stride_xk", "stride_pk", "stride_sc", "stride_b", "stride_on")
     constexprs = {
         **config.kwargs,
         "BITS": bits,
         "GROUP_SIZE": group_size,
+        "HAS_BIAS": has_bias,
         "EVEN_K": even_k,
         **dict.fromkeys(unit_strides, 1),
     }
@@ -650,6 +694,7 @@ def compile_for_h100(bits, group_size, config, dtype, even_k=True):
         "x_ptr": TYPES[dtype],
         "packed_ptr": "u8",
         "scale_zeros_ptr": "fp32",
+        "bias_ptr": "fp32",
         "out_ptr": TYPES[dtype],
     }
     signature, attrs = {}, {}
@@ -711,13 +756,6 @@ def test_float32_compiles_without_tf32(bits, config):
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
-def test_int8_split_k_compiles_to_float32_atomic_adds():
-    ptx = compile_int8_for_h100(INT8_CONFIG_TIERS[16][0], torch.bfloat16, split_k=4).asm["ptx"]
-    assert re.search(r"(red|atom)\.global\S*\.add\S*\.f32", ptx), "no float32 atomic add"
-    assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
-
-
-@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
 @pytest.mark.parametrize("config", [GEMV_CONFIGS[0], CONFIG_TIERS[64][0]], ids=config_id)
 def test_float16_compiles_to_f16_mma(config):
     ptx = compile_for_h100(4, 32, _fit_block_k(config, 4, 32), torch.float16).asm["ptx"]
@@ -739,16 +777,16 @@ def test_codes_become_floats_without_conversion_instructions(bits, dtype, even_k
     assert packed_fma[dtype] in ptx
 
 
-def compile_int8_for_h100(config, dtype, k_divisible=True, split_k=1, weight_type="i8"):
+def compile_int8_for_h100(config, dtype, k_divisible=True, weight_type="i8"):
     """The int8 kernel compiled for sm_90, specialized as a launch with contiguous operands (N and K
-    multiples of 16: the usual LLM shapes; ``k_divisible=False``: a K without the hint, e.g. K = 40).
-    ``weight_type``: "i8", or a float8 weight ("fp8e4nv", "fp8e5")."""
+    multiples of 16: the usual LLM shapes; ``k_divisible=False``: a K without the hint, e.g. K = 40) and a
+    float32 bias. ``weight_type``: "i8", or a float8 weight ("fp8e4nv", "fp8e5")."""
     from triton.backends.compiler import GPUTarget
 
-    unit_strides = ("stride_xk", "stride_wk", "stride_s", "stride_on")
-    constexprs = {**config.kwargs, "SPLIT_K": split_k, **dict.fromkeys(unit_strides, 1)}
-    out_type = TYPES[dtype] if split_k == 1 else "fp32"  # split-K adds into float32
-    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": weight_type, "scale_ptr": "fp32", "out_ptr": out_type}
+    unit_strides = ("stride_xk", "stride_wk", "stride_s", "stride_b", "stride_on")
+    constexprs = {**config.kwargs, "HAS_BIAS": True, **dict.fromkeys(unit_strides, 1)}
+    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": weight_type, "scale_ptr": "fp32", "bias_ptr": "fp32"}
+    pointer_types["out_ptr"] = TYPES[dtype]
     divisible = {"N", "stride_om"} | ({"K", "stride_xm", "stride_wn"} if k_divisible else set())
     signature, attrs = {}, {}
     for i, name in enumerate(int8_weight_mm_kernel.arg_names):

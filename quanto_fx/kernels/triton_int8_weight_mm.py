@@ -19,9 +19,11 @@ from ..tensor.quantization import FLOAT8_DTYPES
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
     _bench_on_gpu_alone,
+    _check_bias_arg,
     _check_float_x,
     _config,
     _device_guard,
+    _empty_product,
     _forced_config,
     _m_bucket,
     _tier,
@@ -33,6 +35,7 @@ def int8_weight_mm_kernel(
     x_ptr,
     w_ptr,
     scale_ptr,
+    bias_ptr,
     out_ptr,
     M,
     N,
@@ -43,25 +46,25 @@ def int8_weight_mm_kernel(
     stride_wn,
     stride_wk,
     stride_s,
+    stride_b,
     stride_om,
     stride_on,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    """out = (x @ w.T) * scale[None, :] for an int8 or float8 w (N, K), float32 sums stored as out's dtype.
+    """out = (x @ w.T) * scale[None, :] (+ bias) for an int8 or float8 w (N, K), float32 sums and bias, stored
+    as out's dtype.
 
     Any M, N and K: rows past M, columns past N and the K tail load 0 and are not stored. M_BUCKET is the
     autotuner's key. tl.dot even for M = 1: only the loads feeding a tl.dot are pipelined (cp.async), and
     decode is bound by reading the weight (1 byte per element here). The weight tile is loaded in the (K, N)
-    orientation of tl.dot's second operand (no transpose in registers). SPLIT_K > 1: the program (tile, s)
-    sums the K blocks s, s + SPLIT_K, ... and adds its sums atomically into ``out``, float32 zeros; for
-    forced configs only: it gained nothing in decode on an H200, so the autotuned launch runs unsplit.
+    orientation of tl.dot's second operand (no transpose in registers). One program per output tile over all
+    of K: splitting K over programs that add their sums atomically gained nothing in decode on an H200.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -71,8 +74,7 @@ def int8_weight_mm_kernel(
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        k0 = kb * BLOCK_K
+    for k0 in range(0, K, BLOCK_K):
         k_mask = rk < K - k0
         x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         # other=0.0: a float8 weight takes no integer fill
@@ -94,12 +96,10 @@ def int8_weight_mm_kernel(
 
     scale = tl.load(scale_ptr + rn * stride_s, mask=n_mask, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
+    if HAS_BIAS:  # in float32, rounded once with the rest (no second kernel adding it afterwards)
+        acc += tl.load(bias_ptr + rn * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Tiers by M like the low-bit GEMM's (timings: bench/gpu_weight_only_sweep.py, H200). An int8 weight is 2x an
@@ -130,7 +130,7 @@ def _prune_int8_configs(configs, named_args, **kwargs):
 
 _int8_autotuned = triton.autotune(
     configs=INT8_CONFIGS,
-    key=["M_BUCKET", "N", "K"],  # the autotuner adds the tensors' dtypes
+    key=["M_BUCKET", "N", "K", "HAS_BIAS"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune_int8_configs},
     do_bench=_bench_on_gpu_alone,
 )(int8_weight_mm_kernel)
@@ -160,45 +160,57 @@ def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Ten
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _output(x: torch.Tensor, n: int, split_k: int) -> torch.Tensor:
-    """The kernels' output: x's dtype, or float32 zeros that split-K programs add into."""
-    if split_k == 1:
-        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    return torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
-
-
 def int8_weight_mm_triton(
-    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: dict | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    config: dict | None = None,
+    *,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ (w.float() * scale[:, None]).T`` for an int8 or float8 weight ``w`` (N, K), float32 sums, as x's
-    dtype (float8 weights: on GPUs with float8 conversions, compute capability 8.9+).
+    """``x @ (w.float() * scale[:, None]).T + bias`` for an int8 or float8 weight ``w`` (N, K), float32 sums,
+    as x's dtype (float8 weights: on GPUs with float8 conversions, compute capability 8.9+).
 
     x (M, K) float16 / bfloat16 / float32; ``scale`` N float per-output-channel scales, (N,) or (N, 1), any
-    float dtype (applied in float32). Any M, N and K; operands may be strided. No bias: add it to the result.
-    Fast path: K and the row strides multiples of 16 (16-byte rows of w for cp.async); other K run correctly
-    with unpipelined byte loads (compiled for sm_90: no cp.async).
-    ``config`` runs one fixed config instead of autotuning: BLOCK_M, BLOCK_N and BLOCK_K (powers of two
-    >= 16), optionally GROUP_M, SPLIT_K, num_warps, num_stages (default 8, 1, 4, 3). On CUDA (or CPU
+    float dtype (applied in float32); ``bias`` None or N floats, added in float32 before the one rounding to
+    x's dtype. Any M, N and K; operands may be strided. Fast path: K and the row strides multiples of 16
+    (16-byte rows of w for cp.async); other K run correctly with unpipelined byte loads (compiled for sm_90:
+    no cp.async). ``config`` runs one fixed config instead of autotuning: BLOCK_M, BLOCK_N and BLOCK_K
+    (powers of two >= 16), optionally GROUP_M, num_warps, num_stages (default 8, 4, 3). On CUDA (or CPU
     tensors under TRITON_INTERPRET=1).
     """
     check_int8_weight_mm_args(x, w, scale)
-    forced = None if config is None else _forced_config(config, 16, "SPLIT_K")
+    _check_bias_arg(bias, w.shape[0], x.device)
+    forced = None if config is None else _forced_config(config, 16)
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
         )
     (m, k), n = x.shape, w.shape[0]
-    split_k = 1 if forced is None else forced[0]["SPLIT_K"] or 1
-    out = _output(x, n, split_k)
-    if m == 0 or n == 0 or k == 0:  # k == 0: the empty sum
-        return out.zero_().to(x.dtype)
-    args = (x, w, scale, out, m, n, k, _m_bucket(m), *x.stride(), *w.stride(), scale.stride(0), *out.stride())
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0 or k == 0:
+        return _empty_product(out, bias)
+    args = (
+        x,
+        w,
+        scale,
+        scale if bias is None else bias,  # without a bias any pointer fills the slot: HAS_BIAS=False
+        out,
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        *x.stride(),
+        *w.stride(),
+        scale.stride(0),
+        0 if bias is None else bias.stride(0),
+        *out.stride(),
+    )
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     with _device_guard(x):
         if forced is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-            _int8_autotuned[grid](*args, SPLIT_K=1)
+            _int8_autotuned[grid](*args, HAS_BIAS=bias is not None)
         else:
             meta, options = forced
-            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-            int8_weight_mm_kernel[grid](*args, **{**meta, "SPLIT_K": split_k}, **options)
-    return out.to(x.dtype)
+            int8_weight_mm_kernel[grid(meta)](*args, HAS_BIAS=bias is not None, **meta, **options)
+    return out

@@ -184,12 +184,12 @@ def _is_power_of_two(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def _forced_config(config: dict, min_block_k: int, option: str) -> tuple[dict, dict]:
+def _forced_config(config: dict, min_block_k: int, option: str | None = None) -> tuple[dict, dict]:
     """(block sizes, launch options) of a forced ``config`` dict, checked against the kernels' constraints.
 
-    ``option`` names the one more key a kernel takes (an int >= 1, None in the sizes when absent): SPLIT_K for
-    the int8 weight-only kernel, SLICES for the low-bit one."""
-    allowed = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", option, "num_warps", "num_stages"}
+    ``option`` names one more key a kernel takes (an int >= 1, None in the sizes when absent): SLICES for the
+    low-bit kernels."""
+    allowed = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} | {option} - {None}
     unknown = set(config) - allowed
     if unknown:
         raise ValueError(f"config has unknown keys {sorted(unknown)}")
@@ -202,12 +202,12 @@ def _forced_config(config: dict, min_block_k: int, option: str) -> tuple[dict, d
             raise ValueError(f"config {name} must be a power of two >= 16 (tl.dot's tile), got {block!r}")
     if not isinstance(block_k, int) or block_k < min_block_k or not _is_power_of_two(block_k):
         raise ValueError(f"config BLOCK_K must be a power of two >= {min_block_k}, got {block_k!r}")
-    value = config.get(option)
+    value = config.get(option) if option else None
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"config {option} must be an int >= 1, got {value!r}")
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
-    return {**meta, option: value}, options
+    return ({**meta, option: value} if option else meta), options
 
 
 def _check_float_x(x: torch.Tensor) -> None:
@@ -218,3 +218,20 @@ def _check_float_x(x: torch.Tensor) -> None:
         raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+
+
+def _check_bias_arg(bias: torch.Tensor | None, n: int, device: torch.device) -> None:
+    """A weight-only kernel's bias: None, or N floats (any float dtype, added in float32) on x's device."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be a float tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be shaped ({n},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but x is on {device}")
+
+
+def _empty_product(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out`` for K = 0 (the empty sum) or an empty M or N: zeros plus the bias."""
+    return out.zero_() if bias is None else out.copy_(bias.to(out.dtype).expand_as(out))

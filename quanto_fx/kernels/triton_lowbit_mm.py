@@ -34,9 +34,11 @@ from ..tensor.groupwise import check_packed_weight
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
     _bench_on_gpu_alone,
+    _check_bias_arg,
     _check_float_x,
     _config,
     _device_guard,
+    _empty_product,
     _forced_config,
     _is_power_of_two,
     _m_bucket,
@@ -109,6 +111,7 @@ def lowbit_mm_kernel(
     x_ptr,
     packed_ptr,
     scale_zeros_ptr,
+    bias_ptr,
     out_ptr,
     M,
     N,
@@ -121,17 +124,20 @@ def lowbit_mm_kernel(
     stride_sg,
     stride_sn,
     stride_sc,
+    stride_b,
     stride_om,
     stride_on,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """out = x @ dequantize(packed, scale_zeros).T, float32 sums stored as out's dtype: the GEMM (M > 16).
+    """out = x @ dequantize(packed, scale_zeros).T (+ bias), float32 sums and bias stored as out's dtype: the
+    GEMM (M > 16).
 
     Rows past M, columns past N and K past the end load 0 and are not stored: any M and N, and any K that
     is a multiple of GROUP_SIZE. M_BUCKET is unused here: it is the autotuner's key. EVEN_K: K is a multiple
@@ -189,6 +195,8 @@ def lowbit_mm_kernel(
             # computes float32 matmuls by default. It has no effect on 16-bit operands.
             acc = tl.dot(xs[j], _dequantize(byte, j, scale, zero, BITS), acc, input_precision="ieee")
 
+    if HAS_BIAS:  # in float32, rounded once with the rest (no second kernel adding it afterwards)
+        acc += tl.load(bias_ptr + rn * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -198,6 +206,7 @@ def lowbit_gemv_kernel(
     x_ptr,
     packed_ptr,
     scale_zeros_ptr,
+    bias_ptr,
     out_ptr,
     M,
     N,
@@ -210,10 +219,12 @@ def lowbit_gemv_kernel(
     stride_sg,
     stride_sn,
     stride_sc,
+    stride_b,
     stride_om,
     stride_on,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -275,8 +286,10 @@ def lowbit_gemv_kernel(
         for j in tl.static_range(PER_BYTE):
             acc = tl.dot(xs[j], _dequantize(byte, j, scale, zero, BITS), acc, input_precision="ieee")
 
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -363,14 +376,14 @@ _gemv_with_even_k = triton.heuristics(
 
 _autotuned = triton.autotune(
     configs=CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],  # the autotuner adds the tensors' dtypes
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],  # the autotuner adds the dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_bench_on_gpu_alone,
 )(_with_even_k)
 
 _gemv_autotuned = triton.autotune(
     configs=GEMV_CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune_gemv_configs},
     do_bench=_bench_on_gpu_alone,
 )(_gemv_with_even_k)
@@ -407,8 +420,11 @@ def lowbit_mm_triton(
     bits: int,
     group_size: int,
     config: dict | None = None,
+    *,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ w.T`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype.
+    """``x @ w.T + bias`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype;
+    ``bias`` None or N floats, added in float32 before the one rounding to x's dtype.
 
     M <= 16 runs the decode kernel (``lowbit_gemv_kernel``), larger M the GEMM (``lowbit_mm_kernel``), both
     autotuned. ``config`` runs one fixed config instead (tests, the interpreter, benchmarks): a dict with
@@ -418,6 +434,7 @@ def lowbit_mm_triton(
     be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
+    _check_bias_arg(bias, packed.shape[0], x.device)
     forced = None if config is None else _forced_config(config, min_block_k(bits), "SLICES")
     if forced is not None and forced[0]["SLICES"] is not None and not _is_power_of_two(forced[0]["SLICES"]):
         raise ValueError(f"config SLICES must be a power of two (tl.arange's length), got {config['SLICES']}")
@@ -427,12 +444,13 @@ def lowbit_mm_triton(
         )
     (m, k), n = x.shape, packed.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0 or k == 0:  # k == 0: the empty sum
-        return out.zero_()
+    if m == 0 or n == 0 or k == 0:
+        return _empty_product(out, bias)
     args = (
         x,
         packed,
         scale_zeros,
+        scale_zeros if bias is None else bias,  # without a bias any pointer fills the slot: HAS_BIAS=False
         out,
         m,
         n,
@@ -441,9 +459,10 @@ def lowbit_mm_triton(
         *x.stride(),
         *packed.stride(),
         *scale_zeros.stride(),
+        0 if bias is None else bias.stride(0),
         *out.stride(),
     )
-    flags = {"BITS": bits, "GROUP_SIZE": group_size}
+    flags = {"BITS": bits, "GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
     gemv_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
     gemm_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     with _device_guard(x):

@@ -68,6 +68,8 @@ def _check_x(x: torch.Tensor, in_features: int, device: torch.device) -> None:
 
 
 def _check_bias(bias: torch.Tensor | None, out_features: int, device: torch.device) -> None:
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
     if bias is not None and (bias.shape != (out_features,) or bias.device != device):
         raise ValueError(
             f"bias must be a ({out_features},) tensor on {device}, got {tuple(bias.shape)} on {bias.device}"
@@ -182,7 +184,7 @@ def int8_weight_mm_cuda(x, w, scale, bias=None):
     from .triton_int8_weight_mm import int8_weight_mm_triton
 
     _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
-    return _with_bias(int8_weight_mm_triton(x, w, scale.reshape(-1)), bias)
+    return int8_weight_mm_triton(x, w, scale.reshape(-1), bias=bias)
 
 
 def _int8_weight_mm_fake(x, w, scale, bias=None):
@@ -208,7 +210,7 @@ def float8_weight_mm_cuda(x, w, scale, bias=None):
     _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
     if torch.cuda.get_device_capability(x.device) < (8, 9):
         return per_channel_weight_mm_reference(x, w, scale, bias)
-    return _with_bias(int8_weight_mm_triton(x, w, scale.reshape(-1)), bias)
+    return int8_weight_mm_triton(x, w, scale.reshape(-1), bias=bias)
 
 
 def _float8_weight_mm_fake(x, w, scale, bias=None):
@@ -278,7 +280,7 @@ def lowbit_weight_mm_cuda(x, packed, scale_zeros, kernel, bits, group_size, bias
     from .triton_lowbit_mm import lowbit_mm_triton
 
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
-    return _with_bias(lowbit_mm_triton(x, packed, scale_zeros, bits, group_size), bias)
+    return lowbit_mm_triton(x, packed, scale_zeros, bits, group_size, bias=bias)
 
 
 def _lowbit_fake(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
