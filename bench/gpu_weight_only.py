@@ -95,9 +95,19 @@ for m, k, n in [
         per_channel_weight_mm_reference(x, f8._data, f8_scale),
         2e-2,
     )
+    # The configs the autotuners chose for int4 and int8, read before int2, float8 and the bias run theirs.
+    int4_us = gpu_us(lambda: ops.lowbit_weight_mm(*int4_args))
+    lowbit = (
+        triton_lowbit_mm._gemv_autotuned
+        if m <= triton_lowbit_mm.DECODE_MAX_M
+        else triton_lowbit_mm._autotuned
+    )
+    int4_config = lowbit.best_config
+    int8_us = gpu_us(lambda: ops.int8_weight_mm(x, w8_data, w8_scale))
+    int8_config = triton_int8_weight_mm._int8_autotuned.best_config
     times = {
         "bf16": gpu_us(lambda: F.linear(x, w)),
-        "int4 (Triton)": gpu_us(lambda: ops.lowbit_weight_mm(*int4_args)),
+        "int4 (Triton)": int4_us,
         "int4 + bias": gpu_us(lambda: ops.lowbit_weight_mm(*int4_args, bias)),
         "int4 (tinygemm)": gpu_us(lambda: tiny(x)) if tiny_ok else float("nan"),
         "int2 (Triton)": gpu_us(
@@ -105,18 +115,10 @@ for m, k, n in [
                 x, packed["qint2"]._packed, packed["qint2"]._scale_zeros, None, 2, 128
             )
         ),
-        "int8 weights": gpu_us(lambda: ops.int8_weight_mm(x, w8_data, w8_scale)),
+        "int8 weights": int8_us,
         "float8 weights": gpu_us(lambda: ops.float8_weight_mm(x, f8._data, f8_scale)),
         "float8 W8A8": gpu_us(lambda: ops.float8_mm(*f8_args)),
     }
     bf16 = times["bf16"]
     print("  " + "  ".join(f"{k} {v:.1f} us ({v / bf16:.2f}x)" for k, v in times.items()), flush=True)
-    lowbit = (
-        triton_lowbit_mm._gemv_autotuned
-        if m <= triton_lowbit_mm.DECODE_MAX_M
-        else triton_lowbit_mm._autotuned
-    )
-    print(
-        f"  configs: lowbit {lowbit.best_config}, int8 {triton_int8_weight_mm._int8_autotuned.best_config}",
-        flush=True,
-    )
+    print(f"  configs: int4 {int4_config}, int8 {int8_config}", flush=True)

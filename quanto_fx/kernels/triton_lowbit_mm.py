@@ -15,8 +15,9 @@ The packed weight format (portable: plain uint8 bytes and one float tensor, no d
 - ``K % group_size == 0``; ``group_size`` a power of two >= 16 (quanto_fx.tensor.groupwise requires the
   same). K blocks hold at least 16 bytes per weight row (tl.dot's smallest K): BLOCK_K >= 16 * per_byte.
 
-Two kernels, both correct for any M: ``lowbit_gemv_kernel`` for decode (M = 1..16, bound by reading the
-weight, which is 4 or 8 times smaller than in bfloat16) and ``lowbit_mm_kernel``, the GEMM, past it. Launch
+Two kernels, both correct for any M: ``lowbit_gemv_kernel`` for decode (M = 1..16, where reading the weight,
+4 or 8 times smaller than in bfloat16, should bound the time; on Hopper the unpacking's integer instructions
+come close: bench/RESULTS.md) and ``lowbit_mm_kernel``, the GEMM, past it. Launch
 them through ``lowbit_mm_triton``; they are plain ``@triton.jit`` functions so that tests can interpret them
 on the CPU (``TRITON_INTERPRET=1``) and compile them for an H100 without one. Offsets are int32: fine while x,
 the output and ``packed`` hold fewer than 2**31 elements each.
@@ -86,7 +87,9 @@ def _dequantize(byte, j: tl.constexpr, scale, zero, BITS: tl.constexpr):
     (SASS: 96 conversions in 487 instructions per 64 codes). A code OR-ed into the mantissa of MAGIC (whose
     mantissa's unit is 1) reads as MAGIC + code; subtracting MAGIC + MID is exact, and the rest is one fma,
     two codes an instruction for 16-bit dtypes. MAGIC + MID is a float constant: built by a bitcast it was not
-    folded (51 more instructions a loop, and shared memory).
+    folded (51 more instructions a loop, and shared memory). Scale and zero come rounded to x's dtype (as in
+    torch's int4 kernels and the reference): in bfloat16 a group's weights are all off by up to
+    (|zero| + |q - MID| * |scale|) * 2**-8, then the fma rounds once more.
     """
     DTYPE: tl.constexpr = scale.dtype
     MID: tl.constexpr = 1 << (BITS - 1)  # the code of the zero point
@@ -297,8 +300,8 @@ def lowbit_gemv_kernel(
 
 
 # The GEMM's block configs in tiers by M; the autotuner picks within the tier. _prune_configs fits BLOCK_K to
-# the group size (see _fit_block_k). Timings: bench/gpu_weight_only_sweep.py, H200, torch 2.11,
-# bench/RESULTS.md. M <= 16 takes the decode kernel (GEMV_CONFIGS) unless a config is forced.
+# the group size (see _fit_block_k). Timings: bench/RESULTS.md (H200, torch 2.11; the GPU sweep no longer
+# tries these). M <= 16 takes the decode kernel (GEMV_CONFIGS) unless a config is forced.
 CONFIG_TIERS = {
     # 16 < M <= 64: one row tile, so each weight element is unpacked once per 64 rows.
     64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
@@ -318,7 +321,7 @@ def _gemv_config(block_n: int, slices: int, num_warps: int, num_stages: int) -> 
 # The decode kernel's configs, one slice per warp (so that each warp runs its own K range), not yet timed on a
 # GPU. Narrow N tiles give more programs (K = N = 4096: 128 of 32 columns); 8 warps a program hide more
 # latency, since there are few programs per SM. Integer instructions per code (SASS, int4, bfloat16): 3.3 at
-# 32 columns, 3.1 at 64, 3.9 at 16; the split-K GEMM it replaced took 3.6 at 64 columns, plus two kernels.
+# 32 columns, 3.1 at 64, 3.7 at 16; the split-K GEMM it replaced took 3.6 at 64 columns, plus two kernels.
 GEMV_CONFIGS = [
     _gemv_config(32, 4, 4, 3),
     _gemv_config(32, 4, 4, 2),
@@ -334,8 +337,8 @@ def min_block_k(bits: int) -> int:
 
 
 def _fit_block_k(config: triton.Config, bits: int, group_size: int) -> triton.Config:
-    """``config`` with BLOCK_K cut to ``group_size`` (a K block in one group: exact codes in the tensor
-    cores), but not below ``min_block_k(bits)`` (then each weight is dequantized before the dot)."""
+    """``config`` with BLOCK_K cut to ``group_size`` (a K block in one group: one scale and zero per column),
+    but not below ``min_block_k(bits)`` (then one per byte and column)."""
     block_k = max(min(config.kwargs["BLOCK_K"], group_size), min_block_k(bits))
     if block_k == config.kwargs["BLOCK_K"]:
         return config
@@ -413,6 +416,26 @@ def check_lowbit_mm_args(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def _forced_lowbit_config(config: dict, bits: int, x_dtype: torch.dtype) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a forced config: the decode kernel's with SLICES (GROUP_M refused,
+    num_warps SLICES by default: one warp per slice), else the GEMM's."""
+    meta, options = _forced_config(config, min_block_k(bits), "SLICES")
+    slices = meta.pop("SLICES")
+    if slices is None:
+        return meta, options
+    if not _is_power_of_two(slices):
+        raise ValueError(f"config SLICES must be a power of two (tl.arange's length), got {slices}")
+    if "GROUP_M" in config:
+        raise ValueError("config GROUP_M orders the GEMM's tiles; the decode kernel (SLICES) takes none")
+    if x_dtype == torch.float32 and slices > FLOAT32_MAX_SLICES:
+        raise ValueError(
+            f"config SLICES = {slices} with float32 x needs more shared memory than an H100 has: at most "
+            f"{FLOAT32_MAX_SLICES}"
+        )
+    del meta["GROUP_M"]
+    return {**meta, "SLICES": slices}, {**options, "num_warps": config.get("num_warps", slices)}
+
+
 def lowbit_mm_triton(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -429,15 +452,14 @@ def lowbit_mm_triton(
     M <= 16 runs the decode kernel (``lowbit_gemv_kernel``), larger M the GEMM (``lowbit_mm_kernel``), both
     autotuned. ``config`` runs one fixed config instead (tests, the interpreter, benchmarks): a dict with
     BLOCK_M and BLOCK_N (powers of two >= 16), BLOCK_K (a power of two >= 16 * per_byte) and optionally
-    num_warps, num_stages (default 4, 3); with SLICES (a power of two) the decode kernel runs, any M,
-    otherwise the GEMM, with GROUP_M (default 8). Any M and N; K is a multiple of group_size. Operands may
-    be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
+    num_warps, num_stages (default 4, 3); with SLICES (a power of two; num_warps SLICES by default; for
+    float32 x at most 4) the decode kernel runs, any M, otherwise the GEMM, with GROUP_M (default 8). Any M
+    and N; K is a multiple of group_size. Operands may be strided; on CUDA (or CPU tensors under
+    TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
     _check_bias_arg(bias, packed.shape[0], x.device)
-    forced = None if config is None else _forced_config(config, min_block_k(bits), "SLICES")
-    if forced is not None and forced[0]["SLICES"] is not None and not _is_power_of_two(forced[0]["SLICES"]):
-        raise ValueError(f"config SLICES must be a power of two (tl.arange's length), got {config['SLICES']}")
+    forced = None if config is None else _forced_lowbit_config(config, bits, x.dtype)
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
@@ -472,11 +494,9 @@ def lowbit_mm_triton(
             else:
                 _autotuned[gemm_grid](*args, **flags)
         else:
-            (meta, options), slices = forced, forced[0]["SLICES"]
-            if slices is not None:
-                del meta["GROUP_M"]
+            meta, options = forced
+            if "SLICES" in meta:
                 _gemv_with_even_k[gemv_grid(meta)](*args, **flags, **meta, **options)
             else:
-                del meta["SLICES"]
                 _with_even_k[gemm_grid(meta)](*args, **flags, **meta, **options)
     return out
