@@ -575,8 +575,10 @@ class TestInterpreted:
         out = lowbit_mm_triton(x, packed, scale_zeros, 4, 64, config, bias=bias)
         torch.testing.assert_close(out, bias.to(dtype).expand(3, 40), rtol=0, atol=0)
 
-    def test_strided_operands(self):
+    @pytest.mark.parametrize("slices", [None, 2], ids=["gemm", "decode"])
+    def test_strided_operands(self, slices):
         m, n, k, bits, g = 5, 40, 128, 4, 32
+        config = INTERPRETER_CONFIG if slices is None else {**DECODE_CONFIG, "SLICES": slices}
         x, packed, scale_zeros = make_operands(m, n, k, bits, g)
         x_t = x.T.contiguous().T  # column-major x
         packed_wide = torch.zeros(n, k // 2 + 8, dtype=torch.uint8)
@@ -584,8 +586,9 @@ class TestInterpreted:
         sz_n_first = scale_zeros.transpose(0, 1).contiguous().transpose(0, 1)  # stored (N, K // g, 2)
         packed_view = packed_wide[:, 3 : 3 + k // 2]
         assert not (x_t.is_contiguous() or packed_view.is_contiguous() or sz_n_first.is_contiguous())
-        out = lowbit_mm_triton(x_t, packed_view, sz_n_first, bits, g, INTERPRETER_CONFIG)
-        assert_matches_reference(out, x, packed, scale_zeros, bits, g)
+        bias = torch.randn(2 * n)[::2]  # a strided bias too
+        out = lowbit_mm_triton(x_t, packed_view, sz_n_first, bits, g, config, bias=bias)
+        assert_matches_reference(out, x, packed, scale_zeros, bits, g, bias)
 
     def test_bfloat16_scale_zeros(self):
         x, packed, scale_zeros = make_operands(3, 40, 64, 2, 32, torch.bfloat16)
