@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Everything the GPU machine checks and times in one call (about 6 minutes): the weight-only and float8
-# GEMMs, the fused int8 GEMMs and a W8A8 linear under backend="quanto", then the CUDA cases of the kernel and
-# backend tests; with SWEEP=1 first the weight-only configs sweep (2 more minutes, for retuning the tiers).
-# Logs go to $OUT (or /tmp).
+# What the GPU machine checks and times: PARTS (default "bench tests", about 6 minutes) picks among
+#   sweep  the weight-only kernels' configs at decode shapes (about 3 minutes, for retuning GEMV_CONFIGS
+#          and the int8 tiers; SWEEP=1 adds it to the default parts),
+#   bench  the weight-only and float8 GEMMs, the fused int8 GEMMs and a W8A8 linear under backend="quanto",
+#   tests  the CUDA cases of the kernel and backend tests (up to 4 minutes: every Triton config compiles).
+# A device call may run 10 minutes: PARTS="sweep bench" then PARTS=tests fit two calls. Logs go to $OUT (or
+# /tmp).
 #
 # The GPU machine cannot install from a registry: build the wheel here first
 # (pip wheel --no-deps --no-build-isolation . -w dist) and carry dist/. Unpacked there, it brings the
@@ -14,15 +17,23 @@ site=$(mktemp -d)
 python3 -m zipfile -e dist/quanto_fx-*.whl "$site"
 export PYTHONPATH="$site"  # a script's own folder (bench/), not the repository root, leads sys.path
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+parts="${PARTS:-bench tests}"
 if [ "${SWEEP:-0}" = 1 ]; then
-    timeout 170 python3 bench/gpu_weight_only_sweep.py 2>&1 | tee "$out/gpu_weight_only_sweep.log"
+    parts="sweep $parts"
 fi
-timeout 90 python3 bench/gpu_weight_only.py 2>&1 | tee "$out/gpu_weight_only.log"
-timeout 140 python3 bench/gpu_kernels.py 2>&1 | tee "$out/gpu_kernels.log"
-# The tests from a copy: in the repository root, its quanto_fx/ (no passes/ inside) would shadow the wheel's.
-tests=$(mktemp -d)
-cp -r tests pyproject.toml "$tests"
-(cd "$tests" && timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
-    tests/test_kernels.py tests/test_kernels_triton.py tests/test_kernels_triton_lowbit.py \
-    tests/test_lowbit_weights.py tests/test_float8.py tests/test_backend.py 2>&1 | tail -n 25) \
-    | tee "$out/gpu_tests.log"
+case " $parts " in *" sweep "*)
+    timeout 200 python3 bench/gpu_weight_only_sweep.py 2>&1 | tee "$out/gpu_weight_only_sweep.log"
+esac
+case " $parts " in *" bench "*)
+    timeout 90 python3 bench/gpu_weight_only.py 2>&1 | tee "$out/gpu_weight_only.log"
+    timeout 140 python3 bench/gpu_kernels.py 2>&1 | tee "$out/gpu_kernels.log"
+esac
+case " $parts " in *" tests "*)
+    # From a copy: in the repository root, its quanto_fx/ (no passes/ inside) would shadow the wheel's.
+    tests=$(mktemp -d)
+    cp -r tests pyproject.toml "$tests"
+    (cd "$tests" && timeout 240 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
+        tests/test_kernels.py tests/test_kernels_triton.py tests/test_kernels_triton_lowbit.py \
+        tests/test_lowbit_weights.py tests/test_float8.py tests/test_backend.py 2>&1 | tail -n 25) \
+        | tee "$out/gpu_tests.log"
+esac
