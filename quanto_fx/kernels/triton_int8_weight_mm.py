@@ -9,8 +9,6 @@ Its int32 offsets need fewer than 2**31 elements in x, w and the output.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +19,7 @@ from .triton_launch import (
     _bench_on_gpu_alone,
     _check_bias_arg,
     _check_float_x,
+    _check_runs_on,
     _config,
     _device_guard,
     _empty_product,
@@ -182,10 +181,7 @@ def int8_weight_mm_triton(
     check_int8_weight_mm_args(x, w, scale)
     _check_bias_arg(bias, w.shape[0], x.device)
     forced = None if config is None else _forced_config(config, 16)
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
-        )
+    _check_runs_on(x)
     (m, k), n = x.shape, w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:

@@ -9,6 +9,7 @@ The helpers at the end serve the weight-only launchers too (``triton_lowbit_mm.p
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -237,3 +238,11 @@ def _check_bias_arg(bias: torch.Tensor | None, n: int, device: torch.device) -> 
 def _empty_product(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``out`` for K = 0 (the empty sum) or an empty M or N: zeros plus the bias."""
     return out.zero_() if bias is None else out.copy_(bias.to(out.dtype).expand_as(out))
+
+
+def _check_runs_on(x: torch.Tensor) -> None:
+    """A weight-only kernel runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1 (tests)."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
+        )

@@ -25,8 +25,6 @@ the output and ``packed`` hold fewer than 2**31 elements each.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +35,7 @@ from .triton_launch import (
     _bench_on_gpu_alone,
     _check_bias_arg,
     _check_float_x,
+    _check_runs_on,
     _config,
     _device_guard,
     _empty_product,
@@ -460,10 +459,7 @@ def lowbit_mm_triton(
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
     _check_bias_arg(bias, packed.shape[0], x.device)
     forced = None if config is None else _forced_lowbit_config(config, bits, x.dtype)
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"the Triton kernel needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {x.device}"
-        )
+    _check_runs_on(x)
     (m, k), n = x.shape, packed.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:
