@@ -40,6 +40,7 @@ for m, k, n in [
     (16, 4096, 4096),
     (16, 4096, 11008),
     (1, 4096, 14336),
+    (1, 4096, 1024),  # few output tiles (a GQA key / value projection): the decode kernel's hardest case
     (64, 4096, 4096),
     (1024, 4096, 4096),
 ]:
