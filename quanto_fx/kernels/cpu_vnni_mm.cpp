@@ -147,15 +147,16 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
         for (int r = 0; r < RT; r++) {
             const float* sz = scales + (g * N + n0 + r) * scale_stride;
             const float s = sz[0], z = BITS == 8 ? 0.f : sz[1];
+            // The group's scale in every lane, shared by the MT rows of x (their own scales apply once, after
+            // the K loop); with GROUPS == 2, lanes 8-15 take group g + 1's.
+            typename V::F scale = V::set1(s);
+            if constexpr (GROUPS == 2) scale = _mm512_mask_blend_ps(0xFF00, scale, V::set1(sz[N * scale_stride]));
             for (int i = 0; i < MT; i++) {
                 const typename V::F dot = V::fmadd(V::to_float(sum_h[i][r]), V::set1(256.f), V::to_float(sum_l[i][r]));
-                if constexpr (GROUPS == 2) {  // lanes 0-7: group g, 8-15: group g + 1
+                acc[i][r] = V::fmadd(dot, scale, acc[i][r]);
+                if constexpr (GROUPS == 2) {
                     const float* next = sz + N * scale_stride;  // group g + 1's (scale, zero)
-                    const __m512 both = _mm512_mask_blend_ps(0xFF00, V::set1(s), V::set1(next[0]));
-                    acc[i][r] = V::fmadd(dot, _mm512_mul_ps(both, V::set1(sx[m0 + i])), acc[i][r]);
                     zero_acc[i][r] += (next[1] - mid * next[0]) * xsum[(m0 + i) * G + g + 1];
-                } else {
-                    acc[i][r] = V::fmadd(dot, V::set1(s * sx[m0 + i]), acc[i][r]);
                 }
                 zero_acc[i][r] += (z - mid * s) * xsum[(m0 + i) * G + g];
             }
@@ -166,13 +167,17 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
         // store-to-load forwarding: the hottest instruction in a profile of the int8 GEMV at K = 384).
         const auto term = [&](int o) { return zero_acc[o / RT][o % RT] + (bias ? bias[n0 + o % RT] : 0.f); };
         const __m256 terms = _mm256_setr_ps(term(0), term(1), term(2), term(3), term(4), term(5), term(6), term(7));
+        const __m256 x_scales = MT == 1 ? _mm256_set1_ps(sx[m0])
+                                        : _mm256_setr_ps(sx[m0], sx[m0], sx[m0], sx[m0], sx[m0 + MT - 1],
+                                                         sx[m0 + MT - 1], sx[m0 + MT - 1], sx[m0 + MT - 1]);
         alignas(32) float sums[MT][RT];
-        _mm256_store_ps(&sums[0][0], _mm256_add_ps(V::sum8(&acc[0][0]), terms));
+        _mm256_store_ps(&sums[0][0], _mm256_fmadd_ps(V::sum8(&acc[0][0]), x_scales, terms));
         for (int i = 0; i < MT; i++) memcpy(out + (m0 + i) * N + n0, sums[i], RT * sizeof(float));
     } else {
         for (int i = 0; i < MT; i++)
             for (int r = 0; r < RT; r++)
-                out[(m0 + i) * N + n0 + r] = V::sum(acc[i][r]) + zero_acc[i][r] + (bias ? bias[n0 + r] : 0.f);
+                out[(m0 + i) * N + n0 + r] =
+                    V::sum(acc[i][r]) * sx[m0 + i] + zero_acc[i][r] + (bias ? bias[n0 + r] : 0.f);
     }
 }
 
