@@ -425,6 +425,17 @@ def test_the_ops_refuse_scales_and_biases_on_another_device_than_the_weight():
         lowbit_weight_mm(x, packed, scale_zeros.to("meta"), None, 4, 32, bias)
 
 
+def test_the_ops_refuse_an_integer_bias():
+    # The CUDA kernels add the bias in float32 and take float ones only; every device refuses the same.
+    w, scale = _int8_weight(16, 128)
+    packed, scale_zeros = _lowbit_weight(16, 128, 4, 32)
+    x, bias = torch.randn(1, 128), torch.ones(16, dtype=torch.int32)
+    with pytest.raises(TypeError, match="bias must be a float tensor, got torch.int32"):
+        int8_weight_mm(x, w, scale, bias)
+    with pytest.raises(TypeError, match="bias must be a float tensor, got torch.int32"):
+        lowbit_weight_mm(x, packed, scale_zeros, None, 4, 32, bias)
+
+
 @pytest.mark.parametrize("default_dtype", [torch.float64, torch.float16])
 def test_the_kernels_write_float32_whatever_torch_s_default_dtype(default_dtype):
     """The output and x-scale buffers are float32 however torch.set_default_dtype was called (a float64

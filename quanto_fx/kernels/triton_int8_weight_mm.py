@@ -1,7 +1,7 @@
 """Triton kernel: weight-only int8 (and float8) linear layers, for ``quanto_fx::int8_weight_mm`` on CUDA.
 
 ``int8_weight_mm_kernel``, launched by ``int8_weight_mm_triton``, computes ``x @ (w * scale[:, None]).T`` for
-an int8 ``w`` (N, K) and N per-output-channel float scales. The design of the low-bit kernel
+an int8 ``w`` (N, K) and N per-output-channel float scales. The design of the low-bit GEMM
 (``triton_lowbit_mm.py``: tl.dot on the weight converted to x's dtype inside the K loop, tiers of configs by
 M), without packing or groups: any K, the K tail masked; the scale applies once per column after the K loop.
 Its int32 offsets need fewer than 2**31 elements in x, w and the output.

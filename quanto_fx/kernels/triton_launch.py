@@ -187,13 +187,9 @@ def _is_power_of_two(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def _forced_config(config: dict, min_block_k: int, option: str | None = None) -> tuple[dict, dict]:
-    """(block sizes, launch options) of a forced ``config`` dict, checked against the kernels' constraints.
-
-    ``option`` names one more key a kernel takes (an int >= 1, None in the sizes when absent): SLICES for the
-    low-bit kernels."""
-    allowed = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} | {option} - {None}
-    unknown = set(config) - allowed
+def _forced_config(config: dict, min_block_k: int) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a forced ``config`` dict, checked against the kernels' constraints."""
+    unknown = set(config) - {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
     if unknown:
         raise ValueError(f"config has unknown keys {sorted(unknown)}")
     missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(config)
@@ -205,12 +201,9 @@ def _forced_config(config: dict, min_block_k: int, option: str | None = None) ->
             raise ValueError(f"config {name} must be a power of two >= 16 (tl.dot's tile), got {block!r}")
     if not isinstance(block_k, int) or block_k < min_block_k or not _is_power_of_two(block_k):
         raise ValueError(f"config BLOCK_K must be a power of two >= {min_block_k}, got {block_k!r}")
-    value = config.get(option) if option else None
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"config {option} must be an int >= 1, got {value!r}")
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
-    return ({**meta, option: value} if option else meta), options
+    return meta, options
 
 
 def _check_float_x(x: torch.Tensor) -> None:

@@ -50,30 +50,18 @@ LOWBIT_BITS = (2, 4)
 
 @triton.jit
 def _split_codes(t, PER_BYTE: tl.constexpr):
-    """A tile whose last axis runs b * PER_BYTE + j (shape (..., R, BYTES_K * PER_BYTE), 2-D or 3-D) ->
-    PER_BYTE tiles (..., R, BYTES_K), the columns of code j (j = 0 first)."""
-    R: tl.constexpr = t.shape[-2]
+    """A tile (2-D, or 3-D: the decode kernel's slices) whose last axis runs b * PER_BYTE + j -> PER_BYTE
+    tiles of the same leading shape, the columns of code j (j = 0 first)."""
     BYTES_K: tl.constexpr = t.shape[-1] // PER_BYTE
-    if len(t.shape) == 3:  # (slices, R, K): the decode kernel's
-        S: tl.constexpr = t.shape[0]
-        if PER_BYTE == 2:
-            even, odd = tl.split(tl.reshape(t, (S, R, BYTES_K, 2)))
-            return even, odd, even, odd  # codes 2 and 3 unused for int4
-        else:
-            # k = b * 4 + 2 * j1 + j0: split j0 off first, then j1.
-            j0_0, j0_1 = tl.split(tl.reshape(t, (S, R, BYTES_K, 2, 2)))
-            c0, c2 = tl.split(j0_0)
-            c1, c3 = tl.split(j0_1)
-            return c0, c1, c2, c3
+    if PER_BYTE == 2:
+        even, odd = tl.split(tl.reshape(t, t.shape[:-1] + [BYTES_K, 2]))
+        return even, odd, even, odd  # codes 2 and 3 unused for int4
     else:
-        if PER_BYTE == 2:
-            even, odd = tl.split(tl.reshape(t, (R, BYTES_K, 2)))
-            return even, odd, even, odd
-        else:
-            j0_0, j0_1 = tl.split(tl.reshape(t, (R, BYTES_K, 2, 2)))
-            c0, c2 = tl.split(j0_0)
-            c1, c3 = tl.split(j0_1)
-            return c0, c1, c2, c3
+        # k = b * 4 + 2 * j1 + j0: split j0 off first, then j1.
+        j0_0, j0_1 = tl.split(tl.reshape(t, t.shape[:-1] + [BYTES_K, 2, 2]))
+        c0, c2 = tl.split(j0_0)
+        c1, c3 = tl.split(j0_1)
+        return c0, c1, c2, c3
 
 
 @triton.jit
@@ -418,12 +406,12 @@ def check_lowbit_mm_args(
 def _forced_lowbit_config(config: dict, bits: int, x_dtype: torch.dtype) -> tuple[dict, dict]:
     """(block sizes, launch options) of a forced config: the decode kernel's with SLICES (GROUP_M refused,
     num_warps SLICES by default: one warp per slice), else the GEMM's."""
-    meta, options = _forced_config(config, min_block_k(bits), "SLICES")
-    slices = meta.pop("SLICES")
-    if slices is None:
-        return meta, options
-    if not _is_power_of_two(slices):
-        raise ValueError(f"config SLICES must be a power of two (tl.arange's length), got {slices}")
+    if "SLICES" not in config:
+        return _forced_config(config, min_block_k(bits))
+    slices = config["SLICES"]
+    if not isinstance(slices, int) or isinstance(slices, bool) or not _is_power_of_two(slices):
+        raise ValueError(f"config SLICES must be a power of two >= 1 (tl.arange's length), got {slices!r}")
+    meta, options = _forced_config({k: v for k, v in config.items() if k != "SLICES"}, min_block_k(bits))
     if "GROUP_M" in config:
         raise ValueError("config GROUP_M orders the GEMM's tiles; the decode kernel (SLICES) takes none")
     if x_dtype == torch.float32 and slices > FLOAT32_MAX_SLICES:
