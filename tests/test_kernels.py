@@ -210,3 +210,30 @@ def test_imports_and_runs_without_triton():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_eager_caller_runs_the_op_through_the_dispatcher():
+    """Same results and errors as the op, and dispatch modes (below __torch_function__) still see the call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from quanto_fx.kernels.library import eager_caller
+
+    a, b, a_scale, b_scale, bias = make_operands(5, 100, 40, bias="float")
+    call = eager_caller(RESCALE)
+    expected = RESCALE(a, b, a_scale, b_scale, bias, torch.float32)
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as recording:
+        out = call(a, b, a_scale, b_scale, bias, torch.float32)
+    assert torch.equal(out, expected)
+    assert RESCALE in recording.ops
+    with pytest.raises(TypeError, match="out_dtype"):
+        call(a, b, a_scale, b_scale, bias, torch.int32)

@@ -171,6 +171,33 @@ def test_inference_runs_the_fused_kernels_with_the_training_path_results(mode, m
         torch.testing.assert_close(fused, training_path.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("wqtype", [qint8, qint4])
+def test_weight_only_inference_under_a_torch_function_mode_runs_functions_the_mode_sees(wqtype):
+    """Eager inference calls the weight-only ops past ``__torch_function__``; with a TorchFunctionMode active
+    the layer runs ``F.linear`` on the quantized weight instead, which the mode sees, with the same values."""
+    from torch.overrides import TorchFunctionMode
+
+    class Recording(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    q = QLinear.from_module(torch.nn.Linear(128, 32), weights=wqtype, activations=None)
+    q.freeze()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        fused = q(x)
+        with Recording() as recording:
+            seen = q(x)
+    assert torch.nn.functional.linear in recording.funcs
+    assert relative_error(seen, fused) < VNNI_TOLERANCE  # the fused kernels round x to 16 bits
+
+
 def test_a_pruned_qlinear_quantizes_its_pruned_weight():
     """Pruning moves the weight out of ``_parameters`` (``weight_orig`` there, ``weight`` an attribute)."""
     torch.manual_seed(0)

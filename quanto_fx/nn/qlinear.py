@@ -4,6 +4,7 @@ or dynamic int8 activations or none (weight-only)."""
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,16 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def _fused_ops():
-    """The fused GEMM ops' ``.default`` overloads (loaded on first use: the kernels package may import
-    triton). Called as overloads, not as ``torch.ops`` packets, whose overload resolution costs ~2 us."""
-    import quanto_fx.kernels
+def _fused_ops() -> types.SimpleNamespace:
+    """The fused GEMM ops as eager callers (``quanto_fx.kernels.library.eager_caller``), built on first use
+    (the kernels package may import triton). Not ``torch.ops`` packets either: their overload resolution
+    costs ~2 us a call."""
+    import quanto_fx.kernels as kernels
+    from quanto_fx.kernels.library import eager_caller
 
-    return quanto_fx.kernels
+    names = ("float8_mm", "int8_mm_rescale", "int8_mm_requantize", "int8_weight_mm", "float8_weight_mm")
+    names += ("lowbit_weight_mm",)
+    return types.SimpleNamespace(**{name: eager_caller(getattr(kernels, name)) for name in names})
 
 
 @register_qmodule(torch.nn.Linear)
@@ -82,7 +87,7 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         if self.activation_mode == "dynamic":
             x = float_value(input)
             rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
-            if self._inference(x):
+            if self._inference(x, self.tensor_attribute("weight")):
                 w = self.qweight
                 gemm = _fused_ops().float8_mm if w._data.is_floating_point() else _fused_ops().int8_mm_rescale
                 out = gemm(rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype)
@@ -90,7 +95,7 @@ class QLinear(QModuleMixin, torch.nn.Linear):
                 out = F.linear(rows, self.qweight, self.bias)  # per-row x per-column scales: float out
             return out.reshape(*x.shape[:-1], self.out_features)
         qx = self.quantize_input(input)
-        if self._inference(qx) and active_calibration() is None:
+        if self._inference(qx, self.tensor_attribute("weight")) and active_calibration() is None:
             out = self._fused_static(qx)
             if out is not None:
                 return out
@@ -99,38 +104,44 @@ class QLinear(QModuleMixin, torch.nn.Linear):
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         # Every step here counts: a small layer (384 -> 1536) at M = 1 takes ~30 us in fp32, a 128 -> 64 one
         # ~7 us. So the weight and bias are read past Module.__getattr__ (tensor_attribute), a plain tensor
-        # input skips float_value, the type checks come before the subclass attributes (w.dtype costs ~0.2 us)
-        # and 2-d x is not reshaped.
-        w, bias = self.qweight, self.tensor_attribute("bias")
+        # input skips float_value, the weight's dtype is read from its scales (w.dtype, a subclass attribute,
+        # costs ~0.25 us) and 2-d x is not reshaped.
+        w, bias = self.tensor_attribute("weight"), self.tensor_attribute("bias")
+        kind = type(w)
+        if kind is not QTensor and kind is not PackedQTensor:
+            w = self.qweight  # not frozen: quantized now
+            kind = type(w)
         if type(x) is not torch.Tensor:
             x = float_value(x)
-        kind = type(w)
-        if (kind is QTensor or kind is PackedQTensor) and self._inference(x) and x.dtype == w.dtype:
+        if (kind is QTensor or kind is PackedQTensor) and type(x) is torch.Tensor and self._inference(x, w):
             # Eager inference calls the weight-only op directly: at M = 1 the two subclass dispatches of
             # F.linear(x, PackedQTensor) (t, then mm) cost ~0.1 ms, a third of a 4096 x 4096 int4 GEMV.
-            rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-            ops = _fused_ops()
-            if kind is PackedQTensor:
-                out = ops.lowbit_weight_mm(
-                    rows, w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size, bias
-                )
-            else:
-                gemm = ops.int8_weight_mm if w._data.dtype == torch.int8 else ops.float8_weight_mm
-                out = gemm(rows, w._data, w._scale, bias)
-            return out if rows is x else out.reshape(*x.shape[:-1], self.out_features)
+            packed = kind is PackedQTensor
+            if x.dtype == (w._scale_zeros if packed else w._scale).dtype:  # the scales' dtype is w's
+                rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+                ops = _fused_ops()
+                if packed:
+                    out = ops.lowbit_weight_mm(
+                        rows, w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size, bias
+                    )
+                else:
+                    gemm = ops.int8_weight_mm if w._data.dtype == torch.int8 else ops.float8_weight_mm
+                    out = gemm(rows, w._data, w._scale, bias)
+                return out if rows is x else out.reshape(*x.shape[:-1], self.out_features)
         if w.requires_grad:  # training the float weight: the straight-through float path
             return F.linear(x, float_value(w), bias)
         # Traced (the passes fuse the chains into the same ops), or inputs the ops do not take. A
         # PackedQTensor dispatches its GEMM to lowbit_weight_mm.
         return F.linear(x, w if kind is PackedQTensor else float_value(w), bias)
 
-    def _inference(self, x: torch.Tensor) -> bool:
-        """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""
+    def _inference(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether to call the fused kernels: eager, no gradient needed, nothing watching function calls
+        (they are called past ``__torch_function__``), a dtype they take."""
         if torch.compiler.is_compiling():
             return False  # trace the QTensor chain: the backend's passes fuse it (and report it)
-        if torch.is_grad_enabled() and (x.requires_grad or self.tensor_attribute("weight").requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return False
-        return x.dtype in _FUSED_DTYPES
+        return x.dtype in _FUSED_DTYPES and not torch._C._is_torch_function_mode_enabled()
 
     def _fused_static(self, qx: QTensor) -> QTensor | None:
         """int8 GEMM + int32 bias + requantization at ``out_scale`` in one op; None if the bias overflows."""
