@@ -619,10 +619,11 @@ int e5m2_x_shift(const float* x, int64_t M, int64_t K) {
     return amax > limit ? ilogbf(amax / limit) + 1 : 0;
 }
 
-// One thread below this many multiply-adds: the conversions make float8's work per weight larger than int8's,
-// and two threads pay from smaller layers on (2-core Xeon, e4m3, one / two threads: 128 x 64 at M = 1 and 4,
-// 3.1 / 3.8 and 3.6 / 4.9 us; 128 x 128 at M = 2, 3.9 / 4.5 us; 256 x 256 at M = 1, 5.9 / 5.0 us).
-constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;  // (at 2**16 itself: 128 x 128 at M = 4, 4.6 / 5.0 us)
+// One thread below this many multiply-adds with 512 outputs or more (fewer outputs need more, see
+// threads_for_work): the conversions make float8's work per weight larger than int8's, so two threads pay
+// from smaller layers on (2-core Xeon, e4m3, one / two threads: 128 x 512 at M = 2 (2**17), 14.7 / 11.2 us;
+// 64 x 512 at M = 4, 9.1 / 7.3 us; 256 x 256 at M = 1, 5.4 / 5.6 us, at M = 2, 6.7 / 6.2 us).
+constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;
 
 }  // namespace
 
@@ -640,7 +641,7 @@ int quanto_float8_path(int format, int64_t M) { return path_for(M); }
 int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                             const float* scale, const float* bias, float* out, int threads) try {
     const Path path = path_for(M);
-    if (M * N * K < SERIAL_BELOW_WORK) threads = 1;  // waking and joining a second thread would cost more
+    threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
     // e5m2 codes reach 57344 and the float32 kernels sum x times codes before the channel scale: x that would
     // overflow those sums (where the result need not) is divided by a power of two and the channel scales
     // multiplied by it, both exactly.

@@ -531,9 +531,9 @@ int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
     return M <= max_m && (K * bits / 8 / G) % GEMV_CHUNK_BYTES == 0;
 }
 
-// One thread below this many multiply-adds (2-core Xeon, int8, one / two threads: 128 x 64 at M = 1 and 4,
-// 3.6 / 4.3 and 3.9 / 6.1 us; 256 x 128 at M = 4, 5.6 / 6.8 us; 384 x 384 at M = 1, 6.3 / 6.3 us; 256 x 256
-// at M = 4 (2**18), 7.5 / 7.6 us; 384 x 768 at M = 1, 8.9 / 7.8 us; 512 x 512 at M = 1, 7.9 / 7.3 us).
+// One thread below this many multiply-adds with 512 outputs or more (fewer outputs need more, see
+// threads_for_work; 2-core Xeon, int8, one / two threads: 128 x 64 at M = 1 and 4, 3.6 / 4.3 and 3.9 / 6.1
+// us; 384 x 384 at M = 1, 6.3 / 6.3 us; 384 x 768 at M = 1, 8.9 / 7.8 us; 512 x 512 at M = 1, 7.9 / 7.3 us).
 constexpr int64_t SERIAL_BELOW_WORK = 1 << 18;
 
 // out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
@@ -547,7 +547,7 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
                      const float* scales, int64_t G, const float* bias, float* out, int threads) try {
     const int per_byte = 8 / bits;
     const bool gemv = quanto_weight_mm_uses_gemv(bits, M, K, G);
-    if (M * N * K < SERIAL_BELOW_WORK) threads = 1;  // waking and joining a second thread would cost more
+    threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
     const int64_t plane_bytes = (M * K + 63) / 64 * 64;  // each plane on cache lines
     const auto planes = quanto_fx_cpu::aligned_workspace<int8_t>(2 * plane_bytes);  // all written: not zeroed
     std::vector<float> scale_buffer(M), sum_buffer(M * G);
