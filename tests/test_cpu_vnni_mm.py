@@ -56,7 +56,8 @@ GROUPS = [(4, 8), (4, 32), (4, 64), (4, 128), (2, 16), (2, 128), (2, 256)]
 
 
 @pytest.mark.parametrize("bits, group_size", GROUPS)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 16, 40])  # GEMM: tiles of 4 rows, the last 1 to 3 in one
+# GEMM: tiles of 4 rows, the last 1 to 3 in one; code words whole up to 16 rows, split by phase at 40
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 16, 40])
 # GEMM: 32-column blocks, then 16-column ones, the last partial (60: 12 columns, whose 24 (scale, zero) floats
 # span two vectors)
 @pytest.mark.parametrize("n", [20, 48, 60, 100])
@@ -114,6 +115,22 @@ def test_the_gemv_and_the_gemm_agree_on_the_same_rows():
     assert relative_error(gemv, gemm[:2]) < 1e-6
     gemv, gemm = cpu_vnni_mm.vnni_weight_mm(x[:6], w, scale, 8), cpu_vnni_mm.vnni_weight_mm(x, w, scale, 8)
     assert relative_error(gemv, gemm[:6]) < 1e-6
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (2, 64)])
+@pytest.mark.parametrize("m", [3, 16])
+def test_the_gemm_keeps_code_words_whole_or_split_with_the_same_sums(bits, group_size, m):
+    """Up to 16 rows of x (GEMM_WORDS_MAX_M) the packed GEMM takes each word's phases in the tile, past them
+    once per block of weight rows: the same integer sums, the same tiles of rows, the same outputs."""
+    torch.manual_seed(bits * m)
+    packed, scale_zeros = _lowbit_weight(100, 1024, bits, group_size)  # 32- and 16-column blocks
+    x = torch.randn(40, 1024)
+    whole = cpu_vnni_mm.vnni_weight_mm(x[:m], packed, scale_zeros, bits, group_size)
+    split = cpu_vnni_mm.vnni_weight_mm(x, packed, scale_zeros, bits, group_size)
+    assert not cpu_vnni_mm.uses_gemv(bits, m, 1024, group_size)
+    assert torch.equal(whole, split[:m])
+    expected = lowbit_weight_mm_reference(x[:m], packed, scale_zeros, bits)
+    assert relative_error(whole, expected) < VNNI_TOLERANCE
 
 
 def test_the_gemm_passes_over_x_in_chunks():

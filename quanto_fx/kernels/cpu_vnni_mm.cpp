@@ -325,13 +325,16 @@ INLINE void transpose_words(__m512i v[16]) {
     for (int d = 0; d < 16; d++) v[d] = t[d];
 }
 
-// Rows n0 .. n0 + 16 NR of the weight as code vectors: for 32-bit word d of the row's bytes, phase p and
-// column block c, 16 lanes of 4 codes at (d * PB + p) * NR + c; then per group and block the scale and
-// (z - mid * s) vectors of the 16 columns. Lanes past `last_lanes` of the last block (the weight's last
-// rows when N is not a multiple of 16) read nothing. The rows are read 64 bytes at a time and transposed
-// in registers: with a 16-lane gather per word (and per group's scales), the int8 GEMM on 384 x 1536 had
-// run 1.3x the fp32 GEMM's time at M = 2 (0.9x now), 0.74x at M = 8 (0.6x).
-template <int BITS, int NR>
+// Rows n0 .. n0 + 16 NR of the weight as vectors of 16 lanes, one per column: with SPLIT, for 32-bit word d of
+// the row's bytes, phase p and column block c, the word's 4 codes of that phase at (d * PB + p) * NR + c, taken
+// once for every tile of x's rows; without, the word itself at d * NR + c, its phases taken in gemm_tile
+// (stored split, a call of one tile writes PB times the weight's bytes to read them once: int4 1536 x 384 at M
+// = 3 spent 40% of its time in this function, a third of that in those stores); then per group and block the
+// scale and (z - mid * s) vectors of the 16 columns. Lanes past `last_lanes` of the last block (the weight's
+// last rows when N is not a multiple of 16) read nothing. The rows are read 64 bytes at a time and transposed
+// in registers: with a 16-lane gather per word (and per group's scales), the int8 GEMM on 384 x 1536 had run
+// 1.3x the fp32 GEMM's time at M = 2 (0.9x now), 0.74x at M = 8 (0.6x).
+template <int BITS, int NR, bool SPLIT>
 void transpose_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_t N, const float* scales, int64_t G,
                             __mmask16 last_lanes, __m512i* codes, __m512* group_scales) {
     constexpr int per_byte = 8 / BITS, mid = 1 << (BITS - 1), scale_stride = BITS == 8 ? 1 : 2;
@@ -348,9 +351,14 @@ void transpose_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_
                 v[r] = (valid >> r) & 1 ? _mm512_maskz_loadu_epi32(in_row, rows + r * row_bytes + 4 * d0)
                                         : _mm512_setzero_si512();
             transpose_words(v);
-            for (int64_t d = 0; d < count; d++)
-                for (int p = 0; p < per_byte; p++)
-                    codes[((d0 + d) * per_byte + p) * NR + c] = chunk_codes<BITS, Lanes<64>>(v[d], p);
+            for (int64_t d = 0; d < count; d++) {
+                if constexpr (SPLIT) {
+                    for (int p = 0; p < per_byte; p++)
+                        codes[((d0 + d) * per_byte + p) * NR + c] = chunk_codes<BITS, Lanes<64>>(v[d], p);
+                } else {
+                    codes[(d0 + d) * NR + c] = v[d];
+                }
+            }
         }
         // The (scale, zero) pairs of the 16 columns are 32 floats in a row: two loads and two permutes (two
         // gathers per group had been this function's hottest instructions at K = 384). int8: 16 scales.
@@ -375,7 +383,7 @@ void transpose_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_
 }
 
 // out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the transposed code vectors and x's planes (see quanto_split_x).
-template <int BITS, int MR, int NR>
+template <int BITS, int MR, int NR, bool SPLIT>
 INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l,
                       const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, const float* bias,
                       float* out, int64_t N, int64_t n0, __mmask16 last_lanes) {
@@ -390,7 +398,11 @@ INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const in
             for (int c = 0; c < NR; c++) sum_h[i][c] = sum_l[i][c] = _mm512_setzero_si512();
         for (int64_t d = g * words; d < (g + 1) * words; d++)
             for (int p = 0; p < per_byte; p++) {
-                const __m512i* step = codes + (d * per_byte + p) * NR;
+                __m512i step[NR];
+                for (int c = 0; c < NR; c++) {
+                    if constexpr (SPLIT) step[c] = codes[(d * per_byte + p) * NR + c];
+                    else step[c] = chunk_codes<BITS, Lanes<64>>(codes[d * NR + c], p);
+                }
                 for (int i = 0; i < MR; i++) {
                     const int64_t at = ((m0 + i) * per_byte + p) * row_bytes + d * 4;
                     int32_t word_h, word_l;
@@ -428,23 +440,29 @@ INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const in
 // 6 x 1 and 3 x 2 slower), the last 1 to 3 rows in one tile: row by row, the 4 accumulators of a row wait on
 // vpdpbusd's latency (int4 on 384 x 1536 at M = 3: ~1.1x the fp32 GEMM's time, against 0.67x at M = 4).
 constexpr int GEMM_ROWS = 4, GEMM_COLUMN_BLOCKS = 2;
+// Packed weights up to this M keep their transposed words whole (see transpose_code_vectors): taking the
+// phases in every tile costs more past it (x fp32 time, split / whole, 2-core Xeon: 1536 x 384 int4 at M = 3
+// 1.08-1.11 / 0.87-0.92, at 16 0.25 / 0.23, at 32 0.37-0.38 / 0.34-0.38, at 512 0.64 / 0.70; 4096 x 4096 int4
+// at M = 3 0.43 / 0.34, at 128 0.44 / 0.50). int8 weights have one phase: always split, xor-ed once.
+constexpr int64_t GEMM_WORDS_MAX_M = 16;
 
-template <int BITS, int NR>
+template <int BITS, int NR, bool SPLIT>
 void gemm_rows(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l, const float* sx,
                const float* xsum, int64_t first, int64_t last, int64_t K, int64_t G, const float* bias,
                float* out, int64_t N, int64_t n0, __mmask16 last_lanes) {
     int64_t m = first;
     for (; m + GEMM_ROWS <= last; m += GEMM_ROWS)
-        gemm_tile<BITS, GEMM_ROWS, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+        gemm_tile<BITS, GEMM_ROWS, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0,
+                                              last_lanes);
     if (last - m == 3)
-        gemm_tile<BITS, 3, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+        gemm_tile<BITS, 3, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
     if (last - m == 2)
-        gemm_tile<BITS, 2, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+        gemm_tile<BITS, 2, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
     if (last - m == 1)
-        gemm_tile<BITS, 1, NR>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+        gemm_tile<BITS, 1, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
 }
 
-template <int BITS>
+template <int BITS, bool SPLIT>
 void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
                const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
                int threads) {
@@ -452,33 +470,45 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
     const int64_t wide_blocks = N / (16 * NR), narrow_blocks = (N - wide_blocks * 16 * NR + 15) / 16;
     const __mmask16 tail_lanes = N % 16 ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
     const int64_t chunk = std::max<int64_t>(1, GEMM_X_CHUNK_BYTES / (2 * K));  // rows of x per pass
-    // Per thread: K codes (a byte each) of 16 NR weight rows, and their group scales; allocated here, where a
-    // failure can still reach the caller (std::bad_alloc, not inside the parallel region).
-    const int64_t per_thread = K / 4 * NR + G * NR * 2;
+    // Per thread: the code vectors of 16 NR weight rows (split: K codes a byte each; whole: K / PB bytes) and
+    // their group scales; allocated here, where a failure can still reach the caller (std::bad_alloc, not inside
+    // the parallel region).
+    const int64_t code_vectors = (SPLIT ? K : K / (8 / BITS)) / 4 * NR;
+    const int64_t per_thread = code_vectors + G * NR * 2;
     std::unique_ptr<Vector[]> buffers(new Vector[threads * per_thread]);
     quanto_fx_cpu::parallel_region(threads, [&] {
         Vector* own = buffers.get() + omp_get_thread_num() * per_thread;
         __m512i* codes = reinterpret_cast<__m512i*>(own);
-        __m512* group_scales = reinterpret_cast<__m512*>(own + K / 4 * NR);
+        __m512* group_scales = reinterpret_cast<__m512*>(own + code_vectors);
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
 #pragma omp for schedule(static) nowait
             for (int64_t b = 0; b < wide_blocks + narrow_blocks; b++) {
                 if (b < wide_blocks) {
                     const int64_t n0 = b * 16 * NR;
-                    transpose_code_vectors<BITS, NR>(weight, n0, K, N, scales, G, 0xFFFF, codes, group_scales);
-                    gemm_rows<BITS, NR>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
-                                        n0, 0xFFFF);
+                    transpose_code_vectors<BITS, NR, SPLIT>(weight, n0, K, N, scales, G, 0xFFFF, codes, group_scales);
+                    gemm_rows<BITS, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
+                                               n0, 0xFFFF);
                 } else {
                     const int64_t n0 = wide_blocks * 16 * NR + (b - wide_blocks) * 16;
                     const __mmask16 lanes = n0 + 16 > N ? tail_lanes : (__mmask16)0xFFFF;
-                    transpose_code_vectors<BITS, 1>(weight, n0, K, N, scales, G, lanes, codes, group_scales);
-                    gemm_rows<BITS, 1>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
-                                       n0, lanes);
+                    transpose_code_vectors<BITS, 1, SPLIT>(weight, n0, K, N, scales, G, lanes, codes, group_scales);
+                    gemm_rows<BITS, 1, SPLIT>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
+                                              n0, lanes);
                 }
             }
         }
     });
+}
+
+// The GEMM of packed codes: their transposed words kept whole up to GEMM_WORDS_MAX_M rows of x, split by
+// phase past it.
+template <int BITS>
+void packed_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
+                 const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
+                 int threads) {
+    if (M > GEMM_WORDS_MAX_M) vnni_gemm<BITS, true>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    else vnni_gemm<BITS, false>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
 }
 
 }  // namespace
@@ -555,11 +585,11 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
     int8_t *h = planes.get(), *l = planes.get() + plane_bytes;
     if (quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads)) return 1;
     if (bits == 8 && gemv) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
-    if (bits == 8 && !gemv) vnni_gemm<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 8 && !gemv) vnni_gemm<8, true>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 2 && gemv) vnni_mm_any_chunk<2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
-    if (bits == 4 && !gemv) vnni_gemm<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
-    if (bits == 2 && !gemv) vnni_gemm<2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 4 && !gemv) packed_gemm<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (bits == 2 && !gemv) packed_gemm<2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     return 0;
 } catch (const std::bad_alloc&) {
     return 2;
