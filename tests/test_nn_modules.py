@@ -156,9 +156,9 @@ def test_inference_runs_the_fused_kernels_with_the_training_path_results(mode, m
     calls = []
     real = qlinear_module._fused_ops
 
-    def spy():
+    def spy(rows):
         calls.append(1)
-        return real()
+        return real(rows)
 
     monkeypatch.setattr(qlinear_module, "_fused_ops", spy)
     with torch.no_grad():
@@ -172,9 +172,10 @@ def test_inference_runs_the_fused_kernels_with_the_training_path_results(mode, m
 
 
 @pytest.mark.parametrize("wqtype", [qint8, qint4])
-def test_weight_only_inference_under_a_torch_function_mode_runs_functions_the_mode_sees(wqtype):
+def test_weight_only_inference_under_a_torch_function_mode_calls_the_op_the_mode_sees(wqtype):
     """Eager inference calls the weight-only ops past ``__torch_function__``; with a TorchFunctionMode active
-    the layer runs ``F.linear`` on the quantized weight instead, which the mode sees, with the same values."""
+    (``torch.set_default_device`` pushes one) it calls the op overload, which the mode sees: the same op and
+    outputs, not the float fallback that dequantizes the whole weight."""
     from torch.overrides import TorchFunctionMode
 
     class Recording(TorchFunctionMode):
@@ -189,13 +190,16 @@ def test_weight_only_inference_under_a_torch_function_mode_runs_functions_the_mo
     torch.manual_seed(0)
     q = QLinear.from_module(torch.nn.Linear(128, 32), weights=wqtype, activations=None)
     q.freeze()
+    op = torch.ops.quanto_fx.lowbit_weight_mm if wqtype is qint4 else torch.ops.quanto_fx.int8_weight_mm
     x = torch.randn(3, 128)
     with torch.no_grad():
         fused = q(x)
         with Recording() as recording:
             seen = q(x)
-    assert torch.nn.functional.linear in recording.funcs
-    assert relative_error(seen, fused) < VNNI_TOLERANCE  # the fused kernels round x to 16 bits
+        with torch.device("cpu"):  # a TorchFunctionMode too
+            on_device = q(x)
+    assert op.default in recording.funcs and torch.nn.functional.linear not in recording.funcs
+    assert torch.equal(seen, fused) and torch.equal(on_device, fused)
 
 
 def test_a_pruned_qlinear_quantizes_its_pruned_weight():

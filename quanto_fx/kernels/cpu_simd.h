@@ -1,6 +1,7 @@
-// Vector helpers, workspaces and OpenMP regions shared by cpu_vnni_mm.cpp and cpu_float8_mm.cpp. Inline, in a
-// header: called across the two files, sum8 had been a call through the PLT, and a call spills every live vector
-// register (the x86-64 ABI saves none of them): ~8% of the int8 GEMV's time at K = 384.
+// Vector helpers, workspaces, OpenMP regions and the thread-count rule shared by cpu_vnni_mm.cpp and
+// cpu_float8_mm.cpp. Inline, in a header: called across the two files, sum8 had been a call through the PLT,
+// and a call spills every live vector register (the x86-64 ABI saves none of them): ~8% of the int8 GEMV's
+// time at K = 384.
 #pragma once
 
 #include <immintrin.h>
@@ -53,7 +54,8 @@ INLINE __m256 sum8(const __m512* a) {
 // second thread costs more than it saves, else `threads`. A layer with fewer than 512 outputs needs
 // proportionally more work before a second thread pays (N = 64: 8x). 2-core Xeon, two threads against one:
 // int8 and int4 at 2**18 with N = 64 to 256 1.15-1.39x the time, 1536 x 384 at M = 1 0.73-0.86x; float8
-// at 2**16 to 2**18 with N = 64 or 128 1.07-1.35x, at 2**17 with N = 256 or 512 0.76-0.93x.
+// at 2**16 to 2**18 with N = 64 and 2**16 to 2**17 with N = 128 1.07-1.35x, at 2**18 with N = 128 0.85-1.00x,
+// at 2**17 with N = 256 or 512 0.76-0.93x.
 INLINE int threads_for_work(int64_t M, int64_t K, int64_t N, int64_t serial_below, int threads) {
     constexpr int64_t WIDE = 512;
     return M * K * N / WIDE * std::min(N, WIDE) < serial_below ? 1 : threads;

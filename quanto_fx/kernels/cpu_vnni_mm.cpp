@@ -291,8 +291,9 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
 // fp32 GEMM once x has many rows. Here each int32 lane is one output column: lane j of a code vector holds 4
 // codes of weight row n0 + j (one phase of a 32-bit word of its packed bytes), and x's 4 matching phase bytes
 // are broadcast to all lanes, so one vpdpbusd does 64 multiply-adds for 16 columns and the group scales
-// apply to whole vectors. The weight is transposed into that form once per block of 16 * NR rows and reused
-// by every row of x in the chunk (GEMM_X_CHUNK_BYTES of x planes stay in L2). At K = N = 4096 on a 2-core
+// apply to whole vectors. The weight is transposed once per block of 16 * NR rows (into code vectors, or
+// whole words whose phases each tile takes: see transpose_code_vectors) and reused by every row of x in the
+// chunk (GEMM_X_CHUNK_BYTES of x planes stay in L2). At K = N = 4096 on a 2-core
 // Xeon: 0.26x the fp32 GEMM's time at M = 4, 0.35x at 32, 0.5x at 128 to 512 (the dequantize-then-fp32-GEMM
 // it replaced: 0.9 to 1.2x); the GEMV stays ahead at small M (quanto_weight_mm_uses_gemv), where
 // transposing the weight costs more than it saves. int8 weights: one phase per byte, codes xor 0x80,
@@ -462,14 +463,18 @@ void gemm_rows(const __m512i* codes, const __m512* group_scales, const int8_t* h
         gemm_tile<BITS, 1, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
 }
 
+// Rows of x whose planes one pass over the weight takes (GEMM_X_CHUNK_BYTES of them).
+INLINE int64_t gemm_rows_per_pass(int64_t K) { return std::max<int64_t>(1, GEMM_X_CHUNK_BYTES / (2 * K)); }
+
 template <int BITS, bool SPLIT>
 void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
                const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
                int threads) {
+    static_assert(SPLIT || BITS != 8, "int8 codes are taken once, split");
     constexpr int NR = GEMM_COLUMN_BLOCKS;
     const int64_t wide_blocks = N / (16 * NR), narrow_blocks = (N - wide_blocks * 16 * NR + 15) / 16;
     const __mmask16 tail_lanes = N % 16 ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
-    const int64_t chunk = std::max<int64_t>(1, GEMM_X_CHUNK_BYTES / (2 * K));  // rows of x per pass
+    const int64_t chunk = gemm_rows_per_pass(K);
     // Per thread: the code vectors of 16 NR weight rows (split: K codes a byte each; whole: K / PB bytes) and
     // their group scales; allocated here, where a failure can still reach the caller (std::bad_alloc, not inside
     // the parallel region).
@@ -501,14 +506,16 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
     });
 }
 
-// The GEMM of packed codes: their transposed words kept whole up to GEMM_WORDS_MAX_M rows of x, split by
-// phase past it.
+// The GEMM of packed codes: their transposed words kept whole where a pass over the weight takes up to
+// GEMM_WORDS_MAX_M rows of x, split by phase past it.
 template <int BITS>
 void packed_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
                  const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
                  int threads) {
-    if (M > GEMM_WORDS_MAX_M) vnni_gemm<BITS, true>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
-    else vnni_gemm<BITS, false>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    if (std::min(M, gemm_rows_per_pass(K)) > GEMM_WORDS_MAX_M)
+        vnni_gemm<BITS, true>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    else
+        vnni_gemm<BITS, false>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
 }
 
 }  // namespace

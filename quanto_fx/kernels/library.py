@@ -16,7 +16,8 @@ def eager_caller(op: torch._ops.OpOverload):
     """``op`` as a callable for eager calls on plain tensors, run by the dispatcher exactly as ``op(...)`` is
     (every dispatch key: autograd, dispatch modes, the profiler), without ``torch.ops``' Python-side scan of
     the arguments for ``__torch_function__`` overrides. That scan costs ~0.3 us per non-tensor argument (an
-    isinstance check through torch.Tensor's metaclass), ~0.7 us of a 128 -> 64 int4 layer's ~7 us. Callers
-    skip it only when no TorchFunctionMode is active: such a mode would not see the call."""
+    isinstance check through torch.Tensor's metaclass), ~0.7 us of a 128 -> 64 int4 layer's ~7 us. Only for
+    plain tensors with no TorchFunctionMode active: the mode or a subclass's ``__torch_function__`` would not
+    see the call."""
     handle = torch._C._dispatch_find_schema_or_throw(op._schema.name, op._schema.overload_name)
     return functools.partial(torch._C._dispatch_call_boxed, handle)

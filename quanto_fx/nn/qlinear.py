@@ -19,17 +19,36 @@ from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmo
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_FUSED_OPS = ("float8_mm", "int8_mm_rescale", "int8_mm_requantize", "int8_weight_mm", "float8_weight_mm")
+_FUSED_OPS += ("lowbit_weight_mm",)
+
+
 @functools.cache
-def _fused_ops() -> types.SimpleNamespace:
-    """The fused GEMM ops as eager callers (``quanto_fx.kernels.library.eager_caller``), built on first use
-    (the kernels package may import triton). Not ``torch.ops`` packets either: their overload resolution
-    costs ~2 us a call."""
+def _fused_op_overloads() -> types.SimpleNamespace:
+    """The fused GEMM ops' ``.default`` overloads, loaded on first use (the kernels package may import
+    triton). Overloads, not ``torch.ops`` packets, whose overload resolution costs ~2 us a call."""
     import quanto_fx.kernels as kernels
+
+    return types.SimpleNamespace(**{name: getattr(kernels, name) for name in _FUSED_OPS})
+
+
+@functools.cache
+def _fused_eager_callers() -> types.SimpleNamespace:
+    """The same ops as ``quanto_fx.kernels.library.eager_caller``s: past ``torch.ops``' Python-side scan for
+    ``__torch_function__`` overrides (~0.3 us per int argument)."""
     from quanto_fx.kernels.library import eager_caller
 
-    names = ("float8_mm", "int8_mm_rescale", "int8_mm_requantize", "int8_weight_mm", "float8_weight_mm")
-    names += ("lowbit_weight_mm",)
-    return types.SimpleNamespace(**{name: eager_caller(getattr(kernels, name)) for name in names})
+    overloads = _fused_op_overloads()
+    return types.SimpleNamespace(**{name: eager_caller(getattr(overloads, name)) for name in _FUSED_OPS})
+
+
+def _fused_ops(rows: torch.Tensor) -> types.SimpleNamespace:
+    """The fused ops to call with ``rows`` (x or its int8 codes) and the module's own plain tensors: the eager
+    callers when ``rows`` is a plain tensor and no TorchFunctionMode is active (``torch.set_default_device``
+    pushes one), else the overloads, whose call the mode or ``rows``' ``__torch_function__`` sees."""
+    if type(rows) is torch.Tensor and not torch._C._is_torch_function_mode_enabled():
+        return _fused_eager_callers()
+    return _fused_op_overloads()
 
 
 @register_qmodule(torch.nn.Linear)
@@ -89,7 +108,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
             if self._inference(x, self.tensor_attribute("weight")):
                 w = self.qweight
-                gemm = _fused_ops().float8_mm if w._data.is_floating_point() else _fused_ops().int8_mm_rescale
+                ops = _fused_ops(rows._data)
+                gemm = ops.float8_mm if w._data.is_floating_point() else ops.int8_mm_rescale
                 out = gemm(rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype)
             else:
                 out = F.linear(rows, self.qweight, self.bias)  # per-row x per-column scales: float out
@@ -113,13 +133,13 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             kind = type(w)
         if type(x) is not torch.Tensor:
             x = float_value(x)
-        if (kind is QTensor or kind is PackedQTensor) and type(x) is torch.Tensor and self._inference(x, w):
+        if (kind is QTensor or kind is PackedQTensor) and self._inference(x, w):
             # Eager inference calls the weight-only op directly: at M = 1 the two subclass dispatches of
             # F.linear(x, PackedQTensor) (t, then mm) cost ~0.1 ms, a third of a 4096 x 4096 int4 GEMV.
             packed = kind is PackedQTensor
             if x.dtype == (w._scale_zeros if packed else w._scale).dtype:  # the scales' dtype is w's
                 rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-                ops = _fused_ops()
+                ops = _fused_ops(rows)
                 if packed:
                     out = ops.lowbit_weight_mm(
                         rows, w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size, bias
@@ -135,13 +155,12 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         return F.linear(x, w if kind is PackedQTensor else float_value(w), bias)
 
     def _inference(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether to call the fused kernels: eager, no gradient needed, nothing watching function calls
-        (they are called past ``__torch_function__``), a dtype they take."""
+        """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""
         if torch.compiler.is_compiling():
             return False  # trace the QTensor chain: the backend's passes fuse it (and report it)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return False
-        return x.dtype in _FUSED_DTYPES and not torch._C._is_torch_function_mode_enabled()
+        return x.dtype in _FUSED_DTYPES
 
     def _fused_static(self, qx: QTensor) -> QTensor | None:
         """int8 GEMM + int32 bias + requantization at ``out_scale`` in one op; None if the bias overflows."""
@@ -155,5 +174,5 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             qbias = qbias.reshape(-1)
         out_scale = self.out_scale.to(qx.dtype)
         rows = qx._data.reshape(-1, self.in_features)
-        data = _fused_ops().int8_mm_requantize(rows, w._data.t(), qx._scale, w_scale, qbias, out_scale)
+        data = _fused_ops(rows).int8_mm_requantize(rows, w._data.t(), qx._scale, w_scale, qbias, out_scale)
         return QTensor(data.reshape(*qx.shape[:-1], self.out_features), out_scale, None, _trusted=True)
