@@ -17,10 +17,9 @@ from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmo
 
 # Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-_FUSED_OPS = ("float8_mm", "int8_mm_rescale", "int8_mm_requantize", "int8_weight_mm", "float8_weight_mm")
-_FUSED_OPS += ("lowbit_weight_mm",)
+# The quanto_fx.kernels ops the eager forward calls.
+_FUSED_OPS = ("float8_mm", "int8_mm_rescale", "int8_mm_requantize")
+_FUSED_OPS += ("int8_weight_mm", "float8_weight_mm", "lowbit_weight_mm")
 
 
 @functools.cache
