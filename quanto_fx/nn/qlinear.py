@@ -105,13 +105,13 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         if self.activation_mode == "dynamic":
             x = float_value(input)
             rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
-            if self._inference(x, self.tensor_attribute("weight")):
-                w = self.qweight
+            w = self.qweight
+            if self._inference(x, w):
                 ops = _fused_ops(rows._data)
                 gemm = ops.float8_mm if w._data.is_floating_point() else ops.int8_mm_rescale
                 out = gemm(rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype)
             else:
-                out = F.linear(rows, self.qweight, self.bias)  # per-row x per-column scales: float out
+                out = F.linear(rows, w, self.bias)  # per-row x per-column scales: float out
             return out.reshape(*x.shape[:-1], self.out_features)
         qx = self.quantize_input(input)
         if self._inference(qx, self.tensor_attribute("weight")) and active_calibration() is None:
@@ -132,26 +132,29 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             kind = type(w)
         if type(x) is not torch.Tensor:
             x = float_value(x)
-        if (kind is QTensor or kind is PackedQTensor) and self._inference(x, w):
+        packed = kind is PackedQTensor
+        if (
+            (packed or kind is QTensor)
+            and self._inference(x, w)
+            and x.dtype == (w._scale_zeros if packed else w._scale).dtype  # the scales' dtype is w's
+        ):
             # Eager inference calls the weight-only op directly: at M = 1 the two subclass dispatches of
             # F.linear(x, PackedQTensor) (t, then mm) cost ~0.1 ms, a third of a 4096 x 4096 int4 GEMV.
-            packed = kind is PackedQTensor
-            if x.dtype == (w._scale_zeros if packed else w._scale).dtype:  # the scales' dtype is w's
-                rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-                ops = _fused_ops(rows)
-                if packed:
-                    out = ops.lowbit_weight_mm(
-                        rows, w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size, bias
-                    )
-                else:
-                    gemm = ops.int8_weight_mm if w._data.dtype == torch.int8 else ops.float8_weight_mm
-                    out = gemm(rows, w._data, w._scale, bias)
-                return out if rows is x else out.reshape(*x.shape[:-1], self.out_features)
+            rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            ops = _fused_ops(rows)
+            if packed:
+                out = ops.lowbit_weight_mm(
+                    rows, w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size, bias
+                )
+            else:
+                gemm = ops.int8_weight_mm if w._data.dtype == torch.int8 else ops.float8_weight_mm
+                out = gemm(rows, w._data, w._scale, bias)
+            return out if rows is x else out.reshape(*x.shape[:-1], self.out_features)
         if w.requires_grad:  # training the float weight: the straight-through float path
             return F.linear(x, float_value(w), bias)
         # Traced (the passes fuse the chains into the same ops), or inputs the ops do not take. A
         # PackedQTensor dispatches its GEMM to lowbit_weight_mm.
-        return F.linear(x, w if kind is PackedQTensor else float_value(w), bias)
+        return F.linear(x, w if packed else float_value(w), bias)
 
     def _inference(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""
