@@ -1,9 +1,11 @@
 """QTensor traces through dynamo and AOTAutograd (``__tensor_flatten__`` / ``__tensor_unflatten__``)."""
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-from quanto_fx import QTensor
+from quanto_fx import PackedQTensor, QTensor, qfloat8_e4m3fn, qint2, qint4
 
 
 def test_flatten_unflatten_roundtrip():
@@ -42,3 +44,37 @@ def test_quantize_inside_the_compiled_function_with_grads():
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(x.grad, gx)
     torch.testing.assert_close(w.grad, gw)
+
+
+def _cache_key(t):
+    return t._stable_hash_for_caching()
+
+
+def test_the_compile_cache_key_follows_structure_not_values():
+    w = torch.randn(16, 256)
+    q = QTensor.quantize(w, axis=0)
+    assert _cache_key(q) == _cache_key(QTensor.quantize(torch.randn(16, 256), axis=0))
+    assert _cache_key(q) != _cache_key(QTensor.quantize(w))  # per-tensor scale: another graph
+    assert _cache_key(q) != _cache_key(QTensor.quantize(w.t().contiguous().t(), axis=0))  # strides
+    assert _cache_key(q) != _cache_key(QTensor.quantize(w, qfloat8_e4m3fn, axis=0))
+    p = PackedQTensor.quantize(w, qint4, group_size=128)
+    assert _cache_key(p) == _cache_key(PackedQTensor.quantize(torch.randn(16, 256), qint4, group_size=128))
+    assert _cache_key(p) != _cache_key(PackedQTensor.quantize(w, qint4, group_size=64))
+    assert _cache_key(p) != _cache_key(PackedQTensor.quantize(w, qint2, group_size=128))
+
+
+def test_compiling_quantized_weights_does_not_warn_about_the_cache_key():
+    import quanto_fx
+
+    warned_once = getattr(torch._dynamo.utils, "warn_once_cache", set())
+    warned_once.difference_update({m for m in warned_once if "_stable_hash_for_caching" in m})
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    quanto_fx.quantize(model, weights=qint4, activations=None, group_size=32)
+    quanto_fx.freeze(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="quanto")
+    x = torch.randn(2, 64)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not [w for w in caught if "_stable_hash_for_caching" in str(w.message)]

@@ -6,6 +6,8 @@ their dequantized values, which is always correct, and is counted (:func:`dispat
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch.utils._pytree import tree_map
 
@@ -32,6 +34,15 @@ class QuantizedTensor(torch.Tensor):
     def nbytes_stored(self) -> int:
         """Bytes a checkpoint stores for this tensor."""
         return sum(_nbytes(getattr(self, name)) for name in self.STORED)
+
+    def _stable_hash_for_caching(self) -> str:
+        """AOTAutograd's cache key for this tensor (torch >= 2.12 asks subclasses for it, and warns once
+        per class on every compile when it is missing): what a compiled graph depends on, the class, shape,
+        metadata and the inner tensors' dtypes, shapes, strides and devices; never the values."""
+        names, meta = self.__tensor_flatten__()
+        inner = [(n, (t := getattr(self, n)).dtype, t.shape, t.stride(), t.device.type) for n in names]
+        key = repr((type(self).__qualname__, tuple(self.shape), self.requires_grad, meta, inner))
+        return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
 def _nbytes(t: torch.Tensor) -> int:
