@@ -11,7 +11,7 @@ from quanto_fx.kernels import cpu_float8_mm
 from quanto_fx.kernels.float8_mm import float8_mm, float8_mm_reference, scaled_mm_works
 from quanto_fx.tensor import fallback_counts, reset_fallback_counts
 
-from .utils import sqnr
+from .utils import assert_close_to_max, sqnr
 
 # Relative precision of the formats: e4m3 keeps 3 mantissa bits, e5m2 2 (half-ulp errors 1/16 and 1/8).
 FORMATS = [(qfloat8_e4m3fn, 1 / 16), (qfloat8_e5m2, 1 / 8)]
@@ -45,11 +45,6 @@ def float8_mm_error(dtype: torch.dtype, rows: int) -> float:
     if cpu_float8_mm.supports(1) and cpu_float8_mm.path(dtype, rows).startswith("float16"):
         return cpu_float8_mm.FLOAT16_ERROR
     return 1e-5
-
-
-def assert_close_to_max(out, expected, tolerance):
-    error = float((out.float() - expected.float()).abs().max())
-    assert error <= tolerance * float(expected.float().abs().max())
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

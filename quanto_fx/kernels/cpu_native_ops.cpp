@@ -1,5 +1,5 @@
-// CPU kernels of the weight-only ops (quanto_fx::int8_weight_mm, lowbit_weight_mm, float8_weight_mm) registered
-// with torch's dispatcher, for the calls the C++ kernels of cpu_vnni_mm.cpp / cpu_float8_mm.cpp serve as they
+// CPU kernels of the weight-only ops (quanto_fx::int8_weight_mm, lowbit_weight_mm, float8_weight_mm) and of
+// quanto_fx::int8_dynamic_mm registered with torch's dispatcher, for the calls the C++ kernels of cpu_vnni_mm.cpp / cpu_float8_mm.cpp serve as they
 // are. Built with torch's headers and loaded by cpu_vnni_mm.py; see its docstring.
 //
 // Why: the ops' Python implementations (weight_only.py) reach the same kernels, but on a small layer at M = 1
@@ -28,14 +28,16 @@
 
 extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                                 const float* scales, int64_t G, const float* bias, float* out, int threads);
+extern "C" int quanto_dynamic_int8_mm(const float* x, int64_t M, int64_t K, const int8_t* weight, int64_t N,
+                                      const float* scales, const float* bias, float* out, int threads);
 extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight,
                                        int64_t N, const float* scale, const float* bias, float* out, int threads);
 
 namespace {
 
-struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py and groupwise.py
+struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py, groupwise.py and int8_dynamic_mm.py
     int64_t int8_max_m, chunk_bytes, word_bytes, max_in_features, min_group_size;
-    int64_t float8_max_in_features;
+    int64_t float8_max_in_features, dynamic_int8_max_in_features;
 };
 Limits limits;
 std::atomic<bool> registered{false};  // published after `limits`: a kernel never reads them half-written
@@ -104,6 +106,25 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
     return python_implementation(op, {x, w, scale, bias});
 }
 
+// float32 x only: torch computes 16-bit x's scales in their own dtype, which the kernel does not emulate.
+at::Tensor int8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias) {
+    const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
+    if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 && x.scalar_type() == at::kFloat &&
+        takes_x_scale_bias(x, K, w_scale, N, bias, N) && w_scale.dim() <= 2 && x.size(0) > 0 &&
+        x.size(0) <= limits.int8_max_m && K > 0 && K <= limits.dynamic_int8_max_in_features &&
+        K % limits.chunk_bytes == 0) {
+        const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
+        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
+            return quanto_dynamic_int8_mm(xd, x.size(0), K, w_.data_ptr<int8_t>(), N, scale32.data_ptr<float>(), bd,
+                                          od, threads);
+        });
+        if (out) return *out;
+    }
+    static const c10::OperatorHandle op = handle("quanto_fx::int8_dynamic_mm");
+    return python_implementation(op, {x, w, w_scale, bias});
+}
+
 at::Tensor lowbit_weight_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zeros,
                             const std::optional<at::Tensor>& kernel_layout, int64_t bits, int64_t group_size,
                             const std::optional<at::Tensor>& bias) {
@@ -153,17 +174,19 @@ extern "C" {
 // or 1 when torch refuses the registration (e.g. a schema that no longer matches these signatures; the
 // message is in `error`, `error_size` bytes at most), the ops then keeping their Python implementations.
 int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes, int64_t max_in_features,
-                           int64_t min_group_size, int64_t float8_max_in_features, char* error,
-                           int64_t error_size) try {
+                           int64_t min_group_size, int64_t float8_max_in_features,
+                           int64_t dynamic_int8_max_in_features, char* error, int64_t error_size) try {
     static std::unique_ptr<torch::Library> library;
     if (library) return 0;
-    limits = {int8_max_m, chunk_bytes, word_bytes, max_in_features, min_group_size, float8_max_in_features};
+    limits = {int8_max_m,     chunk_bytes,        word_bytes, max_in_features, min_group_size, float8_max_in_features,
+              dynamic_int8_max_in_features};
     // Kept only once complete: a registration that fails half-way is undone as its Library is destroyed.
     auto candidate = std::make_unique<torch::Library>(torch::Library::IMPL, "quanto_fx", c10::DispatchKey::CPU,
                                                       __FILE__, __LINE__);
     candidate->impl("int8_weight_mm", &int8_weight_mm);
     candidate->impl("lowbit_weight_mm", &lowbit_weight_mm);
     candidate->impl("float8_weight_mm", &float8_weight_mm);
+    candidate->impl("int8_dynamic_mm", &int8_dynamic_mm);
     library = std::move(candidate);
     registered.store(true, std::memory_order_release);
     return 0;

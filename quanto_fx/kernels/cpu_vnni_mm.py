@@ -68,6 +68,8 @@ WORD_BYTES = 4  # the GEMM's step along K: one 32-bit word of packed codes per l
 MAX_IN_FEATURES = 1 << 19
 # torch._int_mm sums |h * w| <= 128 * 128 over all of K in int32.
 INT_MM_MAX_IN_FEATURES = 1 << 16
+# The int8_dynamic_mm kernel up to this K: its float epilogue's error grows with K (int8_dynamic_mm.py).
+DYNAMIC_INT8_MAX_IN_FEATURES = 1 << 16
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 300
 
@@ -135,6 +137,9 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, size]
     library.quanto_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_weight_mm.restype = ctypes.c_int
+    library.quanto_dynamic_int8_mm.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer]
+    library.quanto_dynamic_int8_mm.argtypes += [ctypes.c_int]
+    library.quanto_dynamic_int8_mm.restype = ctypes.c_int
     library.quanto_weight_mm_uses_gemv.argtypes = [ctypes.c_int, size, size, size]
     library.quanto_weight_mm_uses_gemv.restype = ctypes.c_int
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
@@ -155,7 +160,7 @@ def _register_native_ops(library: ctypes.CDLL) -> None:
     from . import cpu_float8_mm  # (it imports this module)
 
     limits = [INT8_VNNI_MAX_M, CHUNK_BYTES, WORD_BYTES, MAX_IN_FEATURES, MIN_GROUP_SIZE]
-    limits += [cpu_float8_mm.MAX_IN_FEATURES]
+    limits += [cpu_float8_mm.MAX_IN_FEATURES, DYNAMIC_INT8_MAX_IN_FEATURES]
     register = library.quanto_native_register
     register.argtypes = [ctypes.c_int64] * len(limits) + [ctypes.c_char_p, ctypes.c_int64]
     register.restype = ctypes.c_int
@@ -309,6 +314,31 @@ def weight_mm_prechecked(x, weight, scales, bits, group_size, bias):
         weight.shape[0],
         scales.data_ptr(),
         1 if bits == 8 else k // group_size,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return None if bad_x else out
+
+
+def dynamic_int8_mm_prechecked(x, weight, scales, bias):
+    """The ``int8_dynamic_mm`` op's CPU kernel: x (M, K) float32 quantized per row to int8 codes as
+    ``QTensor.quantize`` does, times the int8 (N, K) weight, rescaled by x's and the weight's ``N``
+    per-channel scales (any float dtype and shape), plus the bias, as float32 (M, N); None when x holds a NaN
+    or an infinity. For the op, which has checked the arguments: all on the CPU, :func:`supports` true for 8
+    bits and K."""
+    m, k = x.shape
+    x, weight, scales = x.contiguous(), weight.contiguous(), contiguous_float32(scales)
+    bias = None if bias is None else contiguous_float32(bias)
+    out = torch.empty((m, weight.shape[0]), dtype=torch.float32)
+    bad_x = _run(
+        _loaded_library().quanto_dynamic_int8_mm,
+        x.data_ptr(),
+        m,
+        k,
+        weight.data_ptr(),
+        weight.shape[0],
+        scales.data_ptr(),
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),

@@ -18,7 +18,7 @@ from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmo
 # Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The quanto_fx.kernels ops the eager forward calls.
-_FUSED_OPS = ("float8_mm", "int8_mm_rescale", "int8_mm_requantize")
+_FUSED_OPS = ("float8_mm", "int8_dynamic_mm", "int8_mm_requantize")
 _FUSED_OPS += ("int8_weight_mm", "float8_weight_mm", "lowbit_weight_mm")
 
 
@@ -103,22 +103,32 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         if self.activation_qtype is None:
             return self._weight_only(input)
         if self.activation_mode == "dynamic":
-            x = float_value(input)
-            rows = QTensor.quantize(x.reshape(-1, x.shape[-1]), self.activation_qtype, axis=0)
-            w = self.qweight
-            if self._inference(x, w):
-                ops = _fused_ops(rows._data)
-                gemm = ops.float8_mm if w._data.is_floating_point() else ops.int8_mm_rescale
-                out = gemm(rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype)
-            else:
-                out = F.linear(rows, w, self.bias)  # per-row x per-column scales: float out
-            return out.reshape(*x.shape[:-1], self.out_features)
+            return self._dynamic(input)
         qx = self.quantize_input(input)
         if self._inference(qx, self.tensor_attribute("weight")) and active_calibration() is None:
             out = self._fused_static(qx)
             if out is not None:
                 return out
         return self.quantize_output(F.linear(qx, self.qweight, self.bias))
+
+    def _dynamic(self, input: torch.Tensor) -> torch.Tensor:
+        x = float_value(input)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        w = self.qweight
+        inference = self._inference(x, w)
+        if inference and self.activation_qtype == qint8:
+            # x's quantization and the GEMM in one op: on the CPU one C++ call, where the torch ops of the
+            # steps below cost ~90 us a layer at M = 1
+            out = _fused_ops(flat).int8_dynamic_mm(flat, w._data, w._scale, self.bias)
+        elif inference:
+            rows = QTensor.quantize(flat, self.activation_qtype, axis=0)
+            out = _fused_ops(rows._data).float8_mm(
+                rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype
+            )
+        else:
+            rows = QTensor.quantize(flat, self.activation_qtype, axis=0)
+            out = F.linear(rows, w, self.bias)  # per-row x per-column scales: float out
+        return out if flat is x else out.reshape(*x.shape[:-1], self.out_features)
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         # Every step here counts: a small layer (384 -> 1536) at M = 1 takes ~30 us in fp32, a 128 -> 64 one
