@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from quanto_fx import QTensor, calibration, qint4, qint8
-from quanto_fx.kernels.int8_dynamic_mm import CPU_KERNEL_ERROR
+from quanto_fx.kernels.dynamic_mm import INT8_CPU_KERNEL_ERROR
 from quanto_fx.nn import QConv2d, QLayerNorm, QLinear, QRMSNorm, qmodule_class_for
 
 from .utils import (
@@ -170,7 +170,7 @@ def test_inference_runs_the_fused_kernels_with_the_training_path_results(mode, i
         assert torch.equal(fused._data, training_path._data)
         assert torch.equal(fused._scale, training_path._scale)
     else:
-        assert_close_to_max(fused, training_path.detach(), CPU_KERNEL_ERROR)
+        assert_close_to_max(fused, training_path.detach(), INT8_CPU_KERNEL_ERROR)
 
 
 @pytest.mark.parametrize("wqtype", [qint8, qint4])

@@ -5,8 +5,9 @@
 - ``torch.ops.quanto_fx.int8_weight_mm`` / ``float8_weight_mm`` / ``lowbit_weight_mm``: weight-only GEMMs,
   float activations times int8, float8 or packed int4 / int2 weights (``weight_only.py``).
 - ``torch.ops.quanto_fx.float8_mm``: float8 x float8 GEMM, per-row x per-column scales (``float8_mm.py``).
-- ``torch.ops.quanto_fx.int8_dynamic_mm``: float x quantized per row to int8, times an int8 weight, rescaled:
-  a dynamic W8A8 linear layer in one op (``int8_dynamic_mm.py``).
+- ``torch.ops.quanto_fx.int8_dynamic_mm`` / ``float8_dynamic_mm``: float x quantized per row to int8 /
+  float8, times an int8 / float8 weight, rescaled: a linear layer with dynamic activations in one op
+  (``dynamic_mm.py``).
 
 Each op has one schema, a pure-torch reference (``reference.py``), a fake implementation, a torch
 implementation for CPU and any other device, and on CUDA a Triton kernel with the epilogue fused into the
@@ -15,8 +16,8 @@ GEMM. The ops are opaque to inductor, which calls them as extern kernels.
 
 from importlib.util import find_spec
 
+from .dynamic_mm import float8_dynamic_mm, int8_dynamic_mm
 from .float8_mm import float8_mm
-from .int8_dynamic_mm import int8_dynamic_mm
 from .int8_mm_requantize import int8_mm_requantize
 from .int8_mm_rescale import int8_mm_rescale
 from .library import LIB
@@ -43,6 +44,7 @@ if HAS_TRITON:
     LIB.impl("float8_weight_mm", float8_weight_mm_cuda, "CUDA")
 
 __all__ = [
+    "float8_dynamic_mm",
     "float8_mm",
     "float8_weight_mm",
     "HAS_TRITON",

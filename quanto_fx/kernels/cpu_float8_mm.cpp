@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 
 #include "cpu_simd.h"
@@ -625,6 +626,48 @@ int e5m2_x_shift(const float* x, int64_t M, int64_t K) {
 // 64 x 512 at M = 4, 9.1 / 7.3 us; 256 x 256 at M = 1, 5.4 / 5.6 us, at M = 2, 6.7 / 6.2 us).
 constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;
 
+// The formats' largest finite value, mantissa bits and smallest normal exponent.
+constexpr float FORMAT_MAX[2] = {448.f, 57344.f};
+constexpr int FORMAT_MANTISSA[2] = {3, 2}, FORMAT_MIN_EXPONENT[2] = {-6, -14};
+
+// x (M, K) float32 -> its dynamic float8 quantization, dequantized, into `values`: per row scale =
+// max(max|x| / FORMAT_MAX, FLT_MIN) and each value round(clamp(x / scale)) to the format's grid (half to even,
+// subnormals included) times scale: the same IEEE operations as QTensor.quantize(x, qfloat8_*, axis=0) then
+// the reference's codes.float() * scale. Returns 1 when x holds a NaN or an infinity.
+int dequantized_float8_rows(int format, const float* x, int64_t M, int64_t K, float* values, int threads) {
+    const float qmax = FORMAT_MAX[format];
+    const int mantissa = FORMAT_MANTISSA[format], min_exponent = FORMAT_MIN_EXPONENT[format];
+    std::atomic<bool> bad{false};
+    quanto_fx_cpu::parallel_for(0, M, 1, M > 2 ? threads : 1, [&](int64_t m) {
+        const float* row = x + m * K;
+        float* out = values + m * K;
+        const float amax = quanto_fx_cpu::row_abs_max(row, K);
+        if (isnan(amax)) {
+            bad.store(true, std::memory_order_relaxed);
+            return;
+        }
+        const float s = std::max(amax / qmax, FLT_MIN);
+        const __m512 vs = _mm512_set1_ps(s), vmax = _mm512_set1_ps(qmax), vmin = _mm512_set1_ps(-qmax);
+        const __m512 lowest = _mm512_set1_ps((float)min_exponent);
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), vmin), vmax);
+            // the grid's step at v: 2**(exponent - mantissa), the exponent no lower than the smallest normal one
+            const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(v), lowest);
+            const __m512 shift = _mm512_sub_ps(_mm512_set1_ps((float)mantissa), exponent);
+            const __m512 on_grid = _mm512_roundscale_ps(_mm512_scalef_ps(v, shift), _MM_FROUND_TO_NEAREST_INT);
+            const __m512 value = _mm512_scalef_ps(on_grid, _mm512_sub_ps(_mm512_setzero_ps(), shift));
+            _mm512_storeu_ps(out + k, _mm512_mul_ps(value, vs));
+        }
+        for (; k < K; k++) {
+            const float v = std::min(std::max(row[k] / s, -qmax), qmax);
+            const int exponent = v == 0.f ? min_exponent : std::max(ilogbf(v), min_exponent);
+            out[k] = ldexpf(nearbyintf(ldexpf(v, mantissa - exponent)), exponent - mantissa) * s;
+        }
+    });
+    return bad.load();
+}
+
 }  // namespace
 
 extern "C" {
@@ -680,6 +723,19 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
     if (!gemv && format == E4M3) float8_gemm<E4M3>(x, M, K, weight, N, scale, bias, out, threads);
     if (!gemv && format == E5M2) float8_gemm<E5M2>(x, M, K, weight, N, scale, bias, out, threads);
     return 0;
+} catch (const std::bad_alloc&) {
+    return 2;
+}
+
+// QLinear's dynamic float8 forward: x (M, K) float32 quantized per row to `x_format` (see
+// dequantized_float8_rows), times W (N, K) in `w_format` as quanto_float8_weight_mm computes it. Returns 1,
+// out untouched, when x holds a NaN or an infinity; 2 when a workspace cannot be allocated.
+int quanto_float8_dynamic_mm(int x_format, int w_format, const float* x, int64_t M, int64_t K,
+                             const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
+                             int threads) try {
+    const auto values = quanto_fx_cpu::aligned_workspace<float>(M * K);
+    if (dequantized_float8_rows(x_format, x, M, K, values.get(), threads)) return 1;
+    return quanto_float8_weight_mm(w_format, values.get(), M, K, weight, N, scale, bias, out, threads);
 } catch (const std::bad_alloc&) {
     return 2;
 }

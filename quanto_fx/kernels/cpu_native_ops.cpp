@@ -1,6 +1,7 @@
 // CPU kernels of the weight-only ops (quanto_fx::int8_weight_mm, lowbit_weight_mm, float8_weight_mm) and of
-// quanto_fx::int8_dynamic_mm registered with torch's dispatcher, for the calls the C++ kernels of cpu_vnni_mm.cpp / cpu_float8_mm.cpp serve as they
-// are. Built with torch's headers and loaded by cpu_vnni_mm.py; see its docstring.
+// the dynamic-activation ones (int8_dynamic_mm, float8_dynamic_mm) registered with torch's dispatcher, for the
+// calls the C++ kernels of cpu_vnni_mm.cpp / cpu_float8_mm.cpp serve as they are. Built with torch's headers
+// and loaded by cpu_vnni_mm.py; see its docstring.
 //
 // Why: the ops' Python implementations (weight_only.py) reach the same kernels, but on a small layer at M = 1
 // (384 x 1536: ~35 us in fp32) the dispatcher's round trip into Python, the argument checks and the ctypes
@@ -32,6 +33,9 @@ extern "C" int quanto_dynamic_int8_mm(const float* x, int64_t M, int64_t K, cons
                                       const float* scales, const float* bias, float* out, int threads);
 extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight,
                                        int64_t N, const float* scale, const float* bias, float* out, int threads);
+extern "C" int quanto_float8_dynamic_mm(int x_format, int w_format, const float* x, int64_t M, int64_t K,
+                                        const uint8_t* weight, int64_t N, const float* scale, const float* bias,
+                                        float* out, int threads);
 
 namespace {
 
@@ -166,6 +170,30 @@ at::Tensor float8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::
     return python_implementation(op, {x, w, scale, bias});
 }
 
+int float8_format(at::ScalarType dtype) {  // cpu_float8_mm.FORMATS; -1: not float8
+    return dtype == at::kFloat8_e4m3fn ? 0 : dtype == at::kFloat8_e5m2 ? 1 : -1;
+}
+
+// float32 x only, as int8_dynamic_mm.
+at::Tensor float8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                             const std::optional<at::Tensor>& bias, at::ScalarType x_dtype) {
+    const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
+    const int x_format = float8_format(x_dtype), w_format = float8_format(w.scalar_type());
+    if (enabled() && w.is_cpu() && x_format >= 0 && w_format >= 0 && w.dim() == 2 && x.scalar_type() == at::kFloat &&
+        takes_x_scale_bias(x, K, w_scale, N, bias, N) && w_scale.dim() <= 2 && x.size(0) > 0 && K > 0 &&
+        K <= limits.float8_max_in_features) {
+        const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
+        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
+            return quanto_float8_dynamic_mm(x_format, w_format, xd, x.size(0), K,
+                                            static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.data_ptr<float>(),
+                                            bd, od, threads);
+        });
+        if (out) return *out;
+    }
+    static const c10::OperatorHandle op = handle("quanto_fx::float8_dynamic_mm");
+    return python_implementation(op, {x, w, w_scale, bias, x_dtype});
+}
+
 }  // namespace
 
 extern "C" {
@@ -187,6 +215,7 @@ int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word
     candidate->impl("lowbit_weight_mm", &lowbit_weight_mm);
     candidate->impl("float8_weight_mm", &float8_weight_mm);
     candidate->impl("int8_dynamic_mm", &int8_dynamic_mm);
+    candidate->impl("float8_dynamic_mm", &float8_dynamic_mm);
     library = std::move(candidate);
     registered.store(true, std::memory_order_release);
     return 0;

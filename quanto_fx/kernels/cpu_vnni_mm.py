@@ -68,7 +68,7 @@ WORD_BYTES = 4  # the GEMM's step along K: one 32-bit word of packed codes per l
 MAX_IN_FEATURES = 1 << 19
 # torch._int_mm sums |h * w| <= 128 * 128 over all of K in int32.
 INT_MM_MAX_IN_FEATURES = 1 << 16
-# The int8_dynamic_mm kernel up to this K: its float epilogue's error grows with K (int8_dynamic_mm.py).
+# The int8_dynamic_mm kernel up to this K: its float epilogue's error grows with K (dynamic_mm.py).
 DYNAMIC_INT8_MAX_IN_FEATURES = 1 << 16
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 300
@@ -147,6 +147,9 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
     library.quanto_float8_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_float8_weight_mm.restype = ctypes.c_int
+    library.quanto_float8_dynamic_mm.argtypes = [ctypes.c_int, ctypes.c_int, pointer, size, size, pointer]
+    library.quanto_float8_dynamic_mm.argtypes += [size, pointer, pointer, pointer, ctypes.c_int]
+    library.quanto_float8_dynamic_mm.restype = ctypes.c_int
     library.quanto_float8_path.argtypes = [ctypes.c_int, size]
     library.quanto_float8_path.restype = ctypes.c_int
     _register_native_ops(library)

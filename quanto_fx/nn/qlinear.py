@@ -18,7 +18,7 @@ from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmo
 # Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The quanto_fx.kernels ops the eager forward calls.
-_FUSED_OPS = ("float8_mm", "int8_dynamic_mm", "int8_mm_requantize")
+_FUSED_OPS = ("float8_dynamic_mm", "int8_dynamic_mm", "int8_mm_requantize")
 _FUSED_OPS += ("int8_weight_mm", "float8_weight_mm", "lowbit_weight_mm")
 
 
@@ -115,16 +115,14 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         x = float_value(input)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         w = self.qweight
-        inference = self._inference(x, w)
-        if inference and self.activation_qtype == qint8:
+        if self._inference(x, w):
             # x's quantization and the GEMM in one op: on the CPU one C++ call, where the torch ops of the
-            # steps below cost ~90 us a layer at M = 1
-            out = _fused_ops(flat).int8_dynamic_mm(flat, w._data, w._scale, self.bias)
-        elif inference:
-            rows = QTensor.quantize(flat, self.activation_qtype, axis=0)
-            out = _fused_ops(rows._data).float8_mm(
-                rows._data, w._data.t(), rows._scale, w._scale.t(), self.bias, x.dtype
-            )
+            # QTensor path below cost ~90 us a layer at M = 1
+            ops = _fused_ops(flat)
+            if self.activation_qtype == qint8:
+                out = ops.int8_dynamic_mm(flat, w._data, w._scale, self.bias)
+            else:
+                out = ops.float8_dynamic_mm(flat, w._data, w._scale, self.bias, self.activation_qtype.dtype)
         else:
             rows = QTensor.quantize(flat, self.activation_qtype, axis=0)
             out = F.linear(rows, w, self.bias)  # per-row x per-column scales: float out

@@ -1,0 +1,121 @@
+"""Linear layers with dynamic activations, each in one op: QLinear's dynamic forward in eager inference.
+
+- ``quanto_fx::int8_dynamic_mm(x, w, w_scale, bias)``: ``x`` (M, K) float quantized per row to int8 as
+  ``QTensor.quantize(x, qint8, axis=0)`` does (absmax scale, round half to even), times an int8 (N, K)
+  weight with per-output-channel scales in int32, rescaled to x's dtype, plus the bias.
+- ``quanto_fx::float8_dynamic_mm(x, w, w_scale, bias, x_dtype)``: the same with x quantized per row to the
+  float8 ``x_dtype`` and a float8 weight.
+
+The torch implementations (every device) are those steps: the quantization in torch ops, then
+``int8_mm_rescale`` (the Triton kernel on CUDA) or ``float8_mm``. On the CPU, for float32 x, the C++ kernels
+registered for the ops' CPU key do it all in one call where the torch steps took ~90 us at M = 1 on a
+384 x 1536 layer (2-core Xeon, bench/RESULTS.md), x quantized with the same IEEE operations:
+- int8: the VNNI int8 weight-only kernel (``cpu_vnni_mm.cpp``) on x's int8 codes, for up to
+  ``INT8_VNNI_MAX_M`` rows and ``DYNAMIC_INT8_MAX_IN_FEATURES`` inputs on weights the kernels take. The codes
+  and the integer sums are the torch path's; the float epilogue rounds differently
+  (``INT8_CPU_KERNEL_ERROR``).
+- float8: the float8 weight-only kernel (``cpu_float8_mm.cpp``) on x's dequantized float8 values, the
+  kernel ``float8_mm`` runs on the CPU too (same values, same sums).
+float16 and bfloat16 x, whose scales torch computes in their own dtype, take the torch steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..qtypes import qint8
+from ..tensor.quantization import FLOAT8_DTYPES, absmax_scale, quantize_data, value_range
+from . import cpu_float8_mm, cpu_vnni_mm
+from .checks import RESCALE_OUT_DTYPES
+from .float8_mm import float8_mm
+from .int8_mm_rescale import int8_mm_rescale
+from .library import LIB, TAGS
+
+# The int8 CPU kernel's error against the torch path, relative to the output's largest magnitude. The int32
+# sums are the same, but the kernel's weight codes are offset by 128 (vpdpbusd takes one unsigned operand),
+# and the offset's share, 128 * scale_w * (x's code sum), is removed in float32 after scaling: the error
+# grows with K and with x's mean. Measured at most 1.3e-5 at K = 4096, 3.3e-5 at 16384 and 7.8e-5 at 65536
+# (all-positive or constant x); ~1e-7 for zero-mean x. Against int8 activations' own ~1e-2.
+INT8_CPU_KERNEL_ERROR = 1e-4
+
+
+def _check_args(x, w, w_scale, bias, weight_dtypes, kind):
+    if x.ndim != 2 or x.dtype not in RESCALE_OUT_DTYPES:
+        got = f"{x.dtype} {tuple(x.shape)}"
+        raise TypeError(f"x must be a 2-d float32, float16 or bfloat16 tensor, got {got}")
+    if w.ndim != 2 or w.dtype not in weight_dtypes:
+        raise TypeError(f"w must be a 2-d {kind} (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but the weight takes {w.shape[1]}")
+    n = w.shape[0]
+    if not w_scale.is_floating_point() or w_scale.numel() != n or w_scale.ndim > 2:
+        got = f"{w_scale.dtype} {tuple(w_scale.shape)}"
+        raise ValueError(f"w_scale must hold {n} float per-channel scales, got {got}")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias must be a float ({n},) tensor, got {bias.dtype} {tuple(bias.shape)}")
+    devices = {t.device for t in (x, w, w_scale, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"x, w, w_scale and bias must be on one device, got {sorted(map(str, devices))}")
+
+
+def _quantized_rows(x, qtype_or_dtype):
+    """x's per-row codes and scales, as QTensor.quantize computes them (non-finite x raises there)."""
+    qmin, qmax, dtype = value_range(qtype_or_dtype)
+    x_scale = absmax_scale(x, qmax, axis=0)
+    return quantize_data(x, x_scale, qmin, qmax, dtype), x_scale
+
+
+def _cpu_float32(x) -> bool:
+    return x.is_cpu and x.dtype == torch.float32 and x.shape[0] > 0
+
+
+def int8_dynamic_mm_torch(x, w, w_scale, bias=None):
+    _check_args(x, w, w_scale, bias, (torch.int8,), "int8")
+    m, k = x.shape
+    kernel_takes = m <= cpu_vnni_mm.INT8_VNNI_MAX_M and k <= cpu_vnni_mm.DYNAMIC_INT8_MAX_IN_FEATURES
+    if _cpu_float32(x) and kernel_takes and cpu_vnni_mm.supports(8, k):
+        out = cpu_vnni_mm.dynamic_int8_mm_prechecked(x, w, w_scale, bias)
+        if out is not None:
+            return out
+    codes, x_scale = _quantized_rows(x, qint8)
+    return int8_mm_rescale(codes, w.t(), x_scale, w_scale.reshape(1, -1), bias, x.dtype)
+
+
+def _check_x_dtype(x_dtype):
+    if x_dtype not in FLOAT8_DTYPES:
+        raise TypeError(f"x_dtype must be a float8 dtype, got {x_dtype}")
+
+
+def float8_dynamic_mm_torch(x, w, w_scale, bias, x_dtype):
+    _check_args(x, w, w_scale, bias, FLOAT8_DTYPES, "float8")
+    _check_x_dtype(x_dtype)
+    if _cpu_float32(x) and cpu_float8_mm.supports(x.shape[1]):
+        out = cpu_float8_mm.dynamic_mm_prechecked(x, x_dtype, w, w_scale, bias)
+        if out is not None:
+            return out
+    codes, x_scale = _quantized_rows(x, x_dtype)
+    return float8_mm(codes, w.t(), x_scale, w_scale.reshape(1, -1), bias, x.dtype)
+
+
+def _int8_fake(x, w, w_scale, bias=None):
+    _check_args(x, w, w_scale, bias, (torch.int8,), "int8")
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _float8_fake(x, w, w_scale, bias, x_dtype):
+    _check_args(x, w, w_scale, bias, FLOAT8_DTYPES, "float8")
+    _check_x_dtype(x_dtype)
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+LIB.define("int8_dynamic_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None) -> Tensor", tags=TAGS)
+LIB.impl("int8_dynamic_mm", int8_dynamic_mm_torch, "CompositeExplicitAutograd")
+torch.library.register_fake("quanto_fx::int8_dynamic_mm", _int8_fake, lib=LIB)
+int8_dynamic_mm = torch.ops.quanto_fx.int8_dynamic_mm.default
+LIB.define(
+    "float8_dynamic_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, ScalarType x_dtype) -> Tensor",
+    tags=TAGS,
+)
+LIB.impl("float8_dynamic_mm", float8_dynamic_mm_torch, "CompositeExplicitAutograd")
+torch.library.register_fake("quanto_fx::float8_dynamic_mm", _float8_fake, lib=LIB)
+float8_dynamic_mm = torch.ops.quanto_fx.float8_dynamic_mm.default
