@@ -1,5 +1,6 @@
-"""Small weight-only layers called back to back on the CPU: each frozen quanto_fx format's module against the
-fp32 ``nn.Linear`` module, eager, at M = 1 to 8 rows.
+"""Small layers called back to back on the CPU: each frozen quanto_fx format's module against the fp32
+``nn.Linear`` module, eager, at M = 1 to 8 rows: the weight-only formats, and int8 / float8 e4m3fn weights with
+dynamic activations of the same format ("int8 dyn", "e4m3fn dyn").
 
     .venv/bin/python bench/small_layers.py [--repeats 15] [--layers 128,64 384,1536 ...] [--rows 1 2 3 4 6 8]
 
@@ -22,11 +23,12 @@ from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8,
 LAYERS = [(128, 64), (256, 256), (384, 384), (384, 1536), (1536, 384)]
 ROWS = [1, 2, 3, 4, 6, 8]
 FORMATS = {"int8": qint8, "int4": qint4, "int2": qint2, "e4m3fn": qfloat8_e4m3fn, "e5m2": qfloat8_e5m2}
+DYNAMIC_FORMATS = {"int8 dyn": qint8, "e4m3fn dyn": qfloat8_e4m3fn}
 
 
 def modules(in_features: int, out_features: int) -> dict:
-    """The fp32 layer and its frozen weight-only copies (int4 / int2 groups of 64 inputs where 128 does not
-    divide the features)."""
+    """The fp32 layer, its frozen weight-only copies (int4 / int2 groups of 64 inputs where 128 does not
+    divide the features) and its copies with dynamic activations."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features)
     group_size = 128 if in_features % 128 == 0 else 64
@@ -34,6 +36,9 @@ def modules(in_features: int, out_features: int) -> dict:
     for name, qtype in FORMATS.items():
         options = {"group_size": group_size} if name in ("int4", "int2") else {}
         out[name] = freeze(quantize(linear, weights=qtype, activations=None, inplace=False, **options))
+    for name, qtype in DYNAMIC_FORMATS.items():
+        dynamic = {"activations": qtype, "activation_mode": "dynamic"}
+        out[name] = freeze(quantize(linear, weights=qtype, inplace=False, **dynamic))
     return out
 
 
