@@ -734,7 +734,9 @@ int quanto_float8_dynamic_mm(int x_format, int w_format, const float* x, int64_t
                              const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
                              int threads) try {
     const auto values = quanto_fx_cpu::aligned_workspace<float>(M * K);
-    if (dequantized_float8_rows(x_format, x, M, K, values.get(), threads)) return 1;
+    // a second thread for x's rows only where the GEMM takes one too (a team costs more on small layers)
+    const int x_threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
+    if (dequantized_float8_rows(x_format, x, M, K, values.get(), x_threads)) return 1;
     return quanto_float8_weight_mm(w_format, values.get(), M, K, weight, N, scale, bias, out, threads);
 } catch (const std::bad_alloc&) {
     return 2;

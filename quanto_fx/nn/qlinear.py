@@ -112,17 +112,21 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         return self.quantize_output(F.linear(qx, self.qweight, self.bias))
 
     def _dynamic(self, input: torch.Tensor) -> torch.Tensor:
-        x = float_value(input)
+        # As in _weight_only, every step counts on a small layer: the weight and bias read past
+        # Module.__getattr__, plain-tensor x not passed through float_value, 2-d x not reshaped.
+        x = input if type(input) is torch.Tensor else float_value(input)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        w = self.qweight
+        w = self.tensor_attribute("weight")
+        if type(w) is not QTensor:
+            w = self.qweight  # not frozen: quantized now
         if self._inference(x, w):
             # x's quantization and the GEMM in one op: on the CPU one C++ call, where the torch ops of the
             # QTensor path below cost ~90 us a layer at M = 1
-            ops = _fused_ops(flat)
-            if self.activation_qtype == qint8:
-                out = ops.int8_dynamic_mm(flat, w._data, w._scale, self.bias)
+            ops, bias = _fused_ops(flat), self.tensor_attribute("bias")
+            if w._data.dtype == torch.int8:  # (int8 weights take int8 activations, float8 ones float8)
+                out = ops.int8_dynamic_mm(flat, w._data, w._scale, bias)
             else:
-                out = ops.float8_dynamic_mm(flat, w._data, w._scale, self.bias, self.activation_qtype.dtype)
+                out = ops.float8_dynamic_mm(flat, w._data, w._scale, bias, self.activation_qtype.dtype)
         else:
             rows = QTensor.quantize(flat, self.activation_qtype, axis=0)
             out = F.linear(rows, w, self.bias)  # per-row x per-column scales: float out
