@@ -10,10 +10,12 @@ The torch implementations (every device) are those steps: the quantization in to
 ``int8_mm_rescale`` (the Triton kernel on CUDA) or ``float8_mm``. On the CPU, for float32 x, the C++ kernels
 registered for the ops' CPU key do it all in one call where the torch steps took ~90 us at M = 1 on a
 384 x 1536 layer (2-core Xeon, bench/RESULTS.md), x quantized with the same IEEE operations:
-- int8: the VNNI int8 weight-only kernel (``cpu_vnni_mm.cpp``) on x's int8 codes, for up to
-  ``INT8_VNNI_MAX_M`` rows and ``DYNAMIC_INT8_MAX_IN_FEATURES`` inputs on weights the kernels take. The codes
+- int8: the VNNI int8 weight-only kernel (``cpu_vnni_mm.cpp``) on x's int8 codes, on weights the kernels
+  take of up to ``DYNAMIC_INT8_MAX_IN_FEATURES`` inputs, at any M but for weights of 4 MB or more past
+  ``INT8_VNNI_MAX_M`` rows (``cpu_vnni_mm.int8_uses_int_mm``: oneDNN's ``_int_mm`` wins there). The codes
   and the integer sums are the torch path's; the float epilogue rounds differently
-  (``INT8_CPU_KERNEL_ERROR``).
+  (``INT8_CPU_KERNEL_ERROR``). The C++ op kernel takes up to ``INT8_VNNI_MAX_M`` rows; larger calls reach
+  the kernel through this file's implementation.
 - float8: the float8 weight-only kernel (``cpu_float8_mm.cpp``) on x's dequantized float8 values, the
   kernel ``float8_mm`` runs on the CPU too (same values, same sums).
 float16 and bfloat16 x, whose scales torch computes in their own dtype, take the torch steps.
@@ -71,8 +73,9 @@ def _cpu_float32(x) -> bool:
 
 def int8_dynamic_mm_torch(x, w, w_scale, bias=None):
     _check_args(x, w, w_scale, bias, (torch.int8,), "int8")
-    m, k = x.shape
-    kernel_takes = m <= cpu_vnni_mm.INT8_VNNI_MAX_M and k <= cpu_vnni_mm.DYNAMIC_INT8_MAX_IN_FEATURES
+    (m, k), n = x.shape, w.shape[0]
+    # as int8_weight_mm: past INT8_VNNI_MAX_M rows, weights of 4 MB or more go to torch._int_mm
+    kernel_takes = k <= cpu_vnni_mm.DYNAMIC_INT8_MAX_IN_FEATURES and not cpu_vnni_mm.int8_uses_int_mm(m, k, n)
     if _cpu_float32(x) and kernel_takes and cpu_vnni_mm.supports(8, k):
         out = cpu_vnni_mm.dynamic_int8_mm_prechecked(x, w, w_scale, bias)
         if out is not None:
