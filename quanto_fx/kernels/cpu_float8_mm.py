@@ -87,47 +87,29 @@ def weight_mm_prechecked(x, w, scale, bias=None):
     """:func:`float8_weight_mm` for callers that have checked its arguments themselves, as the
     ``float8_weight_mm`` op does: x 2-d float, w float8 (N, K) with :func:`supports` true for K, ``N`` float
     scales (any shape) and an (N,) float bias or None, all on the CPU."""
+    library = cpu_vnni_mm._loaded_library()
+    return _run_on_x(library.quanto_float8_weight_mm, (FORMATS[w.dtype],), x, w, scale, bias)[1]
+
+
+def dynamic_mm_prechecked(x, x_dtype, w, scale, bias=None):
+    """The ``float8_dynamic_mm`` op's CPU kernel: x (M, K) quantized per row to the float8 ``x_dtype`` and
+    dequantized (the IEEE operations of ``QTensor.quantize``, then ``codes.float() * scale``), then
+    :func:`float8_weight_mm`'s kernel; None when x holds a NaN or an infinity. For the op, which has checked
+    the arguments: float32 x, all on the CPU, :func:`supports` true for K."""
+    library = cpu_vnni_mm._loaded_library()
+    formats = (FORMATS[x_dtype], FORMATS[w.dtype])
+    bad_x, out = _run_on_x(library.quanto_float8_dynamic_mm, formats, x, w, scale, bias)
+    return None if bad_x else out
+
+
+def _run_on_x(kernel, formats, x, w, scale, bias):
+    """``kernel(*formats, x, M, K, w, N, scale, bias, out, threads)`` on float32 contiguous copies where
+    needed; returns its status and out (M, N) float32."""
     x, w = cpu_vnni_mm.contiguous_float32(x), w.contiguous()
     scale = cpu_vnni_mm.contiguous_float32(scale)
     bias = None if bias is None else cpu_vnni_mm.contiguous_float32(bias)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)  # whatever torch's default dtype
-    cpu_vnni_mm._run(
-        cpu_vnni_mm._loaded_library().quanto_float8_weight_mm,
-        FORMATS[w.dtype],
-        x.data_ptr(),
-        x.shape[0],
-        x.shape[1],
-        w.data_ptr(),
-        w.shape[0],
-        scale.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out
-
-
-def dynamic_mm_prechecked(x, x_dtype, w, scale, bias=None):
-    """The ``float8_dynamic_mm`` op's CPU kernel: x (M, K) float32 quantized per row to the float8
-    ``x_dtype`` and dequantized (the IEEE operations of ``QTensor.quantize``, then ``codes.float() *
-    scale``), then :func:`float8_weight_mm`'s kernel; None when x holds a NaN or an infinity. For the op,
-    which has checked the arguments: all on the CPU, :func:`supports` true for K."""
-    x, w = x.contiguous(), w.contiguous()
-    scale = cpu_vnni_mm.contiguous_float32(scale)
-    bias = None if bias is None else cpu_vnni_mm.contiguous_float32(bias)
-    out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-    bad_x = cpu_vnni_mm._run(
-        cpu_vnni_mm._loaded_library().quanto_float8_dynamic_mm,
-        FORMATS[x_dtype],
-        FORMATS[w.dtype],
-        x.data_ptr(),
-        x.shape[0],
-        x.shape[1],
-        w.data_ptr(),
-        w.shape[0],
-        scale.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return None if bad_x else out
+    sizes = (x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], scale.data_ptr())
+    bias_pointer = None if bias is None else bias.data_ptr()
+    status = cpu_vnni_mm._run(kernel, *formats, *sizes, bias_pointer, out.data_ptr(), torch.get_num_threads())
+    return status, out

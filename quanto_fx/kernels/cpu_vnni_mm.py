@@ -12,8 +12,9 @@ rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight
 - ``int8_weight_int_mm`` (int8 weights of 4 MB or more, M > 128, see :func:`int8_uses_int_mm`): the two
   planes through one ``torch._int_mm``.
 
-The library also registers C++ CPU kernels for the weight-only ops with torch's dispatcher
-(``cpu_native_ops.cpp``): calls these kernels take as they are run without entering Python (a small layer's
+The library also registers C++ CPU kernels for the weight-only ops and the dynamic-activation ops of
+``dynamic_mm.py`` (``dynamic_int8_mm_prechecked``: x's int8 codes in the planes, the same kernels) with
+torch's dispatcher (``cpu_native_ops.cpp``): calls these kernels take as they are run without entering Python (a small layer's
 call at M = 1 spent ~14 us there, as much as its kernel); any other call reaches the ops' Python
 implementations, which reach the kernels through the functions here.
 
