@@ -1,6 +1,6 @@
 """Small layers called back to back on the CPU: each frozen quanto_fx format's module against the fp32
-``nn.Linear`` module, eager, at M = 1 to 8 rows: the weight-only formats, and int8 / float8 e4m3fn weights with
-dynamic activations of the same format ("int8 dyn", "e4m3fn dyn").
+``nn.Linear`` module, eager, at M = 1 to 8 rows: the weight-only formats, and int8 / float8 e4m3fn weights
+with dynamic activations of the same format ("int8 dyn", "e4m3fn dyn").
 
     .venv/bin/python bench/small_layers.py [--repeats 15] [--layers 128,64 384,1536 ...] [--rows 1 2 3 4 6 8]
 

@@ -14,9 +14,9 @@ rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight
 
 The library also registers C++ CPU kernels for the weight-only ops and the dynamic-activation ops of
 ``dynamic_mm.py`` (``dynamic_int8_mm_prechecked``: x's int8 codes in the planes, the same kernels) with
-torch's dispatcher (``cpu_native_ops.cpp``): calls these kernels take as they are run without entering Python (a small layer's
-call at M = 1 spent ~14 us there, as much as its kernel); any other call reaches the ops' Python
-implementations, which reach the kernels through the functions here.
+torch's dispatcher (``cpu_native_ops.cpp``): calls these kernels take as they are run without entering
+Python (a small layer's call at M = 1 spent ~14 us there, as much as its kernel); any other call reaches the
+ops' Python implementations, which reach the kernels through the functions here.
 
 They are used when all of these hold, else the callers fall back to aten / the float GEMM:
 - the CPU has AVX512-VNNI (``torch.cpu._is_vnni_supported``) and a C++ compiler (``$CXX``, else ``g++`` /
