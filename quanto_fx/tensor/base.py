@@ -40,7 +40,7 @@ class QuantizedTensor(torch.Tensor):
         per class on every compile when it is missing): what a compiled graph depends on, the class, shape,
         metadata and the inner tensors' dtypes, shapes, strides and devices; never the values."""
         names, meta = self.__tensor_flatten__()
-        inner = [(n, (t := getattr(self, n)).dtype, t.shape, t.stride(), t.device.type) for n in names]
+        inner = [(n, (t := getattr(self, n)).dtype, t.shape, t.stride(), str(t.device)) for n in names]
         key = repr((type(self).__qualname__, tuple(self.shape), self.requires_grad, meta, inner))
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
