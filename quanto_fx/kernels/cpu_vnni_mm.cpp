@@ -107,7 +107,7 @@ INLINE typename V::I chunk_codes(typename V::I bytes, int phase) {
 // loaded once for all RT weight rows: read again per row (as the compiler left it), the loads, not the dot
 // products, bounded the loop. GROUPS groups per pass: 2 for groups of 32 bytes in 64-byte chunks, whose
 // halves are scaled apart (int2 in groups of 128 had run in 256-bit lanes, twice the vpdpbusd).
-template <int RT, int MT, int BITS, int CHUNK, int GROUPS>
+template <int RT, int MT, int BITS, int CHUNK, int GROUPS, bool HIGH>
 INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t K,
                  const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
                  int64_t n0, int64_t m0) {
@@ -134,12 +134,13 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
                 typename V::I x_h[MT], x_l[MT];
                 for (int i = 0; i < MT; i++) {
                     const int64_t at = ((m0 + i) * per_byte + p) * row_bytes + j;
-                    x_h[i] = V::load(h + at), x_l[i] = V::load(l + at);
+                    if constexpr (HIGH) x_h[i] = V::load(h + at);
+                    x_l[i] = V::load(l + at);
                 }
                 for (int r = 0; r < RT; r++) {
                     const typename V::I codes = chunk_codes<BITS, V>(bytes[r], p);
                     for (int i = 0; i < MT; i++) {
-                        sum_h[i][r] = V::dpbusd(sum_h[i][r], codes, x_h[i]);
+                        if constexpr (HIGH) sum_h[i][r] = V::dpbusd(sum_h[i][r], codes, x_h[i]);
                         sum_l[i][r] = V::dpbusd(sum_l[i][r], codes, x_l[i]);
                     }
                 }
@@ -153,7 +154,8 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
             typename V::F scale = V::set1(s);
             if constexpr (GROUPS == 2) scale = _mm512_mask_blend_ps(0xFF00, scale, V::set1(sz[N * scale_stride]));
             for (int i = 0; i < MT; i++) {
-                const typename V::F dot = V::fmadd(V::to_float(sum_h[i][r]), V::set1(256.f), V::to_float(sum_l[i][r]));
+                const typename V::F low = V::to_float(sum_l[i][r]);
+                const typename V::F dot = HIGH ? V::fmadd(V::to_float(sum_h[i][r]), V::set1(256.f), low) : low;
                 acc[i][r] = V::fmadd(dot, scale, acc[i][r]);
                 if constexpr (GROUPS == 2) {
                     const float* next = sz + N * scale_stride;  // group g + 1's (scale, zero)
@@ -184,43 +186,46 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
 
 // Rows of x two at a time (4 x 2 tiles keep all 16 integer accumulators in registers); one row of x takes
 // 8 weight rows at once, for more independent accumulators.
-template <int RT, int BITS, int CHUNK, int GROUPS>
+template <int RT, int BITS, int CHUNK, int GROUPS, bool HIGH>
 INLINE void weight_rows(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
                         const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias,
                         float* out, int64_t n0) {
     int64_t m0 = 0;
     if (RT == 4)
         for (; m0 + 2 <= M; m0 += 2)
-            tile<RT, 2, BITS, CHUNK, GROUPS>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
-    for (; m0 < M; m0++) tile<RT, 1, BITS, CHUNK, GROUPS>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
+            tile<RT, 2, BITS, CHUNK, GROUPS, HIGH>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
+    for (; m0 < M; m0++)
+        tile<RT, 1, BITS, CHUNK, GROUPS, HIGH>(h, l, sx, xsum, K, weight, N, scales, G, bias, out, n0, m0);
 }
 
-template <int BITS, int CHUNK, int GROUPS>
+template <int BITS, int CHUNK, int GROUPS, bool HIGH>
 void vnni_mm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
              const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
              int threads) {
     const int64_t rows = M == 1 ? 8 : 4, full = N - N % rows;
     quanto_fx_cpu::parallel_for(0, full, rows, threads, [&](int64_t n0) {
         if (M == 1)
-            weight_rows<8, BITS, CHUNK, GROUPS>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
+            weight_rows<8, BITS, CHUNK, GROUPS, HIGH>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
         else
-            weight_rows<4, BITS, CHUNK, GROUPS>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
+            weight_rows<4, BITS, CHUNK, GROUPS, HIGH>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
     });
     for (int64_t n0 = full; n0 < N; n0++)
-        weight_rows<1, BITS, CHUNK, GROUPS>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
+        weight_rows<1, BITS, CHUNK, GROUPS, HIGH>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, n0);
 }
 
-template <int BITS>
+// HIGH: x has a high byte plane (16-bit codes); false for int8 codes, whose high bytes are all 0 (half the
+// vpdpbusd).
+template <int BITS, bool HIGH = true>
 void vnni_mm_any_chunk(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
                        const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias,
                        float* out, int threads) {
     const int64_t group_bytes = K * BITS / 8 / G;
     if (group_bytes % 64 == 0)
-        return vnni_mm<BITS, 64, 1>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+        return vnni_mm<BITS, 64, 1, HIGH>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if constexpr (BITS != 8)  // (int8 weights hold one group a row)
         if (group_bytes == 32 && G % 2 == 0)
-            return vnni_mm<BITS, 64, 2>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
-    vnni_mm<BITS, 32, 1>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+            return vnni_mm<BITS, 64, 2, HIGH>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+    vnni_mm<BITS, 32, 1, HIGH>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
 }
 
 // Bytes of the 16 codes k .. k + 15 of a row (k a multiple of 16) into the row's phase planes (PB, K / PB):
@@ -398,7 +403,7 @@ void transpose_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_
 }
 
 // out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the transposed code vectors and x's planes (see quanto_split_x).
-template <int BITS, int MR, int NR, bool SPLIT>
+template <int BITS, int MR, int NR, bool SPLIT, bool HIGH>
 INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l,
                       const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, const float* bias,
                       float* out, int64_t N, int64_t n0, __mmask16 last_lanes) {
@@ -420,12 +425,12 @@ INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const in
                 }
                 for (int i = 0; i < MR; i++) {
                     const int64_t at = ((m0 + i) * per_byte + p) * row_bytes + d * 4;
-                    int32_t word_h, word_l;
-                    memcpy(&word_h, h + at, 4);
+                    int32_t word_h = 0, word_l;
+                    if constexpr (HIGH) memcpy(&word_h, h + at, 4);
                     memcpy(&word_l, l + at, 4);
                     const __m512i xh = _mm512_set1_epi32(word_h), xl = _mm512_set1_epi32(word_l);
                     for (int c = 0; c < NR; c++) {
-                        sum_h[i][c] = _mm512_dpbusd_epi32(sum_h[i][c], step[c], xh);
+                        if constexpr (HIGH) sum_h[i][c] = _mm512_dpbusd_epi32(sum_h[i][c], step[c], xh);
                         sum_l[i][c] = _mm512_dpbusd_epi32(sum_l[i][c], step[c], xl);
                     }
                 }
@@ -435,8 +440,9 @@ INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const in
         for (int i = 0; i < MR; i++) {
             const __m512 x_codes_sum = _mm512_set1_ps(xsum[(m0 + i) * G + g] / sx[m0 + i]);
             for (int c = 0; c < NR; c++) {
-                const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_h[i][c]), _mm512_set1_ps(256.f),
-                                                   _mm512_cvtepi32_ps(sum_l[i][c]));
+                const __m512 low = _mm512_cvtepi32_ps(sum_l[i][c]);
+                const __m512 dot = HIGH ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_h[i][c]), _mm512_set1_ps(256.f), low)
+                                        : low;
                 acc[i][c] = _mm512_fmadd_ps(dot, group_scales[(g * NR + c) * 2], acc[i][c]);
                 acc[i][c] = _mm512_fmadd_ps(group_scales[(g * NR + c) * 2 + 1], x_codes_sum, acc[i][c]);
             }
@@ -461,26 +467,26 @@ constexpr int GEMM_ROWS = 4, GEMM_COLUMN_BLOCKS = 2;
 // at M = 3 0.43 / 0.34, at 128 0.44 / 0.50). int8 weights have one phase: always split, xor-ed once.
 constexpr int64_t GEMM_WORDS_MAX_M = 16;
 
-template <int BITS, int NR, bool SPLIT>
+template <int BITS, int NR, bool SPLIT, bool HIGH>
 void gemm_rows(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l, const float* sx,
                const float* xsum, int64_t first, int64_t last, int64_t K, int64_t G, const float* bias,
                float* out, int64_t N, int64_t n0, __mmask16 last_lanes) {
     int64_t m = first;
     for (; m + GEMM_ROWS <= last; m += GEMM_ROWS)
-        gemm_tile<BITS, GEMM_ROWS, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0,
+        gemm_tile<BITS, GEMM_ROWS, NR, SPLIT, HIGH>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0,
                                               last_lanes);
     if (last - m == 3)
-        gemm_tile<BITS, 3, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+        gemm_tile<BITS, 3, NR, SPLIT, HIGH>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
     if (last - m == 2)
-        gemm_tile<BITS, 2, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+        gemm_tile<BITS, 2, NR, SPLIT, HIGH>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
     if (last - m == 1)
-        gemm_tile<BITS, 1, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
+        gemm_tile<BITS, 1, NR, SPLIT, HIGH>(codes, group_scales, h, l, sx, xsum, m, K, G, bias, out, N, n0, last_lanes);
 }
 
 // Rows of x whose planes one pass over the weight takes (GEMM_X_CHUNK_BYTES of them).
 INLINE int64_t gemm_rows_per_pass(int64_t K) { return std::max<int64_t>(1, GEMM_X_CHUNK_BYTES / (2 * K)); }
 
-template <int BITS, bool SPLIT>
+template <int BITS, bool SPLIT, bool HIGH = true>
 void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t M, int64_t K,
                const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
                int threads) {
@@ -506,14 +512,14 @@ void vnni_gemm(const int8_t* h, const int8_t* l, const float* sx, const float* x
                 if (b < wide_blocks) {
                     const int64_t n0 = b * 16 * NR;
                     transpose_code_vectors<BITS, NR, SPLIT>(weight, n0, K, N, scales, G, 0xFFFF, codes, group_scales);
-                    gemm_rows<BITS, NR, SPLIT>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
-                                               n0, 0xFFFF);
+                    gemm_rows<BITS, NR, SPLIT, HIGH>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out,
+                                                     N, n0, 0xFFFF);
                 } else {
                     const int64_t n0 = wide_blocks * 16 * NR + (b - wide_blocks) * 16;
                     const __mmask16 lanes = n0 + 16 > N ? tail_lanes : (__mmask16)0xFFFF;
                     transpose_code_vectors<BITS, 1, SPLIT>(weight, n0, K, N, scales, G, lanes, codes, group_scales);
-                    gemm_rows<BITS, 1, SPLIT>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out, N,
-                                              n0, lanes);
+                    gemm_rows<BITS, 1, SPLIT, HIGH>(codes, group_scales, h, l, sx, xsum, first, last, K, G, bias, out,
+                                                    N, n0, lanes);
                 }
             }
         }
@@ -601,6 +607,11 @@ static int weight_mm(int bits, bool int8_codes, const float* x, int64_t M, int64
     const int bad = int8_codes ? split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads)
                                : quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads);
     if (bad) return 1;
+    if (int8_codes) {  // x's high byte plane is all 0
+        if (gemv) vnni_mm_any_chunk<8, false>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+        else vnni_gemm<8, true, false>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
+        return 0;
+    }
     if (bits == 8 && gemv) vnni_mm_any_chunk<8>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 8 && !gemv) vnni_gemm<8, true>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
     if (bits == 4 && gemv) vnni_mm_any_chunk<4>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
@@ -625,8 +636,9 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
 }
 
 // quanto_weight_mm for int8 weights with x quantized as dynamic int8 activations (per row, see split_x's
-// INT8_CODES): out = (sum_k code_x * w) * scale_x * scale_w + bias, the products exact in int32, the
-// epilogue in float32 (its rounding, not the reference's order: ~1e-6 of the output's max). The whole of
+// INT8_CODES; their high byte plane, all 0, is not multiplied): out = (sum_k code_x * w) * scale_x * scale_w
+// + bias, the products exact in int32, the epilogue in float32 (its rounding, not the reference's order: up
+// to ~1e-4 of the output's max at K = 2**16, dynamic_mm.INT8_CPU_KERNEL_ERROR). The whole of
 // QLinear's dynamic W8A8 forward in one call, where torch ops (quantize, aten._int_mm, rescale) took ~90 us
 // at M = 1 on a 384 x 1536 layer. Returns 1, out untouched, when x holds a NaN or an infinity; 2 when the
 // workspace cannot be allocated.
