@@ -186,6 +186,16 @@ def weight_only_bias_replacement(x, w, scale, bias, *, out):
     return _weight_only_op(w)(x, w, scale.reshape(-1), bias)
 
 
+# The same with the weight transposed before it is dequantized: F.linear on float8 activations (dequantized
+# by the QTensor fallback, x's float8 rounding compiled by inductor) times a float8 weight
+def weight_only_transposed_pattern(x, w, scale):
+    return torch.mm(x, w.permute(1, 0).to(torch.float32) * scale.permute(1, 0))
+
+
+def weight_only_transposed_bias_pattern(x, w, scale, bias):
+    return torch.addmm(bias, x, w.permute(1, 0).to(torch.float32) * scale.permute(1, 0))
+
+
 # -- stage "sink": relu(reshape(fused)) -> reshape(relu(fused)), so the epilogue stage sees them adjacent ----
 
 
@@ -287,6 +297,13 @@ RULES: tuple[Rule, ...] = (
     Rule("weight_only_bias", "fuse", weight_only_bias_pattern, weight_only_bias_replacement,
          lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1), _f32(_N)], guards.check_weight_only,
          "as weight_only, + bias"),
+    Rule("weight_only_transposed", "fuse", weight_only_transposed_pattern, weight_only_replacement,
+         lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1)], guards.check_weight_only,
+         "as weight_only, the weight transposed before it is dequantized (float8 activations)"),
+    Rule("weight_only_transposed_bias", "fuse", weight_only_transposed_bias_pattern,
+         weight_only_bias_replacement,
+         lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1), _f32(_N)], guards.check_weight_only,
+         "as weight_only_transposed, + bias"),
     Rule("sink_requantize_relu", "sink", sink_requantize_relu_pattern, sink_requantize_relu_replacement,
          lambda: [_i8(_M, _N)], guards.check_sink_requantize,
          "relu(reshape(requantize)) -> reshape(relu(requantize))"),
