@@ -126,6 +126,10 @@ def check_weight_only(match: Match) -> str | None:
     x, w, scale = value(match, "x"), value(match, "w"), value(match, "scale")
     if w.dtype not in (torch.int8, *FLOAT8_DTYPES) or w.ndim != 2 or x.ndim != 2:
         return f"the weight is {w.dtype} {w.ndim}-d (int8 or float8 2-d needed), the input {x.ndim}-d"
+    # The patterns' permute dims are wildcards: an identity permute of a square weight would match too.
+    for permute in _nodes(match, aten.permute.default):
+        if [dim % 2 for dim in permute.args[1]] != [1, 0]:
+            return f"permute dims {list(permute.args[1])} are not a transpose"
     (to_float,) = _nodes(match, prims.convert_element_type.default)
     if x.dtype not in RESCALE_DTYPES or to_float.args[1] != x.dtype or scale.dtype != x.dtype:
         return f"dequantized to {to_float.args[1]} by a {scale.dtype} scale for a {x.dtype} input"

@@ -382,3 +382,27 @@ def test_float8_activation_chains_are_fused_into_the_float8_weight_kernel(fqtype
     assert counters["weight_only_transposed_bias"] == 2
     assert "quanto_fx.float8_weight_mm" in code and "extern_kernels.addmm" not in code
     assert_close_to_max(out, eager, FLOAT16_ERROR)
+
+
+def test_weight_only_rules_take_a_transposing_permute_only():
+    """The patterns' permute dims are wildcards: on a square weight an identity permute (no transpose) has the
+    same shapes, and rewriting it would transpose the weight silently."""
+    w = QTensor.quantize(torch.randn(64, 64), quanto_fx.qfloat8_e4m3fn, axis=0)
+    data, scale = w._data, w._scale
+
+    def dequantized_then_identity(x):
+        return torch.mm(x, (data.to(torch.float32) * scale).permute(0, 1))
+
+    def identity_then_dequantized(x):
+        return torch.mm(x, data.permute(0, 1).to(torch.float32) * scale.permute(0, 1))
+
+    def transposed(x):
+        return torch.mm(x, data.permute(1, 0).to(torch.float32) * scale.permute(1, 0))
+
+    x = torch.randn(4, 64)
+    for fn, fused in ((dequantized_then_identity, 0), (identity_then_dequantized, 0), (transposed, 1)):
+        counters.clear()
+        torch._dynamo.reset()
+        out, _ = compile_and_run(fn, x)
+        assert_close_to_max(out, fn(x), FLOAT16_ERROR)
+        assert counters["weight_only"] + counters["weight_only_transposed"] == fused, fn.__name__
