@@ -96,7 +96,7 @@ def test_zero_rows_and_zero_x():
     [
         (lambda a: (a[0], a[1].float(), *a[2:]), TypeError, "int8"),
         (lambda a: (a[0][:, :64], *a[1:]), ValueError, "features"),
-        (lambda a: (a[0], a[1], a[2][:5], a[3]), ValueError, "w_scale"),
+        (lambda a: (a[0], a[1], a[2][:5], a[3]), ValueError, "scale must hold 16"),
         (lambda a: (*a[:3], a[3][:3]), ValueError, "bias"),
         (lambda a: (a[0].to(torch.int32), *a[1:]), TypeError, "x must be"),
     ],

@@ -28,10 +28,10 @@ import torch
 from ..qtypes import qint8
 from ..tensor.quantization import FLOAT8_DTYPES, absmax_scale, quantize_data, value_range
 from . import cpu_float8_mm, cpu_vnni_mm
-from .checks import RESCALE_OUT_DTYPES
 from .float8_mm import float8_mm
 from .int8_mm_rescale import int8_mm_rescale
 from .library import LIB, TAGS
+from .weight_only import _check_per_channel_weight_args
 
 # The int8 CPU kernel's error against the torch path, relative to the output's largest magnitude. The int32
 # sums are the same, but the kernel's weight codes are offset by 128 (vpdpbusd takes one unsigned operand),
@@ -39,25 +39,6 @@ from .library import LIB, TAGS
 # grows with K and with x's mean. Measured at most 1.3e-5 at K = 4096, 3.3e-5 at 16384 and 7.8e-5 at 65536
 # (all-positive or constant x); ~1e-7 for zero-mean x. Against int8 activations' own ~1e-2.
 INT8_CPU_KERNEL_ERROR = 1e-4
-
-
-def _check_args(x, w, w_scale, bias, weight_dtypes, kind):
-    if x.ndim != 2 or x.dtype not in RESCALE_OUT_DTYPES:
-        got = f"{x.dtype} {tuple(x.shape)}"
-        raise TypeError(f"x must be a 2-d float32, float16 or bfloat16 tensor, got {got}")
-    if w.ndim != 2 or w.dtype not in weight_dtypes:
-        raise TypeError(f"w must be a 2-d {kind} (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"x has {x.shape[1]} features but the weight takes {w.shape[1]}")
-    n = w.shape[0]
-    if not w_scale.is_floating_point() or w_scale.numel() != n or w_scale.ndim > 2:
-        got = f"{w_scale.dtype} {tuple(w_scale.shape)}"
-        raise ValueError(f"w_scale must hold {n} float per-channel scales, got {got}")
-    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
-        raise ValueError(f"bias must be a float ({n},) tensor, got {bias.dtype} {tuple(bias.shape)}")
-    devices = {t.device for t in (x, w, w_scale, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"x, w, w_scale and bias must be on one device, got {sorted(map(str, devices))}")
 
 
 def _quantized_rows(x, qtype_or_dtype):
@@ -72,7 +53,7 @@ def _cpu_float32(x) -> bool:
 
 
 def int8_dynamic_mm_torch(x, w, w_scale, bias=None):
-    _check_args(x, w, w_scale, bias, (torch.int8,), "int8")
+    _check_per_channel_weight_args(x, w, w_scale, bias, (torch.int8,), "int8")
     (m, k), n = x.shape, w.shape[0]
     # as int8_weight_mm: past INT8_VNNI_MAX_M rows, weights of 4 MB or more go to torch._int_mm
     kernel_takes = k <= cpu_vnni_mm.DYNAMIC_INT8_MAX_IN_FEATURES and not cpu_vnni_mm.int8_uses_int_mm(m, k, n)
@@ -90,7 +71,7 @@ def _check_x_dtype(x_dtype):
 
 
 def float8_dynamic_mm_torch(x, w, w_scale, bias, x_dtype):
-    _check_args(x, w, w_scale, bias, FLOAT8_DTYPES, "float8")
+    _check_per_channel_weight_args(x, w, w_scale, bias, FLOAT8_DTYPES, "float8")
     _check_x_dtype(x_dtype)
     if _cpu_float32(x) and cpu_float8_mm.supports(x.shape[1]):
         out = cpu_float8_mm.dynamic_mm_prechecked(x, x_dtype, w, w_scale, bias)
@@ -101,12 +82,12 @@ def float8_dynamic_mm_torch(x, w, w_scale, bias, x_dtype):
 
 
 def _int8_fake(x, w, w_scale, bias=None):
-    _check_args(x, w, w_scale, bias, (torch.int8,), "int8")
+    _check_per_channel_weight_args(x, w, w_scale, bias, (torch.int8,), "int8")
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
 def _float8_fake(x, w, w_scale, bias, x_dtype):
-    _check_args(x, w, w_scale, bias, FLOAT8_DTYPES, "float8")
+    _check_per_channel_weight_args(x, w, w_scale, bias, FLOAT8_DTYPES, "float8")
     _check_x_dtype(x_dtype)
     return x.new_empty((x.shape[0], w.shape[0]))
 

@@ -96,6 +96,8 @@ def per_channel_weight_mm_reference(x, w, scale, bias=None):
 
 
 def _check_per_channel_weight_args(x, w, scale, bias, dtypes, kind):
+    """x (M, K) float times a ``kind`` (N, K) weight of ``dtypes`` with N per-channel scales and an optional
+    (N,) float bias, all on one device (the weight-only ops, and the dynamic ones of ``dynamic_mm.py``)."""
     if w.dtype not in dtypes or w.ndim != 2:
         raise TypeError(f"w must be a 2-d {kind} (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
     _check_x(x, w.shape[1], w.device)
