@@ -39,7 +39,7 @@ extern "C" int quanto_float8_dynamic_mm(int x_format, int w_format, const float*
 
 namespace {
 
-struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py, groupwise.py and int8_dynamic_mm.py
+struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py and groupwise.py
     int64_t int8_max_m, chunk_bytes, word_bytes, max_in_features, min_group_size;
     int64_t float8_max_in_features, dynamic_int8_max_in_features;
 };
@@ -115,9 +115,8 @@ at::Tensor int8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::T
                            const std::optional<at::Tensor>& bias) {
     const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
     if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 && x.scalar_type() == at::kFloat &&
-        takes_x_scale_bias(x, K, w_scale, N, bias, N) && w_scale.dim() <= 2 && x.size(0) > 0 &&
-        x.size(0) <= limits.int8_max_m && K > 0 && K <= limits.dynamic_int8_max_in_features &&
-        K % limits.chunk_bytes == 0) {
+        takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && x.size(0) <= limits.int8_max_m && K > 0 &&
+        K <= limits.dynamic_int8_max_in_features && K % limits.chunk_bytes == 0) {
         const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_dynamic_int8_mm(xd, x.size(0), K, w_.data_ptr<int8_t>(), N, scale32.data_ptr<float>(), bd,
@@ -180,7 +179,7 @@ at::Tensor float8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at:
     const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
     const int x_format = float8_format(x_dtype), w_format = float8_format(w.scalar_type());
     if (enabled() && w.is_cpu() && x_format >= 0 && w_format >= 0 && w.dim() == 2 && x.scalar_type() == at::kFloat &&
-        takes_x_scale_bias(x, K, w_scale, N, bias, N) && w_scale.dim() <= 2 && x.size(0) > 0 && K > 0 &&
+        takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && K > 0 &&
         K <= limits.float8_max_in_features) {
         const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
@@ -206,8 +205,8 @@ int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word
                            int64_t dynamic_int8_max_in_features, char* error, int64_t error_size) try {
     static std::unique_ptr<torch::Library> library;
     if (library) return 0;
-    limits = {int8_max_m,     chunk_bytes,        word_bytes, max_in_features, min_group_size, float8_max_in_features,
-              dynamic_int8_max_in_features};
+    limits = {int8_max_m,     chunk_bytes,           word_bytes, max_in_features, min_group_size,
+              float8_max_in_features, dynamic_int8_max_in_features};
     // Kept only once complete: a registration that fails half-way is undone as its Library is destroyed.
     auto candidate = std::make_unique<torch::Library>(torch::Library::IMPL, "quanto_fx", c10::DispatchKey::CPU,
                                                       __FILE__, __LINE__);

@@ -245,8 +245,8 @@ INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m12
 
 // See quanto_split_x. INT8_CODES: x's codes are its dynamic int8 quantization instead, as QTensor.quantize(x,
 // qint8, axis=0) computes it in float32 (scale = max(max|x| / 127, FLT_MIN), code = round-half-even(x / scale)
-// in [-127, 127], the same IEEE operations): h is 0 and l the code, and the kernels' products are those of the
-// int8 GEMM of the codes.
+// in [-127, 127], the same IEEE operations): l holds the codes, h (their high bytes, all 0) is not written
+// and may be null, and the kernels' products are those of the int8 GEMM of the codes.
 template <int PB, bool INT8_CODES = false>
 int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8_t* l, float* sx, float* xsum,
             int threads) {
@@ -255,7 +255,7 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
     // One thread for a row or two: a team costs ~7 us, more than splitting them.
     quanto_fx_cpu::parallel_for(0, M, 1, M > 2 ? threads : 1, [&](int64_t m) {
         const float* row = x + m * K;
-        int8_t *row_h = h + m * K, *row_l = l + m * K;
+        int8_t *row_h = INT8_CODES ? nullptr : h + m * K, *row_l = l + m * K;
         const float amax = quanto_fx_cpu::row_abs_max(row, K);
         if (isnan(amax) || (!INT8_CODES && amax > 0.f && amax < MIN_SCALED_MAX)) {
             bad.store(true, std::memory_order_relaxed);
@@ -281,7 +281,7 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
                 }
                 const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
                 const __m512i lo = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
-                store_by_phase<PB>(row_h, plane_bytes, k, _mm512_cvtepi32_epi8(hi));
+                if constexpr (!INT8_CODES) store_by_phase<PB>(row_h, plane_bytes, k, _mm512_cvtepi32_epi8(hi));
                 store_by_phase<PB>(row_l, plane_bytes, k, _mm512_cvtepi32_epi8(lo));
                 vtotal = _mm512_add_epi32(vtotal, q);
             }
@@ -290,7 +290,7 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
                                              : (int32_t)nearbyintf(row[k] * inverse);
                 const int32_t hi = (q + 128) >> 8;
                 const int64_t at = (k % PB) * plane_bytes + k / PB;
-                row_h[at] = (int8_t)hi;
+                if (!INT8_CODES) row_h[at] = (int8_t)hi;
                 row_l[at] = (int8_t)(q - hi * 256);
                 total += q;
             }
@@ -600,10 +600,11 @@ static int weight_mm(int bits, bool int8_codes, const float* x, int64_t M, int64
     const bool gemv = quanto_weight_mm_uses_gemv(bits, M, K, G);
     threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
     const int64_t plane_bytes = (M * K + 63) / 64 * 64;  // each plane on cache lines
-    const auto planes = quanto_fx_cpu::aligned_workspace<int8_t>(2 * plane_bytes);  // all written: not zeroed
+    // all written, not zeroed; int8 codes have no high byte plane
+    const auto planes = quanto_fx_cpu::aligned_workspace<int8_t>((int8_codes ? 1 : 2) * plane_bytes);
     std::vector<float> scale_buffer(M), sum_buffer(M * G);
     float *sx = scale_buffer.data(), *xsum = sum_buffer.data();
-    int8_t *h = planes.get(), *l = planes.get() + plane_bytes;
+    int8_t *l = planes.get(), *h = int8_codes ? nullptr : planes.get() + plane_bytes;
     const int bad = int8_codes ? split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads)
                                : quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads);
     if (bad) return 1;
