@@ -14,7 +14,7 @@ from quanto_fx.kernels import (
     int8_mm_rescale_reference,
 )
 from quanto_fx.kernels.dynamic_mm import INT8_CPU_KERNEL_ERROR
-from quanto_fx.kernels.float8_mm import float8_mm_reference
+from quanto_fx.kernels.float8_mm import float8_mm, float8_mm_reference
 
 from .utils import assert_close_to_max
 
@@ -59,22 +59,63 @@ def test_the_kernel_error_bound_holds_at_the_largest_k_it_takes():
     assert_close_to_max(int8_dynamic_mm(*args), quantize_then_rescale(*args), INT8_CPU_KERNEL_ERROR)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_16_bit_x_is_quantized_in_its_own_dtype(dtype, device):
-    args = make_layer(3, 128, 32, dtype=dtype, device=device)
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def rows_of_many_scales(m, k, dtype, seed=0):
+    """16-bit x whose rows span magnitudes (bfloat16 down to subnormal values); random 16-bit quotients x /
+    scale land on ties of the rounding to integers (and to float8) often."""
+    g = torch.Generator().manual_seed(seed)
+    exponents = torch.linspace(-20, 12, m) if dtype == torch.float16 else torch.linspace(-120, 120, m)
+    x = torch.randn(m, k, generator=g) * torch.exp2(exponents)[:, None]
+    x[0] = 0  # an all-zero row: the smallest normal scale
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("m", [3, 130])  # 130: past the C++ op kernel's rows, through the Python one
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_16_bit_x_is_quantized_in_its_own_dtype(dtype, m, device):
+    args = make_layer(m, 128, 32, dtype=dtype, device=device)
     out = int8_dynamic_mm(*args)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out, quantize_then_rescale(*args), rtol=1e-2, atol=1e-2)
+    assert out.dtype == dtype and out.shape == (m, 32)
+    # the float32 results may round to neighbouring 16-bit values
+    assert_close_to_max(out, quantize_then_rescale(*args), INT8_CPU_KERNEL_ERROR + torch.finfo(dtype).eps)
 
 
 @needs_kernels
-def test_the_cpu_call_does_not_enter_python():
-    """The op's C++ CPU kernel serves the common case: no aten op runs but the output's allocation."""
-    args = make_layer(1, 128, 64)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_cpu_kernel_quantizes_16_bit_x_as_quantize_does(dtype):
+    """The C++ kernel computes a 16-bit x's scales and quotients rounded to its dtype as torch does: its
+    float32 output (before the cast to x's dtype) is the reference's up to the float epilogue, far below one
+    code's share; the op returns that output in x's dtype."""
+    x = rows_of_many_scales(64, 256, dtype)
+    _, w, w_scale, bias = make_layer(1, 256, 48)
+    out = cpu_vnni_mm.dynamic_int8_mm_prechecked(x, w, w_scale, bias)
+    rows = QTensor.quantize(x, axis=0)
+    expected = int8_mm_rescale_reference(
+        rows._data, w.t(), rows._scale, w_scale.reshape(1, -1), bias, torch.float32
+    )
+    for row in range(1, x.shape[0]):  # each row against its own magnitude
+        assert_close_to_max(out[row], expected[row], INT8_CPU_KERNEL_ERROR)
+    assert torch.equal(int8_dynamic_mm(x, w, w_scale, bias), out.to(dtype))
+
+
+# The aten ops of a C++ kernel call: the output's allocation and, for 16-bit x, the conversions of x and of
+# the output (the Python implementation would add the quantization's reductions and arithmetic).
+NATIVE_CALL_OPS = {"aten::empty", "aten::to", "aten::_to_copy", "aten::empty_strided", "aten::copy_"}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_the_cpu_call_does_not_enter_python(dtype):
+    """The op's C++ CPU kernel serves the common case: no aten op runs but the output's allocation (and for
+    16-bit x the conversions)."""
+    args = make_layer(1, 128, 64, dtype=dtype)
     with torch.profiler.profile() as profile:
         int8_dynamic_mm(*args)
     names = {event.name for event in profile.events()}
-    assert names <= {"quanto_fx::int8_dynamic_mm", "aten::empty"}, names
+    allowed = {"aten::empty"} if dtype == torch.float32 else NATIVE_CALL_OPS
+    assert names <= allowed | {"quanto_fx::int8_dynamic_mm"}, names
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -160,12 +201,32 @@ def test_float8_cpu_kernel_quantizes_x_as_quantize_does(x_dtype, scale):
 
 
 @needs_kernels
-def test_float8_cpu_call_does_not_enter_python():
-    args = make_float8_layer(1, 128, 64, torch.float8_e4m3fn, torch.float8_e4m3fn)
+@pytest.mark.parametrize("x_dtype", FLOAT8)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("k", [256, 100])  # 100: the kernel's scalar tail
+def test_float8_cpu_kernel_of_16_bit_x_is_the_torch_steps_bit_for_bit(dtype, k, x_dtype):
+    """For 16-bit x the C++ kernel rounds the scales and quotients to x's dtype as torch does: its result
+    is float8_mm's on QTensor.quantize's codes exactly (the same weight kernel, the same values)."""
+    x = rows_of_many_scales(48, k, dtype)
+    _, w, w_scale, bias, _ = make_float8_layer(1, k, 40, x_dtype, torch.float8_e4m3fn)
+    bias = bias.to(dtype)
+    rows = QTensor.quantize(x, x_dtype, axis=0)
+    expected = float8_mm(rows._data, w.t(), rows._scale, w_scale.reshape(1, -1), bias, dtype)
+    out = float8_dynamic_mm(x, w, w_scale, bias, x_dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_float8_cpu_call_does_not_enter_python(dtype):
+    x, *rest = make_float8_layer(1, 128, 64, torch.float8_e4m3fn, torch.float8_e4m3fn)
+    x = x.to(dtype)
     with torch.profiler.profile() as profile:
-        float8_dynamic_mm(*args)
+        float8_dynamic_mm(x, *rest)
     names = {event.name for event in profile.events()}
-    assert names <= {"quanto_fx::float8_dynamic_mm", "aten::empty"}, names
+    allowed = {"aten::empty"} if dtype == torch.float32 else NATIVE_CALL_OPS
+    assert names <= allowed | {"quanto_fx::float8_dynamic_mm"}, names
 
 
 def test_float8_non_finite_x_raises():

@@ -630,11 +630,14 @@ constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;
 constexpr float FORMAT_MAX[2] = {448.f, 57344.f};
 constexpr int FORMAT_MANTISSA[2] = {3, 2}, FORMAT_MIN_EXPONENT[2] = {-6, -14};
 
-// x (M, K) float32 -> its dynamic float8 quantization, dequantized, into `values`: per row scale =
-// max(max|x| / FORMAT_MAX, FLT_MIN) and each value round(clamp(x / scale)) to the format's grid (half to even,
-// subnormals included) times scale: the same IEEE operations as QTensor.quantize(x, qfloat8_*, axis=0) then
-// the reference's codes.float() * scale. Returns 1 when x holds a NaN or an infinity.
-int dequantized_float8_rows(int format, const float* x, int64_t M, int64_t K, float* values, int threads) {
+// x (M, K) float32 values of the dtype `precision` -> its dynamic float8 quantization, dequantized, into
+// `values`: per row scale = max(max|x| / FORMAT_MAX, finfo.tiny) and each value round(clamp(x / scale)) to the
+// format's grid (half to even, subnormals included) times scale: the same IEEE operations, rounded to
+// `precision` as torch rounds them (cpu_simd.h), as QTensor.quantize(x, qfloat8_*, axis=0) then the
+// reference's codes.float() * scale. Returns 1 when x holds a NaN or an infinity.
+int dequantized_float8_rows(int format, int precision, const float* x, int64_t M, int64_t K, float* values,
+                            int threads) {
+    using quanto_fx_cpu::round_to;
     const float qmax = FORMAT_MAX[format];
     const int mantissa = FORMAT_MANTISSA[format], min_exponent = FORMAT_MIN_EXPONENT[format];
     std::atomic<bool> bad{false};
@@ -646,12 +649,13 @@ int dequantized_float8_rows(int format, const float* x, int64_t M, int64_t K, fl
             bad.store(true, std::memory_order_relaxed);
             return;
         }
-        const float s = std::max(amax / qmax, FLT_MIN);
+        const float s = std::max(round_to(amax / qmax, precision), quanto_fx_cpu::smallest_normal(precision));
         const __m512 vs = _mm512_set1_ps(s), vmax = _mm512_set1_ps(qmax), vmin = _mm512_set1_ps(-qmax);
         const __m512 lowest = _mm512_set1_ps((float)min_exponent);
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
-            const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), vmin), vmax);
+            const __m512 quotient = round_to(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), precision);
+            const __m512 v = _mm512_min_ps(_mm512_max_ps(quotient, vmin), vmax);
             // the grid's step at v: 2**(exponent - mantissa), the exponent no lower than the smallest normal one
             const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(v), lowest);
             const __m512 shift = _mm512_sub_ps(_mm512_set1_ps((float)mantissa), exponent);
@@ -660,7 +664,7 @@ int dequantized_float8_rows(int format, const float* x, int64_t M, int64_t K, fl
             _mm512_storeu_ps(out + k, _mm512_mul_ps(value, vs));
         }
         for (; k < K; k++) {
-            const float v = std::min(std::max(row[k] / s, -qmax), qmax);
+            const float v = std::min(std::max(round_to(row[k] / s, precision), -qmax), qmax);
             const int exponent = v == 0.f ? min_exponent : std::max(ilogbf(v), min_exponent);
             out[k] = ldexpf(nearbyintf(ldexpf(v, mantissa - exponent)), exponent - mantissa) * s;
         }
@@ -727,16 +731,17 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
     return 2;
 }
 
-// QLinear's dynamic float8 forward: x (M, K) float32 quantized per row to `x_format` (see
-// dequantized_float8_rows), times W (N, K) in `w_format` as quanto_float8_weight_mm computes it. Returns 1,
-// out untouched, when x holds a NaN or an infinity; 2 when a workspace cannot be allocated.
-int quanto_float8_dynamic_mm(int x_format, int w_format, const float* x, int64_t M, int64_t K,
+// QLinear's dynamic float8 forward: x (M, K) float32 values of the dtype `precision` (Precision in cpu_simd.h)
+// quantized per row to `x_format` in that dtype's arithmetic (see dequantized_float8_rows), times W (N, K) in
+// `w_format` as quanto_float8_weight_mm computes it. Returns 1, out untouched, when x holds a NaN or an
+// infinity; 2 when a workspace cannot be allocated.
+int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const float* x, int64_t M, int64_t K,
                              const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
                              int threads) try {
     const auto values = quanto_fx_cpu::aligned_workspace<float>(M * K);
     // a second thread for x's rows only where the GEMM takes one too (a team costs more on small layers)
     const int x_threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
-    if (dequantized_float8_rows(x_format, x, M, K, values.get(), x_threads)) return 1;
+    if (dequantized_float8_rows(x_format, precision, x, M, K, values.get(), x_threads)) return 1;
     return quanto_float8_weight_mm(w_format, values.get(), M, K, weight, N, scale, bias, out, threads);
 } catch (const std::bad_alloc&) {
     return 2;

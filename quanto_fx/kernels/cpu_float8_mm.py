@@ -93,17 +93,18 @@ def weight_mm_prechecked(x, w, scale, bias=None):
 
 def dynamic_mm_prechecked(x, x_dtype, w, scale, bias=None):
     """The ``float8_dynamic_mm`` op's CPU kernel: x (M, K) quantized per row to the float8 ``x_dtype`` and
-    dequantized (the IEEE operations of ``QTensor.quantize``, then ``codes.float() * scale``), then
-    :func:`float8_weight_mm`'s kernel; None when x holds a NaN or an infinity. For the op, which has checked
-    the arguments: float32 x, all on the CPU, :func:`supports` true for K."""
+    dequantized (the IEEE operations of ``QTensor.quantize`` in x's dtype, then ``codes.float() * scale``),
+    then :func:`float8_weight_mm`'s kernel, as float32 (M, N); None when x holds a NaN or an infinity. For
+    the op, which has checked the arguments: float32, float16 or bfloat16 x, all on the CPU,
+    :func:`supports` true for K."""
     library = cpu_vnni_mm._loaded_library()
-    formats = (FORMATS[x_dtype], FORMATS[w.dtype])
-    bad_x, out = _run_on_x(library.quanto_float8_dynamic_mm, formats, x, w, scale, bias)
+    leading = (FORMATS[x_dtype], FORMATS[w.dtype], cpu_vnni_mm.PRECISIONS[x.dtype])
+    bad_x, out = _run_on_x(library.quanto_float8_dynamic_mm, leading, x, w, scale, bias)
     return None if bad_x else out
 
 
-def _run_on_x(kernel, formats, x, w, scale, bias):
-    """``kernel(*formats, x, M, K, w, N, scale, bias, out, threads)`` on float32 contiguous copies where
+def _run_on_x(kernel, leading, x, w, scale, bias):
+    """``kernel(*leading, x, M, K, w, N, scale, bias, out, threads)`` on float32 contiguous copies where
     needed; returns its status and out (M, N) float32."""
     x, w = cpu_vnni_mm.contiguous_float32(x), w.contiguous()
     scale = cpu_vnni_mm.contiguous_float32(scale)
@@ -111,5 +112,5 @@ def _run_on_x(kernel, formats, x, w, scale, bias):
     out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)  # whatever torch's default dtype
     sizes = (x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], scale.data_ptr())
     bias_pointer = None if bias is None else bias.data_ptr()
-    status = cpu_vnni_mm._run(kernel, *formats, *sizes, bias_pointer, out.data_ptr(), torch.get_num_threads())
+    status = cpu_vnni_mm._run(kernel, *leading, *sizes, bias_pointer, out.data_ptr(), torch.get_num_threads())
     return status, out

@@ -29,13 +29,13 @@
 
 extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                                 const float* scales, int64_t G, const float* bias, float* out, int threads);
-extern "C" int quanto_dynamic_int8_mm(const float* x, int64_t M, int64_t K, const int8_t* weight, int64_t N,
-                                      const float* scales, const float* bias, float* out, int threads);
+extern "C" int quanto_dynamic_int8_mm(int precision, const float* x, int64_t M, int64_t K, const int8_t* weight,
+                                      int64_t N, const float* scales, const float* bias, float* out, int threads);
 extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight,
                                        int64_t N, const float* scale, const float* bias, float* out, int threads);
-extern "C" int quanto_float8_dynamic_mm(int x_format, int w_format, const float* x, int64_t M, int64_t K,
-                                        const uint8_t* weight, int64_t N, const float* scale, const float* bias,
-                                        float* out, int threads);
+extern "C" int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const float* x, int64_t M,
+                                        int64_t K, const uint8_t* weight, int64_t N, const float* scale,
+                                        const float* bias, float* out, int threads);
 
 namespace {
 
@@ -110,17 +110,22 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
     return python_implementation(op, {x, w, scale, bias});
 }
 
-// float32 x only: torch computes 16-bit x's scales in their own dtype, which the kernel does not emulate.
+// The dtype whose arithmetic the dynamic kernels reproduce as they quantize x (Precision in cpu_simd.h): torch
+// computes a 16-bit x's scales and quotients in its own dtype.
+int precision(const at::Tensor& x) {
+    return x.scalar_type() == at::kHalf ? 1 : x.scalar_type() == at::kBFloat16 ? 2 : 0;
+}
+
 at::Tensor int8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias) {
     const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
-    if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 && x.scalar_type() == at::kFloat &&
+    if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
         takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && x.size(0) <= limits.int8_max_m && K > 0 &&
         K <= limits.dynamic_int8_max_in_features && K % limits.chunk_bytes == 0) {
         const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
-            return quanto_dynamic_int8_mm(xd, x.size(0), K, w_.data_ptr<int8_t>(), N, scale32.data_ptr<float>(), bd,
-                                          od, threads);
+            return quanto_dynamic_int8_mm(precision(x), xd, x.size(0), K, w_.data_ptr<int8_t>(), N,
+                                          scale32.data_ptr<float>(), bd, od, threads);
         });
         if (out) return *out;
     }
@@ -173,17 +178,16 @@ int float8_format(at::ScalarType dtype) {  // cpu_float8_mm.FORMATS; -1: not flo
     return dtype == at::kFloat8_e4m3fn ? 0 : dtype == at::kFloat8_e5m2 ? 1 : -1;
 }
 
-// float32 x only, as int8_dynamic_mm.
 at::Tensor float8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                              const std::optional<at::Tensor>& bias, at::ScalarType x_dtype) {
     const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
     const int x_format = float8_format(x_dtype), w_format = float8_format(w.scalar_type());
-    if (enabled() && w.is_cpu() && x_format >= 0 && w_format >= 0 && w.dim() == 2 && x.scalar_type() == at::kFloat &&
+    if (enabled() && w.is_cpu() && x_format >= 0 && w_format >= 0 && w.dim() == 2 &&
         takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && K > 0 &&
         K <= limits.float8_max_in_features) {
         const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
-            return quanto_float8_dynamic_mm(x_format, w_format, xd, x.size(0), K,
+            return quanto_float8_dynamic_mm(x_format, w_format, precision(x), xd, x.size(0), K,
                                             static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.data_ptr<float>(),
                                             bd, od, threads);
         });

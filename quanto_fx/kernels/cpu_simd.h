@@ -4,6 +4,7 @@
 // time at K = 384.
 #pragma once
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -31,6 +32,26 @@ INLINE float row_abs_max(const float* row, int64_t K) {
     for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k])), finite += row[k] - row[k];
     return isnan(finite) ? NAN : amax;
 }
+
+// The dtype of x whose arithmetic a kernel reproduces while quantizing it: torch computes a float16 or
+// bfloat16 operation in float32 and rounds its result to the 16-bit dtype (half to even, subnormals kept;
+// bfloat16 by adding 0x7fff plus the kept bits' lowest to the bits, as c10::BFloat16 does, not with
+// vcvtneps2bf16, which flushes subnormals). Finite values only.
+enum Precision { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 };
+
+INLINE __m512 round_to(__m512 v, int precision) {
+    if (precision == FLOAT16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (precision != BFLOAT16) return v;
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lowest_kept, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+INLINE float round_to(float v, int precision) { return _mm512_cvtss_f32(round_to(_mm512_set1_ps(v), precision)); }
+
+// torch.finfo(dtype).tiny: the smallest normal value, which QTensor.quantize's scales are clamped to.
+INLINE float smallest_normal(int precision) { return precision == FLOAT16 ? 0x1p-14f : FLT_MIN; }
 
 // The 8 sums of a[0] .. a[7] in one vector: a transposing tree of 23 shuffles and adds, where 8 separate
 // horizontal sums take ~70 dependent instructions (at K = 384 these made half of the GEMV's time).

@@ -244,12 +244,14 @@ INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m12
 }
 
 // See quanto_split_x. INT8_CODES: x's codes are its dynamic int8 quantization instead, as QTensor.quantize(x,
-// qint8, axis=0) computes it in float32 (scale = max(max|x| / 127, FLT_MIN), code = round-half-even(x / scale)
-// in [-127, 127], the same IEEE operations): l holds the codes, h (their high bytes, all 0) is not written
-// and may be null, and the kernels' products are those of the int8 GEMM of the codes.
+// qint8, axis=0) computes it for x in `precision` (scale = max(max|x| / 127, finfo.tiny), code =
+// round-half-even(x / scale) in [-127, 127], the same IEEE operations and roundings): l holds the codes, h
+// (their high bytes, all 0) is not written and may be null, and the kernels' products are those of the int8
+// GEMM of the codes.
 template <int PB, bool INT8_CODES = false>
 int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8_t* l, float* sx, float* xsum,
-            int threads) {
+            int threads, int precision = quanto_fx_cpu::FLOAT32) {
+    using quanto_fx_cpu::round_to;
     const int64_t G = K / group, plane_bytes = K / PB;
     std::atomic<bool> bad{false};
     // One thread for a row or two: a team costs ~7 us, more than splitting them.
@@ -261,7 +263,9 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
             bad.store(true, std::memory_order_relaxed);
             return;
         }
-        const float s = INT8_CODES ? std::max(amax / INT8_LEVELS, FLT_MIN) : amax > 0.f ? amax / X_LEVELS : 1.f;
+        const float s = INT8_CODES ? std::max(round_to(amax / INT8_LEVELS, precision),
+                                              quanto_fx_cpu::smallest_normal(precision))
+                                   : amax > 0.f ? amax / X_LEVELS : 1.f;
         const float inverse = 1.f / s;
         const __m512 vinverse = _mm512_set1_ps(inverse), vs = _mm512_set1_ps(s);
         sx[m] = s;
@@ -274,7 +278,7 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
                 const __m512 v = _mm512_loadu_ps(row + k);
                 __m512i q;
                 if constexpr (INT8_CODES) {
-                    q = _mm512_cvtps_epi32(_mm512_div_ps(v, vs));
+                    q = _mm512_cvtps_epi32(round_to(_mm512_div_ps(v, vs), precision));
                     q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
                 } else {
                     q = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinverse));
@@ -286,8 +290,9 @@ int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8
                 vtotal = _mm512_add_epi32(vtotal, q);
             }
             for (; k < end; k++) {
-                const int32_t q = INT8_CODES ? (int32_t)std::clamp(nearbyintf(row[k] / s), -127.f, 127.f)
-                                             : (int32_t)nearbyintf(row[k] * inverse);
+                const int32_t q =
+                    INT8_CODES ? (int32_t)std::clamp(nearbyintf(round_to(row[k] / s, precision)), -127.f, 127.f)
+                               : (int32_t)nearbyintf(row[k] * inverse);
                 const int32_t hi = (q + 128) >> 8;
                 const int64_t at = (k % PB) * plane_bytes + k / PB;
                 if (!INT8_CODES) row_h[at] = (int8_t)hi;
@@ -593,9 +598,11 @@ int quanto_weight_mm_uses_gemv(int bits, int64_t M, int64_t K, int64_t G) {
 // us; 384 x 384 at M = 1, 6.3 / 6.3 us; 384 x 768 at M = 1, 8.9 / 7.8 us; 512 x 512 at M = 1, 7.9 / 7.3 us).
 constexpr int64_t SERIAL_BELOW_WORK = 1 << 18;
 
-// quanto_weight_mm and quanto_dynamic_int8_mm (int8_codes: x as dynamic int8 codes, int8 weights only).
-static int weight_mm(int bits, bool int8_codes, const float* x, int64_t M, int64_t K, const uint8_t* weight,
-                     int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads) {
+// quanto_weight_mm and quanto_dynamic_int8_mm (int8_codes: x as dynamic int8 codes computed in
+// `precision`, int8 weights only).
+static int weight_mm(int bits, bool int8_codes, int precision, const float* x, int64_t M, int64_t K,
+                     const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
+                     int threads) {
     const int per_byte = 8 / bits;
     const bool gemv = quanto_weight_mm_uses_gemv(bits, M, K, G);
     threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
@@ -605,7 +612,7 @@ static int weight_mm(int bits, bool int8_codes, const float* x, int64_t M, int64
     std::vector<float> scale_buffer(M), sum_buffer(M * G);
     float *sx = scale_buffer.data(), *xsum = sum_buffer.data();
     int8_t *l = planes.get(), *h = int8_codes ? nullptr : planes.get() + plane_bytes;
-    const int bad = int8_codes ? split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads)
+    const int bad = int8_codes ? split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads, precision)
                                : quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads);
     if (bad) return 1;
     if (int8_codes) {  // x's high byte plane is all 0
@@ -631,7 +638,7 @@ static int weight_mm(int bits, bool int8_codes, const float* x, int64_t M, int64
 // infinity or a row too small to scale (see MIN_SCALED_MAX); 2 when the workspace cannot be allocated.
 int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                      const float* scales, int64_t G, const float* bias, float* out, int threads) try {
-    return weight_mm(bits, false, x, M, K, weight, N, scales, G, bias, out, threads);
+    return weight_mm(bits, false, quanto_fx_cpu::FLOAT32, x, M, K, weight, N, scales, G, bias, out, threads);
 } catch (const std::bad_alloc&) {
     return 2;
 }
@@ -639,13 +646,15 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
 // quanto_weight_mm for int8 weights with x quantized as dynamic int8 activations (per row, see split_x's
 // INT8_CODES; their high byte plane, all 0, is not multiplied): out = (sum_k code_x * w) * scale_x * scale_w
 // + bias, the products exact in int32, the epilogue in float32 (its rounding, not the reference's order: up
-// to ~1e-4 of the output's max at K = 2**16, dynamic_mm.INT8_CPU_KERNEL_ERROR). The whole of
-// QLinear's dynamic W8A8 forward in one call, where torch ops (quantize, aten._int_mm, rescale) took ~90 us
-// at M = 1 on a 384 x 1536 layer. Returns 1, out untouched, when x holds a NaN or an infinity; 2 when the
-// workspace cannot be allocated.
-int quanto_dynamic_int8_mm(const float* x, int64_t M, int64_t K, const int8_t* weight, int64_t N,
+// to ~1e-4 of the output's max at K = 2**16, dynamic_mm.INT8_CPU_KERNEL_ERROR). x holds float32 values of
+// the dtype `precision` (Precision in cpu_simd.h: a float16 or bfloat16 x converted exactly), whose
+// arithmetic the codes and scales reproduce. The whole of QLinear's dynamic W8A8 forward in one call, where
+// torch ops (quantize, aten._int_mm, rescale) took ~90 us at M = 1 on a 384 x 1536 layer. Returns 1, out
+// untouched, when x holds a NaN or an infinity; 2 when the workspace cannot be allocated.
+int quanto_dynamic_int8_mm(int precision, const float* x, int64_t M, int64_t K, const int8_t* weight, int64_t N,
                            const float* scales, const float* bias, float* out, int threads) try {
-    return weight_mm(8, true, x, M, K, reinterpret_cast<const uint8_t*>(weight), N, scales, 1, bias, out, threads);
+    const auto w = reinterpret_cast<const uint8_t*>(weight);
+    return weight_mm(8, true, precision, x, M, K, w, N, scales, 1, bias, out, threads);
 } catch (const std::bad_alloc&) {
     return 2;
 }

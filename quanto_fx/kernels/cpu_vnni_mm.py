@@ -71,6 +71,8 @@ MAX_IN_FEATURES = 1 << 19
 INT_MM_MAX_IN_FEATURES = 1 << 16
 # The int8_dynamic_mm kernel up to this K: its float epilogue's error grows with K (dynamic_mm.py).
 DYNAMIC_INT8_MAX_IN_FEATURES = 1 << 16
+# x's dtype, whose arithmetic the dynamic kernels reproduce as they quantize it (Precision in cpu_simd.h).
+PRECISIONS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 300
 
@@ -138,8 +140,8 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, size]
     library.quanto_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_weight_mm.restype = ctypes.c_int
-    library.quanto_dynamic_int8_mm.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer]
-    library.quanto_dynamic_int8_mm.argtypes += [ctypes.c_int]
+    library.quanto_dynamic_int8_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
+    library.quanto_dynamic_int8_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_dynamic_int8_mm.restype = ctypes.c_int
     library.quanto_weight_mm_uses_gemv.argtypes = [ctypes.c_int, size, size, size]
     library.quanto_weight_mm_uses_gemv.restype = ctypes.c_int
@@ -148,8 +150,8 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
     library.quanto_float8_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_float8_weight_mm.restype = ctypes.c_int
-    library.quanto_float8_dynamic_mm.argtypes = [ctypes.c_int, ctypes.c_int, pointer, size, size, pointer]
-    library.quanto_float8_dynamic_mm.argtypes += [size, pointer, pointer, pointer, ctypes.c_int]
+    library.quanto_float8_dynamic_mm.argtypes = [ctypes.c_int] * 3 + [pointer, size, size, pointer, size]
+    library.quanto_float8_dynamic_mm.argtypes += [pointer, pointer, pointer, ctypes.c_int]
     library.quanto_float8_dynamic_mm.restype = ctypes.c_int
     library.quanto_float8_path.argtypes = [ctypes.c_int, size]
     library.quanto_float8_path.restype = ctypes.c_int
@@ -326,17 +328,19 @@ def weight_mm_prechecked(x, weight, scales, bits, group_size, bias):
 
 
 def dynamic_int8_mm_prechecked(x, weight, scales, bias):
-    """The ``int8_dynamic_mm`` op's CPU kernel: x (M, K) float32 quantized per row to int8 codes as
-    ``QTensor.quantize`` does, times the int8 (N, K) weight, rescaled by x's and the weight's ``N``
-    per-channel scales (any float dtype and shape), plus the bias, as float32 (M, N); None when x holds a NaN
-    or an infinity. For the op, which has checked the arguments: all on the CPU, :func:`supports` true for 8
-    bits and K."""
+    """The ``int8_dynamic_mm`` op's CPU kernel: x (M, K) float32, float16 or bfloat16 quantized per row to
+    int8 codes as ``QTensor.quantize`` does (in x's dtype), times the int8 (N, K) weight, rescaled by x's and
+    the weight's ``N`` per-channel scales (any float dtype and shape), plus the bias, as float32 (M, N); None
+    when x holds a NaN or an infinity. For the op, which has checked the arguments: all on the CPU,
+    :func:`supports` true for 8 bits and K."""
     m, k = x.shape
-    x, weight, scales = x.contiguous(), weight.contiguous(), contiguous_float32(scales)
+    precision = PRECISIONS[x.dtype]
+    x, weight, scales = contiguous_float32(x), weight.contiguous(), contiguous_float32(scales)
     bias = None if bias is None else contiguous_float32(bias)
     out = torch.empty((m, weight.shape[0]), dtype=torch.float32)
     bad_x = _run(
         _loaded_library().quanto_dynamic_int8_mm,
+        precision,
         x.data_ptr(),
         m,
         k,

@@ -7,9 +7,10 @@
   float8 ``x_dtype`` and a float8 weight.
 
 The torch implementations (every device) are those steps: the quantization in torch ops, then
-``int8_mm_rescale`` (the Triton kernel on CUDA) or ``float8_mm``. On the CPU, for float32 x, the C++ kernels
-registered for the ops' CPU key do it all in one call where the torch steps took ~90 us at M = 1 on a
-384 x 1536 layer (2-core Xeon, bench/RESULTS.md), x quantized with the same IEEE operations:
+``int8_mm_rescale`` (the Triton kernel on CUDA) or ``float8_mm``. On the CPU the C++ kernels registered for
+the ops' CPU key do it all in one call where the torch steps took ~90 us at M = 1 on a 384 x 1536 layer
+(2-core Xeon, bench/RESULTS.md), x quantized with the same IEEE operations; for float16 and bfloat16 x each
+of them rounded to x's dtype, as torch computes them (scales and quotients in x's dtype):
 - int8: the VNNI int8 weight-only kernel (``cpu_vnni_mm.cpp``) on x's int8 codes, on weights the kernels
   take of up to ``DYNAMIC_INT8_MAX_IN_FEATURES`` inputs, at any M but for weights of 4 MB or more past
   ``INT8_VNNI_MAX_M`` rows (``cpu_vnni_mm.int8_uses_int_mm``: oneDNN's ``_int_mm`` wins there). The codes
@@ -18,7 +19,6 @@ registered for the ops' CPU key do it all in one call where the torch steps took
   the kernel through this file's implementation.
 - float8: the float8 weight-only kernel (``cpu_float8_mm.cpp``) on x's dequantized float8 values, the
   kernel ``float8_mm`` runs on the CPU too (same values, same sums).
-float16 and bfloat16 x, whose scales torch computes in their own dtype, take the torch steps.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def _quantized_rows(x, qtype_or_dtype):
     return quantize_data(x, x_scale, qmin, qmax, dtype), x_scale
 
 
-def _cpu_float32(x) -> bool:
-    return x.is_cpu and x.dtype == torch.float32 and x.shape[0] > 0
+def _cpu_kernels_take(x) -> bool:
+    return x.is_cpu and x.dtype in cpu_vnni_mm.PRECISIONS and x.shape[0] > 0
 
 
 def int8_dynamic_mm_torch(x, w, w_scale, bias=None):
@@ -57,10 +57,10 @@ def int8_dynamic_mm_torch(x, w, w_scale, bias=None):
     (m, k), n = x.shape, w.shape[0]
     # as int8_weight_mm: past INT8_VNNI_MAX_M rows, weights of 4 MB or more go to torch._int_mm
     kernel_takes = k <= cpu_vnni_mm.DYNAMIC_INT8_MAX_IN_FEATURES and not cpu_vnni_mm.int8_uses_int_mm(m, k, n)
-    if _cpu_float32(x) and kernel_takes and cpu_vnni_mm.supports(8, k):
+    if _cpu_kernels_take(x) and kernel_takes and cpu_vnni_mm.supports(8, k):
         out = cpu_vnni_mm.dynamic_int8_mm_prechecked(x, w, w_scale, bias)
         if out is not None:
-            return out
+            return out.to(x.dtype)
     codes, x_scale = _quantized_rows(x, qint8)
     return int8_mm_rescale(codes, w.t(), x_scale, w_scale.reshape(1, -1), bias, x.dtype)
 
@@ -73,10 +73,10 @@ def _check_x_dtype(x_dtype):
 def float8_dynamic_mm_torch(x, w, w_scale, bias, x_dtype):
     _check_per_channel_weight_args(x, w, w_scale, bias, FLOAT8_DTYPES, "float8")
     _check_x_dtype(x_dtype)
-    if _cpu_float32(x) and cpu_float8_mm.supports(x.shape[1]):
+    if _cpu_kernels_take(x) and cpu_float8_mm.supports(x.shape[1]):
         out = cpu_float8_mm.dynamic_mm_prechecked(x, x_dtype, w, w_scale, bias)
         if out is not None:
-            return out
+            return out.to(x.dtype)
     codes, x_scale = _quantized_rows(x, x_dtype)
     return float8_mm(codes, w.t(), x_scale, w_scale.reshape(1, -1), bias, x.dtype)
 
