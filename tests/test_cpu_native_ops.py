@@ -84,6 +84,41 @@ def _nan_row(x):
     return x
 
 
+def _16_bit_layer(m, k, n, dtype):
+    """x, per-channel scales and a bias in a 16-bit model's dtype; the bias holds a NaN, an infinity and a
+    value past float16's range (65504): the output's conversion must keep them."""
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n)
+    bias[:3] = torch.tensor([float("nan"), float("inf"), 1e5])
+    return x, (torch.rand(n, 1) * 0.01 + 0.001).to(dtype), bias.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, k, n", [(1, 96, 24), (3, 256, 40), (40, 2048, 2048)])  # 2048: threads convert
+def test_16_bit_tensors_are_converted_in_cpp_as_torch_converts_them(python_calls, dtype, m, k, n):
+    """x, the scales and the bias of a 16-bit model are widened to float32 in C++, and the float32 result
+    rounded back to x's dtype, bit for bit as the Python implementation's Tensor.to calls do."""
+    torch.manual_seed(m)
+    x, scale, bias = _16_bit_layer(m, k, n, dtype)
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    packed, scale_zeros = _lowbit(n, k, 4, 32)
+    w_float8 = (torch.randn(n, k) * 0.5).to(torch.float8_e4m3fn)
+    calls = [
+        (weight_only.int8_weight_mm, weight_only.int8_weight_mm_torch, (x, w8, scale, bias)),
+        (weight_only.float8_weight_mm, weight_only.float8_weight_mm_torch, (x, w_float8, scale, bias)),
+        (
+            weight_only.lowbit_weight_mm,
+            weight_only.lowbit_weight_mm_torch,
+            (x, packed, scale_zeros.to(dtype), None, 4, 32, bias),
+        ),
+    ]
+    outs = [op(*args) for op, _, args in calls]
+    assert not python_calls
+    for out, (_, python_implementation, args) in zip(outs, calls):
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, python_implementation(*args), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "case",
     [

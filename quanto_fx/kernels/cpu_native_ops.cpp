@@ -27,6 +27,8 @@
 #include <memory>
 #include <optional>
 
+#include "cpu_simd.h"
+
 extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                                 const float* scales, int64_t G, const float* bias, float* out, int threads);
 extern "C" int quanto_dynamic_int8_mm(int precision, const float* x, int64_t M, int64_t K, const int8_t* weight,
@@ -64,11 +66,43 @@ bool takes_x_scale_bias(const at::Tensor& x, int64_t K, const at::Tensor& scale,
     return !bias.has_value() || (is_float(*bias) && bias->dim() == 1 && bias->size(0) == N);
 }
 
-// Without a dispatcher call where t is float32 and contiguous already (.to() costs ~0.3 us even as a no-op,
-// three per call).
-at::Tensor float32(const at::Tensor& t) {
-    return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+// The dtype whose arithmetic the dynamic kernels reproduce as they quantize x (Precision in cpu_simd.h): torch
+// computes a 16-bit x's scales and quotients in its own dtype.
+int precision(const at::Tensor& t) {
+    return t.scalar_type() == at::kHalf ? 1 : t.scalar_type() == at::kBFloat16 ? 2 : 0;
 }
+
+// Conversions of 16-bit arrays in chunks that threads share past this many values.
+constexpr int64_t CONVERSION_GRAIN = 1 << 16;
+
+// A float tensor's values as contiguous float32: its own data where it is float32 and contiguous, else a
+// copy, converted here from float16 / bfloat16 (exactly) rather than by Tensor::to: a dispatcher call and an
+// allocation of ~1 us each, and a 16-bit model's call converted x, the scales, the bias and the output (3-4
+// us on a 128 x 64 layer whose kernel takes 3).
+class Float32 {
+   public:
+    explicit Float32(const at::Tensor& t) {
+        const at::Tensor contiguous = t.contiguous();
+        if (t.scalar_type() == at::kFloat) {
+            kept_ = contiguous;
+            data_ = kept_.data_ptr<float>();
+            return;
+        }
+        copy_ = quanto_fx_cpu::aligned_workspace<float>(t.numel());
+        const auto* in = static_cast<const uint16_t*>(contiguous.data_ptr());
+        float* out = copy_.get();
+        at::parallel_for(0, t.numel(), CONVERSION_GRAIN, [&](int64_t begin, int64_t end) {
+            quanto_fx_cpu::widen(in + begin, precision(t), end - begin, out + begin);
+        });
+        data_ = out;
+    }
+    const float* get() const { return data_; }
+
+   private:
+    at::Tensor kept_;
+    std::unique_ptr<float[], quanto_fx_cpu::Free> copy_;
+    const float* data_;
+};
 
 // The op's Python implementation (its CompositeExplicitAutograd kernel) on the same arguments.
 at::Tensor python_implementation(const c10::OperatorHandle& op, std::vector<c10::IValue> arguments) {
@@ -81,16 +115,29 @@ c10::OperatorHandle handle(const char* name) {  // looked up once per op: a stat
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
 
-// The C++ kernels' result in x's dtype, or nullopt when they returned a status (1: x not finite or too small
-// to scale; 2: no workspace) for the Python implementation to handle.
+// The C++ kernels' result in x's dtype (a 16-bit one rounded as Tensor::to rounds it), or nullopt when they
+// returned a status (1: x not finite or too small to scale; 2: no workspace) for the Python implementation to
+// handle.
 template <class Kernel>
 std::optional<at::Tensor> run(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias,
                               Kernel kernel) {
-    const at::Tensor x32 = float32(x), out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
-    const std::optional<at::Tensor> bias32 = bias ? std::optional<at::Tensor>(float32(*bias)) : std::nullopt;
-    const float* bias_data = bias32 ? bias32->data_ptr<float>() : nullptr;
-    if (kernel(x32.data_ptr<float>(), bias_data, out.data_ptr<float>(), at::get_num_threads())) return std::nullopt;
-    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+    const int64_t M = x.size(0);
+    const Float32 x32(x);
+    std::optional<Float32> bias32;
+    if (bias) bias32.emplace(*bias);
+    const at::Tensor out = at::empty({M, N}, x.options());
+    const bool narrow = x.scalar_type() != at::kFloat;
+    std::unique_ptr<float[], quanto_fx_cpu::Free> out32;
+    if (narrow) out32 = quanto_fx_cpu::aligned_workspace<float>(M * N);
+    float* out_data = narrow ? out32.get() : out.data_ptr<float>();
+    if (kernel(x32.get(), bias32 ? bias32->get() : nullptr, out_data, at::get_num_threads())) return std::nullopt;
+    if (narrow) {
+        auto* out16 = static_cast<uint16_t*>(out.data_ptr());
+        at::parallel_for(0, M * N, CONVERSION_GRAIN, [&](int64_t begin, int64_t end) {
+            quanto_fx_cpu::narrow(out_data + begin, precision(x), end - begin, out16 + begin);
+        });
+    }
+    return out;
 }
 
 at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -99,21 +146,16 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
     if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
         takes_x_scale_bias(x, K, scale, N, bias, N) && x.size(0) <= limits.int8_max_m && K > 0 &&
         K <= limits.max_in_features && K % limits.chunk_bytes == 0) {
-        const at::Tensor w_ = w.contiguous(), scale32 = float32(scale);
+        const at::Tensor w_ = w.contiguous();
+        const Float32 scale32(scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_weight_mm(8, xd, x.size(0), K, reinterpret_cast<const uint8_t*>(w_.data_ptr<int8_t>()), N,
-                                    scale32.data_ptr<float>(), 1, bd, od, threads);
+                                    scale32.get(), 1, bd, od, threads);
         });
         if (out) return *out;
     }
     static const c10::OperatorHandle op = handle("quanto_fx::int8_weight_mm");
     return python_implementation(op, {x, w, scale, bias});
-}
-
-// The dtype whose arithmetic the dynamic kernels reproduce as they quantize x (Precision in cpu_simd.h): torch
-// computes a 16-bit x's scales and quotients in its own dtype.
-int precision(const at::Tensor& x) {
-    return x.scalar_type() == at::kHalf ? 1 : x.scalar_type() == at::kBFloat16 ? 2 : 0;
 }
 
 at::Tensor int8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
@@ -122,10 +164,11 @@ at::Tensor int8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::T
     if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
         takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && x.size(0) <= limits.int8_max_m && K > 0 &&
         K <= limits.dynamic_int8_max_in_features && K % limits.chunk_bytes == 0) {
-        const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
+        const at::Tensor w_ = w.contiguous();
+        const Float32 scale32(w_scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_dynamic_int8_mm(precision(x), xd, x.size(0), K, w_.data_ptr<int8_t>(), N,
-                                          scale32.data_ptr<float>(), bd, od, threads);
+                                          scale32.get(), bd, od, threads);
         });
         if (out) return *out;
     }
@@ -145,10 +188,11 @@ at::Tensor lowbit_weight_mm(const at::Tensor& x, const at::Tensor& packed, const
         packed.is_cpu() && packed.scalar_type() == at::kByte && scale_zeros.dim() == 3 &&
         scale_zeros.size(0) == G && scale_zeros.size(1) == N &&
         takes_x_scale_bias(x, K, scale_zeros, G * N * 2, bias, N)) {
-        const at::Tensor packed_ = packed.contiguous(), scales32 = float32(scale_zeros);
+        const at::Tensor packed_ = packed.contiguous();
+        const Float32 scales32(scale_zeros);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_weight_mm((int)bits, xd, x.size(0), K, packed_.data_ptr<uint8_t>(), N,
-                                    scales32.data_ptr<float>(), G, bd, od, threads);
+                                    scales32.get(), G, bd, od, threads);
         });
         if (out) return *out;
     }
@@ -162,10 +206,11 @@ at::Tensor float8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::
     const auto format = w.scalar_type();
     if (enabled() && w.is_cpu() && (format == at::kFloat8_e4m3fn || format == at::kFloat8_e5m2) && w.dim() == 2 &&
         takes_x_scale_bias(x, K, scale, N, bias, N) && K > 0 && K <= limits.float8_max_in_features) {
-        const at::Tensor w_ = w.contiguous(), scale32 = float32(scale);
+        const at::Tensor w_ = w.contiguous();
+        const Float32 scale32(scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_float8_weight_mm(format == at::kFloat8_e4m3fn ? 0 : 1, xd, x.size(0), K,
-                                           static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.data_ptr<float>(),
+                                           static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.get(),
                                            bd, od, threads);
         });
         if (out) return *out;
@@ -185,10 +230,11 @@ at::Tensor float8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at:
     if (enabled() && w.is_cpu() && x_format >= 0 && w_format >= 0 && w.dim() == 2 &&
         takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && K > 0 &&
         K <= limits.float8_max_in_features) {
-        const at::Tensor w_ = w.contiguous(), scale32 = float32(w_scale);
+        const at::Tensor w_ = w.contiguous();
+        const Float32 scale32(w_scale);
         auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
             return quanto_float8_dynamic_mm(x_format, w_format, precision(x), xd, x.size(0), K,
-                                            static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.data_ptr<float>(),
+                                            static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.get(),
                                             bd, od, threads);
         });
         if (out) return *out;

@@ -36,7 +36,7 @@ INLINE float row_abs_max(const float* row, int64_t K) {
 // The dtype of x whose arithmetic a kernel reproduces while quantizing it: torch computes a float16 or
 // bfloat16 operation in float32 and rounds its result to the 16-bit dtype (half to even, subnormals kept;
 // bfloat16 by adding 0x7fff plus the kept bits' lowest to the bits, as c10::BFloat16 does, not with
-// vcvtneps2bf16, which flushes subnormals). Finite values only.
+// vcvtneps2bf16, which flushes subnormals). A NaN may come out as another value (narrow keeps it a NaN).
 enum Precision { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 };
 
 INLINE __m512 round_to(__m512 v, int precision) {
@@ -52,6 +52,37 @@ INLINE float round_to(float v, int precision) { return _mm512_cvtss_f32(round_to
 
 // torch.finfo(dtype).tiny: the smallest normal value, which QTensor.quantize's scales are clamped to.
 INLINE float smallest_normal(int precision) { return precision == FLOAT16 ? 0x1p-14f : FLT_MIN; }
+
+// n float16 (`precision` FLOAT16) or bfloat16 values as float32, exactly.
+INLINE void widen(const uint16_t* in, int precision, int64_t n, float* out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i*)(in + i));
+        const __m512 v = precision == FLOAT16 ? _mm512_cvtph_ps(h)
+                                              : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        _mm512_storeu_ps(out + i, v);
+    }
+    const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+    const __m256i h = _mm256_maskz_loadu_epi16(tail, in + i);
+    const __m512 v = precision == FLOAT16 ? _mm512_cvtph_ps(h)
+                                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm512_mask_storeu_ps(out + i, tail, v);
+}
+
+// n float32 values rounded to float16 or bfloat16 as torch's casts round them (half to even; overflow to
+// infinity; NaN stays NaN).
+INLINE void narrow(const float* in, int precision, int64_t n, uint16_t* out) {
+    const auto rounded = [precision](__m512 v) {
+        if (precision == FLOAT16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_to(v, BFLOAT16)), 16);
+        const __m512i nan = _mm512_set1_epi32(0x7fc0);  // c10::BFloat16's NaN: the rounding could carry past it
+        return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), bits, nan));
+    };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(out + i), rounded(_mm512_loadu_ps(in + i)));
+    const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(out + i, tail, rounded(_mm512_maskz_loadu_ps(tail, in + i)));
+}
 
 // The 8 sums of a[0] .. a[7] in one vector: a transposing tree of 23 shuffles and adds, where 8 separate
 // horizontal sums take ~70 dependent instructions (at K = 384 these made half of the GEMV's time).
