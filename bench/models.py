@@ -1,9 +1,11 @@
 """Whole-model benchmark on the CPU: an encoder (pretrained all-MiniLM-L6-v2, see examples/demo.py) and a
 Llama-style decoder block stack (examples/transformer.py's model, random weights), at batch 1 and 32:
-float32 eager vs quanto_fx W8A8 dynamic eager vs compiled with backend="quanto", plus torch.ao
-quantize_dynamic. Accuracy is the output's cosine similarity to float32; memory is the parameter bytes.
+float32 eager vs quanto_fx W8A8 dynamic eager vs compiled with backend="quanto", float8 (e4m3fn weights
+and dynamic activations) eager, plus torch.ao quantize_dynamic. Accuracy is the output's cosine similarity
+to float32; memory is the parameter bytes. ``--dtype bfloat16`` (or float16) runs the models in that dtype,
+the baseline and the reference being the 16-bit model (quantize_dynamic takes float32 only: not run).
 
-    .venv/bin/python bench/models.py [--repeats 5]
+    .venv/bin/python bench/models.py [--repeats 5] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import demo  # noqa: E402
 import transformer  # noqa: E402
 
 import quanto_fx  # noqa: E402
-from quanto_fx import freeze, quantize  # noqa: E402
+from quanto_fx import freeze, qfloat8_e4m3fn, quantize  # noqa: E402
 
 
 def parameter_bytes(model) -> int:
@@ -66,28 +68,30 @@ def decoder_inputs(batch: int):
 
 
 @torch.no_grad()
-def bench(name: str, model, inputs: dict, repeats: int) -> None:
+def bench(name: str, model, inputs: dict, repeats: int, dtype: torch.dtype) -> None:
     warnings.filterwarnings("ignore", module="torch.ao")
+    model = model.to(dtype)
     dynamic = freeze(quantize(model, activation_mode="dynamic", inplace=False))
-    variants = {
-        "float32 eager": model,
-        "torch.ao quantize_dynamic": torch.ao.quantization.quantize_dynamic(
+    float8 = {"weights": qfloat8_e4m3fn, "activations": qfloat8_e4m3fn, "activation_mode": "dynamic"}
+    variants = {f"{str(dtype).removeprefix('torch.')} eager": model}
+    if dtype == torch.float32:
+        variants["torch.ao quantize_dynamic"] = torch.ao.quantization.quantize_dynamic(
             model, {torch.nn.Linear}, torch.qint8
-        ),
-        "W8A8 dynamic eager": dynamic,
-        "W8A8 dynamic quanto": torch.compile(dynamic, backend="quanto"),
-    }
-    reference = as_float(model(**inputs)).flatten(1)
-    fp32_ms = None
+        )
+    variants["W8A8 dynamic eager"] = dynamic
+    variants["W8A8 dynamic quanto"] = torch.compile(dynamic, backend="quanto")
+    variants["e4m3fn dynamic eager"] = freeze(quantize(model, inplace=False, **float8))
+    reference = as_float(model(**inputs)).float().flatten(1)
+    float_ms = None
     print(f"\n{name}")
-    print(f"  {'variant':<28}{'ms':>9}{'vs fp32':>9}{'cosine':>9}{'param MB':>10}")
+    print(f"  {'variant':<28}{'ms':>9}{'vs float':>9}{'cosine':>9}{'param MB':>10}")
     for label, variant in variants.items():
-        out = as_float(variant(**inputs)).flatten(1)
+        out = as_float(variant(**inputs)).float().flatten(1)
         ms = median_ms(lambda v=variant: v(**inputs), repeats)
-        fp32_ms = fp32_ms or ms
+        float_ms = float_ms or ms
         cosine = F.cosine_similarity(out, reference).mean().item()
         size = parameter_bytes(variant) / 1e6 if label != "torch.ao quantize_dynamic" else float("nan")
-        print(f"  {label:<28}{ms:>9.1f}{ms / fp32_ms:>9.2f}{cosine:>9.4f}{size:>10.1f}")
+        print(f"  {label:<28}{ms:>9.1f}{ms / float_ms:>9.2f}{cosine:>9.4f}{size:>10.1f}")
 
 
 def main() -> None:
@@ -95,17 +99,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs")
     for batch in (1, 32):
         bench(
             f"encoder all-MiniLM-L6-v2, batch {batch} x {demo.SEQ_LEN} tokens",
             *encoder_inputs(batch),
             args.repeats,
+            dtype,
         )
-        bench(
-            f"Llama-style decoder (2 x 128), batch {batch} x 128 tokens", *decoder_inputs(batch), args.repeats
-        )
+        decoder = f"Llama-style decoder (2 x 128), batch {batch} x 128 tokens"
+        bench(decoder, *decoder_inputs(batch), args.repeats, dtype)
 
 
 if __name__ == "__main__":
