@@ -218,6 +218,23 @@ def test_float8_cpu_kernel_of_16_bit_x_is_the_torch_steps_bit_for_bit(dtype, k, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("w_dtype", FLOAT8)
+def test_float8_cpu_kernel_quantizing_x_inside_the_gemm_is_the_torch_steps_bit_for_bit(w_dtype):
+    """Past the float16 GEMV's rows, e4m3fn weights take x's rows quantized chunk by chunk inside the float16
+    GEMM (e5m2 ones all of x first): both are float8_mm's results on QTensor.quantize's codes, also where a
+    row of a later chunk is too small for float16 (1e-35: the whole call is redone in float32)."""
+    x, w, w_scale, bias, x_dtype = make_float8_layer(5500, 96, 24, torch.float8_e4m3fn, w_dtype)
+    for tiny_row in (False, True):
+        x[-1] *= 1e-35 if tiny_row else 1.0
+        rows = QTensor.quantize(x, x_dtype, axis=0)
+        expected = float8_mm(rows._data, w.t(), rows._scale, w_scale.reshape(1, -1), bias, torch.float32)
+        assert torch.equal(float8_dynamic_mm(x, w, w_scale, bias, x_dtype), expected)
+    x[-1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        float8_dynamic_mm(x, w, w_scale, bias, x_dtype)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
 def test_float8_cpu_call_does_not_enter_python(dtype):
     x, *rest = make_float8_layer(1, 128, 64, torch.float8_e4m3fn, torch.float8_e4m3fn)

@@ -309,26 +309,106 @@ bool cpu_has_fp16() {
 bool cpu_has_fp16() { return false; }
 #endif
 
-// x (M, K) as float16 rows scaled to |x| <= x_half_max (xh) and their scales (sx); false, for the float32
-// GEMV, when a row holds a NaN or an infinity (which float32 propagates) or cannot be scaled: max |x| < 1e-30,
-// or a scale that is not a normal float32 (flush-to-zero would zero it; with e5m2 weights, max |x| > ~5e36).
-bool x_to_half(const float* x, int64_t M, int64_t K, float x_half_max, uint16_t* xh, float* sx) {
-    for (int64_t m = 0; m < M; m++) {
-        const float* row = x + m * K;
-        const float amax = quanto_fx_cpu::row_abs_max(row, K);
-        if (isnan(amax)) return false;
-        if (amax > 0.f && (amax < 1e-30f || !isnormal(amax / x_half_max) || !isnormal(x_half_max / amax)))
-            return false;
-        sx[m] = amax > 0.f ? amax / x_half_max : 1.f;
-        const __m512 inverse = _mm512_set1_ps(amax > 0.f ? x_half_max / amax : 1.f);
-        for (int64_t k = 0; k < K; k += 16) {
-            const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), inverse);
-            _mm256_mask_storeu_epi16(xh + m * K + k, lanes, _mm512_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));
-        }
+// A row of K values of x as float16 scaled to |x| <= x_half_max (xh_row) and its scale (*sx); false, for the
+// float32 kernels, when it holds a NaN or an infinity (which float32 propagates) or cannot be scaled: max |x| <
+// 1e-30, or a scale that is not a normal float32 (flush-to-zero would zero it; with e5m2 weights, max |x| >
+// ~5e36).
+bool row_to_half(const float* row, int64_t K, float x_half_max, uint16_t* xh_row, float* sx) {
+    const float amax = quanto_fx_cpu::row_abs_max(row, K);
+    if (isnan(amax)) return false;
+    if (amax > 0.f && (amax < 1e-30f || !isnormal(amax / x_half_max) || !isnormal(x_half_max / amax)))
+        return false;
+    *sx = amax > 0.f ? amax / x_half_max : 1.f;
+    const __m512 inverse = _mm512_set1_ps(amax > 0.f ? x_half_max / amax : 1.f);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), inverse);
+        _mm256_mask_storeu_epi16(xh_row + k, lanes, _mm512_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));
     }
     return true;
 }
+
+// x (M, K) by row_to_half into xh (M, K) and sx (M).
+bool x_to_half(const float* x, int64_t M, int64_t K, float x_half_max, uint16_t* xh, float* sx) {
+    for (int64_t m = 0; m < M; m++)
+        if (!row_to_half(x + m * K, K, x_half_max, xh + m * K, sx + m)) return false;
+    return true;
+}
+
+// The formats' largest finite value, mantissa bits and smallest normal exponent.
+constexpr float FORMAT_MAX[2] = {448.f, 57344.f};
+constexpr int FORMAT_MANTISSA[2] = {3, 2}, FORMAT_MIN_EXPONENT[2] = {-6, -14};
+
+// A row of K float32 values of the dtype `precision` -> its dynamic float8 quantization, dequantized, into
+// `values`: scale = max(max|x| / FORMAT_MAX, finfo.tiny) and each value round(clamp(x / scale)) to the format's
+// grid (half to even, subnormals included) times scale: the same IEEE operations, rounded to `precision` as
+// torch rounds them (cpu_simd.h), as QTensor.quantize(x, qfloat8_*, axis=0) then the reference's
+// codes.float() * scale. Returns false when the row holds a NaN or an infinity.
+bool dequantized_float8_row(int format, int precision, const float* row, int64_t K, float* values) {
+    using quanto_fx_cpu::round_to;
+    const float qmax = FORMAT_MAX[format];
+    const int mantissa = FORMAT_MANTISSA[format], min_exponent = FORMAT_MIN_EXPONENT[format];
+    const float amax = quanto_fx_cpu::row_abs_max(row, K);
+    if (isnan(amax)) return false;
+    const float s = std::max(round_to(amax / qmax, precision), quanto_fx_cpu::smallest_normal(precision));
+    const __m512 vs = _mm512_set1_ps(s), vmax = _mm512_set1_ps(qmax), vmin = _mm512_set1_ps(-qmax);
+    const __m512 lowest = _mm512_set1_ps((float)min_exponent);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 quotient = round_to(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), precision);
+        const __m512 v = _mm512_min_ps(_mm512_max_ps(quotient, vmin), vmax);
+        // the grid's step at v: 2**(exponent - mantissa), the exponent no lower than the smallest normal one
+        const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(v), lowest);
+        const __m512 shift = _mm512_sub_ps(_mm512_set1_ps((float)mantissa), exponent);
+        const __m512 on_grid = _mm512_roundscale_ps(_mm512_scalef_ps(v, shift), _MM_FROUND_TO_NEAREST_INT);
+        const __m512 value = _mm512_scalef_ps(on_grid, _mm512_sub_ps(_mm512_setzero_ps(), shift));
+        _mm512_storeu_ps(values + k, _mm512_mul_ps(value, vs));
+    }
+    for (; k < K; k++) {
+        const float v = std::min(std::max(round_to(row[k] / s, precision), -qmax), qmax);
+        const int exponent = v == 0.f ? min_exponent : std::max(ilogbf(v), min_exponent);
+        values[k] = ldexpf(nearbyintf(ldexpf(v, mantissa - exponent)), exponent - mantissa) * s;
+    }
+    return true;
+}
+
+// x (M, K) by dequantized_float8_row into `values` (M, K), rows shared among the threads. Returns 1 when x
+// holds a NaN or an infinity.
+int dequantized_float8_rows(int format, int precision, const float* x, int64_t M, int64_t K, float* values,
+                            int threads) {
+    std::atomic<bool> bad{false};
+    quanto_fx_cpu::parallel_for(0, M, 1, M > 2 ? threads : 1, [&](int64_t m) {
+        if (!dequantized_float8_row(format, precision, x + m * K, K, values + m * K))
+            bad.store(true, std::memory_order_relaxed);
+    });
+    return bad.load();
+}
+
+// The rows of x the float16 GEMM converts (float8_gemm_fp16): float8_weight_mm's x as it is ...
+template <int FORMAT>
+struct GivenRows {
+    const float* x;
+    int64_t K;
+    const float* float32() const { return x; }  // for e5m2 blocks of small codes
+    bool to_half(int64_t m, uint16_t* xh_row, float* sx) const {
+        return row_to_half(x + m * K, K, x_half_max<FORMAT>(), xh_row, sx);
+    }
+};
+
+// ... or float8_dynamic_mm's x, each row quantized and dequantized (into a buffer of K floats per thread) on the
+// way, for e4m3fn weights (which need no float32 rows).
+struct DynamicRows {
+    const float* x;
+    int64_t K;
+    int x_format, precision;
+    float* buffers;
+    const float* float32() const { return nullptr; }
+    bool to_half(int64_t m, uint16_t* xh_row, float* sx) const {
+        float* values = buffers + omp_get_thread_num() * K;
+        return dequantized_float8_row(x_format, precision, x + m * K, K, values) &&
+               row_to_half(values, K, x_half_max<E4M3>(), xh_row, sx);
+    }
+};
 
 // -- GEMM (larger M) ------------------------------------------------------------------------------------
 //
@@ -507,7 +587,8 @@ FP16_TARGET void gather_panel_fp16(const uint8_t* weight, int64_t n0, int64_t K,
         panel[k] = panel_vector<FORMAT>(input_codes(rows, K, k, all_valid));
 }
 
-// out[m0 .. m0 + MR, n0 .. n0 + 31] over inputs k0 .. k0 + kc; the last block scales the sums and adds the bias.
+// out[m0 .. m0 + MR, n0 .. n0 + 31] over inputs k0 .. k0 + kc, xh and sx holding those rows' float16 values and
+// scales from row m0 on; the last block scales the sums and adds the bias.
 template <int MR>
 FP16_TARGET INLINE void gemm_tile_fp16(const __m512h* panel, const uint16_t* xh, const float* sx, int64_t K,
                                        int64_t k0, int64_t kc, int64_t m0, const __m512* column_scales,
@@ -517,7 +598,7 @@ FP16_TARGET INLINE void gemm_tile_fp16(const __m512h* panel, const uint16_t* xh,
     for (int i = 0; i < MR; i++)
         for (int h = 0; h < 2; h++)
             acc[i][h] = k0 ? _mm512_maskz_loadu_ps(valid[h], out + (m0 + i) * N + n0 + 16 * h) : _mm512_setzero_ps();
-    const _Float16* x = reinterpret_cast<const _Float16*>(xh) + m0 * K + k0;
+    const _Float16* x = reinterpret_cast<const _Float16*>(xh) + k0;
     for (int64_t block = 0; block < kc; block += FP16_GEMM_BLOCK) {
         __m512h sums[MR];
         for (int i = 0; i < MR; i++) sums[i] = _mm512_setzero_ph();
@@ -533,14 +614,15 @@ FP16_TARGET INLINE void gemm_tile_fp16(const __m512h* panel, const uint16_t* xh,
     const bool last = k0 + kc == K;
     for (int i = 0; i < MR; i++)
         for (int h = 0; h < 2; h++) {
-            const __m512 scaled = _mm512_mul_ps(acc[i][h], _mm512_set1_ps(sx[m0 + i]));
+            const __m512 scaled = _mm512_mul_ps(acc[i][h], _mm512_set1_ps(sx[i]));
             const __m512 value = last ? _mm512_fmadd_ps(scaled, column_scales[h], column_bias[h]) : acc[i][h];
             _mm512_mask_storeu_ps(out + (m0 + i) * N + n0 + 16 * h, valid[h], value);
         }
 }
 
-// Rows first .. last of x times weight rows n0 .. n0 + 31 (those below N). e5m2: x (float32) and a float32
-// panel (K * GEMM_COLUMN_BLOCKS vectors) for blocks of small codes.
+// Rows first .. last of x (their float16 values and scales in xh and sx from row first on) times weight rows
+// n0 .. n0 + 31 (those below N). e5m2: x (float32) and a float32 panel (K * GEMM_COLUMN_BLOCKS vectors) for
+// blocks of small codes.
 template <int FORMAT>
 FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const float* x, const uint16_t* xh, const float* sx,
                                  int64_t first, int64_t last, int64_t K, const float* scale, const float* bias,
@@ -566,18 +648,26 @@ FP16_TARGET void gemm_block_fp16(const uint8_t* weight, const float* x, const ui
         gather_panel_fp16<FORMAT>(weight, n0, K, k0, kc, valid, panel);
         int64_t m = first;
         for (; m + FP16_GEMM_ROWS <= last; m += FP16_GEMM_ROWS)
-            gemm_tile_fp16<FP16_GEMM_ROWS>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
+            gemm_tile_fp16<FP16_GEMM_ROWS>(panel, xh + (m - first) * K, sx + (m - first), K, k0, kc, m, column_scales,
+                                           column_bias, valid, out, N, n0);
         for (; m < last; m++)
-            gemm_tile_fp16<1>(panel, xh, sx, K, k0, kc, m, column_scales, column_bias, valid, out, N, n0);
+            gemm_tile_fp16<1>(panel, xh + (m - first) * K, sx + (m - first), K, k0, kc, m, column_scales, column_bias,
+                              valid, out, N, n0);
     }
 }
 
-template <int FORMAT>
-FP16_TARGET void float8_gemm_fp16(const float* x, const uint16_t* xh, const float* sx, int64_t M, int64_t K,
-                                  const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
-                                  int threads) {
+// x's rows are converted to float16 (Rows::to_half) one chunk at a time by the threads, before they run over it:
+// converting all of x first, on one thread, into a fresh M x K workspace took ~60% of the time at M = 4096,
+// K = 4096, N = 128 (2.2x the fp32 GEMM's time). Returns false, out partly written, when a row cannot be
+// scaled: the caller then runs the float32 GEMM, which writes all of out.
+template <int FORMAT, class Rows>
+FP16_TARGET bool float8_gemm_fp16(const Rows& rows, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
+                                  const float* scale, const float* bias, float* out, int threads) {
     const int64_t blocks = (N + 31) / 32;
     const int64_t chunk = std::max<int64_t>(FP16_GEMM_ROWS, FP16_GEMM_X_CHUNK_BYTES / (2 * K));
+    const auto xh = quanto_fx_cpu::aligned_workspace<uint16_t>(std::min(M, chunk) * K);
+    std::unique_ptr<float[]> sx(new float[std::min(M, chunk)]);
+    std::atomic<bool> scalable{true};
     // Per thread, allocated outside the team: the float16 panel, and for e5m2 a float32 one (see above).
     const int64_t panel32_vectors = FORMAT == E5M2 ? K * GEMM_COLUMN_BLOCKS : 0;
     std::unique_ptr<Vector[]> panels(new Vector[threads * (FP16_GEMM_KC + panel32_vectors)]);
@@ -587,11 +677,20 @@ FP16_TARGET void float8_gemm_fp16(const float* x, const uint16_t* xh, const floa
         __m512* panel32 = reinterpret_cast<__m512*>(own + FP16_GEMM_KC);
         for (int64_t first = 0; first < M; first += chunk) {
             const int64_t last = std::min(M, first + chunk);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(static)
+            for (int64_t m = first; m < last; m++)
+                if (!rows.to_half(m, xh.get() + (m - first) * K, &sx[m - first]))
+                    scalable.store(false, std::memory_order_relaxed);
+            // past the loop's barrier every thread reads the same value (none is written until the next one)
+            if (!scalable.load(std::memory_order_relaxed)) break;
+#pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++)
-                gemm_block_fp16<FORMAT>(weight, x, xh, sx, first, last, K, scale, bias, out, N, 32 * b, panel, panel32);
+                gemm_block_fp16<FORMAT>(weight, rows.float32(), xh.get(), sx.get(), first, last, K, scale, bias, out,
+                                        N, 32 * b, panel, panel32);
+            // (the loop's barrier: the next chunk's conversion overwrites xh)
         }
     });
+    return scalable.load();
 }
 #endif
 
@@ -626,52 +725,6 @@ int e5m2_x_shift(const float* x, int64_t M, int64_t K) {
 // 64 x 512 at M = 4, 9.1 / 7.3 us; 256 x 256 at M = 1, 5.4 / 5.6 us, at M = 2, 6.7 / 6.2 us).
 constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;
 
-// The formats' largest finite value, mantissa bits and smallest normal exponent.
-constexpr float FORMAT_MAX[2] = {448.f, 57344.f};
-constexpr int FORMAT_MANTISSA[2] = {3, 2}, FORMAT_MIN_EXPONENT[2] = {-6, -14};
-
-// x (M, K) float32 values of the dtype `precision` -> its dynamic float8 quantization, dequantized, into
-// `values`: per row scale = max(max|x| / FORMAT_MAX, finfo.tiny) and each value round(clamp(x / scale)) to the
-// format's grid (half to even, subnormals included) times scale: the same IEEE operations, rounded to
-// `precision` as torch rounds them (cpu_simd.h), as QTensor.quantize(x, qfloat8_*, axis=0) then the
-// reference's codes.float() * scale. Returns 1 when x holds a NaN or an infinity.
-int dequantized_float8_rows(int format, int precision, const float* x, int64_t M, int64_t K, float* values,
-                            int threads) {
-    using quanto_fx_cpu::round_to;
-    const float qmax = FORMAT_MAX[format];
-    const int mantissa = FORMAT_MANTISSA[format], min_exponent = FORMAT_MIN_EXPONENT[format];
-    std::atomic<bool> bad{false};
-    quanto_fx_cpu::parallel_for(0, M, 1, M > 2 ? threads : 1, [&](int64_t m) {
-        const float* row = x + m * K;
-        float* out = values + m * K;
-        const float amax = quanto_fx_cpu::row_abs_max(row, K);
-        if (isnan(amax)) {
-            bad.store(true, std::memory_order_relaxed);
-            return;
-        }
-        const float s = std::max(round_to(amax / qmax, precision), quanto_fx_cpu::smallest_normal(precision));
-        const __m512 vs = _mm512_set1_ps(s), vmax = _mm512_set1_ps(qmax), vmin = _mm512_set1_ps(-qmax);
-        const __m512 lowest = _mm512_set1_ps((float)min_exponent);
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            const __m512 quotient = round_to(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), precision);
-            const __m512 v = _mm512_min_ps(_mm512_max_ps(quotient, vmin), vmax);
-            // the grid's step at v: 2**(exponent - mantissa), the exponent no lower than the smallest normal one
-            const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(v), lowest);
-            const __m512 shift = _mm512_sub_ps(_mm512_set1_ps((float)mantissa), exponent);
-            const __m512 on_grid = _mm512_roundscale_ps(_mm512_scalef_ps(v, shift), _MM_FROUND_TO_NEAREST_INT);
-            const __m512 value = _mm512_scalef_ps(on_grid, _mm512_sub_ps(_mm512_setzero_ps(), shift));
-            _mm512_storeu_ps(out + k, _mm512_mul_ps(value, vs));
-        }
-        for (; k < K; k++) {
-            const float v = std::min(std::max(round_to(row[k] / s, precision), -qmax), qmax);
-            const int exponent = v == 0.f ? min_exponent : std::max(ilogbf(v), min_exponent);
-            out[k] = ldexpf(nearbyintf(ldexpf(v, mantissa - exponent)), exponent - mantissa) * s;
-        }
-    });
-    return bad.load();
-}
-
 }  // namespace
 
 extern "C" {
@@ -703,18 +756,20 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
         x = scaled_x.get(), scale = scaled_scale.get();
     }
 #if QUANTO_HAS_FP16_INTRINSICS
-    if (path == FLOAT16_GEMV || path == FLOAT16_GEMM) {
+    if (path == FLOAT16_GEMM) {
+        const bool done =
+            format == E4M3 ? float8_gemm_fp16<E4M3>(GivenRows<E4M3>{x, K}, M, K, weight, N, scale, bias, out, threads)
+                           : float8_gemm_fp16<E5M2>(GivenRows<E5M2>{x, K}, M, K, weight, N, scale, bias, out, threads);
+        if (done) return 0;
+    }
+    if (path == FLOAT16_GEMV) {
         const auto xh = quanto_fx_cpu::aligned_workspace<uint16_t>(M * K);
         std::unique_ptr<float[]> sx(new float[M]);
         const float x_max = format == E4M3 ? x_half_max<E4M3>() : x_half_max<E5M2>();
         if (x_to_half(x, M, K, x_max, xh.get(), sx.get())) {
-            if (path == FLOAT16_GEMM && format == E4M3)
-                float8_gemm_fp16<E4M3>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
-            if (path == FLOAT16_GEMM && format == E5M2)
-                float8_gemm_fp16<E5M2>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
-            if (path == FLOAT16_GEMV && format == E4M3)
+            if (format == E4M3)
                 float8_gemv_fp16<E4M3>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
-            if (path == FLOAT16_GEMV && format == E5M2)
+            else
                 float8_gemv_fp16<E5M2>(x, xh.get(), sx.get(), M, K, weight, N, scale, bias, out, threads);
             return 0;
         }
@@ -738,9 +793,18 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
 int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const float* x, int64_t M, int64_t K,
                              const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
                              int threads) try {
-    const auto values = quanto_fx_cpu::aligned_workspace<float>(M * K);
     // a second thread for x's rows only where the GEMM takes one too (a team costs more on small layers)
     const int x_threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
+#if QUANTO_HAS_FP16_INTRINSICS
+    // e4m3fn weights on the float16 GEMM: x's rows quantized inside it, chunk by chunk, where writing all of them
+    // first (M x K float32, then read back) made the op 1.6x float8_weight_mm's time at M = 4096, K = 4096
+    if (w_format == E4M3 && path_for(M) == FLOAT16_GEMM) {
+        const auto buffers = quanto_fx_cpu::aligned_workspace<float>(x_threads * K);
+        const DynamicRows rows{x, K, x_format, precision, buffers.get()};
+        if (float8_gemm_fp16<E4M3>(rows, M, K, weight, N, scale, bias, out, x_threads)) return 0;
+    }  // else (a row that float16 cannot scale, or not finite) as below, which finds it again
+#endif
+    const auto values = quanto_fx_cpu::aligned_workspace<float>(M * K);
     if (dequantized_float8_rows(x_format, precision, x, M, K, values.get(), x_threads)) return 1;
     return quanto_float8_weight_mm(w_format, values.get(), M, K, weight, N, scale, bias, out, threads);
 } catch (const std::bad_alloc&) {
