@@ -788,8 +788,9 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
 
 // QLinear's dynamic float8 forward: x (M, K) float32 values of the dtype `precision` (Precision in cpu_simd.h)
 // quantized per row to `x_format` in that dtype's arithmetic (see dequantized_float8_rows), times W (N, K) in
-// `w_format` as quanto_float8_weight_mm computes it. Returns 1, out untouched, when x holds a NaN or an
-// infinity; 2 when a workspace cannot be allocated.
+// `w_format` as quanto_float8_weight_mm computes it. Returns 1 when x holds a NaN or an infinity (out then
+// holds no result: the float16 GEMM may have written the chunks before that row); 2 when a workspace cannot be
+// allocated.
 int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const float* x, int64_t M, int64_t K,
                              const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
                              int threads) try {

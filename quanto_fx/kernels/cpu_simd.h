@@ -176,7 +176,11 @@ struct Free {
             kept.total -= kept.blocks.front().bytes;
             kept.blocks.erase(kept.blocks.begin());
         }
-        kept.blocks.push_back({data, bytes});
+        try {
+            kept.blocks.push_back({data, bytes});
+        } catch (const std::bad_alloc&) {  // a deleter must not throw: the block is freed instead
+            return free(data);
+        }
         kept.total += bytes;
     }
 };
