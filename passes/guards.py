@@ -120,9 +120,9 @@ def check_rescale_16bit(match: Match) -> str | None:
     return None
 
 
-def check_weight_only(match: Match) -> str | None:
-    """x @ (float(w) * scale).T [+ bias]: int8 or float8 (N, K) weight, per-output-channel scale, one float
-    dtype."""
+def _weight_only_operands_reason(match: Match) -> str | None:
+    """What the weight-only rules share: an int8 or float8 (N, K) weight transposed, a per-output-channel
+    scale, a bias of x's dtype."""
     x, w, scale = value(match, "x"), value(match, "w"), value(match, "scale")
     if w.dtype not in (torch.int8, *FLOAT8_DTYPES) or w.ndim != 2 or x.ndim != 2:
         return f"the weight is {w.dtype} {w.ndim}-d (int8 or float8 2-d needed), the input {x.ndim}-d"
@@ -130,14 +130,39 @@ def check_weight_only(match: Match) -> str | None:
     for permute in _nodes(match, aten.permute.default):
         if [dim % 2 for dim in permute.args[1]] != [1, 0]:
             return f"permute dims {list(permute.args[1])} are not a transpose"
-    (to_float,) = _nodes(match, prims.convert_element_type.default)
-    if x.dtype not in RESCALE_DTYPES or to_float.args[1] != x.dtype or scale.dtype != x.dtype:
-        return f"dequantized to {to_float.args[1]} by a {scale.dtype} scale for a {x.dtype} input"
     if tuple(scale.shape) != (w.shape[0], 1):
         return f"the weight scale shaped {tuple(scale.shape)} is not per output channel ({w.shape[0]}, 1)"
     bias = value(match, "bias")
     if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (w.shape[0],)):
         return f"the bias ({bias.dtype}, {tuple(bias.shape)}) is not a {x.dtype} ({w.shape[0]},) vector"
+    return None
+
+
+def check_weight_only(match: Match) -> str | None:
+    """x @ (float(w) * scale).T [+ bias]: int8 or float8 (N, K) weight, per-output-channel scale, one float
+    dtype."""
+    if (reason := _weight_only_operands_reason(match)) is not None:
+        return reason
+    x, scale = value(match, "x"), value(match, "scale")
+    (to_float,) = _nodes(match, prims.convert_element_type.default)
+    if x.dtype not in RESCALE_DTYPES or to_float.args[1] != x.dtype or scale.dtype != x.dtype:
+        return f"dequantized to {to_float.args[1]} by a {scale.dtype} scale for a {x.dtype} input"
+    return None
+
+
+def check_weight_only_16bit(match: Match) -> str | None:
+    """x @ x16(f32(w) * f32(scale)).T [+ bias]: as check_weight_only in a bfloat16 / float16 model whose
+    weight is dequantized in float32 (float8 -> 16-bit casts decompose through float32) and rounded to x's
+    dtype, the scale in that dtype."""
+    if (reason := _weight_only_operands_reason(match)) is not None:
+        return reason
+    x, scale = value(match, "x"), value(match, "scale")
+    converts = [node.args[1] for node in _nodes(match, prims.convert_element_type.default)]
+    if x.dtype not in (torch.float16, torch.bfloat16) or scale.dtype != x.dtype:
+        return f"a {scale.dtype} scale for a {x.dtype} input, not one 16-bit dtype"
+    if converts.count(torch.float32) != 2 or converts.count(x.dtype) != 1:
+        targets = [str(dtype) for dtype in converts]
+        return f"the chain converts to {targets}, not weight and scale to float32, then to {x.dtype}"
     return None
 
 

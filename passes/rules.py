@@ -196,6 +196,28 @@ def weight_only_transposed_bias_pattern(x, w, scale, bias):
     return torch.addmm(bias, x, w.permute(1, 0).to(torch.float32) * scale.permute(1, 0))
 
 
+# In a bfloat16 / float16 model a float8 weight is dequantized in float32 (float8 -> 16-bit casts decompose
+# through float32) and rounded to the model's dtype; the kernels take the codes and scales unrounded
+def weight_only_16bit_pattern(x, w, scale):
+    return torch.mm(x, (w.to(torch.float32) * scale.to(torch.float32)).to(torch.bfloat16).permute(1, 0))
+
+
+def weight_only_16bit_bias_pattern(x, w, scale, bias):
+    return torch.addmm(
+        bias, x, (w.to(torch.float32) * scale.to(torch.float32)).to(torch.bfloat16).permute(1, 0)
+    )
+
+
+def weight_only_transposed_16bit_pattern(x, w, scale):
+    dequantized = w.permute(1, 0).to(torch.float32) * scale.permute(1, 0).to(torch.float32)
+    return torch.mm(x, dequantized.to(torch.bfloat16))
+
+
+def weight_only_transposed_16bit_bias_pattern(x, w, scale, bias):
+    dequantized = w.permute(1, 0).to(torch.float32) * scale.permute(1, 0).to(torch.float32)
+    return torch.addmm(bias, x, dequantized.to(torch.bfloat16))
+
+
 # -- stage "sink": relu(reshape(fused)) -> reshape(relu(fused)), so the epilogue stage sees them adjacent ----
 
 
@@ -304,6 +326,20 @@ RULES: tuple[Rule, ...] = (
          weight_only_bias_replacement,
          lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1), _f32(_N)], guards.check_weight_only,
          "as weight_only_transposed, + bias"),
+    Rule("weight_only_16bit", "fuse", weight_only_16bit_pattern, weight_only_replacement,
+         lambda: [_bf16(_M, _K), _i8(_N, _K), _bf16(_N, 1)], guards.check_weight_only_16bit,
+         "as weight_only in a bfloat16 / float16 model, a float8 weight dequantized in float32"),
+    Rule("weight_only_16bit_bias", "fuse", weight_only_16bit_bias_pattern, weight_only_bias_replacement,
+         lambda: [_bf16(_M, _K), _i8(_N, _K), _bf16(_N, 1), _bf16(_N)], guards.check_weight_only_16bit,
+         "as weight_only_16bit, + bias"),
+    Rule("weight_only_transposed_16bit", "fuse", weight_only_transposed_16bit_pattern,
+         weight_only_replacement,
+         lambda: [_bf16(_M, _K), _i8(_N, _K), _bf16(_N, 1)], guards.check_weight_only_16bit,
+         "as weight_only_transposed in a bfloat16 / float16 model"),
+    Rule("weight_only_transposed_16bit_bias", "fuse", weight_only_transposed_16bit_bias_pattern,
+         weight_only_bias_replacement,
+         lambda: [_bf16(_M, _K), _i8(_N, _K), _bf16(_N, 1), _bf16(_N)], guards.check_weight_only_16bit,
+         "as weight_only_transposed_16bit, + bias"),
     Rule("sink_requantize_relu", "sink", sink_requantize_relu_pattern, sink_requantize_relu_replacement,
          lambda: [_i8(_M, _N)], guards.check_sink_requantize,
          "relu(reshape(requantize)) -> reshape(relu(requantize))"),
