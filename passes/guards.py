@@ -166,6 +166,50 @@ def check_weight_only_16bit(match: Match) -> str | None:
     return None
 
 
+def float8_activation_dtype(match: Match) -> torch.dtype:
+    """The float8 dtype x is rounded to in a float8_dynamic match."""
+    converts = (node.args[1] for node in _nodes(match, prims.convert_element_type.default))
+    return next(dtype for dtype in converts if dtype in FLOAT8_DTYPES)
+
+
+def check_float8_dynamic(match: Match) -> str | None:
+    """float8_weight_mm(f32(f8(clamp(x / s, +-qmax))) * s) with s = max(max|x| / qmax, tiny) per row of a
+    2-d x: QTensor.quantize(x, float8, axis=0)'s constants for x's dtype (a 16-bit x: the quotient clamped in
+    float32 and rounded back, the dequantized rows rounded to x's dtype), as float8_dynamic_mm computes
+    them."""
+    x, w_scale, bias = value(match, "x"), value(match, "w_scale"), value(match, "bias")
+    x_dtype = float8_activation_dtype(match)
+    qmax, tiny = torch.finfo(x_dtype).max, torch.finfo(x.dtype).tiny
+    if x.ndim != 2 or x.dtype not in RESCALE_DTYPES:
+        return f"x is {x.dtype} {x.ndim}-d, not a 2-d float"
+    for reduction in (*_nodes(match, aten.amin.default), *_nodes(match, aten.amax.default)):
+        if [dim % 2 for dim in reduction.args[1]] != [1] or reduction.args[2] is not True:
+            return f"{reduction.target} over dims {reduction.args[1]}, not each row (keepdim)"
+    (to_scale,) = (
+        node for node in _nodes(match, aten.div.Tensor) if not isinstance(node.args[1], torch.fx.Node)
+    )
+    (floor,) = (node for node in _nodes(match, aten.clamp_min.default) if node.args[0] is to_scale)
+    if to_scale.args[1] != qmax or floor.args[1] != tiny:
+        return f"scale = max|x| / {to_scale.args[1]} at least {floor.args[1]}, not / {qmax} at least {tiny}"
+    bounds = [
+        node.args[1]
+        for node in (*_nodes(match, aten.clamp_min.default), *_nodes(match, aten.clamp_max.default))
+    ]
+    if sorted(bounds) != sorted([-qmax, qmax, tiny]):
+        return f"clamp bounds {bounds}, not +-{qmax}"
+    converts = [node.args[1] for node in _nodes(match, prims.convert_element_type.default)]
+    expected = (
+        [x_dtype, torch.float32]
+        if x.dtype == torch.float32
+        else [torch.float32] * 3 + [x.dtype] * 2 + [x_dtype]
+    )
+    if sorted(map(str, converts)) != sorted(map(str, expected)):
+        return f"the chain converts to {[str(d) for d in converts]}, not {[str(d) for d in expected]}"
+    if w_scale.ndim != 1 or (bias is not None and bias.dtype != x.dtype):
+        return f"a {w_scale.ndim}-d weight scale or a {getattr(bias, 'dtype', None)} bias for a {x.dtype} x"
+    return None
+
+
 def check_relu_bound(match: Match) -> str | None:
     """clamp_min(int8, 0) is a relu only with the bound 0."""
     (clamp_min,) = _nodes(match, aten.clamp_min.default)

@@ -80,7 +80,10 @@ def _rewrite(rule: Rule, match: Match, *args, **kwargs) -> None:
     ]
     out = match.output_node().meta["val"]
     matched = [n.name for n in match.nodes]
-    match.replace_by_example(functools.partial(rule.replacement, out=out), [kwargs[name] for name in names])
+    replacement = functools.partial(rule.replacement, out=out)
+    if "match" in inspect.signature(rule.replacement).parameters:  # constants the pattern cannot pass
+        replacement = functools.partial(replacement, match=match)
+    match.replace_by_example(replacement, [kwargs[name] for name in names])
     counters[rule.name] += 1
     if (report := _report()) is not None:
         report.fused.append({"rule": rule.name, "stage": rule.stage, "nodes": matched})

@@ -3,8 +3,9 @@ replaces it. Patterns are plain eager functions; inductor's pattern matcher trac
 (constants such as clamp bounds and dtypes become wildcards, so each rule's ``check`` verifies them).
 
 Stages, in order: "fuse" rewrites int8 GEMM chains and int8 / float8 weight-only GEMMs into fused ops;
-"sink" moves a relu that follows a fused op through the reshape between them; "epilogue" folds that relu
-into the fused op. See README.md for the invariants every rule keeps.
+"activations" folds x's dynamic float8 quantization into a fused float8 GEMM; "sink" moves a relu that
+follows a fused op through the reshape between them; "epilogue" folds that relu into the fused op. See
+README.md for the invariants every rule keeps.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from quanto_fx.kernels import float8_weight_mm, int8_mm_requantize, int8_mm_rescale, int8_weight_mm
+from quanto_fx.kernels import (
+    float8_dynamic_mm,
+    float8_weight_mm,
+    int8_mm_requantize,
+    int8_mm_rescale,
+    int8_weight_mm,
+)
 
 from . import guards
 
@@ -41,7 +48,9 @@ class Rule:
     comment: str
     # Under fusion="auto", the device types where the rule fires (None: all). The int8 GEMM rules fire on
     # CUDA only: on the CPU the fused op is aten._int_mm plus an epilogue in torch ops, while inductor fuses
-    # the same epilogue into one C++ loop, 1.1-1.5x faster per layer (bench/RESULTS.md).
+    # the same epilogue into one C++ loop, 1.1-1.5x faster per layer (bench/RESULTS.md). The float8_dynamic
+    # rules fire on the CPU only: on CUDA the op would run x's quantization as separate torch kernels where
+    # inductor fuses it into one (not timed on a GPU).
     auto_devices: tuple[str, ...] | None = None
 
 
@@ -55,6 +64,10 @@ def _f32(*shape):
 
 def _bf16(*shape):
     return torch.empty(shape, dtype=torch.bfloat16)
+
+
+def _f8(*shape):
+    return torch.empty(shape, dtype=torch.float8_e4m3fn)
 
 
 def _i32(*shape):
@@ -218,6 +231,51 @@ def weight_only_transposed_16bit_bias_pattern(x, w, scale, bias):
     return torch.addmm(bias, x, dequantized.to(torch.bfloat16))
 
 
+# -- stage "activations": x's dynamic float8 quantization folded into the float8 GEMM -------------------
+
+
+# float8_weight_mm(f32(f8(clamp(x / s))) * s) with s = max|x| / qmax per row -> float8_dynamic_mm(x): the
+# C++ kernel quantizes x as the runtime does (inductor's code took ~4 ns a value for that rounding)
+def _float8_rows(x):
+    peak = torch.maximum(-x.amin(1, keepdim=True), x.amax(1, keepdim=True))
+    x_scale = (peak / 448.0).clamp_min(1e-38)
+    codes = (x / x_scale).clamp_min(-448.0).clamp_max(448.0).to(torch.float8_e4m3fn)
+    return codes.to(torch.float32) * x_scale
+
+
+# The same in a bfloat16 / float16 model: the clamp in float32, the dequantization in float32 then rounded
+def _float8_rows_16bit(x):
+    peak = torch.maximum(-x.amin(1, keepdim=True), x.amax(1, keepdim=True))
+    x_scale = (peak / 448.0).clamp_min(1e-38)
+    quotient = (x / x_scale).to(torch.float32).clamp_min(-448.0).clamp_max(448.0).to(torch.bfloat16)
+    rows = quotient.to(torch.float8_e4m3fn).to(torch.float32) * x_scale.to(torch.float32)
+    return rows.to(torch.bfloat16)
+
+
+def float8_dynamic_pattern(x, w, w_scale):
+    return float8_weight_mm(_float8_rows(x), w, w_scale, None)
+
+
+def float8_dynamic_bias_pattern(x, w, w_scale, bias):
+    return float8_weight_mm(_float8_rows(x), w, w_scale, bias)
+
+
+def float8_dynamic_16bit_pattern(x, w, w_scale):
+    return float8_weight_mm(_float8_rows_16bit(x), w, w_scale, None)
+
+
+def float8_dynamic_16bit_bias_pattern(x, w, w_scale, bias):
+    return float8_weight_mm(_float8_rows_16bit(x), w, w_scale, bias)
+
+
+def float8_dynamic_replacement(x, w, w_scale, *, out, match):
+    return float8_dynamic_mm(x, w, w_scale, None, guards.float8_activation_dtype(match))
+
+
+def float8_dynamic_bias_replacement(x, w, w_scale, bias, *, out, match):
+    return float8_dynamic_mm(x, w, w_scale, bias, guards.float8_activation_dtype(match))
+
+
 # -- stage "sink": relu(reshape(fused)) -> reshape(relu(fused)), so the epilogue stage sees them adjacent ----
 
 
@@ -278,7 +336,7 @@ def rescale_bias_relu_replacement(a, b, a_scale, b_scale, bias, *, out):
 # -- the table --------------------------------------------------------------------------------------------
 
 _M, _K, _N = 8, 16, 8
-_CUDA = ("cuda",)
+_CUDA, _CPU = ("cuda",), ("cpu",)
 
 RULES: tuple[Rule, ...] = (
     Rule("requantize", "fuse", requantize_pattern, requantize_replacement,
@@ -340,6 +398,19 @@ RULES: tuple[Rule, ...] = (
          weight_only_bias_replacement,
          lambda: [_bf16(_M, _K), _i8(_N, _K), _bf16(_N, 1), _bf16(_N)], guards.check_weight_only_16bit,
          "as weight_only_transposed_16bit, + bias"),
+    Rule("float8_dynamic", "activations", float8_dynamic_pattern, float8_dynamic_replacement,
+         lambda: [_f32(_M, _K), _f8(_N, _K), _f32(_N)], guards.check_float8_dynamic,
+         "x's per-row float8 quantization and the float8 weight GEMM in one op", auto_devices=_CPU),
+    Rule("float8_dynamic_bias", "activations", float8_dynamic_bias_pattern, float8_dynamic_bias_replacement,
+         lambda: [_f32(_M, _K), _f8(_N, _K), _f32(_N), _f32(_N)], guards.check_float8_dynamic,
+         "as float8_dynamic, + bias", auto_devices=_CPU),
+    Rule("float8_dynamic_16bit", "activations", float8_dynamic_16bit_pattern, float8_dynamic_replacement,
+         lambda: [_bf16(_M, _K), _f8(_N, _K), _bf16(_N)], guards.check_float8_dynamic,
+         "as float8_dynamic in a bfloat16 / float16 model", auto_devices=_CPU),
+    Rule("float8_dynamic_16bit_bias", "activations", float8_dynamic_16bit_bias_pattern,
+         float8_dynamic_bias_replacement,
+         lambda: [_bf16(_M, _K), _f8(_N, _K), _bf16(_N), _bf16(_N)], guards.check_float8_dynamic,
+         "as float8_dynamic_16bit, + bias", auto_devices=_CPU),
     Rule("sink_requantize_relu", "sink", sink_requantize_relu_pattern, sink_requantize_relu_replacement,
          lambda: [_i8(_M, _N)], guards.check_sink_requantize,
          "relu(reshape(requantize)) -> reshape(relu(requantize))"),
@@ -360,4 +431,4 @@ RULES: tuple[Rule, ...] = (
          "relu folded into rescale with bias"),
 )  # fmt: skip
 
-STAGES: tuple[str, ...] = ("fuse", "sink", "epilogue")
+STAGES: tuple[str, ...] = ("fuse", "activations", "sink", "epilogue")

@@ -15,6 +15,7 @@ from torch.testing import FileCheck
 
 import quanto_fx
 from quanto_fx import QTensor, calibration, freeze, quantize
+from quanto_fx.kernels import float8_dynamic_mm, float8_weight_mm
 from quanto_fx.kernels.cpu_float8_mm import FLOAT16_ERROR
 from quanto_fx.passes import counters
 
@@ -398,26 +399,54 @@ def test_weight_only_chains_are_fused_into_the_weight_only_kernels(wqtype, dtype
         (quanto_fx.qfloat8_e4m3fn, torch.float16, "weight_only_transposed_16bit_bias"),
     ],
 )
-def test_float8_activation_chains_are_fused_into_the_float8_weight_kernel(fqtype, dtype, rule):
-    """Dynamic float8 activations: x's float8 rounding compiles into inductor's code; the GEMM on the
-    dequantized weight (transposed first) becomes float8_weight_mm instead of converting the whole weight to
-    float32 on every call (3-5x the fp32 model's time before the rule; 16-bit models: 1.6-2.8x). In a 16-bit
-    model inductor computes x / scale in float32 where eager rounds it to 16 bits, which can move a code by
-    one float8 step: the compiled model must stay as close to float as eager."""
+def test_float8_activation_chains_become_the_dynamic_float8_op(fqtype, dtype, rule):
+    """Dynamic float8 activations: the GEMM on the dequantized weight (transposed first) becomes
+    float8_weight_mm instead of converting the whole weight to float32 on every call (3-5x the fp32 model's
+    time before the rule; 16-bit models: 1.6-2.8x); then, on the CPU, x's float8 quantization folds into it
+    as float8_dynamic_mm, the op eager inference calls: the compiled model is the eager one bit for bit
+    (inductor's own rounding of x had taken ~4 ns a value and, in 16-bit models, skipped the quotient's
+    16-bit rounding)."""
     model = mlp().to(dtype)
     settings = {"weights": fqtype, "activations": fqtype, "activation_mode": "dynamic"}
     q = freeze(quantize(model, inplace=False, **settings))
     x = torch.randn(2, 5, 64, dtype=dtype)
     with torch.no_grad():
-        eager, reference = q(x), model.float()(x.float())
+        eager = q(x)
     counters.clear()
     out, code = compile_and_run(q, x)
-    assert counters[rule] == 2
-    assert "quanto_fx.float8_weight_mm" in code and "extern_kernels.addmm" not in code
-    assert out.dtype == dtype
-    if dtype == torch.float32:
-        assert_close_to_max(out, eager, FLOAT16_ERROR)
-    assert sqnr(reference, out) >= sqnr(reference, eager) - 1.0
+    dynamic_rule = "float8_dynamic_bias" if dtype == torch.float32 else "float8_dynamic_16bit_bias"
+    assert counters[rule] == 2 and counters[dynamic_rule] == 2
+    FileCheck().check_count("torch.ops.quanto_fx.float8_dynamic_mm.default(", 2, exactly=True).run(code)
+    assert "float8_weight_mm" not in code and "extern_kernels.addmm" not in code
+    assert out.dtype == dtype and torch.equal(out, eager)
+
+
+def test_float8_dynamic_rule_takes_quantize_constants_only():
+    """The float8_dynamic rules' clamp bounds, scale divisor and floor are pattern wildcards: a chain that
+    rounds x otherwise (here: clamped at +-400, not e4m3fn's 448) is left as it is, with the reason."""
+    w = QTensor.quantize(torch.randn(32, 64), quanto_fx.qfloat8_e4m3fn, axis=0)
+    data, scale, bias = w._data, w._scale.reshape(-1), torch.randn(32)
+
+    def quantized_linear(x, bound=448.0):
+        peak = torch.maximum(-x.amin(1, keepdim=True), x.amax(1, keepdim=True))
+        x_scale = (peak / 448.0).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = (x / x_scale).clamp(-bound, bound).to(torch.float8_e4m3fn)
+        return float8_weight_mm(codes.to(torch.float32) * x_scale, data, scale, bias)
+
+    def clamped_at_400(x):
+        return quantized_linear(x, 400.0)
+
+    x = torch.randn(8, 64) * 3
+    for fn, fused in ((quantized_linear, 1), (clamped_at_400, 0)):
+        counters.clear()
+        out, _ = compile_and_run(fn, x)
+        assert counters["float8_dynamic_bias"] == fused, fn.__name__
+        assert_close_to_max(out, fn(x), FLOAT16_ERROR)
+    assert torch.equal(
+        compile_and_run(quantized_linear, x)[0], float8_dynamic_mm(x, data, scale, bias, torch.float8_e4m3fn)
+    )
+    report = quanto_fx.explain(clamped_at_400, x)
+    assert "clamp bounds" in str(report)
 
 
 def test_weight_only_rules_take_a_transposing_permute_only():
