@@ -185,9 +185,12 @@ def check_float8_dynamic(match: Match) -> str | None:
     for reduction in (*_nodes(match, aten.amin.default), *_nodes(match, aten.amax.default)):
         if [dim % 2 for dim in reduction.args[1]] != [1] or reduction.args[2] is not True:
             return f"{reduction.target} over dims {reduction.args[1]}, not each row (keepdim)"
+    # x / scale divides by a node; max|x| / qmax by a constant, unless the graph computes it (then unknown)
     (to_scale,) = (
-        node for node in _nodes(match, aten.div.Tensor) if not isinstance(node.args[1], torch.fx.Node)
+        node for node in _nodes(match, aten.div.Tensor) if node.args[0].target is aten.maximum.default
     )
+    if isinstance(to_scale.args[1], torch.fx.Node):
+        return f"the scale divides max|x| by a computed value ({to_scale.args[1].name}), not a constant"
     (floor,) = (node for node in _nodes(match, aten.clamp_min.default) if node.args[0] is to_scale)
     if to_scale.args[1] != qmax or floor.args[1] != tiny:
         return f"scale = max|x| / {to_scale.args[1]} at least {floor.args[1]}, not / {qmax} at least {tiny}"

@@ -423,30 +423,36 @@ def test_float8_activation_chains_become_the_dynamic_float8_op(fqtype, dtype, ru
 
 def test_float8_dynamic_rule_takes_quantize_constants_only():
     """The float8_dynamic rules' clamp bounds, scale divisor and floor are pattern wildcards: a chain that
-    rounds x otherwise (here: clamped at +-400, not e4m3fn's 448) is left as it is, with the reason."""
+    rounds x otherwise (clamped at +-400, not e4m3fn's 448) or whose divisor is a graph input (as dynamo
+    traces a qtype's qmax that differed between recompiles of shared code) is left as it is, with the
+    reason."""
     w = QTensor.quantize(torch.randn(32, 64), quanto_fx.qfloat8_e4m3fn, axis=0)
     data, scale, bias = w._data, w._scale.reshape(-1), torch.randn(32)
 
-    def quantized_linear(x, bound=448.0):
+    def quantized_linear(x, divisor=448.0, bound=448.0):
         peak = torch.maximum(-x.amin(1, keepdim=True), x.amax(1, keepdim=True))
-        x_scale = (peak / 448.0).clamp_min(torch.finfo(torch.float32).tiny)
+        x_scale = (peak / divisor).clamp_min(torch.finfo(torch.float32).tiny)
         codes = (x / x_scale).clamp(-bound, bound).to(torch.float8_e4m3fn)
         return float8_weight_mm(codes.to(torch.float32) * x_scale, data, scale, bias)
 
     def clamped_at_400(x):
-        return quantized_linear(x, 400.0)
+        return quantized_linear(x, bound=400.0)
 
-    x = torch.randn(8, 64) * 3
-    for fn, fused in ((quantized_linear, 1), (clamped_at_400, 0)):
+    def divisor_as_input(x, divisor):
+        return quantized_linear(x, divisor)
+
+    x, divisor = torch.randn(8, 64) * 3, torch.tensor(448.0)
+    cases = [(quantized_linear, (x,), None), (clamped_at_400, (x,), "clamp bounds")]
+    cases.append((divisor_as_input, (x, divisor), "computed value"))
+    for fn, inputs, reason in cases:
         counters.clear()
-        out, _ = compile_and_run(fn, x)
-        assert counters["float8_dynamic_bias"] == fused, fn.__name__
-        assert_close_to_max(out, fn(x), FLOAT16_ERROR)
-    assert torch.equal(
-        compile_and_run(quantized_linear, x)[0], float8_dynamic_mm(x, data, scale, bias, torch.float8_e4m3fn)
-    )
-    report = quanto_fx.explain(clamped_at_400, x)
-    assert "clamp bounds" in str(report)
+        out, _ = compile_and_run(fn, *inputs)
+        assert counters["float8_dynamic_bias"] == (reason is None), fn.__name__
+        assert_close_to_max(out, fn(*inputs), FLOAT16_ERROR)
+        if reason is not None:
+            assert reason in str(quanto_fx.explain(fn, *inputs)), fn.__name__
+    expected = float8_dynamic_mm(x, data, scale, bias, torch.float8_e4m3fn)
+    assert torch.equal(compile_and_run(quantized_linear, x)[0], expected)
 
 
 def test_weight_only_rules_take_a_transposing_permute_only():
