@@ -156,7 +156,9 @@ def check_weight_only_16bit(match: Match) -> str | None:
     dtype, the scale in that dtype."""
     if (reason := _weight_only_operands_reason(match)) is not None:
         return reason
-    x, scale = value(match, "x"), value(match, "scale")
+    x, w, scale = value(match, "x"), value(match, "w"), value(match, "scale")
+    if w.dtype not in FLOAT8_DTYPES:
+        return f"a {w.dtype} weight: only float8 ones are dequantized through float32 in a 16-bit model"
     converts = [node.args[1] for node in _nodes(match, prims.convert_element_type.default)]
     if x.dtype not in (torch.float16, torch.bfloat16) or scale.dtype != x.dtype:
         return f"a {scale.dtype} scale for a {x.dtype} input, not one 16-bit dtype"
@@ -166,40 +168,47 @@ def check_weight_only_16bit(match: Match) -> str | None:
     return None
 
 
-def float8_activation_dtype(match: Match) -> torch.dtype:
-    """The float8 dtype x is rounded to in a float8_dynamic match."""
+def _float8_converts(match: Match) -> list[torch.dtype]:
     converts = (node.args[1] for node in _nodes(match, prims.convert_element_type.default))
-    return next(dtype for dtype in converts if dtype in FLOAT8_DTYPES)
+    return [dtype for dtype in converts if dtype in FLOAT8_DTYPES]
+
+
+def float8_activation_dtype(match: Match) -> torch.dtype:
+    """The float8 dtype x is rounded to in a float8_dynamic match (check_float8_dynamic: exactly one)."""
+    (x_dtype,) = _float8_converts(match)
+    return x_dtype
 
 
 def check_float8_dynamic(match: Match) -> str | None:
-    """float8_weight_mm(f32(f8(clamp(x / s, +-qmax))) * s) with s = max(max|x| / qmax, tiny) per row of a
+    """float8_weight_mm(f32(f8(clamp(x / s, -qmax, qmax))) * s) with s = max(max|x| / qmax, tiny) per row of a
     2-d x: QTensor.quantize(x, float8, axis=0)'s constants for x's dtype (a 16-bit x: the quotient clamped in
-    float32 and rounded back, the dequantized rows rounded to x's dtype), as float8_dynamic_mm computes
-    them."""
+    float32 and rounded back, the rows dequantized in float32 and rounded to x's dtype). float8_dynamic_mm
+    does not round the dequantized rows to x's dtype: on a 16-bit chain written by hand it is about one 16-bit
+    rounding apart, while a quantized model's eager forward calls the op itself (bit-exact). And like eager
+    inference, it raises on a non-finite x where the chain compiled by inductor returned NaN rows."""
     x, w_scale, bias = value(match, "x"), value(match, "w_scale"), value(match, "bias")
-    x_dtype = float8_activation_dtype(match)
-    qmax, tiny = torch.finfo(x_dtype).max, torch.finfo(x.dtype).tiny
     if x.ndim != 2 or x.dtype not in RESCALE_DTYPES:
         return f"x is {x.dtype} {x.ndim}-d, not a 2-d float"
+    if len(float8 := _float8_converts(match)) != 1:
+        return f"x's codes are converted to {[str(d) for d in float8]}, not one float8 dtype"
+    x_dtype = float8_activation_dtype(match)
+    qmax, tiny = torch.finfo(x_dtype).max, torch.finfo(x.dtype).tiny
     for reduction in (*_nodes(match, aten.amin.default), *_nodes(match, aten.amax.default)):
         if [dim % 2 for dim in reduction.args[1]] != [1] or reduction.args[2] is not True:
             return f"{reduction.target} over dims {reduction.args[1]}, not each row (keepdim)"
-    # x / scale divides by a node; max|x| / qmax by a constant, unless the graph computes it (then unknown)
-    (to_scale,) = (
-        node for node in _nodes(match, aten.div.Tensor) if node.args[0].target is aten.maximum.default
-    )
+    # max|x| / qmax divides the matched peak (x / scale divides x, which may be a maximum of its own) by a
+    # constant, unless the graph computes it (then unknown)
+    (peak,) = _nodes(match, aten.maximum.default)
+    (to_scale,) = (node for node in _nodes(match, aten.div.Tensor) if node.args[0] is peak)
     if isinstance(to_scale.args[1], torch.fx.Node):
         return f"the scale divides max|x| by a computed value ({to_scale.args[1].name}), not a constant"
     (floor,) = (node for node in _nodes(match, aten.clamp_min.default) if node.args[0] is to_scale)
     if to_scale.args[1] != qmax or floor.args[1] != tiny:
         return f"scale = max|x| / {to_scale.args[1]} at least {floor.args[1]}, not / {qmax} at least {tiny}"
-    bounds = [
-        node.args[1]
-        for node in (*_nodes(match, aten.clamp_min.default), *_nodes(match, aten.clamp_max.default))
-    ]
-    if sorted(bounds) != sorted([-qmax, qmax, tiny]):
-        return f"clamp bounds {bounds}, not +-{qmax}"
+    (low,) = (node for node in _nodes(match, aten.clamp_min.default) if node is not floor)
+    (high,) = _nodes(match, aten.clamp_max.default)
+    if low.args[1] != -qmax or high.args[1] != qmax:
+        return f"clamp bounds {low.args[1]}, {high.args[1]}, not {-qmax}, {qmax}"
     converts = [node.args[1] for node in _nodes(match, prims.convert_element_type.default)]
     expected = (
         [x_dtype, torch.float32]

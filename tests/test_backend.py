@@ -422,37 +422,68 @@ def test_float8_activation_chains_become_the_dynamic_float8_op(fqtype, dtype, ru
 
 
 def test_float8_dynamic_rule_takes_quantize_constants_only():
-    """The float8_dynamic rules' clamp bounds, scale divisor and floor are pattern wildcards: a chain that
-    rounds x otherwise (clamped at +-400, not e4m3fn's 448) or whose divisor is a graph input (as dynamo
-    traces a qtype's qmax that differed between recompiles of shared code) is left as it is, with the
-    reason."""
+    """The float8_dynamic rules' clamp bounds, scale divisor, floor and dtypes are pattern wildcards: a chain
+    that rounds x otherwise (clamped at +-400, not e4m3fn's 448; bounds swapped, so every code is -448; int8
+    codes) or whose divisor is a graph input (as dynamo traces a qtype's qmax that differed between
+    recompiles of shared code) is left as it is, with the reason."""
     w = QTensor.quantize(torch.randn(32, 64), quanto_fx.qfloat8_e4m3fn, axis=0)
     data, scale, bias = w._data, w._scale.reshape(-1), torch.randn(32)
 
-    def quantized_linear(x, divisor=448.0, bound=448.0):
+    def quantized_linear(x, divisor=448.0, low=-448.0, high=448.0, codes=torch.float8_e4m3fn):
         peak = torch.maximum(-x.amin(1, keepdim=True), x.amax(1, keepdim=True))
         x_scale = (peak / divisor).clamp_min(torch.finfo(torch.float32).tiny)
-        codes = (x / x_scale).clamp(-bound, bound).to(torch.float8_e4m3fn)
-        return float8_weight_mm(codes.to(torch.float32) * x_scale, data, scale, bias)
+        rounded = (x / x_scale).clamp_min(low).clamp_max(high).to(codes)
+        return float8_weight_mm(rounded.to(torch.float32) * x_scale, data, scale, bias)
 
     def clamped_at_400(x):
-        return quantized_linear(x, bound=400.0)
+        return quantized_linear(x, 400.0, -400.0, 400.0)
+
+    def bounds_swapped(x):
+        return quantized_linear(x, low=448.0, high=-448.0)
+
+    def int8_codes(x):  # (truncated, not rounded)
+        return quantized_linear(x, 127.0, -127.0, 127.0, codes=torch.int8)
 
     def divisor_as_input(x, divisor):
         return quantized_linear(x, divisor)
 
     x, divisor = torch.randn(8, 64) * 3, torch.tensor(448.0)
-    cases = [(quantized_linear, (x,), None), (clamped_at_400, (x,), "clamp bounds")]
+    cases = [(quantized_linear, (x,), None), (clamped_at_400, (x,), "max|x| / 400.0")]
+    cases += [(bounds_swapped, (x,), "clamp bounds 448.0, -448.0"), (int8_codes, (x,), "not one float8")]
     cases.append((divisor_as_input, (x, divisor), "computed value"))
     for fn, inputs, reason in cases:
         counters.clear()
         out, _ = compile_and_run(fn, *inputs)
         assert counters["float8_dynamic_bias"] == (reason is None), fn.__name__
-        assert_close_to_max(out, fn(*inputs), FLOAT16_ERROR)
+        if fn is not bounds_swapped:  # (inductor orders a min above the max otherwise than eager does)
+            assert_close_to_max(out, fn(*inputs), FLOAT16_ERROR)
         if reason is not None:
             assert reason in str(quanto_fx.explain(fn, *inputs)), fn.__name__
     expected = float8_dynamic_mm(x, data, scale, bias, torch.float8_e4m3fn)
     assert torch.equal(compile_and_run(quantized_linear, x)[0], expected)
+
+
+def test_float8_dynamic_rule_takes_an_x_that_is_itself_a_maximum():
+    """x / scale divides x, and the scale divides the rows' max|x|, a torch.maximum: where x is a maximum too
+    (a leaky relu written by hand) the guard must still tell them apart (it had raised inside inductor)."""
+
+    class LeakyMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.maximum(h, 0.1 * h))
+
+    settings = {"weights": quanto_fx.qfloat8_e4m3fn, "activations": quanto_fx.qfloat8_e4m3fn}
+    q = freeze(quantize(LeakyMLP(), activation_mode="dynamic", **settings))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        eager = q(x)
+    counters.clear()
+    out, _ = compile_and_run(q, x)
+    assert counters["float8_dynamic_bias"] == 2 and torch.equal(out, eager)
 
 
 def test_weight_only_rules_take_a_transposing_permute_only():
