@@ -463,6 +463,24 @@ def test_float8_dynamic_rule_takes_quantize_constants_only():
     assert torch.equal(compile_and_run(quantized_linear, x)[0], expected)
 
 
+def test_float8_dynamic_rules_fire_after_another_qtype_compiled_the_same_forward():
+    """Two models of one class (one forward) with int8 then float8 activations: dynamo recompiles the shared
+    forward and would trace the activation qtype's qmax, which differs, as a graph input; the quantization
+    reads it from the qtype's dtype instead, a constant the float8_dynamic guard can check."""
+    settings = {"activation_mode": "dynamic", "inplace": False}
+    int8 = freeze(quantize(mlp(), weights=quanto_fx.qint8, activations=quanto_fx.qint8, **settings))
+    fp8 = quanto_fx.qfloat8_e4m3fn
+    float8 = freeze(quantize(mlp(), weights=fp8, activations=fp8, **settings))
+    x = torch.randn(4, 64)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        torch.compile(int8, backend="quanto")(x)
+        counters.clear()
+        out = torch.compile(float8, backend="quanto")(x)
+        eager = float8(x)
+    assert counters["float8_dynamic_bias"] == 2 and torch.equal(out, eager)
+
+
 def test_float8_dynamic_rule_takes_an_x_that_is_itself_a_maximum():
     """x / scale divides x, and the scale divides the rows' max|x|, a torch.maximum: where x is a maximum too
     (a leaky relu written by hand) the guard must still tell them apart (it had raised inside inductor)."""

@@ -32,3 +32,13 @@ def test_qtypes_are_frozen():
 def test_unknown_qtype_lists_valid_names():
     with pytest.raises(ValueError, match="unknown qtype 'qint3'.*qint2.*qint4.*qint8"):
         get_qtype("qint3")
+
+
+@pytest.mark.parametrize("qt", [qint8, qint4, qint2, qfloat8_e4m3fn, qfloat8_e5m2])
+def test_value_range_is_the_qtypes_own_range(qt):
+    """value_range computes a qtype's range from its dtype and bits (constants under torch.compile, where its
+    float attributes may be traced as graph inputs): the same values as the qtype's qmin and qmax."""
+    from quanto_fx.tensor.quantization import value_range
+
+    qmin, qmax, dtype = value_range(qt)
+    assert (qmin, qmax, dtype) == (qt.qmin, qt.qmax, qt.dtype)

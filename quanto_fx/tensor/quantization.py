@@ -24,9 +24,14 @@ def value_range(qdtype: torch.dtype | qtype) -> tuple[float, float, torch.dtype]
     negation never saturates and zero needs no zero-point, as the seed's strict symmetric scheme requires.
     """
     if isinstance(qdtype, qtype):
+        # The qtype's own qmin / qmax, computed from its dtype and bits as qtypes.py builds them: under
+        # torch.compile, dynamo traces a float attribute that differed between recompiles of shared code
+        # (two models' activation qtypes) as a graph input, where these stay constants the guards check.
         if qdtype.is_floating_point:
-            return qdtype.qmin, qdtype.qmax, qdtype.dtype
-        return int(qdtype.qmin), int(qdtype.qmax), qdtype.dtype
+            qmax = torch.finfo(qdtype.dtype).max
+            return -qmax, qmax, qdtype.dtype
+        qmax = 2 ** (qdtype.bits - 1) - 1
+        return -qmax, qmax, qdtype.dtype
     if qdtype in FLOAT8_DTYPES:
         qmax = torch.finfo(qdtype).max
         return -qmax, qmax, qdtype
