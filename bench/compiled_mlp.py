@@ -20,12 +20,10 @@ import quanto_fx.backend  # noqa: F401  (registers backend="quanto")
 from quanto_fx import freeze, qfloat8_e4m3fn, qint4, qint8, quantize
 
 # Every variant compiles the same forward (nn.Sequential's): more cache entries than dynamo's default limit,
-# and after a recompile dynamo would make the values that differ between variants graph inputs (automatic
-# dynamic: the activation qtype's qmax, 127 or 448), which a model compiled alone has as constants and
-# which the float8_dynamic rules need (their guard leaves such a chain to inductor, with that reason).
+# and each M keeps a graph of static shapes, as a model compiled for one batch size has (without this, the
+# recompile for the second M would make M dynamic).
 torch._dynamo.config.recompile_limit = 64
 torch._dynamo.config.automatic_dynamic_shapes = False
-torch._dynamo.config.specialize_float = True
 
 
 def variants(dtype: torch.dtype) -> dict:
