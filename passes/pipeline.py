@@ -58,15 +58,7 @@ def _device_reason(rule: Rule, match: Match) -> str | None:
     device = match.output_node().meta["val"].device.type
     if device in rule.auto_devices:
         return None
-    if rule.auto_devices == ("cuda",):  # the int8 GEMM rules
-        return (
-            f"on {device}, inductor fuses this epilogue after aten._int_mm itself, faster than the fused op "
-            "(fusion='auto'; fusion=True forces the fused op)"
-        )
-    devices = ", ".join(rule.auto_devices)
-    return (
-        f"fusion='auto' applies {rule.name} on {devices} only (not timed on {device}); fusion=True forces it"
-    )
+    return f"on {device}, {rule.auto_reason} (fusion='auto'; fusion=True forces the fused op)"
 
 
 def _extra_check(rule: Rule, match: Match) -> bool:

@@ -46,12 +46,10 @@ class Rule:
     example_inputs: Callable[[], list[torch.Tensor]]
     check: Callable[[dict], str | None]
     comment: str
-    # Under fusion="auto", the device types where the rule fires (None: all). The int8 GEMM rules fire on
-    # CUDA only: on the CPU the fused op is aten._int_mm plus an epilogue in torch ops, while inductor fuses
-    # the same epilogue into one C++ loop, 1.1-1.5x faster per layer (bench/RESULTS.md). The float8_dynamic
-    # rules fire on the CPU only: on CUDA the op would run x's quantization as separate torch kernels where
-    # inductor fuses it into one (not timed on a GPU).
+    # Under fusion="auto", the device types where the rule fires (None: all), and why it does not elsewhere
+    # (explain() reports it): see _CUDA_ONLY and _CPU_ONLY.
     auto_devices: tuple[str, ...] | None = None
+    auto_reason: str = ""
 
 
 def _i8(*shape):
@@ -336,41 +334,52 @@ def rescale_bias_relu_replacement(a, b, a_scale, b_scale, bias, *, out):
 # -- the table --------------------------------------------------------------------------------------------
 
 _M, _K, _N = 8, 16, 8
-_CUDA, _CPU = ("cuda",), ("cpu",)
+# The int8 GEMM rules fire on CUDA only: on the CPU the fused op is aten._int_mm plus an epilogue in torch
+# ops, while inductor fuses the same epilogue into one C++ loop, 1.1-1.5x faster per layer (bench/RESULTS.md).
+_CUDA_ONLY = {
+    "auto_devices": ("cuda",),
+    "auto_reason": "inductor fuses this epilogue after aten._int_mm itself, faster than the fused op",
+}
+# The float8_dynamic rules fire on the CPU only: on CUDA the op would run x's quantization as separate torch
+# kernels where inductor fuses it into one (not timed on a GPU).
+_CPU_ONLY = {
+    "auto_devices": ("cpu",),
+    "auto_reason": "the op would quantize x in separate torch kernels where inductor fuses them (not timed)",
+}
 
 RULES: tuple[Rule, ...] = (
     Rule("requantize", "fuse", requantize_pattern, requantize_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, _N)], guards.check_requantize,
-         "int32 -> int8 at a per-tensor or per-column ratio", auto_devices=_CUDA),
+         "int32 -> int8 at a per-tensor or per-column ratio", **_CUDA_ONLY),
     Rule("requantize_bias", "fuse", requantize_bias_pattern, requantize_bias_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _i32(1, _N), _f32(1, _N)], guards.check_requantize,
-         "int32 + int32 bias -> int8", auto_devices=_CUDA),
+         "int32 + int32 bias -> int8", **_CUDA_ONLY),
     Rule("requantize_3d", "fuse", requantize_3d_pattern, requantize_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, 1, _N)], guards.check_requantize,
          "as requantize, with the (B, S, N) reshape of a 3-d input in between",
-         auto_devices=_CUDA),
+         **_CUDA_ONLY),
     Rule("requantize_bias_3d", "fuse", requantize_bias_3d_pattern, requantize_bias_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _i32(1, _N), _f32(1, 1, _N)], guards.check_requantize,
          "as requantize_bias, with the (B, S, N) reshape of a 3-d input in between",
-         auto_devices=_CUDA),
+         **_CUDA_ONLY),
     Rule("rescale_outer_bias", "fuse", rescale_outer_bias_pattern, rescale_outer_bias_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(_M, 1), _f32(1, _N), _f32(_N)], guards.check_rescale,
          "int32 -> float by per-row x per-column scales, + bias (dynamic activations)",
-         auto_devices=_CUDA),
+         **_CUDA_ONLY),
     Rule("rescale_outer", "fuse", rescale_outer_pattern, rescale_outer_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(_M, 1), _f32(1, _N)], guards.check_rescale,
-         "int32 -> float by per-row x per-column scales", auto_devices=_CUDA),
+         "int32 -> float by per-row x per-column scales", **_CUDA_ONLY),
     Rule("rescale_outer_16bit_bias", "fuse", rescale_outer_16bit_bias_pattern, rescale_outer_bias_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _bf16(_M, 1), _bf16(1, _N), _bf16(_N)],
          guards.check_rescale_16bit,
          "as rescale_outer_bias in a bfloat16 / float16 model (scales multiplied in 16 bits)",
-         auto_devices=_CUDA),
+         **_CUDA_ONLY),
     Rule("rescale_outer_16bit", "fuse", rescale_outer_16bit_pattern, rescale_outer_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _bf16(_M, 1), _bf16(1, _N)], guards.check_rescale_16bit,
-         "as rescale_outer in a bfloat16 / float16 model", auto_devices=_CUDA),
+         "as rescale_outer in a bfloat16 / float16 model", **_CUDA_ONLY),
     Rule("rescale", "fuse", rescale_pattern, rescale_replacement,
          lambda: [_i8(_M, _K), _i8(_K, _N), _f32(1, _N)], guards.check_rescale,
-         "int32 -> float by one scale per tensor, row or column", auto_devices=_CUDA),
+         "int32 -> float by one scale per tensor, row or column", **_CUDA_ONLY),
     Rule("weight_only", "fuse", weight_only_pattern, weight_only_replacement,
          lambda: [_f32(_M, _K), _i8(_N, _K), _f32(_N, 1)], guards.check_weight_only,
          "float x times an int8 or float8 weight dequantized per output channel"),
@@ -400,17 +409,17 @@ RULES: tuple[Rule, ...] = (
          "as weight_only_transposed_16bit, + bias"),
     Rule("float8_dynamic", "activations", float8_dynamic_pattern, float8_dynamic_replacement,
          lambda: [_f32(_M, _K), _f8(_N, _K), _f32(_N)], guards.check_float8_dynamic,
-         "x's per-row float8 quantization and the float8 weight GEMM in one op", auto_devices=_CPU),
+         "x's per-row float8 quantization and the float8 weight GEMM in one op", **_CPU_ONLY),
     Rule("float8_dynamic_bias", "activations", float8_dynamic_bias_pattern, float8_dynamic_bias_replacement,
          lambda: [_f32(_M, _K), _f8(_N, _K), _f32(_N), _f32(_N)], guards.check_float8_dynamic,
-         "as float8_dynamic, + bias", auto_devices=_CPU),
+         "as float8_dynamic, + bias", **_CPU_ONLY),
     Rule("float8_dynamic_16bit", "activations", float8_dynamic_16bit_pattern, float8_dynamic_replacement,
          lambda: [_bf16(_M, _K), _f8(_N, _K), _bf16(_N)], guards.check_float8_dynamic,
-         "as float8_dynamic in a bfloat16 / float16 model", auto_devices=_CPU),
+         "as float8_dynamic in a bfloat16 / float16 model", **_CPU_ONLY),
     Rule("float8_dynamic_16bit_bias", "activations", float8_dynamic_16bit_bias_pattern,
          float8_dynamic_bias_replacement,
          lambda: [_bf16(_M, _K), _f8(_N, _K), _bf16(_N), _bf16(_N)], guards.check_float8_dynamic,
-         "as float8_dynamic_16bit, + bias", auto_devices=_CPU),
+         "as float8_dynamic_16bit, + bias", **_CPU_ONLY),
     Rule("sink_requantize_relu", "sink", sink_requantize_relu_pattern, sink_requantize_relu_replacement,
          lambda: [_i8(_M, _N)], guards.check_sink_requantize,
          "relu(reshape(requantize)) -> reshape(relu(requantize))"),
