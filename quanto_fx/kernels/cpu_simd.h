@@ -57,18 +57,14 @@ INLINE float smallest_normal(int precision) { return precision == FLOAT16 ? 0x1p
 
 // n float16 (`precision` FLOAT16) or bfloat16 values as float32, exactly.
 INLINE void widen(const uint16_t* in, int precision, int64_t n, float* out) {
+    const auto widened = [precision](__m256i h) {
+        if (precision == FLOAT16) return _mm512_cvtph_ps(h);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    };
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m256i h = _mm256_loadu_si256((const __m256i*)(in + i));
-        const __m512 v = precision == FLOAT16 ? _mm512_cvtph_ps(h)
-                                              : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        _mm512_storeu_ps(out + i, v);
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, widened(_mm256_loadu_si256((const __m256i*)(in + i))));
     const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
-    const __m256i h = _mm256_maskz_loadu_epi16(tail, in + i);
-    const __m512 v = precision == FLOAT16 ? _mm512_cvtph_ps(h)
-                                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    _mm512_mask_storeu_ps(out + i, tail, v);
+    _mm512_mask_storeu_ps(out + i, tail, widened(_mm256_maskz_loadu_epi16(tail, in + i)));
 }
 
 // n float32 values rounded to float16 or bfloat16 as torch's casts round them (half to even; overflow to
@@ -167,9 +163,9 @@ inline KeptBlocks& kept_blocks() {
 }
 
 struct Free {
-    size_t bytes = 0;  // the block's size, 0: not to be kept
+    size_t bytes = 0;  // the block's size (0 for an empty unique_ptr's deleter, which never runs)
     void operator()(void* data) const {
-        if (!bytes || bytes > KEPT_BYTES) return free(data);
+        if (bytes > KEPT_BYTES) return free(data);
         KeptBlocks& kept = kept_blocks();
         while (kept.total + bytes > KEPT_BYTES) {
             free(kept.blocks.front().data);
