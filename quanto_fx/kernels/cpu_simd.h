@@ -21,16 +21,31 @@
 
 namespace quanto_fx_cpu {
 
-// The largest |x| of a row of K floats, or NaN when the row holds a NaN or an infinity.
+// The largest |x| of a row of K floats, or NaN when the row holds a NaN or an infinity. Four vectors a step:
+// with one, each max and add waited for the previous one (4 cycles a vector). The lines 4 KB ahead are
+// prefetched, across the row's end into the next one: the hardware's prefetcher stops at each 4 KB page, and
+// rows read from L3 (a large x) came at 12 GB/s, 16 with the hints (one core of the 2-core Xeon).
 INLINE float row_abs_max(const float* row, int64_t K) {
-    __m512 vmax = _mm512_setzero_ps(), nan_if_not_finite = _mm512_setzero_ps();
+    constexpr int64_t AHEAD = 4096;
+    __m512 vmax[4], nan_if_not_finite[4];  // inf - inf = NaN
+    for (int j = 0; j < 4; j++) vmax[j] = nan_if_not_finite[j] = _mm512_setzero_ps();
     int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+        for (int j = 0; j < 4; j++) {
+            _mm_prefetch((const char*)(row + k + 16 * j) + AHEAD, _MM_HINT_T0);  // a hint: never faults
+            const __m512 v = _mm512_loadu_ps(row + k + 16 * j);
+            vmax[j] = _mm512_max_ps(vmax[j], _mm512_abs_ps(v));
+            nan_if_not_finite[j] = _mm512_add_ps(nan_if_not_finite[j], _mm512_sub_ps(v, v));
+        }
     for (; k + 16 <= K; k += 16) {
         const __m512 v = _mm512_loadu_ps(row + k);
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-        nan_if_not_finite = _mm512_add_ps(nan_if_not_finite, _mm512_sub_ps(v, v));  // inf - inf = NaN
+        vmax[0] = _mm512_max_ps(vmax[0], _mm512_abs_ps(v));
+        nan_if_not_finite[0] = _mm512_add_ps(nan_if_not_finite[0], _mm512_sub_ps(v, v));
     }
-    float amax = _mm512_reduce_max_ps(vmax), finite = _mm512_reduce_add_ps(nan_if_not_finite);
+    const __m512 all_max = _mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3]));
+    const __m512 all_nan = _mm512_add_ps(_mm512_add_ps(nan_if_not_finite[0], nan_if_not_finite[1]),
+                                         _mm512_add_ps(nan_if_not_finite[2], nan_if_not_finite[3]));
+    float amax = _mm512_reduce_max_ps(all_max), finite = _mm512_reduce_add_ps(all_nan);
     for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k])), finite += row[k] - row[k];
     return isnan(finite) ? NAN : amax;
 }
