@@ -223,7 +223,8 @@ def test_float8_cpu_kernel_quantizing_x_inside_the_gemm_is_the_torch_steps_bit_f
     """Past the float16 GEMV's rows, e4m3fn weights take x's rows quantized chunk by chunk inside the float16
     GEMM (e5m2 ones all of x first): both are float8_mm's results on QTensor.quantize's codes, also where a
     row of a later chunk is too small for float16 (1e-35: the whole call is redone in float32)."""
-    x, w, w_scale, bias, x_dtype = make_float8_layer(5500, 96, 24, torch.float8_e4m3fn, w_dtype)
+    # K = 100: each row ends in a partial vector
+    x, w, w_scale, bias, x_dtype = make_float8_layer(5500, 100, 24, torch.float8_e4m3fn, w_dtype)
     for tiny_row in (False, True):
         x[-1] *= 1e-35 if tiny_row else 1.0
         rows = QTensor.quantize(x, x_dtype, axis=0)

@@ -309,20 +309,26 @@ bool cpu_has_fp16() {
 bool cpu_has_fp16() { return false; }
 #endif
 
-// A row of K values of x as float16 scaled to |x| <= x_half_max (xh_row) and its scale (*sx); false, for the
-// float32 kernels, when it holds a NaN or an infinity (which float32 propagates) or cannot be scaled: max |x| <
-// 1e-30, or a scale that is not a normal float32 (flush-to-zero would zero it; with e5m2 weights, max |x| >
-// ~5e36).
-bool row_to_half(const float* row, int64_t K, float x_half_max, uint16_t* xh_row, float* sx) {
-    const float amax = quanto_fx_cpu::row_abs_max(row, K);
-    if (isnan(amax)) return false;
+// The float16 scaling of a row whose largest |x| is amax: |x| <= x_half_max after the multiplication by *inverse,
+// *sx undoing it; false, for the float32 kernels, when the row cannot be scaled: max |x| < 1e-30, or a scale
+// that is not a normal float32 (flush-to-zero would zero it; with e5m2 weights, max |x| > ~5e36).
+INLINE bool half_scale(float amax, float x_half_max, float* sx, float* inverse) {
     if (amax > 0.f && (amax < 1e-30f || !isnormal(amax / x_half_max) || !isnormal(x_half_max / amax)))
         return false;
     *sx = amax > 0.f ? amax / x_half_max : 1.f;
-    const __m512 inverse = _mm512_set1_ps(amax > 0.f ? x_half_max / amax : 1.f);
+    *inverse = amax > 0.f ? x_half_max / amax : 1.f;
+    return true;
+}
+
+// A row of K values of x as float16 scaled by half_scale (xh_row) and its scale (*sx); false when it holds a NaN
+// or an infinity (which float32 propagates) or cannot be scaled.
+bool row_to_half(const float* row, int64_t K, float x_half_max, uint16_t* xh_row, float* sx) {
+    const float amax = quanto_fx_cpu::row_abs_max(row, K);
+    float inverse;
+    if (isnan(amax) || !half_scale(amax, x_half_max, sx, &inverse)) return false;
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), inverse);
+        const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), _mm512_set1_ps(inverse));
         _mm256_mask_storeu_epi16(xh_row + k, lanes, _mm512_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));
     }
     return true;
@@ -339,35 +345,44 @@ bool x_to_half(const float* x, int64_t M, int64_t K, float x_half_max, uint16_t*
 constexpr float FORMAT_MAX[2] = {448.f, 57344.f};
 constexpr int FORMAT_MANTISSA[2] = {3, 2}, FORMAT_MIN_EXPONENT[2] = {-6, -14};
 
-// A row of K float32 values of the dtype `precision` -> its dynamic float8 quantization, dequantized, into
-// `values`: scale = max(max|x| / FORMAT_MAX, finfo.tiny) and each value round(clamp(x / scale)) to the format's
-// grid (half to even, subnormals included) times scale: the same IEEE operations, rounded to `precision` as
-// torch rounds them (cpu_simd.h), as QTensor.quantize(x, qfloat8_*, axis=0) then the reference's
-// codes.float() * scale. Returns false when the row holds a NaN or an infinity.
-bool dequantized_float8_row(int format, int precision, const float* row, int64_t K, float* values) {
-    using quanto_fx_cpu::round_to;
-    const float qmax = FORMAT_MAX[format];
-    const int mantissa = FORMAT_MANTISSA[format], min_exponent = FORMAT_MIN_EXPONENT[format];
-    const float amax = quanto_fx_cpu::row_abs_max(row, K);
-    if (isnan(amax)) return false;
-    const float s = std::max(round_to(amax / qmax, precision), quanto_fx_cpu::smallest_normal(precision));
-    const __m512 vs = _mm512_set1_ps(s), vmax = _mm512_set1_ps(qmax), vmin = _mm512_set1_ps(-qmax);
-    const __m512 lowest = _mm512_set1_ps((float)min_exponent);
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        const __m512 quotient = round_to(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), precision);
-        const __m512 v = _mm512_min_ps(_mm512_max_ps(quotient, vmin), vmax);
+// The dynamic float8 quantization of a row of float32 values of the dtype `precision` whose largest |x| is amax,
+// as QTensor.quantize(x, qfloat8_*, axis=0) computes it: scale s = max(max|x| / FORMAT_MAX, finfo.tiny), and a
+// value's code round(clamp(x / s)) to the format's grid (half to even, subnormals included), the same IEEE
+// operations rounded to `precision` as torch rounds them (cpu_simd.h). The reference dequantizes a code as
+// codes.float() * s. Every step is monotonic in |x|: the row's largest |code| is that of amax.
+struct Float8Grid {
+    int precision, mantissa, min_exponent;
+    float qmax, s;
+    Float8Grid(int format, int precision, float amax)
+        : precision(precision),
+          mantissa(FORMAT_MANTISSA[format]),
+          min_exponent(FORMAT_MIN_EXPONENT[format]),
+          qmax(FORMAT_MAX[format]),
+          s(std::max(quanto_fx_cpu::round_to(amax / qmax, precision), quanto_fx_cpu::smallest_normal(precision))) {}
+
+    // the codes' values of 16 values of x
+    inline __attribute__((always_inline)) __m512 code(__m512 x) const {
+        const __m512 quotient = quanto_fx_cpu::round_to(_mm512_div_ps(x, _mm512_set1_ps(s)), precision);
+        const __m512 v = _mm512_min_ps(_mm512_max_ps(quotient, _mm512_set1_ps(-qmax)), _mm512_set1_ps(qmax));
         // the grid's step at v: 2**(exponent - mantissa), the exponent no lower than the smallest normal one
-        const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(v), lowest);
+        const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(v), _mm512_set1_ps((float)min_exponent));
         const __m512 shift = _mm512_sub_ps(_mm512_set1_ps((float)mantissa), exponent);
         const __m512 on_grid = _mm512_roundscale_ps(_mm512_scalef_ps(v, shift), _MM_FROUND_TO_NEAREST_INT);
-        const __m512 value = _mm512_scalef_ps(on_grid, _mm512_sub_ps(_mm512_setzero_ps(), shift));
-        _mm512_storeu_ps(values + k, _mm512_mul_ps(value, vs));
+        return _mm512_scalef_ps(on_grid, _mm512_sub_ps(_mm512_setzero_ps(), shift));
     }
-    for (; k < K; k++) {
-        const float v = std::min(std::max(round_to(row[k] / s, precision), -qmax), qmax);
-        const int exponent = v == 0.f ? min_exponent : std::max(ilogbf(v), min_exponent);
-        values[k] = ldexpf(nearbyintf(ldexpf(v, mantissa - exponent)), exponent - mantissa) * s;
+
+};
+
+// A row of K values of x in `precision` -> its dynamic float8 quantization, dequantized (Float8Grid), into
+// `values`. Returns false when the row holds a NaN or an infinity.
+bool dequantized_float8_row(int format, int precision, const float* row, int64_t K, float* values) {
+    const float amax = quanto_fx_cpu::row_abs_max(row, K);
+    if (isnan(amax)) return false;
+    const Float8Grid grid(format, precision, amax);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 value = _mm512_mul_ps(grid.code(_mm512_maskz_loadu_ps(lanes, row + k)), _mm512_set1_ps(grid.s));
+        _mm512_mask_storeu_ps(values + k, lanes, value);
     }
     return true;
 }
@@ -384,6 +399,26 @@ int dequantized_float8_rows(int format, int precision, const float* x, int64_t M
     return bad.load();
 }
 
+// row_to_half of dequantized_float8_row's values, in one pass over the row after its max: the values' largest
+// magnitude is that of amax's code (Float8Grid), and each value is computed, scaled and rounded to float16 as
+// those two functions do (the same results, without writing the values and reading them twice).
+bool dequantized_float8_row_to_half(int format, int precision, const float* row, int64_t K, float x_half_max,
+                                    uint16_t* xh_row, float* sx) {
+    const float amax = quanto_fx_cpu::row_abs_max(row, K);
+    if (isnan(amax)) return false;
+    const Float8Grid grid(format, precision, amax);
+    float inverse;
+    const float largest = _mm512_cvtss_f32(grid.code(_mm512_set1_ps(amax))) * grid.s;
+    if (!half_scale(largest, x_half_max, sx, &inverse)) return false;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 value = _mm512_mul_ps(grid.code(_mm512_maskz_loadu_ps(lanes, row + k)), _mm512_set1_ps(grid.s));
+        const __m512 scaled = _mm512_mul_ps(value, _mm512_set1_ps(inverse));
+        _mm256_mask_storeu_epi16(xh_row + k, lanes, _mm512_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return true;
+}
+
 // The rows of x the float16 GEMM converts (float8_gemm_fp16): float8_weight_mm's x as it is ...
 template <int FORMAT>
 struct GivenRows {
@@ -395,18 +430,15 @@ struct GivenRows {
     }
 };
 
-// ... or float8_dynamic_mm's x, each row quantized and dequantized (into a buffer of K floats per thread) on the
-// way, for e4m3fn weights (which need no float32 rows).
+// ... or float8_dynamic_mm's x, each row quantized and dequantized on the way, for e4m3fn weights (which need no
+// float32 rows).
 struct DynamicRows {
     const float* x;
     int64_t K;
     int x_format, precision;
-    float* buffers;
     const float* float32() const { return nullptr; }
     bool to_half(int64_t m, uint16_t* xh_row, float* sx) const {
-        float* values = buffers + omp_get_thread_num() * K;
-        return dequantized_float8_row(x_format, precision, x + m * K, K, values) &&
-               row_to_half(values, K, x_half_max<E4M3>(), xh_row, sx);
+        return dequantized_float8_row_to_half(x_format, precision, x + m * K, K, x_half_max<E4M3>(), xh_row, sx);
     }
 };
 
@@ -819,8 +851,7 @@ int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const fl
     // first (M x K float32, then read back) made the op 2.4x the fp32 GEMM's time at M = 4096, K = 4096, N = 128,
     // against 1.1x for float8_weight_mm
     if (w_format == E4M3 && path_for(M) == FLOAT16_GEMM) {
-        const auto buffers = quanto_fx_cpu::aligned_workspace<float>(x_threads * K);
-        const DynamicRows rows{x, K, x_format, precision, buffers.get()};
+        const DynamicRows rows{x, K, x_format, precision};
         if (float8_gemm_fp16<E4M3>(rows, M, K, weight, N, scale, bias, out, x_threads)) return 0;
     }  // else (a row that float16 cannot scale, or not finite) as below, which finds it again
 #endif
