@@ -310,9 +310,11 @@ bool cpu_has_fp16() { return false; }
 #endif
 
 // The float16 scaling of a row whose largest |x| is amax: |x| <= x_half_max after the multiplication by *inverse,
-// *sx undoing it; false, for the float32 kernels, when the row cannot be scaled: max |x| < 1e-30, or a scale
-// that is not a normal float32 (flush-to-zero would zero it; with e5m2 weights, max |x| > ~5e36).
+// *sx undoing it; false, for the float32 kernels, when the row cannot be scaled: amax not finite (a NaN or an
+// infinity in the row, which float32 propagates), max |x| < 1e-30, or a scale that is not a normal float32
+// (flush-to-zero would zero it; with e5m2 weights, max |x| > ~5e36).
 INLINE bool half_scale(float amax, float x_half_max, float* sx, float* inverse) {
+    if (!isfinite(amax)) return false;
     if (amax > 0.f && (amax < 1e-30f || !isnormal(amax / x_half_max) || !isnormal(x_half_max / amax)))
         return false;
     *sx = amax > 0.f ? amax / x_half_max : 1.f;
@@ -320,12 +322,11 @@ INLINE bool half_scale(float amax, float x_half_max, float* sx, float* inverse) 
     return true;
 }
 
-// A row of K values of x as float16 scaled by half_scale (xh_row) and its scale (*sx); false when it holds a NaN
-// or an infinity (which float32 propagates) or cannot be scaled.
+// A row of K values of x as float16 scaled by half_scale (xh_row) and its scale (*sx); false when half_scale
+// cannot scale it (row_abs_max is NaN for a row holding a NaN or an infinity).
 bool row_to_half(const float* row, int64_t K, float x_half_max, uint16_t* xh_row, float* sx) {
-    const float amax = quanto_fx_cpu::row_abs_max(row, K);
     float inverse;
-    if (isnan(amax) || !half_scale(amax, x_half_max, sx, &inverse)) return false;
+    if (!half_scale(quanto_fx_cpu::row_abs_max(row, K), x_half_max, sx, &inverse)) return false;
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
         const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), _mm512_set1_ps(inverse));
@@ -401,11 +402,13 @@ int dequantized_float8_rows(int format, int precision, const float* x, int64_t M
 
 // row_to_half of dequantized_float8_row's values, in one pass over the row after its max: the values' largest
 // magnitude is that of amax's code (Float8Grid), and each value is computed, scaled and rounded to float16 as
-// those two functions do (the same results, without writing the values and reading them twice).
+// those two functions do (the same results, without writing the values and reading them twice). False for a
+// row holding a NaN or an infinity, and for one whose scale overflows x's dtype (float16 rows past 65504 *
+// FORMAT_MAX, which torch's float16 x cannot hold: s infinite, the values NaN), as there.
 bool dequantized_float8_row_to_half(int format, int precision, const float* row, int64_t K, float x_half_max,
                                     uint16_t* xh_row, float* sx) {
     const float amax = quanto_fx_cpu::row_abs_max(row, K);
-    if (isnan(amax)) return false;
+    if (isnan(amax)) return false;  // (checked here: Float8Grid's clamp would turn a NaN into a finite code)
     const Float8Grid grid(format, precision, amax);
     float inverse;
     const float largest = _mm512_cvtss_f32(grid.code(_mm512_set1_ps(amax))) * grid.s;
