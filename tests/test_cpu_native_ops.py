@@ -98,8 +98,9 @@ def _16_bit_layer(m, k, n, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m, k, n", [(1, 96, 24), (3, 256, 40), (40, 2048, 2048)])  # 2048: threads convert
 def test_16_bit_tensors_are_converted_in_cpp_as_torch_converts_them(python_calls, dtype, m, k, n):
-    """x, the scales and the bias of a 16-bit model are widened to float32 in C++, and the float32 result
-    rounded back to x's dtype, bit for bit as the Python implementation's Tensor.to calls do."""
+    """x, the scales and the bias of a 16-bit model are widened to float32 in C++ (x a row at a time inside
+    the float8 GEMM, here at M = 40), and the float32 result rounded back to x's dtype, bit for bit as the
+    Python implementation's Tensor.to calls do."""
     torch.manual_seed(m)
     x, scale, bias = _16_bit_layer(m, k, n, dtype)
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -121,10 +122,23 @@ def test_16_bit_tensors_are_converted_in_cpp_as_torch_converts_them(python_calls
         torch.testing.assert_close(out, python_implementation(*args), rtol=0, atol=0, equal_nan=True)
 
 
+def test_a_16_bit_x_that_float16_cannot_scale_takes_the_float32_gemm(python_calls):
+    """A bfloat16 row too small for the float16 GEMM (max |x| < 1e-30) sends the call to the float32 GEMM on
+    all of x widened: the Python implementation's result bit for bit all the same."""
+    torch.manual_seed(0)
+    x, scale, bias = _16_bit_layer(40, 256, 24, torch.bfloat16)
+    x[30] *= 1e-35
+    w = (torch.randn(24, 256) * 0.5).to(torch.float8_e4m3fn)
+    out = weight_only.float8_weight_mm(x, w, scale, bias)
+    assert not python_calls
+    expected = weight_only.float8_weight_mm_torch(x, w, scale, bias)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_workspaces_are_reused_across_calls_without_page_faults():
-    """The kernels' workspaces (here: a bfloat16 x widened to float32, 2 MB, and the float32 output) come back
-    from the blocks the thread's earlier calls freed, not as new memory: that had taken ~1900 page faults and
-    3x the call's time (cpu_simd.h: aligned_workspace)."""
+    """The kernels' workspaces (here: x's float16 rows, 1 MB, the threads' row buffers and the float32 output)
+    come back from the blocks the thread's earlier calls freed, not as new memory: that had taken ~1900 page
+    faults and 3x the call's time (cpu_simd.h: aligned_workspace)."""
     x, scale, bias = _16_bit_layer(4096, 128, 128, torch.bfloat16)
     w = (torch.randn(128, 128) * 0.5).to(torch.float8_e4m3fn)
     weight_only.float8_weight_mm(x, w, scale, bias)  # the first call allocates them

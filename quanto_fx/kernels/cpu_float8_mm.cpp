@@ -1,6 +1,6 @@
-// Float8 weight-only GEMMs on x86 CPUs with AVX512: float32 activations times float8_e4m3fn / float8_e5m2
-// weights (N, K) with per-output-channel scales. Built into the same library as cpu_vnni_mm.cpp and loaded
-// by cpu_float8_mm.py; see its docstring.
+// Float8 weight-only GEMMs on x86 CPUs with AVX512: float32 activations (or float16 / bfloat16 ones, widened a
+// row at a time; see StoredX) times float8_e4m3fn / float8_e5m2 weights (N, K) with per-output-channel scales.
+// Built into the same library as cpu_vnni_mm.cpp and loaded by cpu_float8_mm.py; see its docstring.
 //
 // Why: torch converts float8 to float32 element by element on the CPU (about 55 ms for 4096 x 4096 on a
 // 2-core Xeon), which made float8 weights 2 to 30x slower than the fp32 GEMM they replace. Here 32 weights
@@ -422,26 +422,41 @@ bool dequantized_float8_row_to_half(int format, int precision, const float* row,
     return true;
 }
 
+// x as the caller stores it: float32, or float16 / bfloat16 (`storage`, a Precision of cpu_simd.h), K values a
+// row. A 16-bit row is widened into a thread's buffer of K floats (in L1 or L2) as it is needed: widening all of
+// a 16-bit x into float32 first had cost a 4096 x 4096 float16 x ~6 ms and a 64 MB workspace.
+struct StoredX {
+    const void* data;
+    int storage;
+    int64_t K;
+    float* buffers;  // K floats per thread, for 16-bit storage
+    const float* row(int64_t m) const {
+        if (storage == quanto_fx_cpu::FLOAT32) return static_cast<const float*>(data) + m * K;
+        float* buffer = buffers + omp_get_thread_num() * K;
+        quanto_fx_cpu::widen(static_cast<const uint16_t*>(data) + m * K, storage, K, buffer);
+        return buffer;
+    }
+};
+
 // The rows of x the float16 GEMM converts (float8_gemm_fp16): float8_weight_mm's x as it is ...
 template <int FORMAT>
 struct GivenRows {
-    const float* x;
-    int64_t K;
-    const float* float32() const { return x; }  // for e5m2 blocks of small codes
+    StoredX x;
+    // for e5m2 blocks of small codes, which run the float32 GEMM on all of x: float32 storage only
+    const float* float32() const { return static_cast<const float*>(x.data); }
     bool to_half(int64_t m, uint16_t* xh_row, float* sx) const {
-        return row_to_half(x + m * K, K, x_half_max<FORMAT>(), xh_row, sx);
+        return row_to_half(x.row(m), x.K, x_half_max<FORMAT>(), xh_row, sx);
     }
 };
 
 // ... or float8_dynamic_mm's x, each row quantized and dequantized on the way, for e4m3fn weights (which need no
 // float32 rows).
 struct DynamicRows {
-    const float* x;
-    int64_t K;
+    StoredX x;
     int x_format, precision;
     const float* float32() const { return nullptr; }
     bool to_half(int64_t m, uint16_t* xh_row, float* sx) const {
-        return dequantized_float8_row_to_half(x_format, precision, x + m * K, K, x_half_max<E4M3>(), xh_row, sx);
+        return dequantized_float8_row_to_half(x_format, precision, x.row(m), x.K, x_half_max<E4M3>(), xh_row, sx);
     }
 };
 
@@ -636,7 +651,8 @@ FP16_TARGET INLINE void gemm_tile_fp16(const __m512h* panel, const uint16_t* xh,
     alignas(64) float acc[MR][32];
     for (int i = 0; i < MR; i++)
         for (int h = 0; h < 2; h++) {
-            const __m512 sum = k0 ? _mm512_maskz_loadu_ps(valid[h], out + (m0 + i) * N + n0 + 16 * h) : _mm512_setzero_ps();
+            const float* so_far = out + (m0 + i) * N + n0 + 16 * h;  // the sums of the blocks before k0
+            const __m512 sum = k0 ? _mm512_maskz_loadu_ps(valid[h], so_far) : _mm512_setzero_ps();
             _mm512_store_ps(acc[i] + 16 * h, sum);
         }
     const _Float16* x = reinterpret_cast<const _Float16*>(xh) + k0;
@@ -778,6 +794,26 @@ int e5m2_x_shift(const float* x, int64_t M, int64_t K) {
 // 64 x 512 at M = 4, 9.1 / 7.3 us; 256 x 256 at M = 1, 5.4 / 5.6 us, at M = 2, 6.7 / 6.2 us).
 constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;
 
+// StoredX's per-thread row buffers: K floats for each of `threads` threads where x is stored in 16 bits.
+std::unique_ptr<float[], quanto_fx_cpu::Free> row_buffers(int storage, int threads, int64_t K) {
+    if (storage == quanto_fx_cpu::FLOAT32) return nullptr;
+    return quanto_fx_cpu::aligned_workspace<float>(threads * K);
+}
+
+// All of x as float32: x itself, or a 16-bit x widened into `widened` (shared among the threads in blocks).
+const float* all_float32(const void* x, int storage, int64_t M, int64_t K, int threads,
+                         std::unique_ptr<float[], quanto_fx_cpu::Free>& widened) {
+    if (storage == quanto_fx_cpu::FLOAT32) return static_cast<const float*>(x);
+    constexpr int64_t BLOCK = 1 << 16;
+    const int64_t count = M * K;
+    widened = quanto_fx_cpu::aligned_workspace<float>(count);
+    float* out = widened.get();
+    quanto_fx_cpu::parallel_for(0, count, BLOCK, count > BLOCK ? threads : 1, [&](int64_t i) {
+        quanto_fx_cpu::widen(static_cast<const uint16_t*>(x) + i, storage, std::min(BLOCK, count - i), out + i);
+    });
+    return out;
+}
+
 }  // namespace
 
 extern "C" {
@@ -786,15 +822,27 @@ extern "C" {
 // but for x that the float16 paths cannot scale, which takes the float32 GEMV or GEMM.
 int quanto_float8_path(int format, int64_t M) { return path_for(M); }
 
-// out (M, N) float32 = x (M, K) float32 @ (W * scale).T + bias for W (N, K) float8 bytes (format 0: e4m3fn,
-// 1: e5m2), scale (N,) float32 and bias (N,) float32 or null, the bias added as each output is stored: a GEMV
-// for small M (each weight chunk converted once per 4 rows of x, 8 in the float16 GEMV), else a GEMM (each
-// block of weight rows converted once into a panel that every row of x in a chunk reuses), by
-// quanto_float8_path. Returns 2 when the GEMM's panels cannot be allocated, else 0.
-int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                            const float* scale, const float* bias, float* out, int threads) try {
+// out (M, N) float32 = x (M, K) @ (W * scale).T + bias for x stored as `x_storage` (a Precision: float32, float16
+// or bfloat16 values), W (N, K) float8 bytes (format 0: e4m3fn, 1: e5m2), scale (N,) float32 and bias (N,)
+// float32 or null, the bias added as each output is stored: a GEMV for small M (each weight chunk converted once
+// per 4 rows of x, 8 in the float16 GEMV), else a GEMM (each block of weight rows converted once into a panel
+// that every row of x in a chunk reuses), by quanto_float8_path. The float16 GEMM with e4m3fn weights reads x's
+// rows as stored; every other kernel reads all of x as float32 (a 16-bit x widened first). Returns 2 when a
+// workspace cannot be allocated, else 0.
+int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64_t M, int64_t K,
+                            const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
+                            int threads) try {
     const Path path = path_for(M);
     threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
+#if QUANTO_HAS_FP16_INTRINSICS
+    if (path == FLOAT16_GEMM && format == E4M3) {
+        const auto buffers = row_buffers(x_storage, threads, K);
+        const GivenRows<E4M3> rows{{x_data, x_storage, K, buffers.get()}};
+        if (float8_gemm_fp16<E4M3>(rows, M, K, weight, N, scale, bias, out, threads)) return 0;
+    }  // else (a row that float16 cannot scale) the float32 GEMM below
+#endif
+    std::unique_ptr<float[], quanto_fx_cpu::Free> widened;
+    const float* x = all_float32(x_data, x_storage, M, K, threads, widened);
     // e5m2 codes reach 57344 and the float32 kernels sum x times codes before the channel scale: x that would
     // overflow those sums (where the result need not) is divided by a power of two and the channel scales
     // multiplied by it, both exactly.
@@ -809,11 +857,9 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
         x = scaled_x.get(), scale = scaled_scale.get();
     }
 #if QUANTO_HAS_FP16_INTRINSICS
-    if (path == FLOAT16_GEMM) {
-        const bool done =
-            format == E4M3 ? float8_gemm_fp16<E4M3>(GivenRows<E4M3>{x, K}, M, K, weight, N, scale, bias, out, threads)
-                           : float8_gemm_fp16<E5M2>(GivenRows<E5M2>{x, K}, M, K, weight, N, scale, bias, out, threads);
-        if (done) return 0;
+    if (path == FLOAT16_GEMM && format == E5M2) {
+        const GivenRows<E5M2> rows{{x, quanto_fx_cpu::FLOAT32, K, nullptr}};
+        if (float8_gemm_fp16<E5M2>(rows, M, K, weight, N, scale, bias, out, threads)) return 0;
     }
     if (path == FLOAT16_GEMV) {
         const auto xh = quanto_fx_cpu::aligned_workspace<uint16_t>(M * K);
@@ -839,14 +885,14 @@ int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, co
     return 2;
 }
 
-// QLinear's dynamic float8 forward: x (M, K) float32 values of the dtype `precision` (Precision in cpu_simd.h)
-// quantized per row to `x_format` in that dtype's arithmetic (see dequantized_float8_rows), times W (N, K) in
-// `w_format` as quanto_float8_weight_mm computes it. Returns 1 when x holds a NaN or an infinity (out then
-// holds no result: the float16 GEMM may have written the chunks before that row); 2 when a workspace cannot be
-// allocated.
-int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const float* x, int64_t M, int64_t K,
-                             const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
-                             int threads) try {
+// QLinear's dynamic float8 forward: x (M, K) stored as `x_storage` (as for quanto_float8_weight_mm), values of the
+// dtype `precision` (Precision in cpu_simd.h), quantized per row to `x_format` in that dtype's arithmetic (see
+// dequantized_float8_rows), times W (N, K) in `w_format` as quanto_float8_weight_mm computes it. Returns 1 when x
+// holds a NaN or an infinity (out then holds no result: the float16 GEMM may have written the chunks before that
+// row); 2 when a workspace cannot be allocated.
+int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, int x_storage, const void* x_data,
+                             int64_t M, int64_t K, const uint8_t* weight, int64_t N, const float* scale,
+                             const float* bias, float* out, int threads) try {
     // a second thread for x's rows only where the GEMM takes one too (a team costs more on small layers)
     const int x_threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
 #if QUANTO_HAS_FP16_INTRINSICS
@@ -854,13 +900,17 @@ int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const fl
     // first (M x K float32, then read back) made the op 2.4x the fp32 GEMM's time at M = 4096, K = 4096, N = 128,
     // against 1.1x for float8_weight_mm
     if (w_format == E4M3 && path_for(M) == FLOAT16_GEMM) {
-        const DynamicRows rows{x, K, x_format, precision};
+        const auto buffers = row_buffers(x_storage, x_threads, K);
+        const DynamicRows rows{{x_data, x_storage, K, buffers.get()}, x_format, precision};
         if (float8_gemm_fp16<E4M3>(rows, M, K, weight, N, scale, bias, out, x_threads)) return 0;
     }  // else (a row that float16 cannot scale, or not finite) as below, which finds it again
 #endif
+    std::unique_ptr<float[], quanto_fx_cpu::Free> widened;
+    const float* x = all_float32(x_data, x_storage, M, K, x_threads, widened);
     const auto values = quanto_fx_cpu::aligned_workspace<float>(M * K);
     if (dequantized_float8_rows(x_format, precision, x, M, K, values.get(), x_threads)) return 1;
-    return quanto_float8_weight_mm(w_format, values.get(), M, K, weight, N, scale, bias, out, threads);
+    return quanto_float8_weight_mm(w_format, quanto_fx_cpu::FLOAT32, values.get(), M, K, weight, N, scale, bias, out,
+                                   threads);
 } catch (const std::bad_alloc&) {
     return 2;
 }

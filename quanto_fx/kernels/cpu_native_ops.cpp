@@ -33,10 +33,11 @@ extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, 
                                 const float* scales, int64_t G, const float* bias, float* out, int threads);
 extern "C" int quanto_dynamic_int8_mm(int precision, const float* x, int64_t M, int64_t K, const int8_t* weight,
                                       int64_t N, const float* scales, const float* bias, float* out, int threads);
-extern "C" int quanto_float8_weight_mm(int format, const float* x, int64_t M, int64_t K, const uint8_t* weight,
-                                       int64_t N, const float* scale, const float* bias, float* out, int threads);
-extern "C" int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, const float* x, int64_t M,
-                                        int64_t K, const uint8_t* weight, int64_t N, const float* scale,
+extern "C" int quanto_float8_weight_mm(int format, int x_storage, const void* x, int64_t M, int64_t K,
+                                       const uint8_t* weight, int64_t N, const float* scale, const float* bias,
+                                       float* out, int threads);
+extern "C" int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, int x_storage, const void* x,
+                                        int64_t M, int64_t K, const uint8_t* weight, int64_t N, const float* scale,
                                         const float* bias, float* out, int threads);
 
 namespace {
@@ -117,12 +118,18 @@ c10::OperatorHandle handle(const char* name) {  // looked up once per op: a stat
 
 // The C++ kernels' result in x's dtype (a 16-bit one rounded as Tensor::to rounds it), or nullopt when they
 // returned a status (1: x not finite or too small to scale; 2: no workspace) for the Python implementation to
-// handle.
-template <class Kernel>
+// handle. The kernel gets x as float32, or with X_AS_STORED x's own contiguous values (the float8 kernels read
+// a 16-bit x themselves, a row at a time).
+template <bool X_AS_STORED = false, class Kernel>
 std::optional<at::Tensor> run(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias,
                               Kernel kernel) {
     const int64_t M = x.size(0);
-    const Float32 x32(x);
+    std::optional<Float32> x32;
+    at::Tensor x_stored;
+    if constexpr (X_AS_STORED)
+        x_stored = x.contiguous();
+    else
+        x32.emplace(x);
     std::optional<Float32> bias32;
     if (bias) bias32.emplace(*bias);
     const at::Tensor out = at::empty({M, N}, x.options());
@@ -130,7 +137,13 @@ std::optional<at::Tensor> run(const at::Tensor& x, int64_t N, const std::optiona
     std::unique_ptr<float[], quanto_fx_cpu::Free> out32;
     if (narrow) out32 = quanto_fx_cpu::aligned_workspace<float>(M * N);
     float* out_data = narrow ? out32.get() : out.data_ptr<float>();
-    if (kernel(x32.get(), bias32 ? bias32->get() : nullptr, out_data, at::get_num_threads())) return std::nullopt;
+    const float* bias_data = bias32 ? bias32->get() : nullptr;
+    bool failed;
+    if constexpr (X_AS_STORED)
+        failed = kernel(static_cast<const void*>(x_stored.data_ptr()), bias_data, out_data, at::get_num_threads());
+    else
+        failed = kernel(x32->get(), bias_data, out_data, at::get_num_threads());
+    if (failed) return std::nullopt;
     if (narrow) {
         auto* out16 = static_cast<uint16_t*>(out.data_ptr());
         at::parallel_for(0, M * N, CONVERSION_GRAIN, [&](int64_t begin, int64_t end) {
@@ -208,8 +221,8 @@ at::Tensor float8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::
         takes_x_scale_bias(x, K, scale, N, bias, N) && K > 0 && K <= limits.float8_max_in_features) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(scale);
-        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
-            return quanto_float8_weight_mm(format == at::kFloat8_e4m3fn ? 0 : 1, xd, x.size(0), K,
+        auto out = run<true>(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
+            return quanto_float8_weight_mm(format == at::kFloat8_e4m3fn ? 0 : 1, precision(x), xd, x.size(0), K,
                                            static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.get(),
                                            bd, od, threads);
         });
@@ -232,8 +245,8 @@ at::Tensor float8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at:
         K <= limits.float8_max_in_features) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(w_scale);
-        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
-            return quanto_float8_dynamic_mm(x_format, w_format, precision(x), xd, x.size(0), K,
+        auto out = run<true>(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
+            return quanto_float8_dynamic_mm(x_format, w_format, precision(x), precision(x), xd, x.size(0), K,
                                             static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.get(),
                                             bd, od, threads);
         });

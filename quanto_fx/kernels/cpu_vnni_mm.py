@@ -150,10 +150,10 @@ def _library() -> ctypes.CDLL | None:
     library.quanto_weight_mm_uses_gemv.restype = ctypes.c_int
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
     library.quanto_combine_planes.restype = None
-    library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
-    library.quanto_float8_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
+    library.quanto_float8_weight_mm.argtypes = [ctypes.c_int] * 2 + [pointer, size, size, pointer, size]
+    library.quanto_float8_weight_mm.argtypes += [pointer, pointer, pointer, ctypes.c_int]
     library.quanto_float8_weight_mm.restype = ctypes.c_int
-    library.quanto_float8_dynamic_mm.argtypes = [ctypes.c_int] * 3 + [pointer, size, size, pointer, size]
+    library.quanto_float8_dynamic_mm.argtypes = [ctypes.c_int] * 4 + [pointer, size, size, pointer, size]
     library.quanto_float8_dynamic_mm.argtypes += [pointer, pointer, pointer, ctypes.c_int]
     library.quanto_float8_dynamic_mm.restype = ctypes.c_int
     library.quanto_float8_path.argtypes = [ctypes.c_int, size]
