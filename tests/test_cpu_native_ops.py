@@ -45,7 +45,7 @@ def test_the_library_registers_cpu_kernels_for_the_three_ops():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 200])  # 200: past INT8_VNNI_MAX_M, a weight below _int_mm's size
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_calls_are_served_in_cpp_as_python_computes_them(python_calls, m, dtype, with_bias):
@@ -153,16 +153,16 @@ def test_workspaces_are_reused_across_calls_without_page_faults():
     [
         "x not finite",  # the kernel's status 1: the float path propagates it
         "in-features not a multiple of 32",
-        "more rows than the int8 VNNI kernels take at any weight size",
+        "more rows than the int8 VNNI kernels take at this weight size",
         "float64 scales",
         "switched off",
     ],
 )
 def test_other_int8_calls_go_to_the_python_implementation(python_calls, monkeypatch, case):
     torch.manual_seed(0)
-    k = 100 if case == "in-features not a multiple of 32" else 256
-    w, scale = _int8(16, k)
-    many_rows = case == "more rows than the int8 VNNI kernels take at any weight size"
+    many_rows = case == "more rows than the int8 VNNI kernels take at this weight size"
+    k = 100 if case == "in-features not a multiple of 32" else 2048 if many_rows else 256
+    w, scale = _int8(cpu_vnni_mm.INT_MM_MIN_WEIGHT_BYTES // k if many_rows else 16, k)  # torch._int_mm's
     x = torch.randn(cpu_vnni_mm.INT8_VNNI_MAX_M + 1 if many_rows else 2, k)
     if case == "x not finite":
         x = _nan_row(x)

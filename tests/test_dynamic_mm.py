@@ -72,7 +72,7 @@ def rows_of_many_scales(m, k, dtype, seed=0):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("m", [3, 130])  # 130: past the C++ op kernel's rows, through the Python one
+@pytest.mark.parametrize("m", [3, 130])  # 130: past INT8_VNNI_MAX_M, the VNNI kernel at this weight size
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_16_bit_x_is_quantized_in_its_own_dtype(dtype, m, device):
     args = make_layer(m, 128, 32, dtype=dtype, device=device)

@@ -44,7 +44,7 @@ namespace {
 
 struct Limits {  // the constants of cpu_vnni_mm.py, cpu_float8_mm.py and groupwise.py
     int64_t int8_max_m, chunk_bytes, word_bytes, max_in_features, min_group_size;
-    int64_t float8_max_in_features, dynamic_int8_max_in_features;
+    int64_t float8_max_in_features, dynamic_int8_max_in_features, int_mm_min_weight_bytes;
 };
 Limits limits;
 std::atomic<bool> registered{false};  // published after `limits`: a kernel never reads them half-written
@@ -52,6 +52,12 @@ std::atomic<bool> registered{false};  // published after `limits`: a kernel neve
 bool enabled() {
     const char* value = std::getenv("QUANTO_FX_CPU_KERNELS");
     return registered.load(std::memory_order_acquire) && !(value && std::strcmp(value, "0") == 0);
+}
+
+// Whether the VNNI kernels serve int8 weights (N, K) at M rows, as cpu_vnni_mm.int8_uses_int_mm decides: past
+// int8_max_m rows, weights of int_mm_min_weight_bytes or more go to torch._int_mm, in the Python implementation.
+bool vnni_takes_int8(int64_t M, int64_t K, int64_t N) {
+    return M <= limits.int8_max_m || K * N < limits.int_mm_min_weight_bytes;
 }
 
 bool is_float(const at::Tensor& t) {
@@ -157,7 +163,7 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
                           const std::optional<at::Tensor>& bias) {
     const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
     if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
-        takes_x_scale_bias(x, K, scale, N, bias, N) && x.size(0) <= limits.int8_max_m && K > 0 &&
+        takes_x_scale_bias(x, K, scale, N, bias, N) && vnni_takes_int8(x.size(0), K, N) && K > 0 &&
         K <= limits.max_in_features && K % limits.chunk_bytes == 0) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(scale);
@@ -175,7 +181,7 @@ at::Tensor int8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::T
                            const std::optional<at::Tensor>& bias) {
     const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = w.dim() == 2 ? w.size(1) : 0;
     if (enabled() && w.is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
-        takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && x.size(0) <= limits.int8_max_m && K > 0 &&
+        takes_x_scale_bias(x, K, w_scale, N, bias, N) && x.size(0) > 0 && vnni_takes_int8(x.size(0), K, N) && K > 0 &&
         K <= limits.dynamic_int8_max_in_features && K % limits.chunk_bytes == 0) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(w_scale);
@@ -265,11 +271,12 @@ extern "C" {
 // message is in `error`, `error_size` bytes at most), the ops then keeping their Python implementations.
 int quanto_native_register(int64_t int8_max_m, int64_t chunk_bytes, int64_t word_bytes, int64_t max_in_features,
                            int64_t min_group_size, int64_t float8_max_in_features,
-                           int64_t dynamic_int8_max_in_features, char* error, int64_t error_size) try {
+                           int64_t dynamic_int8_max_in_features, int64_t int_mm_min_weight_bytes, char* error,
+                           int64_t error_size) try {
     static std::unique_ptr<torch::Library> library;
     if (library) return 0;
-    limits = {int8_max_m,     chunk_bytes,           word_bytes, max_in_features, min_group_size,
-              float8_max_in_features, dynamic_int8_max_in_features};
+    limits = {int8_max_m,           chunk_bytes,           word_bytes, max_in_features, min_group_size,
+              float8_max_in_features, dynamic_int8_max_in_features, int_mm_min_weight_bytes};
     // Kept only once complete: a registration that fails half-way is undone as its Library is destroyed.
     auto candidate = std::make_unique<torch::Library>(torch::Library::IMPL, "quanto_fx", c10::DispatchKey::CPU,
                                                       __FILE__, __LINE__);

@@ -169,7 +169,7 @@ def _register_native_ops(library: ctypes.CDLL) -> None:
     from . import cpu_float8_mm  # (it imports this module)
 
     limits = [INT8_VNNI_MAX_M, CHUNK_BYTES, WORD_BYTES, MAX_IN_FEATURES, MIN_GROUP_SIZE]
-    limits += [cpu_float8_mm.MAX_IN_FEATURES, DYNAMIC_INT8_MAX_IN_FEATURES]
+    limits += [cpu_float8_mm.MAX_IN_FEATURES, DYNAMIC_INT8_MAX_IN_FEATURES, INT_MM_MIN_WEIGHT_BYTES]
     register = library.quanto_native_register
     register.argtypes = [ctypes.c_int64] * len(limits) + [ctypes.c_char_p, ctypes.c_int64]
     register.restype = ctypes.c_int

@@ -15,8 +15,8 @@ of them rounded to x's dtype, as torch computes them (scales and quotients in x'
   take of up to ``DYNAMIC_INT8_MAX_IN_FEATURES`` inputs, at any M but for weights of 4 MB or more past
   ``INT8_VNNI_MAX_M`` rows (``cpu_vnni_mm.int8_uses_int_mm``: oneDNN's ``_int_mm`` wins there). The codes
   and the integer sums are the torch path's; the float epilogue rounds differently
-  (``INT8_CPU_KERNEL_ERROR``). The C++ op kernel takes up to ``INT8_VNNI_MAX_M`` rows; larger calls reach
-  the kernel through this file's implementation.
+  (``INT8_CPU_KERNEL_ERROR``). The C++ op kernel takes the same calls; those of ``_int_mm`` run this
+  file's implementation.
 - float8: the float8 weight-only kernel (``cpu_float8_mm.cpp``) on x's dequantized float8 values, the
   kernel ``float8_mm`` runs on the CPU too (same values, same sums). With e4m3fn weights past the float16
   GEMV's rows, x's rows are quantized inside the float16 GEMM as it converts them, chunk by chunk, rather
