@@ -9,8 +9,8 @@ by side.
 What the module and op timings (small_layers.py, weight_only.py) add on top is left out: Python, the
 dispatcher and the op's checks. The ctypes call itself costs ~0.9 us, about what ``F.linear``'s own call
 costs. ``--against REV`` builds REV's kernel sources with this checkout's compiler flags; REV must have the
-same two C entry points (their signatures have not changed since the int2 kernels). Needs AVX512-VNNI and a
-C++ compiler, as the kernels do.
+same two C entry points (``quanto_float8_weight_mm`` took no ``x_storage`` argument before 24f6804: the
+revision's source says which signature to call). Needs AVX512-VNNI and a C++ compiler, as the kernels do.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, quantize
-from quanto_fx.kernels import cpu_vnni_mm
+from quanto_fx.kernels import cpu_float8_mm, cpu_vnni_mm
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {"int8": qint8, "int4": qint4, "int2": qint2, "e4m3fn": qfloat8_e4m3fn, "e5m2": qfloat8_e5m2}
@@ -56,19 +56,26 @@ def build_revision(revision: str, scratch: Path) -> Path:
     return target
 
 
-def load(path: Path) -> ctypes.CDLL:
+def takes_x_storage(scratch: Path) -> bool:
+    """Whether the revision built in ``scratch`` has the float8 entry point with an ``x_storage`` argument."""
+    return "int x_storage" in (scratch / "cpu_float8_mm.cpp").read_text()
+
+
+def load(path: Path, x_storage: bool) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.quanto_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, size]
     library.quanto_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
-    library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
+    leading = [ctypes.c_int] * (2 if x_storage else 1)
+    library.quanto_float8_weight_mm.argtypes = [*leading, pointer, size, size, pointer, size, pointer]
     library.quanto_float8_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     return library
 
 
-def kernel_call(library: ctypes.CDLL, name: str, weight, x, bias, out, threads: int):
-    """A no-argument call of ``library``'s kernel for ``weight`` (a frozen quanto_fx weight) on ``x``, into
-    ``out``. It passes raw pointers: the caller keeps every tensor alive while it is called."""
+def kernel_call(library: ctypes.CDLL, x_storage: bool, name: str, weight, x, bias, out, threads: int):
+    """A no-argument call of ``library``'s kernel for ``weight`` (a frozen quanto_fx weight) on ``x``
+    (float32), into ``out``; ``x_storage``: the float8 entry point takes x's storage. It passes raw pointers:
+    the caller keeps every tensor alive while it is called."""
     rows, in_features = x.shape
     out_features = bias.shape[0]
     head = (x.data_ptr(), rows, in_features)
@@ -81,7 +88,8 @@ def kernel_call(library: ctypes.CDLL, name: str, weight, x, bias, out, threads: 
         data = (weight._data.data_ptr(), out_features, weight._scale.data_ptr(), 1)
         return lambda: library.quanto_weight_mm(8, *head, *data, *tail)
     data = (weight._data.data_ptr(), out_features, weight._scale.data_ptr())
-    return lambda: library.quanto_float8_weight_mm(0 if name == "e4m3fn" else 1, *head, *data, *tail)
+    leading = (0 if name == "e4m3fn" else 1, *([cpu_float8_mm.FLOAT32_STORAGE] if x_storage else []))
+    return lambda: library.quanto_float8_weight_mm(*leading, *head, *data, *tail)
 
 
 def median_us(functions: dict, repeats: int) -> dict:
@@ -114,10 +122,12 @@ def main() -> None:
     if not cpu_vnni_mm.available():
         raise SystemExit("the CPU kernels are not available here (AVX512-VNNI and a C++ compiler needed)")
     torch.set_num_threads(args.threads)
-    libraries = {"now": cpu_vnni_mm._loaded_library()}
+    libraries = {"now": (cpu_vnni_mm._loaded_library(), True)}  # (library, its float8 x_storage argument)
     with tempfile.TemporaryDirectory() as scratch:
         if args.against is not None:
-            libraries = {args.against: load(build_revision(args.against, Path(scratch))), **libraries}
+            built = build_revision(args.against, Path(scratch))
+            x_storage = takes_x_storage(Path(scratch))
+            libraries = {args.against: (load(built, x_storage), x_storage), **libraries}
         print(
             f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} rounds; "
             "kernel time / fp32 F.linear time"
@@ -141,9 +151,9 @@ def main() -> None:
                 x, out = torch.randn(rows, in_features), torch.empty(rows, out_features)
                 functions = {"fp32": lambda: F.linear(x, weight, bias)}
                 for name in args.formats:
-                    for tag, library in libraries.items():
+                    for tag, (library, x_storage) in libraries.items():
                         functions[(name, tag)] = kernel_call(
-                            library, name, weights[name], x, bias, out, args.threads
+                            library, x_storage, name, weights[name], x, bias, out, args.threads
                         )
                 times = median_us(functions, args.repeats)
                 table["fp32 (us)"].append(times["fp32"])
