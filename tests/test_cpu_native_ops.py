@@ -106,9 +106,14 @@ def test_16_bit_tensors_are_converted_in_cpp_as_torch_converts_them(python_calls
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     packed, scale_zeros = _lowbit(n, k, 4, 32)
     w_float8 = (torch.randn(n, k) * 0.5).to(torch.float8_e4m3fn)
+    w_e5m2 = (torch.randn(n, k) * 0.5).to(torch.float8_e5m2)
+    # codes below 2**-6: the float16 GEMM's blocks of them need all of x in float32 (widened first)
+    w_e5m2_small = (torch.randn(n, k) * 1e-3).to(torch.float8_e5m2)
     calls = [
         (weight_only.int8_weight_mm, weight_only.int8_weight_mm_torch, (x, w8, scale, bias)),
         (weight_only.float8_weight_mm, weight_only.float8_weight_mm_torch, (x, w_float8, scale, bias)),
+        (weight_only.float8_weight_mm, weight_only.float8_weight_mm_torch, (x, w_e5m2, scale, bias)),
+        (weight_only.float8_weight_mm, weight_only.float8_weight_mm_torch, (x, w_e5m2_small, scale, bias)),
         (
             weight_only.lowbit_weight_mm,
             weight_only.lowbit_weight_mm_torch,

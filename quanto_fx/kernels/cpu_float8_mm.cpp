@@ -442,8 +442,11 @@ struct StoredX {
 template <int FORMAT>
 struct GivenRows {
     StoredX x;
-    // for e5m2 blocks of small codes, which run the float32 GEMM on all of x: float32 storage only
-    const float* float32() const { return static_cast<const float*>(x.data); }
+    // for e5m2 blocks of small codes, which run the float32 GEMM on all of x: float32 storage only (callers
+    // with a 16-bit x and e5m2 weights check first that no block holds such codes)
+    const float* float32() const {
+        return x.storage == quanto_fx_cpu::FLOAT32 ? static_cast<const float*>(x.data) : nullptr;
+    }
     bool to_half(int64_t m, uint16_t* xh_row, float* sx) const {
         return row_to_half(x.row(m), x.K, x_half_max<FORMAT>(), xh_row, sx);
     }
@@ -826,19 +829,27 @@ int quanto_float8_path(int format, int64_t M) { return path_for(M); }
 // or bfloat16 values), W (N, K) float8 bytes (format 0: e4m3fn, 1: e5m2), scale (N,) float32 and bias (N,)
 // float32 or null, the bias added as each output is stored: a GEMV for small M (each weight chunk converted once
 // per 4 rows of x, 8 in the float16 GEMV), else a GEMM (each block of weight rows converted once into a panel
-// that every row of x in a chunk reuses), by quanto_float8_path. The float16 GEMM with e4m3fn weights reads x's
-// rows as stored; every other kernel reads all of x as float32 (a 16-bit x widened first). Returns 2 when a
-// workspace cannot be allocated, else 0.
+// that every row of x in a chunk reuses), by quanto_float8_path. The float16 GEMM reads x's rows as stored, but
+// for e5m2 weights with blocks of small codes (see E5M2_FLOAT16_MIN_CODE) or float32 x; every other kernel reads
+// all of x as float32 (a 16-bit x widened first). Returns 2 when a workspace cannot be allocated, else 0.
 int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64_t M, int64_t K,
                             const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
                             int threads) try {
     const Path path = path_for(M);
     threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
 #if QUANTO_HAS_FP16_INTRINSICS
-    if (path == FLOAT16_GEMM && format == E4M3) {
+    // e5m2 with float32 x goes below, after the x shift the float32 blocks of small codes need
+    const bool as_stored = format == E4M3 || (x_storage != quanto_fx_cpu::FLOAT32 &&
+                                              !holds_row_of_small_e5m2_codes(weight, 0, N, K));
+    if (path == FLOAT16_GEMM && as_stored) {
         const auto buffers = row_buffers(x_storage, threads, K);
-        const GivenRows<E4M3> rows{{x_data, x_storage, K, buffers.get()}};
-        if (float8_gemm_fp16<E4M3>(rows, M, K, weight, N, scale, bias, out, threads)) return 0;
+        const StoredX stored{x_data, x_storage, K, buffers.get()};
+        bool done;
+        if (format == E4M3)
+            done = float8_gemm_fp16<E4M3>(GivenRows<E4M3>{stored}, M, K, weight, N, scale, bias, out, threads);
+        else
+            done = float8_gemm_fp16<E5M2>(GivenRows<E5M2>{stored}, M, K, weight, N, scale, bias, out, threads);
+        if (done) return 0;
     }  // else (a row that float16 cannot scale) the float32 GEMM below
 #endif
     std::unique_ptr<float[], quanto_fx_cpu::Free> widened;
@@ -857,7 +868,7 @@ int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64
         x = scaled_x.get(), scale = scaled_scale.get();
     }
 #if QUANTO_HAS_FP16_INTRINSICS
-    if (path == FLOAT16_GEMM && format == E5M2) {
+    if (path == FLOAT16_GEMM && !as_stored) {  // e5m2 weights
         const GivenRows<E5M2> rows{{x, quanto_fx_cpu::FLOAT32, K, nullptr}};
         if (float8_gemm_fp16<E5M2>(rows, M, K, weight, N, scale, bias, out, threads)) return 0;
     }
