@@ -155,10 +155,12 @@ INLINE void parallel_region(int threads, const Body& body) {
 // Workspaces freed on a thread are kept for its next calls, up to KEPT_BYTES in all (the oldest freed first
 // past that): a fresh block of 128 KB or more is new memory (glibc maps it, or trims its heap back to the
 // system as it is freed), and a call's page faults had cost more than its work (a float8 layer of 128 x 128 at
-// M = 4096 in bfloat16: 1863 faults, 2.4 ms of a 0.7 ms call). Workspaces past that size, new memory at every
-// call, are placed on 2 MB boundaries and asked for transparent huge pages (given on request under THP
-// "madvise"): a bfloat16 x of 4096 x 4096 widened to float32 had taken 16 ms in 4 KB page faults.
-constexpr size_t KEPT_BYTES = 32 << 20, HUGE_PAGE = 2 << 20;
+// M = 4096 in bfloat16: 1863 faults, 2.4 ms of a 0.7 ms call). 64 MB, not 32: the byte planes of a 4096 x 4096
+// x (32 MB) and a call's smaller workspaces together exceed 32 MB, and the planes, freed first, were dropped at
+// every call. Blocks of HUGE_BLOCK or more, which a call's others can still push out, are placed on 2 MB
+// boundaries and asked for transparent huge pages (given on request under THP "madvise"): a bfloat16 x of
+// 4096 x 4096 widened to float32 had taken 16 ms in 4 KB page faults.
+constexpr size_t KEPT_BYTES = 64 << 20, HUGE_BLOCK = 32 << 20, HUGE_PAGE = 2 << 20;
 
 struct KeptBlocks {
     struct Block {
@@ -197,23 +199,28 @@ struct Free {
 };
 
 // A workspace of `count` T starting on a cache line (and so every row of x whose bytes are a multiple of 64):
-// the smallest kept block that holds it, else a new one; throws std::bad_alloc. The kernels read x's rows in
-// 64-byte loads: from new[]'s 16-byte alignment, every one of them could split two lines (the float16 GEMV on
-// 4096 x 4096 at M = 4 ran 1.4x slower in a process whose heap placed its x 16 bytes off).
+// the smallest kept block that holds it but is at most twice its size, else a new one; throws std::bad_alloc.
+// (Without that bound a call's small workspaces, allocated first, took its large ones' blocks: a float16 x's
+// row buffers took the 32 MB planes block of a 4096 x 4096 int4 layer, whose planes were then new memory, 8192
+// page faults, at every call.) The kernels read x's rows in 64-byte loads: from new[]'s 16-byte alignment,
+// every one of them could split two lines (the float16 GEMV on 4096 x 4096 at M = 4 ran 1.4x slower in a
+// process whose heap placed its x 16 bytes off).
 template <class T>
 std::unique_ptr<T[], Free> aligned_workspace(int64_t count) {
     const size_t bytes = std::max<size_t>(64, ((size_t)count * sizeof(T) + 63) / 64 * 64);
     KeptBlocks& kept = kept_blocks();
     int64_t best = -1;
-    for (int64_t i = 0; i < (int64_t)kept.blocks.size(); i++)
-        if (kept.blocks[i].bytes >= bytes && (best < 0 || kept.blocks[i].bytes < kept.blocks[best].bytes)) best = i;
+    for (int64_t i = 0; i < (int64_t)kept.blocks.size(); i++) {
+        const size_t size = kept.blocks[i].bytes;
+        if (size >= bytes && size / 2 <= bytes && (best < 0 || size < kept.blocks[best].bytes)) best = i;
+    }
     if (best >= 0) {
         const KeptBlocks::Block block = kept.blocks[best];
         kept.blocks.erase(kept.blocks.begin() + best);
         kept.total -= block.bytes;
         return std::unique_ptr<T[], Free>(static_cast<T*>(block.data), Free{block.bytes});
     }
-    const bool huge = bytes > KEPT_BYTES;
+    const bool huge = bytes >= HUGE_BLOCK;
     const size_t size = huge ? (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE : bytes;
     void* data = aligned_alloc(huge ? HUGE_PAGE : 64, size);
     if (!data) throw std::bad_alloc();

@@ -609,8 +609,10 @@ static int weight_mm(int bits, bool int8_codes, int precision, const float* x, i
     const int64_t plane_bytes = (M * K + 63) / 64 * 64;  // each plane on cache lines
     // all written, not zeroed; int8 codes have no high byte plane
     const auto planes = quanto_fx_cpu::aligned_workspace<int8_t>((int8_codes ? 1 : 2) * plane_bytes);
-    std::vector<float> scale_buffer(M), sum_buffer(M * G);
-    float *sx = scale_buffer.data(), *xsum = sum_buffer.data();
+    // written by split_x for every row (kept workspaces: a vector's 512 KB at M = 4096 was new memory per call)
+    const auto scale_buffer = quanto_fx_cpu::aligned_workspace<float>(M);
+    const auto sum_buffer = quanto_fx_cpu::aligned_workspace<float>(M * G);
+    float *sx = scale_buffer.get(), *xsum = sum_buffer.get();
     int8_t *l = planes.get(), *h = int8_codes ? nullptr : planes.get() + plane_bytes;
     const int bad = int8_codes ? split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads, precision)
                                : quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads);

@@ -30,7 +30,7 @@ They are used when all of these hold, else the callers fall back to aten / the f
 - x is finite (a NaN or infinity in x takes the float path, which propagates it), and no row of x is so
   small (max |x| < ~3.8e-34, not 0) that its 16-bit scale would underflow (the float path computes it).
 
-Each thread that calls the kernels keeps the workspaces they free, up to 32 MB, for its next calls: new
+Each thread that calls the kernels keeps the workspaces they free, up to 64 MB, for its next calls: new
 memory at every call had cost more in page faults than the work on it (``aligned_workspace`` in cpu_simd.h).
 """
 
