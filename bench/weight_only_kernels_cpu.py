@@ -9,8 +9,9 @@ by side.
 What the module and op timings (small_layers.py, weight_only.py) add on top is left out: Python, the
 dispatcher and the op's checks. The ctypes call itself costs ~0.9 us, about what ``F.linear``'s own call
 costs. ``--against REV`` builds REV's kernel sources with this checkout's compiler flags; REV must have the
-same two C entry points (``quanto_float8_weight_mm`` took no ``x_storage`` argument before 24f6804: the
-revision's source says which signature to call). Needs AVX512-VNNI and a C++ compiler, as the kernels do.
+same two C entry points (each gained an ``x_storage`` argument in the tenth session, float8's in 24f6804:
+the revision's sources say which signature to call). Needs AVX512-VNNI and a C++ compiler, as the kernels
+do.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from quanto_fx import freeze, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, quantize
-from quanto_fx.kernels import cpu_float8_mm, cpu_vnni_mm
+from quanto_fx.kernels import cpu_vnni_mm
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {"int8": qint8, "int4": qint4, "int2": qint2, "e4m3fn": qfloat8_e4m3fn, "e5m2": qfloat8_e5m2}
@@ -56,40 +57,49 @@ def build_revision(revision: str, scratch: Path) -> Path:
     return target
 
 
-def takes_x_storage(scratch: Path) -> bool:
-    """Whether the revision built in ``scratch`` has the float8 entry point with an ``x_storage`` argument."""
-    return "int x_storage" in (scratch / "cpu_float8_mm.cpp").read_text()
+def takes_x_storage(sources: Path) -> dict:
+    """For the kernel sources in ``sources``: whether each entry point takes an ``x_storage`` argument."""
+    vnni, float8 = ((sources / name).read_text() for name in ("cpu_vnni_mm.cpp", "cpu_float8_mm.cpp"))
+    return {
+        "quanto_weight_mm": "int quanto_weight_mm(int bits, int x_storage" in vnni,
+        "quanto_float8_weight_mm": "int quanto_float8_weight_mm(int format, int x_storage" in float8,
+    }
 
 
-def load(path: Path, x_storage: bool) -> ctypes.CDLL:
+def load(path: Path, x_storage: dict) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.quanto_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, size]
-    library.quanto_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
-    leading = [ctypes.c_int] * (2 if x_storage else 1)
-    library.quanto_float8_weight_mm.argtypes = [*leading, pointer, size, size, pointer, size, pointer]
-    library.quanto_float8_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
+    for name, tail in (("quanto_weight_mm", [size]), ("quanto_float8_weight_mm", [])):
+        leading = [ctypes.c_int] * (2 if x_storage[name] else 1)
+        getattr(library, name).argtypes = [*leading, pointer, size, size, pointer, size, pointer, *tail]
+        getattr(library, name).argtypes += [pointer, pointer, ctypes.c_int]
     return library
 
 
-def kernel_call(library: ctypes.CDLL, x_storage: bool, name: str, weight, x, bias, out, threads: int):
+def kernel_call(library: ctypes.CDLL, x_storage: dict, name: str, weight, x, bias, out, threads: int):
     """A no-argument call of ``library``'s kernel for ``weight`` (a frozen quanto_fx weight) on ``x``
-    (float32), into ``out``; ``x_storage``: the float8 entry point takes x's storage. It passes raw pointers:
-    the caller keeps every tensor alive while it is called."""
+    (float32), into ``out``; ``x_storage``: which entry points take x's storage (:func:`takes_x_storage`).
+    It passes raw pointers: the caller keeps every tensor alive while it is called."""
     rows, in_features = x.shape
     out_features = bias.shape[0]
-    head = (x.data_ptr(), rows, in_features)
     tail = (bias.data_ptr(), out.data_ptr(), threads)
+
+    def head(entry_point):
+        storage = [cpu_vnni_mm.FLOAT32_STORAGE] if x_storage[entry_point] else []
+        return (*storage, x.data_ptr(), rows, in_features)
+
     if name in ("int4", "int2"):
         groups = weight._scale_zeros.shape[0]
         data = (weight._packed.data_ptr(), out_features, weight._scale_zeros.data_ptr(), groups)
-        return lambda: library.quanto_weight_mm(weight.qtype.bits, *head, *data, *tail)
+        args = (weight.qtype.bits, *head("quanto_weight_mm"), *data, *tail)
+        return lambda: library.quanto_weight_mm(*args)
     if name == "int8":
         data = (weight._data.data_ptr(), out_features, weight._scale.data_ptr(), 1)
-        return lambda: library.quanto_weight_mm(8, *head, *data, *tail)
+        args = (8, *head("quanto_weight_mm"), *data, *tail)
+        return lambda: library.quanto_weight_mm(*args)
     data = (weight._data.data_ptr(), out_features, weight._scale.data_ptr())
-    leading = (0 if name == "e4m3fn" else 1, *([cpu_float8_mm.FLOAT32_STORAGE] if x_storage else []))
-    return lambda: library.quanto_float8_weight_mm(*leading, *head, *data, *tail)
+    args = (0 if name == "e4m3fn" else 1, *head("quanto_float8_weight_mm"), *data, *tail)
+    return lambda: library.quanto_float8_weight_mm(*args)
 
 
 def median_us(functions: dict, repeats: int) -> dict:
@@ -122,7 +132,8 @@ def main() -> None:
     if not cpu_vnni_mm.available():
         raise SystemExit("the CPU kernels are not available here (AVX512-VNNI and a C++ compiler needed)")
     torch.set_num_threads(args.threads)
-    libraries = {"now": (cpu_vnni_mm._loaded_library(), True)}  # (library, its float8 x_storage argument)
+    # (library, its entry points' x_storage arguments)
+    libraries = {"now": (cpu_vnni_mm._loaded_library(), takes_x_storage(cpu_vnni_mm.SOURCES[0].parent))}
     with tempfile.TemporaryDirectory() as scratch:
         if args.against is not None:
             built = build_revision(args.against, Path(scratch))

@@ -1,5 +1,6 @@
 // Float8 weight-only GEMMs on x86 CPUs with AVX512: float32 activations (or float16 / bfloat16 ones, widened a
-// row at a time; see StoredX) times float8_e4m3fn / float8_e5m2 weights (N, K) with per-output-channel scales.
+// row at a time; see StoredX in cpu_simd.h) times float8_e4m3fn / float8_e5m2 weights (N, K) with
+// per-output-channel scales.
 // Built into the same library as cpu_vnni_mm.cpp and loaded by cpu_float8_mm.py; see its docstring.
 //
 // Why: torch converts float8 to float32 element by element on the CPU (about 55 ms for 4096 x 4096 on a
@@ -422,26 +423,10 @@ bool dequantized_float8_row_to_half(int format, int precision, const float* row,
     return true;
 }
 
-// x as the caller stores it: float32, or float16 / bfloat16 (`storage`, a Precision of cpu_simd.h), K values a
-// row. A 16-bit row is widened into a thread's buffer of K floats (in L1 or L2) as it is needed: widening all of
-// a 16-bit x into float32 first had cost a 4096 x 4096 float16 x ~6 ms and a 64 MB workspace.
-struct StoredX {
-    const void* data;
-    int storage;
-    int64_t K;
-    float* buffers;  // K floats per thread, for 16-bit storage
-    const float* row(int64_t m) const {
-        if (storage == quanto_fx_cpu::FLOAT32) return static_cast<const float*>(data) + m * K;
-        float* buffer = buffers + omp_get_thread_num() * K;
-        quanto_fx_cpu::widen(static_cast<const uint16_t*>(data) + m * K, storage, K, buffer);
-        return buffer;
-    }
-};
-
 // The rows of x the float16 GEMM converts (float8_gemm_fp16): float8_weight_mm's x as it is ...
 template <int FORMAT>
 struct GivenRows {
-    StoredX x;
+    quanto_fx_cpu::StoredX x;
     // for e5m2 blocks of small codes, which run the float32 GEMM on all of x: float32 storage only (callers
     // with a 16-bit x and e5m2 weights check first that no block holds such codes)
     const float* float32() const {
@@ -455,7 +440,7 @@ struct GivenRows {
 // ... or float8_dynamic_mm's x, each row quantized and dequantized on the way, for e4m3fn weights (which need no
 // float32 rows).
 struct DynamicRows {
-    StoredX x;
+    quanto_fx_cpu::StoredX x;
     int x_format, precision;
     const float* float32() const { return nullptr; }
     bool to_half(int64_t m, uint16_t* xh_row, float* sx) const {
@@ -797,26 +782,6 @@ int e5m2_x_shift(const float* x, int64_t M, int64_t K) {
 // 64 x 512 at M = 4, 9.1 / 7.3 us; 256 x 256 at M = 1, 5.4 / 5.6 us, at M = 2, 6.7 / 6.2 us).
 constexpr int64_t SERIAL_BELOW_WORK = 1 << 16;
 
-// StoredX's per-thread row buffers: K floats for each of `threads` threads where x is stored in 16 bits.
-std::unique_ptr<float[], quanto_fx_cpu::Free> row_buffers(int storage, int threads, int64_t K) {
-    if (storage == quanto_fx_cpu::FLOAT32) return nullptr;
-    return quanto_fx_cpu::aligned_workspace<float>(threads * K);
-}
-
-// All of x as float32: x itself, or a 16-bit x widened into `widened` (shared among the threads in blocks).
-const float* all_float32(const void* x, int storage, int64_t M, int64_t K, int threads,
-                         std::unique_ptr<float[], quanto_fx_cpu::Free>& widened) {
-    if (storage == quanto_fx_cpu::FLOAT32) return static_cast<const float*>(x);
-    constexpr int64_t BLOCK = 1 << 16;
-    const int64_t count = M * K;
-    widened = quanto_fx_cpu::aligned_workspace<float>(count);
-    float* out = widened.get();
-    quanto_fx_cpu::parallel_for(0, count, BLOCK, count > BLOCK ? threads : 1, [&](int64_t i) {
-        quanto_fx_cpu::widen(static_cast<const uint16_t*>(x) + i, storage, std::min(BLOCK, count - i), out + i);
-    });
-    return out;
-}
-
 }  // namespace
 
 extern "C" {
@@ -842,8 +807,8 @@ int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64
     const bool as_stored = format == E4M3 || (x_storage != quanto_fx_cpu::FLOAT32 &&
                                               !holds_row_of_small_e5m2_codes(weight, 0, N, K));
     if (path == FLOAT16_GEMM && as_stored) {
-        const auto buffers = row_buffers(x_storage, threads, K);
-        const StoredX stored{x_data, x_storage, K, buffers.get()};
+        const auto buffers = quanto_fx_cpu::row_buffers(x_storage, threads, K);
+        const quanto_fx_cpu::StoredX stored{x_data, x_storage, K, buffers.get()};
         bool done;
         if (format == E4M3)
             done = float8_gemm_fp16<E4M3>(GivenRows<E4M3>{stored}, M, K, weight, N, scale, bias, out, threads);
@@ -853,7 +818,7 @@ int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64
     }  // else (a row that float16 cannot scale) the float32 GEMM below
 #endif
     std::unique_ptr<float[], quanto_fx_cpu::Free> widened;
-    const float* x = all_float32(x_data, x_storage, M, K, threads, widened);
+    const float* x = quanto_fx_cpu::all_float32(x_data, x_storage, M, K, threads, widened);
     // e5m2 codes reach 57344 and the float32 kernels sum x times codes before the channel scale: x that would
     // overflow those sums (where the result need not) is divided by a power of two and the channel scales
     // multiplied by it, both exactly.
@@ -911,13 +876,13 @@ int quanto_float8_dynamic_mm(int x_format, int w_format, int precision, int x_st
     // first (M x K float32, then read back) made the op 2.4x the fp32 GEMM's time at M = 4096, K = 4096, N = 128,
     // against 1.1x for float8_weight_mm
     if (w_format == E4M3 && path_for(M) == FLOAT16_GEMM) {
-        const auto buffers = row_buffers(x_storage, x_threads, K);
+        const auto buffers = quanto_fx_cpu::row_buffers(x_storage, x_threads, K);
         const DynamicRows rows{{x_data, x_storage, K, buffers.get()}, x_format, precision};
         if (float8_gemm_fp16<E4M3>(rows, M, K, weight, N, scale, bias, out, x_threads)) return 0;
     }  // else (a row that float16 cannot scale, or not finite) as below, which finds it again
 #endif
     std::unique_ptr<float[], quanto_fx_cpu::Free> widened;
-    const float* x = all_float32(x_data, x_storage, M, K, x_threads, widened);
+    const float* x = quanto_fx_cpu::all_float32(x_data, x_storage, M, K, x_threads, widened);
     const auto values = quanto_fx_cpu::aligned_workspace<float>(M * K);
     if (dequantized_float8_rows(x_format, precision, x, M, K, values.get(), x_threads)) return 1;
     return quanto_float8_weight_mm(w_format, quanto_fx_cpu::FLOAT32, values.get(), M, K, weight, N, scale, bias, out,

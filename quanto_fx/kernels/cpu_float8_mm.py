@@ -23,9 +23,6 @@ import torch
 from . import cpu_vnni_mm
 
 FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
-# How x is stored for the kernels (their x_storage: a Precision of cpu_simd.h): float32 here, where x is
-# converted first; the native ops (cpu_native_ops.cpp) hand a 16-bit x over as it is.
-FLOAT32_STORAGE = cpu_vnni_mm.PRECISIONS[torch.float32]
 
 
 # The GEMM keeps a float32 panel of 32 weight rows per thread: 128 bytes per input feature (64 MB here).
@@ -91,7 +88,7 @@ def weight_mm_prechecked(x, w, scale, bias=None):
     ``float8_weight_mm`` op does: x 2-d float, w float8 (N, K) with :func:`supports` true for K, ``N`` float
     scales (any shape) and an (N,) float bias or None, all on the CPU."""
     library = cpu_vnni_mm._loaded_library()
-    leading = (FORMATS[w.dtype], FLOAT32_STORAGE)
+    leading = (FORMATS[w.dtype], cpu_vnni_mm.FLOAT32_STORAGE)
     return _run_on_x(library.quanto_float8_weight_mm, leading, x, w, scale, bias)[1]
 
 
@@ -102,7 +99,8 @@ def dynamic_mm_prechecked(x, x_dtype, w, scale, bias=None):
     the op, which has checked the arguments: float32, float16 or bfloat16 x, all on the CPU,
     :func:`supports` true for K."""
     library = cpu_vnni_mm._loaded_library()
-    leading = (FORMATS[x_dtype], FORMATS[w.dtype], cpu_vnni_mm.PRECISIONS[x.dtype], FLOAT32_STORAGE)
+    precision = cpu_vnni_mm.PRECISIONS[x.dtype]
+    leading = (FORMATS[x_dtype], FORMATS[w.dtype], precision, cpu_vnni_mm.FLOAT32_STORAGE)
     bad_x, out = _run_on_x(library.quanto_float8_dynamic_mm, leading, x, w, scale, bias)
     return None if bad_x else out
 

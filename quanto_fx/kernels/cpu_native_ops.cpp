@@ -29,10 +29,11 @@
 
 #include "cpu_simd.h"
 
-extern "C" int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
-                                const float* scales, int64_t G, const float* bias, float* out, int threads);
-extern "C" int quanto_dynamic_int8_mm(int precision, const float* x, int64_t M, int64_t K, const int8_t* weight,
-                                      int64_t N, const float* scales, const float* bias, float* out, int threads);
+extern "C" int quanto_weight_mm(int bits, int x_storage, const void* x, int64_t M, int64_t K, const uint8_t* weight,
+                                int64_t N, const float* scales, int64_t G, const float* bias, float* out, int threads);
+extern "C" int quanto_dynamic_int8_mm(int precision, int x_storage, const void* x, int64_t M, int64_t K,
+                                      const int8_t* weight, int64_t N, const float* scales, const float* bias,
+                                      float* out, int threads);
 extern "C" int quanto_float8_weight_mm(int format, int x_storage, const void* x, int64_t M, int64_t K,
                                        const uint8_t* weight, int64_t N, const float* scale, const float* bias,
                                        float* out, int threads);
@@ -82,10 +83,10 @@ int precision(const at::Tensor& t) {
 // Conversions of 16-bit arrays in chunks that threads share past this many values.
 constexpr int64_t CONVERSION_GRAIN = 1 << 16;
 
-// A float tensor's values as contiguous float32: its own data where it is float32 and contiguous, else a
-// copy, converted here from float16 / bfloat16 (exactly) rather than by Tensor::to: a dispatcher call and an
-// allocation of ~1 us each, and a 16-bit model's call converted x, the scales, the bias and the output (3-4
-// us on a 128 x 64 layer whose kernel takes 3).
+// A float tensor's values as contiguous float32 (the scales and the bias): its own data where it is float32 and
+// contiguous, else a copy, converted here from float16 / bfloat16 (exactly) rather than by Tensor::to: a
+// dispatcher call and an allocation of ~1 us each, and a 16-bit model's call had converted x, the scales, the
+// bias and the output (3-4 us on a 128 x 64 layer whose kernel takes 3).
 class Float32 {
    public:
     explicit Float32(const at::Tensor& t) {
@@ -124,18 +125,13 @@ c10::OperatorHandle handle(const char* name) {  // looked up once per op: a stat
 
 // The C++ kernels' result in x's dtype (a 16-bit one rounded as Tensor::to rounds it), or nullopt when they
 // returned a status (1: x not finite or too small to scale; 2: no workspace) for the Python implementation to
-// handle. The kernel gets x as float32, or with X_AS_STORED x's own contiguous values (the float8 kernels read
-// a 16-bit x themselves, a row at a time).
-template <bool X_AS_STORED = false, class Kernel>
+// handle. The kernel gets x's own contiguous values (precision(x) says their dtype): the kernels widen a 16-bit x
+// a row at a time.
+template <class Kernel>
 std::optional<at::Tensor> run(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias,
                               Kernel kernel) {
     const int64_t M = x.size(0);
-    std::optional<Float32> x32;
-    at::Tensor x_stored;
-    if constexpr (X_AS_STORED)
-        x_stored = x.contiguous();
-    else
-        x32.emplace(x);
+    const at::Tensor x_stored = x.contiguous();
     std::optional<Float32> bias32;
     if (bias) bias32.emplace(*bias);
     const at::Tensor out = at::empty({M, N}, x.options());
@@ -144,12 +140,7 @@ std::optional<at::Tensor> run(const at::Tensor& x, int64_t N, const std::optiona
     if (narrow) out32 = quanto_fx_cpu::aligned_workspace<float>(M * N);
     float* out_data = narrow ? out32.get() : out.data_ptr<float>();
     const float* bias_data = bias32 ? bias32->get() : nullptr;
-    bool failed;
-    if constexpr (X_AS_STORED)
-        failed = kernel(static_cast<const void*>(x_stored.data_ptr()), bias_data, out_data, at::get_num_threads());
-    else
-        failed = kernel(x32->get(), bias_data, out_data, at::get_num_threads());
-    if (failed) return std::nullopt;
+    if (kernel(x_stored.data_ptr(), bias_data, out_data, at::get_num_threads())) return std::nullopt;
     if (narrow) {
         auto* out16 = static_cast<uint16_t*>(out.data_ptr());
         at::parallel_for(0, M * N, CONVERSION_GRAIN, [&](int64_t begin, int64_t end) {
@@ -167,9 +158,9 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
         K <= limits.max_in_features && K % limits.chunk_bytes == 0) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(scale);
-        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
-            return quanto_weight_mm(8, xd, x.size(0), K, reinterpret_cast<const uint8_t*>(w_.data_ptr<int8_t>()), N,
-                                    scale32.get(), 1, bd, od, threads);
+        auto out = run(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
+            const auto* w8 = reinterpret_cast<const uint8_t*>(w_.data_ptr<int8_t>());
+            return quanto_weight_mm(8, precision(x), xd, x.size(0), K, w8, N, scale32.get(), 1, bd, od, threads);
         });
         if (out) return *out;
     }
@@ -185,8 +176,8 @@ at::Tensor int8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at::T
         K <= limits.dynamic_int8_max_in_features && K % limits.chunk_bytes == 0) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(w_scale);
-        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
-            return quanto_dynamic_int8_mm(precision(x), xd, x.size(0), K, w_.data_ptr<int8_t>(), N,
+        auto out = run(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
+            return quanto_dynamic_int8_mm(precision(x), precision(x), xd, x.size(0), K, w_.data_ptr<int8_t>(), N,
                                           scale32.get(), bd, od, threads);
         });
         if (out) return *out;
@@ -209,8 +200,8 @@ at::Tensor lowbit_weight_mm(const at::Tensor& x, const at::Tensor& packed, const
         takes_x_scale_bias(x, K, scale_zeros, G * N * 2, bias, N)) {
         const at::Tensor packed_ = packed.contiguous();
         const Float32 scales32(scale_zeros);
-        auto out = run(x, N, bias, [&](const float* xd, const float* bd, float* od, int threads) {
-            return quanto_weight_mm((int)bits, xd, x.size(0), K, packed_.data_ptr<uint8_t>(), N,
+        auto out = run(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
+            return quanto_weight_mm((int)bits, precision(x), xd, x.size(0), K, packed_.data_ptr<uint8_t>(), N,
                                     scales32.get(), G, bd, od, threads);
         });
         if (out) return *out;
@@ -227,7 +218,7 @@ at::Tensor float8_weight_mm(const at::Tensor& x, const at::Tensor& w, const at::
         takes_x_scale_bias(x, K, scale, N, bias, N) && K > 0 && K <= limits.float8_max_in_features) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(scale);
-        auto out = run<true>(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
+        auto out = run(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
             return quanto_float8_weight_mm(format == at::kFloat8_e4m3fn ? 0 : 1, precision(x), xd, x.size(0), K,
                                            static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.get(),
                                            bd, od, threads);
@@ -251,7 +242,7 @@ at::Tensor float8_dynamic_mm(const at::Tensor& x, const at::Tensor& w, const at:
         K <= limits.float8_max_in_features) {
         const at::Tensor w_ = w.contiguous();
         const Float32 scale32(w_scale);
-        auto out = run<true>(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
+        auto out = run(x, N, bias, [&](const void* xd, const float* bd, float* od, int threads) {
             return quanto_float8_dynamic_mm(x_format, w_format, precision(x), precision(x), xd, x.size(0), K,
                                             static_cast<const uint8_t*>(w_.data_ptr()), N, scale32.get(),
                                             bd, od, threads);

@@ -130,10 +130,12 @@ INLINE int threads_for_work(int64_t M, int64_t K, int64_t N, int64_t serial_belo
 // if(false)) makes a futex system call on its way out once libgomp's thread pool exists (~0.2 us; a small
 // layer's call ran two). Bodies are called, not inlined, across a target attribute (a lambda has none).
 
-// body(i) for i = begin, begin + step, .. below end, shared statically among `threads` threads.
+// body(i) for i = begin, begin + step, .. below end, shared statically among `threads` threads; with one
+// thread, run here, but inside another OpenMP region, where a region of one thread is opened so that the body
+// sees omp_get_thread_num() 0 (StoredX's buffers), as in parallel_region.
 template <class Body>
 INLINE void parallel_for(int64_t begin, int64_t end, int64_t step, int threads, const Body& body) {
-    if (threads <= 1) {
+    if (threads <= 1 && !omp_in_parallel()) {
         for (int64_t i = begin; i < end; i += step) body(i);
         return;
     }
@@ -226,6 +228,44 @@ std::unique_ptr<T[], Free> aligned_workspace(int64_t count) {
     if (!data) throw std::bad_alloc();
     if (huge) madvise(data, size, MADV_HUGEPAGE);  // advice: a refusal changes nothing
     return std::unique_ptr<T[], Free>(static_cast<T*>(data), Free{size});
+}
+
+// x as the caller stores it: float32, or float16 / bfloat16 (`storage`, a Precision), K values a row. A 16-bit
+// row is widened into its thread's buffer of K floats (in L1 or L2) as it is needed: widening all of a 16-bit x
+// into float32 first had cost a 4096 x 4096 float16 x ~6 ms and a 64 MB workspace. row() is called from the
+// bodies of parallel_for / parallel_region with at most as many threads as `buffers` holds rows (row_buffers),
+// where omp_get_thread_num() is below that count.
+struct StoredX {
+    const void* data;
+    int storage;
+    int64_t K;
+    float* buffers;  // K floats per thread, for 16-bit storage
+    const float* row(int64_t m) const {
+        if (storage == FLOAT32) return static_cast<const float*>(data) + m * K;
+        float* buffer = buffers + omp_get_thread_num() * K;
+        widen(static_cast<const uint16_t*>(data) + m * K, storage, K, buffer);
+        return buffer;
+    }
+};
+
+// StoredX's per-thread row buffers: K floats for each of `threads` threads where x is stored in 16 bits.
+INLINE std::unique_ptr<float[], Free> row_buffers(int storage, int threads, int64_t K) {
+    if (storage == FLOAT32) return nullptr;
+    return aligned_workspace<float>(threads * K);
+}
+
+// All of x as float32: x itself, or a 16-bit x widened into `widened` (shared among the threads in blocks).
+INLINE const float* all_float32(const void* x, int storage, int64_t M, int64_t K, int threads,
+                                std::unique_ptr<float[], Free>& widened) {
+    if (storage == FLOAT32) return static_cast<const float*>(x);
+    constexpr int64_t BLOCK = 1 << 16;
+    const int64_t count = M * K;
+    widened = aligned_workspace<float>(count);
+    float* out = widened.get();
+    parallel_for(0, count, BLOCK, count > BLOCK ? threads : 1, [&](int64_t i) {
+        widen(static_cast<const uint16_t*>(x) + i, storage, std::min(BLOCK, count - i), out + i);
+    });
+    return out;
 }
 
 }  // namespace quanto_fx_cpu

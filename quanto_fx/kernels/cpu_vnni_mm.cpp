@@ -249,14 +249,14 @@ INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m12
 // (their high bytes, all 0) is not written and may be null, and the kernels' products are those of the int8
 // GEMM of the codes.
 template <int PB, bool INT8_CODES = false>
-int split_x(const float* x, int64_t M, int64_t K, int64_t group, int8_t* h, int8_t* l, float* sx, float* xsum,
-            int threads, int precision = quanto_fx_cpu::FLOAT32) {
+int split_x(const quanto_fx_cpu::StoredX& x, int64_t M, int64_t K, int64_t group, int8_t* h, int8_t* l, float* sx,
+            float* xsum, int threads, int precision = quanto_fx_cpu::FLOAT32) {
     using quanto_fx_cpu::round_to;
     const int64_t G = K / group, plane_bytes = K / PB;
     std::atomic<bool> bad{false};
     // One thread for a row or two: a team costs ~7 us, more than splitting them.
     quanto_fx_cpu::parallel_for(0, M, 1, M > 2 ? threads : 1, [&](int64_t m) {
-        const float* row = x + m * K;
+        const float* row = x.row(m);
         int8_t *row_h = INT8_CODES ? nullptr : h + m * K, *row_l = l + m * K;
         const float amax = quanto_fx_cpu::row_abs_max(row, K);
         if (isnan(amax) || (!INT8_CODES && amax > 0.f && amax < MIN_SCALED_MAX)) {
@@ -555,9 +555,10 @@ extern "C" {
 // to scale (see MIN_SCALED_MAX).
 int quanto_split_x(const float* x, int64_t M, int64_t K, int per_byte, int64_t group, int8_t* h, int8_t* l,
                    float* sx, float* xsum, int threads) {
-    if (per_byte == 2) return split_x<2>(x, M, K, group, h, l, sx, xsum, threads);
-    if (per_byte == 4) return split_x<4>(x, M, K, group, h, l, sx, xsum, threads);
-    return split_x<1>(x, M, K, group, h, l, sx, xsum, threads);
+    const quanto_fx_cpu::StoredX rows{x, quanto_fx_cpu::FLOAT32, K, nullptr};
+    if (per_byte == 2) return split_x<2>(rows, M, K, group, h, l, sx, xsum, threads);
+    if (per_byte == 4) return split_x<4>(rows, M, K, group, h, l, sx, xsum, threads);
+    return split_x<1>(rows, M, K, group, h, l, sx, xsum, threads);
 }
 
 // out (M, N) = (256 * products[m] + products[M + m]) * sx[m] * scale[n], products (2M, N) int32 from the
@@ -600,12 +601,14 @@ constexpr int64_t SERIAL_BELOW_WORK = 1 << 18;
 
 // quanto_weight_mm and quanto_dynamic_int8_mm (int8_codes: x as dynamic int8 codes computed in
 // `precision`, int8 weights only).
-static int weight_mm(int bits, bool int8_codes, int precision, const float* x, int64_t M, int64_t K,
-                     const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
-                     int threads) {
+static int weight_mm(int bits, bool int8_codes, int precision, int x_storage, const void* x_data, int64_t M,
+                     int64_t K, const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias,
+                     float* out, int threads) {
     const int per_byte = 8 / bits;
     const bool gemv = quanto_weight_mm_uses_gemv(bits, M, K, G);
     threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
+    const auto buffers = quanto_fx_cpu::row_buffers(x_storage, threads, K);
+    const quanto_fx_cpu::StoredX x{x_data, x_storage, K, buffers.get()};
     const int64_t plane_bytes = (M * K + 63) / 64 * 64;  // each plane on cache lines
     // all written, not zeroed; int8 codes have no high byte plane
     const auto planes = quanto_fx_cpu::aligned_workspace<int8_t>((int8_codes ? 1 : 2) * plane_bytes);
@@ -614,8 +617,11 @@ static int weight_mm(int bits, bool int8_codes, int precision, const float* x, i
     const auto sum_buffer = quanto_fx_cpu::aligned_workspace<float>(M * G);
     float *sx = scale_buffer.get(), *xsum = sum_buffer.get();
     int8_t *l = planes.get(), *h = int8_codes ? nullptr : planes.get() + plane_bytes;
-    const int bad = int8_codes ? split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads, precision)
-                               : quanto_split_x(x, M, K, per_byte, K / G, h, l, sx, xsum, threads);
+    int bad;
+    if (int8_codes) bad = split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads, precision);
+    else if (per_byte == 4) bad = split_x<4>(x, M, K, K / G, h, l, sx, xsum, threads);
+    else if (per_byte == 2) bad = split_x<2>(x, M, K, K / G, h, l, sx, xsum, threads);
+    else bad = split_x<1>(x, M, K, K / G, h, l, sx, xsum, threads);
     if (bad) return 1;
     if (int8_codes) {  // x's high byte plane is all 0
         if (gemv) vnni_mm_any_chunk<8, false>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
@@ -631,16 +637,17 @@ static int weight_mm(int bits, bool int8_codes, int precision, const float* x, i
     return 0;
 }
 
-// out (M, N) float32 = x @ W.T + bias for x (M, K) float32 and the weight in `bits` (8: int8 (N, K), scales
+// out (M, N) float32 = x @ W.T + bias for x (M, K) stored as `x_storage` (a Precision: float32, float16 or
+// bfloat16 values, each row widened to float32 as it is split) and the weight in `bits` (8: int8 (N, K), scales
 // (N,); 4 / 2: uint8 (N, K * bits / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), bias (N,) or
 // null: x split as by quanto_split_x into a workspace, then the GEMV or the GEMM (groups of whole 32-bit
 // words) by quanto_weight_mm_uses_gemv, the bias added as each output is stored (a separate
 // serial pass over a 2048 x 1536 output had cost more than the GEMM). One call where three Python-side
 // allocations and two calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN, an
 // infinity or a row too small to scale (see MIN_SCALED_MAX); 2 when the workspace cannot be allocated.
-int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
+int quanto_weight_mm(int bits, int x_storage, const void* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
                      const float* scales, int64_t G, const float* bias, float* out, int threads) try {
-    return weight_mm(bits, false, quanto_fx_cpu::FLOAT32, x, M, K, weight, N, scales, G, bias, out, threads);
+    return weight_mm(bits, false, quanto_fx_cpu::FLOAT32, x_storage, x, M, K, weight, N, scales, G, bias, out, threads);
 } catch (const std::bad_alloc&) {
     return 2;
 }
@@ -648,15 +655,16 @@ int quanto_weight_mm(int bits, const float* x, int64_t M, int64_t K, const uint8
 // quanto_weight_mm for int8 weights with x quantized as dynamic int8 activations (per row, see split_x's
 // INT8_CODES; their high byte plane, all 0, is not multiplied): out = (sum_k code_x * w) * scale_x * scale_w
 // + bias, the products exact in int32, the epilogue in float32 (its rounding, not the reference's order: up
-// to ~1e-4 of the output's max at K = 2**16, dynamic_mm.INT8_CPU_KERNEL_ERROR). x holds float32 values of
-// the dtype `precision` (Precision in cpu_simd.h: a float16 or bfloat16 x converted exactly), whose
-// arithmetic the codes and scales reproduce. The whole of QLinear's dynamic W8A8 forward in one call, where
-// torch ops (quantize, aten._int_mm, rescale) took ~90 us at M = 1 on a 384 x 1536 layer. Returns 1, out
-// untouched, when x holds a NaN or an infinity; 2 when the workspace cannot be allocated.
-int quanto_dynamic_int8_mm(int precision, const float* x, int64_t M, int64_t K, const int8_t* weight, int64_t N,
-                           const float* scales, const float* bias, float* out, int threads) try {
+// to ~1e-4 of the output's max at K = 2**16, dynamic_mm.INT8_CPU_KERNEL_ERROR). x holds values of the dtype
+// `precision` (Precision in cpu_simd.h), stored as `x_storage` (as for quanto_weight_mm: a 16-bit x itself, or
+// converted to float32 exactly), whose arithmetic the codes and scales reproduce. The whole of QLinear's
+// dynamic W8A8 forward in one call, where torch ops (quantize, aten._int_mm, rescale) took ~90 us at M = 1 on a
+// 384 x 1536 layer. Returns 1, out untouched, when x holds a NaN or an infinity; 2 when the workspace cannot be
+// allocated.
+int quanto_dynamic_int8_mm(int precision, int x_storage, const void* x, int64_t M, int64_t K, const int8_t* weight,
+                           int64_t N, const float* scales, const float* bias, float* out, int threads) try {
     const auto w = reinterpret_cast<const uint8_t*>(weight);
-    return weight_mm(8, true, precision, x, M, K, w, N, scales, 1, bias, out, threads);
+    return weight_mm(8, true, precision, x_storage, x, M, K, w, N, scales, 1, bias, out, threads);
 } catch (const std::bad_alloc&) {
     return 2;
 }

@@ -76,6 +76,9 @@ INT_MM_MAX_IN_FEATURES = 1 << 16
 DYNAMIC_INT8_MAX_IN_FEATURES = 1 << 16
 # x's dtype, whose arithmetic the dynamic kernels reproduce as they quantize it (Precision in cpu_simd.h).
 PRECISIONS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# How x is stored for the kernels (their x_storage, one of PRECISIONS' values): float32 on this module's
+# ctypes path, which converts x first; the native ops (cpu_native_ops.cpp) hand a 16-bit x over as it is.
+FLOAT32_STORAGE = PRECISIONS[torch.float32]
 ENABLE_VARIABLE = "QUANTO_FX_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 300
 
@@ -140,21 +143,22 @@ def _library() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.quanto_split_x.argtypes = [pointer, size, size, ctypes.c_int, size, *[pointer] * 4, ctypes.c_int]
     library.quanto_split_x.restype = ctypes.c_int
-    library.quanto_weight_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, size]
+    x_args = [ctypes.c_int, pointer, size, size]  # x's storage, x, M, K
+    library.quanto_weight_mm.argtypes = [ctypes.c_int, *x_args, pointer, size, pointer, size]
     library.quanto_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_weight_mm.restype = ctypes.c_int
-    library.quanto_dynamic_int8_mm.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer]
+    library.quanto_dynamic_int8_mm.argtypes = [ctypes.c_int, *x_args, pointer, size, pointer]
     library.quanto_dynamic_int8_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_dynamic_int8_mm.restype = ctypes.c_int
     library.quanto_weight_mm_uses_gemv.argtypes = [ctypes.c_int, size, size, size]
     library.quanto_weight_mm_uses_gemv.restype = ctypes.c_int
     library.quanto_combine_planes.argtypes = [pointer, size, size, pointer, pointer, pointer, ctypes.c_int]
     library.quanto_combine_planes.restype = None
-    library.quanto_float8_weight_mm.argtypes = [ctypes.c_int] * 2 + [pointer, size, size, pointer, size]
-    library.quanto_float8_weight_mm.argtypes += [pointer, pointer, pointer, ctypes.c_int]
+    library.quanto_float8_weight_mm.argtypes = [ctypes.c_int, *x_args, pointer, size, pointer]
+    library.quanto_float8_weight_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_float8_weight_mm.restype = ctypes.c_int
-    library.quanto_float8_dynamic_mm.argtypes = [ctypes.c_int] * 4 + [pointer, size, size, pointer, size]
-    library.quanto_float8_dynamic_mm.argtypes += [pointer, pointer, pointer, ctypes.c_int]
+    library.quanto_float8_dynamic_mm.argtypes = [ctypes.c_int] * 3 + [*x_args, pointer, size, pointer]
+    library.quanto_float8_dynamic_mm.argtypes += [pointer, pointer, ctypes.c_int]
     library.quanto_float8_dynamic_mm.restype = ctypes.c_int
     library.quanto_float8_path.argtypes = [ctypes.c_int, size]
     library.quanto_float8_path.restype = ctypes.c_int
@@ -316,6 +320,7 @@ def weight_mm_prechecked(x, weight, scales, bits, group_size, bias):
     bad_x = _run(
         _loaded_library().quanto_weight_mm,
         bits,
+        FLOAT32_STORAGE,
         x.data_ptr(),
         m,
         k,
@@ -344,6 +349,7 @@ def dynamic_int8_mm_prechecked(x, weight, scales, bias):
     bad_x = _run(
         _loaded_library().quanto_dynamic_int8_mm,
         precision,
+        FLOAT32_STORAGE,
         x.data_ptr(),
         m,
         k,
