@@ -139,7 +139,7 @@ INLINE void parallel_for(int64_t begin, int64_t end, int64_t step, int threads, 
         for (int64_t i = begin; i < end; i += step) body(i);
         return;
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(std::max(threads, 1)) schedule(static)
     for (int64_t i = begin; i < end; i += step) body(i);
 }
 
@@ -150,7 +150,7 @@ INLINE void parallel_for(int64_t begin, int64_t end, int64_t step, int threads, 
 template <class Body>
 INLINE void parallel_region(int threads, const Body& body) {
     if (threads <= 1 && !omp_in_parallel()) return body();
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(std::max(threads, 1))
     body();
 }
 
@@ -251,7 +251,7 @@ struct StoredX {
 // StoredX's per-thread row buffers: K floats for each of `threads` threads where x is stored in 16 bits.
 INLINE std::unique_ptr<float[], Free> row_buffers(int storage, int threads, int64_t K) {
     if (storage == FLOAT32) return nullptr;
-    return aligned_workspace<float>(threads * K);
+    return aligned_workspace<float>(std::max(threads, 1) * K);
 }
 
 // All of x as float32: x itself, or a 16-bit x widened into `widened` (shared among the threads in blocks).
