@@ -12,10 +12,8 @@ to the float module's, and the float module's time in ms.
 
 from __future__ import annotations
 
-import argparse
-
+import prefill
 import torch
-from linear import measure
 
 from quanto_fx import freeze, qint2, qint4, qint8, quantize
 
@@ -33,25 +31,7 @@ def modules(k: int, n: int, dtype: torch.dtype) -> dict:
 
 
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--shapes", nargs="*", default=None, help="M,K,N triples")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float16")
-    args = parser.parse_args()
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
-    dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs")
-    print(f"{'M, K, N':<18}{args.dtype + ' (ms)':>16}" + "".join(f"{name:>8}" for name in FORMATS))
-    with torch.no_grad():
-        for m, k, n in shapes:
-            layer = modules(k, n, dtype)
-            x = torch.randn(m, k, dtype=dtype)
-            medians, _ = measure(
-                {name: (lambda module=module: module(x)) for name, module in layer.items()}, args.repeats
-            )
-            ratios = "".join(f"{medians[name] / medians['fp32']:>8.2f}" for name in FORMATS)
-            print(f"{f'{m}, {k}, {n}':<18}{medians['fp32']:>16.2f}{ratios}")
+    prefill.run(__doc__, SHAPES, modules, tuple(FORMATS), "float16")
 
 
 if __name__ == "__main__":
