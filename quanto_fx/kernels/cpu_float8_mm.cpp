@@ -803,10 +803,12 @@ int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64
     const Path path = path_for(M);
     threads = quanto_fx_cpu::threads_for_work(M, K, N, SERIAL_BELOW_WORK, threads);
 #if QUANTO_HAS_FP16_INTRINSICS
-    // e5m2 with float32 x goes below, after the x shift the float32 blocks of small codes need
-    const bool as_stored = format == E4M3 || (x_storage != quanto_fx_cpu::FLOAT32 &&
-                                              !holds_row_of_small_e5m2_codes(weight, 0, N, K));
-    if (path == FLOAT16_GEMM && as_stored) {
+    // e5m2 with float32 x goes below, after the x shift the float32 blocks of small codes need (the weight is
+    // scanned on this path only: at the GEMVs' M it would cost as much as their own pass over it)
+    const bool as_stored = path == FLOAT16_GEMM &&
+                           (format == E4M3 || (x_storage != quanto_fx_cpu::FLOAT32 &&
+                                               !holds_row_of_small_e5m2_codes(weight, 0, N, K)));
+    if (as_stored) {
         const auto buffers = quanto_fx_cpu::row_buffers(x_storage, threads, K);
         const quanto_fx_cpu::StoredX stored{x_data, x_storage, K, buffers.get()};
         bool done;

@@ -89,21 +89,10 @@ constexpr int64_t CONVERSION_GRAIN = 1 << 16;
 // bias and the output (3-4 us on a 128 x 64 layer whose kernel takes 3).
 class Float32 {
    public:
-    explicit Float32(const at::Tensor& t) {
-        const at::Tensor contiguous = t.contiguous();
-        if (t.scalar_type() == at::kFloat) {
-            kept_ = contiguous;
-            data_ = kept_.data_ptr<float>();
-            return;
-        }
-        copy_ = quanto_fx_cpu::aligned_workspace<float>(t.numel());
-        const auto* in = static_cast<const uint16_t*>(contiguous.data_ptr());
-        float* out = copy_.get();
-        at::parallel_for(0, t.numel(), CONVERSION_GRAIN, [&](int64_t begin, int64_t end) {
-            quanto_fx_cpu::widen(in + begin, precision(t), end - begin, out + begin);
-        });
-        data_ = out;
-    }
+    explicit Float32(const at::Tensor& t)
+        : kept_(t.contiguous()),
+          data_(quanto_fx_cpu::all_float32(kept_.data_ptr(), precision(t), 1, t.numel(), at::get_num_threads(),
+                                           copy_)) {}
     const float* get() const { return data_; }
 
    private:
