@@ -243,6 +243,39 @@ INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m12
     }
 }
 
+// Codes k .. k + 63 of a row (k a multiple of 64), as 16-bit lanes in two vectors a (codes k .. k + 31) and b
+// (k + 32 .. k + 63) after _mm512_packs_epi32 of their int32 quarters (see split_x), into the row's phase
+// planes, bytes packed with signed saturation (exact: every byte value fits). packs interleaves the quarters
+// by 128-bit lane (lane j holds codes 16 v + 4 j + t at byte 4 v + t), and each plane's bytes take 4 bytes
+// from each lane: one in-lane shuffle groups them into dwords, a dword permutation moves them to their
+// plane's lane, a second in-lane shuffle orders them.
+template <int PB>
+INLINE void store_64_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m512i a, __m512i b) {
+    const __m512i bytes = _mm512_packs_epi16(a, b);
+    const __m512i dwords = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    if constexpr (PB == 1) {
+        _mm512_storeu_si512(planes + k, _mm512_permutexvar_epi32(dwords, bytes));
+    } else {
+        const __m512i by_plane = _mm512_broadcast_i32x4(
+            PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
+                    : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+        const __m512i in_order = _mm512_broadcast_i32x4(
+            PB == 2 ? _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)
+                    : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+        const __m512i grouped = _mm512_shuffle_epi8(
+            _mm512_permutexvar_epi32(dwords, _mm512_shuffle_epi8(bytes, by_plane)), in_order);
+        if constexpr (PB == 2) {
+            _mm256_storeu_si256((__m256i*)(planes + k / 2), _mm512_castsi512_si256(grouped));
+            _mm256_storeu_si256((__m256i*)(planes + plane_bytes + k / 2), _mm512_extracti64x4_epi64(grouped, 1));
+        } else {
+            _mm_storeu_si128((__m128i*)(planes + k / 4), _mm512_castsi512_si128(grouped));
+            _mm_storeu_si128((__m128i*)(planes + plane_bytes + k / 4), _mm512_extracti32x4_epi32(grouped, 1));
+            _mm_storeu_si128((__m128i*)(planes + 2 * plane_bytes + k / 4), _mm512_extracti32x4_epi32(grouped, 2));
+            _mm_storeu_si128((__m128i*)(planes + 3 * plane_bytes + k / 4), _mm512_extracti32x4_epi32(grouped, 3));
+        }
+    }
+}
+
 // See quanto_split_x. INT8_CODES: x's codes are its dynamic int8 quantization instead, as QTensor.quantize(x,
 // qint8, axis=0) computes it for x in `precision` (scale = max(max|x| / 127, finfo.tiny), code =
 // round-half-even(x / scale) in [-127, 127], the same IEEE operations and roundings): l holds the codes, h
@@ -274,15 +307,31 @@ int split_x(const quanto_fx_cpu::StoredX& x, int64_t M, int64_t K, int64_t group
             int64_t total = 0;  // the group's sum: past int32 from 65,796 elements
             int64_t k = g * group;
             const int64_t end = k + group;
-            for (; k + 16 <= end && k % 16 == 0; k += 16) {  // cvtps rounds half to even, as nearbyintf below
-                const __m512 v = _mm512_loadu_ps(row + k);
-                __m512i q;
+            // cvtps rounds half to even, as nearbyintf below
+            const auto codes = [&](int64_t at) {
+                const __m512 v = _mm512_loadu_ps(row + at);
                 if constexpr (INT8_CODES) {
-                    q = _mm512_cvtps_epi32(round_to(_mm512_div_ps(v, vs), precision));
-                    q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+                    const __m512i q = _mm512_cvtps_epi32(round_to(_mm512_div_ps(v, vs), precision));
+                    return _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
                 } else {
-                    q = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinverse));
+                    return _mm512_cvtps_epi32(_mm512_mul_ps(v, vinverse));
                 }
+            };
+            // 64 codes at a time as 16-bit lanes (|q| <= 32639: packs is exact, and so are q + 128 and 256 hi)
+            for (; k + 64 <= end && k % 64 == 0; k += 64) {
+                __m512i hi[2], lo[2];
+                for (int half = 0; half < 2; half++) {
+                    const int64_t at = k + 32 * half;
+                    const __m512i q = _mm512_packs_epi32(codes(at), codes(at + 16));
+                    hi[half] = _mm512_srai_epi16(_mm512_add_epi16(q, _mm512_set1_epi16(128)), 8);
+                    lo[half] = _mm512_sub_epi16(q, _mm512_slli_epi16(hi[half], 8));
+                    vtotal = _mm512_add_epi32(vtotal, _mm512_madd_epi16(q, _mm512_set1_epi16(1)));
+                }
+                if constexpr (!INT8_CODES) store_64_by_phase<PB>(row_h, plane_bytes, k, hi[0], hi[1]);
+                store_64_by_phase<PB>(row_l, plane_bytes, k, lo[0], lo[1]);
+            }
+            for (; k + 16 <= end && k % 16 == 0; k += 16) {
+                const __m512i q = codes(k);
                 const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
                 const __m512i lo = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
                 if constexpr (!INT8_CODES) store_by_phase<PB>(row_h, plane_bytes, k, _mm512_cvtepi32_epi8(hi));
