@@ -242,12 +242,34 @@ void vnni_mm_any_chunk(const int8_t* h, const int8_t* l, const float* sx, const 
     vnni_mm<BITS, 32, 1, HIGH>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
 }
 
-// Bytes of the 16 codes k .. k + 15 of a row (k a multiple of 16) into the row's phase planes (PB, K / PB):
-// code k + i * PB + p goes to plane p, byte k / PB + i.
+// Where x's codes go in a row (see quanto_split_x): PHASE_PLANES, the GEMV's (PB, K / PB) planes, code
+// b * PB + p at p * K / PB + b; WORDS, the GEMM's, each 32-bit word of bytes b = 4 d .. 4 d + 3 as its PB
+// phases' words in a row, code (4 d + j) * PB + p at (d * PB + p) * 4 + j (a tile then reads one stream a row
+// and plane, where phase planes took PB: int2 spent a third of the GEMM's time at K = 128 computing and
+// spilling those 32 addresses per group). The same for int8 codes (PB = 1).
+enum Layout { PHASE_PLANES, WORDS };
+
+// In a group of 16 codes in order (16 / (4 PB) whole words), the WORDS order: byte 4 (PB e + p) + j = code
+// 4 PB e + PB j + p.
 template <int PB>
+INLINE __m128i words_order() {
+    return PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
+                   : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
+INLINE int64_t words_offset(int PB, int64_t k) {
+    const int64_t b = k / PB;
+    return (b / 4 * PB + k % PB) * 4 + b % 4;
+}
+
+// Bytes of the 16 codes k .. k + 15 of a row (k a multiple of 16) into the row's bytes in LAYOUT: phase planes
+// (PB, K / PB), code k + i * PB + p to plane p, byte k / PB + i; or words.
+template <int PB, Layout LAYOUT>
 INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m128i bytes) {
     if constexpr (PB == 1) {
         _mm_storeu_si128((__m128i*)(planes + k), bytes);
+    } else if constexpr (LAYOUT == WORDS) {
+        _mm_storeu_si128((__m128i*)(planes + k), _mm_shuffle_epi8(bytes, words_order<PB>()));
     } else {
         const __m128i order = PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
                                       : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -262,13 +284,17 @@ INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m12
 // planes, bytes packed with signed saturation (exact: every byte value fits). packs interleaves the quarters
 // by 128-bit lane (lane j holds codes 16 v + 4 j + t at byte 4 v + t), and each plane's bytes take 4 bytes
 // from each lane: one in-lane shuffle groups them into dwords, a dword permutation moves them to their
-// plane's lane, a second in-lane shuffle orders them.
-template <int PB>
+// plane's lane, a second in-lane shuffle orders them. WORDS: the permutation puts the codes in order, one
+// in-lane shuffle in words.
+template <int PB, Layout LAYOUT>
 INLINE void store_64_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m512i a, __m512i b) {
     const __m512i bytes = _mm512_packs_epi16(a, b);
     const __m512i dwords = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     if constexpr (PB == 1) {
         _mm512_storeu_si512(planes + k, _mm512_permutexvar_epi32(dwords, bytes));
+    } else if constexpr (LAYOUT == WORDS) {
+        const __m512i in_order = _mm512_permutexvar_epi32(dwords, bytes);
+        _mm512_storeu_si512(planes + k, _mm512_shuffle_epi8(in_order, _mm512_broadcast_i32x4(words_order<PB>())));
     } else {
         const __m512i by_plane = _mm512_broadcast_i32x4(
             PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
@@ -295,7 +321,7 @@ INLINE void store_64_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __
 // round-half-even(x / scale) in [-127, 127], the same IEEE operations and roundings): l holds the codes, h
 // (their high bytes, all 0) is not written and may be null, and the kernels' products are those of the int8
 // GEMM of the codes.
-template <int PB, bool INT8_CODES = false>
+template <int PB, Layout LAYOUT, bool INT8_CODES = false>
 int split_x(const quanto_fx_cpu::StoredX& x, int64_t M, int64_t K, int64_t group, int8_t* h, int8_t* l, float* sx,
             float* xsum, int threads, int precision = quanto_fx_cpu::FLOAT32) {
     using quanto_fx_cpu::round_to;
@@ -341,15 +367,15 @@ int split_x(const quanto_fx_cpu::StoredX& x, int64_t M, int64_t K, int64_t group
                     lo[half] = _mm512_sub_epi16(q, _mm512_slli_epi16(hi[half], 8));
                     vtotal = _mm512_add_epi32(vtotal, _mm512_madd_epi16(q, _mm512_set1_epi16(1)));
                 }
-                if constexpr (!INT8_CODES) store_64_by_phase<PB>(row_h, plane_bytes, k, hi[0], hi[1]);
-                store_64_by_phase<PB>(row_l, plane_bytes, k, lo[0], lo[1]);
+                if constexpr (!INT8_CODES) store_64_by_phase<PB, LAYOUT>(row_h, plane_bytes, k, hi[0], hi[1]);
+                store_64_by_phase<PB, LAYOUT>(row_l, plane_bytes, k, lo[0], lo[1]);
             }
             for (; k + 16 <= end && k % 16 == 0; k += 16) {
                 const __m512i q = codes(k);
                 const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
                 const __m512i lo = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
-                if constexpr (!INT8_CODES) store_by_phase<PB>(row_h, plane_bytes, k, _mm512_cvtepi32_epi8(hi));
-                store_by_phase<PB>(row_l, plane_bytes, k, _mm512_cvtepi32_epi8(lo));
+                if constexpr (!INT8_CODES) store_by_phase<PB, LAYOUT>(row_h, plane_bytes, k, _mm512_cvtepi32_epi8(hi));
+                store_by_phase<PB, LAYOUT>(row_l, plane_bytes, k, _mm512_cvtepi32_epi8(lo));
                 vtotal = _mm512_add_epi32(vtotal, q);
             }
             for (; k < end; k++) {
@@ -357,7 +383,7 @@ int split_x(const quanto_fx_cpu::StoredX& x, int64_t M, int64_t K, int64_t group
                     INT8_CODES ? (int32_t)std::clamp(nearbyintf(round_to(row[k] / s, precision)), -127.f, 127.f)
                                : (int32_t)nearbyintf(row[k] * inverse);
                 const int32_t hi = (q + 128) >> 8;
-                const int64_t at = (k % PB) * plane_bytes + k / PB;
+                const int64_t at = LAYOUT == WORDS ? words_offset(PB, k) : (k % PB) * plane_bytes + k / PB;
                 if (!INT8_CODES) row_h[at] = (int8_t)hi;
                 row_l[at] = (int8_t)(q - hi * 256);
                 total += q;
@@ -492,7 +518,7 @@ INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const in
                     else step[c] = chunk_codes<BITS, Lanes<64>>(codes[d * NR + c], p);
                 }
                 for (int i = 0; i < MR; i++) {
-                    const int64_t at = ((m0 + i) * per_byte + p) * row_bytes + d * 4;
+                    const int64_t at = (m0 + i) * K + (d * per_byte + p) * 4;  // WORDS
                     int32_t word_h = 0, word_l;
                     if constexpr (HIGH) memcpy(&word_h, h + at, 4);
                     memcpy(&word_l, l + at, 4);
@@ -619,9 +645,9 @@ extern "C" {
 int quanto_split_x(const float* x, int64_t M, int64_t K, int per_byte, int64_t group, int8_t* h, int8_t* l,
                    float* sx, float* xsum, int threads) {
     const quanto_fx_cpu::StoredX rows{x, quanto_fx_cpu::FLOAT32, K, nullptr};
-    if (per_byte == 2) return split_x<2>(rows, M, K, group, h, l, sx, xsum, threads);
-    if (per_byte == 4) return split_x<4>(rows, M, K, group, h, l, sx, xsum, threads);
-    return split_x<1>(rows, M, K, group, h, l, sx, xsum, threads);
+    if (per_byte == 2) return split_x<2, PHASE_PLANES>(rows, M, K, group, h, l, sx, xsum, threads);
+    if (per_byte == 4) return split_x<4, PHASE_PLANES>(rows, M, K, group, h, l, sx, xsum, threads);
+    return split_x<1, PHASE_PLANES>(rows, M, K, group, h, l, sx, xsum, threads);
 }
 
 // out (M, N) = (256 * products[m] + products[M + m]) * sx[m] * scale[n], products (2M, N) int32 from the
@@ -681,10 +707,12 @@ static int weight_mm(int bits, bool int8_codes, int precision, int x_storage, co
     float *sx = scale_buffer.get(), *xsum = sum_buffer.get();
     int8_t *l = planes.get(), *h = int8_codes ? nullptr : planes.get() + plane_bytes;
     int bad;
-    if (int8_codes) bad = split_x<1, true>(x, M, K, K, h, l, sx, xsum, threads, precision);
-    else if (per_byte == 4) bad = split_x<4>(x, M, K, K / G, h, l, sx, xsum, threads);
-    else if (per_byte == 2) bad = split_x<2>(x, M, K, K / G, h, l, sx, xsum, threads);
-    else bad = split_x<1>(x, M, K, K / G, h, l, sx, xsum, threads);
+    if (int8_codes) bad = split_x<1, PHASE_PLANES, true>(x, M, K, K, h, l, sx, xsum, threads, precision);
+    else if (per_byte == 4 && gemv) bad = split_x<4, PHASE_PLANES>(x, M, K, K / G, h, l, sx, xsum, threads);
+    else if (per_byte == 4) bad = split_x<4, WORDS>(x, M, K, K / G, h, l, sx, xsum, threads);
+    else if (per_byte == 2 && gemv) bad = split_x<2, PHASE_PLANES>(x, M, K, K / G, h, l, sx, xsum, threads);
+    else if (per_byte == 2) bad = split_x<2, WORDS>(x, M, K, K / G, h, l, sx, xsum, threads);
+    else bad = split_x<1, PHASE_PLANES>(x, M, K, K / G, h, l, sx, xsum, threads);
     if (bad) return 1;
     if (int8_codes) {  // x's high byte plane is all 0
         if (gemv) vnni_mm_any_chunk<8, false>(h, l, sx, xsum, M, K, weight, N, scales, G, bias, out, threads);
