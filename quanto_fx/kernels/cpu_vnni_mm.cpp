@@ -280,10 +280,10 @@ INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m12
 }
 
 // Codes k .. k + 63 of a row (k a multiple of 64), as 16-bit lanes in two vectors a (codes k .. k + 31) and b
-// (k + 32 .. k + 63) after _mm512_packs_epi32 of their int32 quarters (see split_x), into the row's phase
-// planes, bytes packed with signed saturation (exact: every byte value fits). packs interleaves the quarters
-// by 128-bit lane (lane j holds codes 16 v + 4 j + t at byte 4 v + t), and each plane's bytes take 4 bytes
-// from each lane: one in-lane shuffle groups them into dwords, a dword permutation moves them to their
+// (k + 32 .. k + 63) after _mm512_packs_epi32 of their int32 quarters (see split_x), into the row's bytes in
+// LAYOUT, packed with signed saturation (exact: every byte value fits). packs interleaves the quarters by
+// 128-bit lane (lane j holds codes 16 v + 4 j + t at byte 4 v + t). Phase planes: each plane's bytes take 4
+// bytes from each lane; one in-lane shuffle groups them into dwords, a dword permutation moves them to their
 // plane's lane, a second in-lane shuffle orders them. WORDS: the permutation puts the codes in order, one
 // in-lane shuffle in words.
 template <int PB, Layout LAYOUT>
@@ -496,7 +496,7 @@ void transpose_code_vectors(const uint8_t* weight, int64_t n0, int64_t K, int64_
     }
 }
 
-// out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the transposed code vectors and x's planes (see quanto_split_x).
+// out[m0 .. m0 + MR, n0 .. n0 + 16 NR] from the transposed code vectors and x's byte planes in WORDS (Layout).
 template <int BITS, int MR, int NR, bool SPLIT, bool HIGH>
 INLINE void gemm_tile(const __m512i* codes, const __m512* group_scales, const int8_t* h, const int8_t* l,
                       const float* sx, const float* xsum, int64_t m0, int64_t K, int64_t G, const float* bias,
@@ -731,9 +731,9 @@ static int weight_mm(int bits, bool int8_codes, int precision, int x_storage, co
 // out (M, N) float32 = x @ W.T + bias for x (M, K) stored as `x_storage` (a Precision: float32, float16 or
 // bfloat16 values, each row widened to float32 as it is split) and the weight in `bits` (8: int8 (N, K), scales
 // (N,); 4 / 2: uint8 (N, K * bits / 8) packed codes, scales (G, N, 2) = (scale, zero) pairs), bias (N,) or
-// null: x split as by quanto_split_x into a workspace, then the GEMV or the GEMM (groups of whole 32-bit
-// words) by quanto_weight_mm_uses_gemv, the bias added as each output is stored (a separate
-// serial pass over a 2048 x 1536 output had cost more than the GEMM). One call where three Python-side
+// null: x split as by quanto_split_x into a workspace (in WORDS for the GEMM, see Layout), then the GEMV or the
+// GEMM (groups of whole 32-bit words) by quanto_weight_mm_uses_gemv, the bias added as each output is stored
+// (a separate serial pass over a 2048 x 1536 output had cost more than the GEMM). One call where three Python-side
 // allocations and two calls cost ~30 us a layer at M = 1. Returns 1, out untouched, when x holds a NaN, an
 // infinity or a row too small to scale (see MIN_SCALED_MAX); 2 when the workspace cannot be allocated.
 int quanto_weight_mm(int bits, int x_storage, const void* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N,
