@@ -132,6 +132,9 @@ INLINE void weight_rows(const float* x, int64_t M, int64_t K, const uint8_t* wei
                         const float* bias, float* out, int64_t n0) {
     int64_t m0 = 0;
     for (; m0 + 4 <= M; m0 += 4) tile<FORMAT, RT, 4>(x, K, weight, N, scale, bias, out, n0, m0);
+    // 3 rows in one pass over the weight, not 2 + 1 (2-vCPU Cascade Lake, 1536 x 384: M = 3 89 -> 62 us, M = 7
+    // 168 -> 136 us)
+    if (M - m0 == 3) tile<FORMAT, RT, 3>(x, K, weight, N, scale, bias, out, n0, m0), m0 += 3;
     for (; m0 + 2 <= M; m0 += 2) tile<FORMAT, RT, 2>(x, K, weight, N, scale, bias, out, n0, m0);
     for (; m0 < M; m0++) tile<FORMAT, RT, 1>(x, K, weight, N, scale, bias, out, n0, m0);
 }
@@ -752,11 +755,12 @@ FP16_TARGET bool float8_gemm_fp16(const Rows& rows, int64_t M, int64_t K, const 
 #endif
 
 // The form by M, chosen here for every caller (4096 x 4096, 1024 x 4096, 4096 x 11008, 384 x 1536 and 1536 x
-// 384, 2-core Xeon, GEMV / GEMM time interleaved): the float32 GEMV (CPUs without AVX512-FP16) up to M = 7 (at
-// M = 6 0.69-0.76, at 8 0.98-1.11); the float16 GEMV up to M = 16 (at 13-14: 0.53-0.77, at 16: 0.72-1.01 but
-// one noisy e5m2 run at 4096 x 4096, 1.21; at 20-24: 0.8-1.3).
+// 384, 2-core Xeon, GEMV / GEMM time interleaved): the float32 GEMV (CPUs without AVX512-FP16) up to M = 11
+// (its path's CPU, a 2-vCPU Cascade Lake, 3-row tiles, 256 x 256 to 4096 x 4096: at M = 7-8 0.59-0.80, at
+// 9-11 0.86-1.00, at 12 0.96-1.06, at 13-16 1.09-1.31); the float16 GEMV up to M = 16 (at 13-14: 0.53-0.77,
+// at 16: 0.72-1.01 but one noisy e5m2 run at 4096 x 4096, 1.21; at 20-24: 0.8-1.3).
 // Past M = 16, the float16 GEMM on those CPUs.
-constexpr int64_t GEMV_MAX_M = 7, FLOAT16_GEMV_MAX_M = 16;
+constexpr int64_t GEMV_MAX_M = 11, FLOAT16_GEMV_MAX_M = 16;
 enum Path { FLOAT32_GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2, FLOAT16_GEMM = 3 };
 
 Path path_for(int64_t M) {  // the same for both formats
