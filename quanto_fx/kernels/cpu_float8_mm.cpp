@@ -71,6 +71,9 @@ INLINE __mmask32 lanes_from(int64_t k, int64_t K) {
     return K - k >= 32 ? (__mmask32)0xFFFFFFFF : (__mmask32)((1u << (K - k)) - 1);
 }
 
+// The same for 16 values k .. k + 15 (float32 vectors).
+INLINE __mmask16 lanes16_from(int64_t k, int64_t K) { return (__mmask16)lanes_from(k, K); }
+
 // out[m0 + i, n0 + r] = (the lane sum of acc[i][r]) * x_scales[m0 + i] (1 if null) * unit * scale[n0 + r] +
 // bias[n0 + r]: the sums 8 at a time (a last group of fewer padded with zeros), the RT outputs of a row of x in
 // one vector. A sum and the scalar arithmetic per output, which reloaded scale, bias and out pointers from the
@@ -332,7 +335,7 @@ bool row_to_half(const float* row, int64_t K, float x_half_max, uint16_t* xh_row
     float inverse;
     if (!half_scale(quanto_fx_cpu::row_abs_max(row, K), x_half_max, sx, &inverse)) return false;
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __mmask16 lanes = lanes16_from(k, K);
         const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), _mm512_set1_ps(inverse));
         _mm256_mask_storeu_epi16(xh_row + k, lanes, _mm512_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));
     }
@@ -375,7 +378,6 @@ struct Float8Grid {
         const __m512 on_grid = _mm512_roundscale_ps(_mm512_scalef_ps(v, shift), _MM_FROUND_TO_NEAREST_INT);
         return _mm512_scalef_ps(on_grid, _mm512_sub_ps(_mm512_setzero_ps(), shift));
     }
-
 };
 
 // A row of K values of x in `precision` -> its dynamic float8 quantization, dequantized (Float8Grid), into
@@ -385,7 +387,7 @@ bool dequantized_float8_row(int format, int precision, const float* row, int64_t
     if (isnan(amax)) return false;
     const Float8Grid grid(format, precision, amax);
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __mmask16 lanes = lanes16_from(k, K);
         const __m512 value = _mm512_mul_ps(grid.code(_mm512_maskz_loadu_ps(lanes, row + k)), _mm512_set1_ps(grid.s));
         _mm512_mask_storeu_ps(values + k, lanes, value);
     }
@@ -418,7 +420,7 @@ bool dequantized_float8_row_to_half(int format, int precision, const float* row,
     const float largest = _mm512_cvtss_f32(grid.code(_mm512_set1_ps(amax))) * grid.s;
     if (!half_scale(largest, x_half_max, sx, &inverse)) return false;
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __mmask16 lanes = lanes16_from(k, K);
         const __m512 value = _mm512_mul_ps(grid.code(_mm512_maskz_loadu_ps(lanes, row + k)), _mm512_set1_ps(grid.s));
         const __m512 scaled = _mm512_mul_ps(value, _mm512_set1_ps(inverse));
         _mm256_mask_storeu_epi16(xh_row + k, lanes, _mm512_cvtps_ph(scaled, _MM_FROUND_TO_NEAREST_INT));

@@ -97,7 +97,7 @@ class Float32 {
 
    private:
     at::Tensor kept_;
-    std::unique_ptr<float[], quanto_fx_cpu::Free> copy_;
+    std::unique_ptr<float[], quanto_fx_cpu::Free> copy_;  // declared before data_, whose initializer fills it
     const float* data_;
 };
 

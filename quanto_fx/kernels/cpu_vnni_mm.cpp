@@ -249,12 +249,19 @@ void vnni_mm_any_chunk(const int8_t* h, const int8_t* l, const float* sx, const 
 // spilling those 32 addresses per group). The same for int8 codes (PB = 1).
 enum Layout { PHASE_PLANES, WORDS };
 
-// In a group of 16 codes in order (16 / (4 PB) whole words), the WORDS order: byte 4 (PB e + p) + j = code
-// 4 PB e + PB j + p.
+// In a group of 16 codes in order, the phase-plane order: byte (16 / PB) p + i = code PB i + p.
+template <int PB>
+INLINE __m128i phase_order() {
+    return PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
+                   : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
+// ... and the WORDS order (16 / (4 PB) whole words): byte 4 (PB e + p) + j = code 4 PB e + PB j + p; for PB = 4,
+// one word, the phase-plane order.
 template <int PB>
 INLINE __m128i words_order() {
-    return PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
-                   : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    if constexpr (PB == 2) return _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    return phase_order<PB>();
 }
 
 INLINE int64_t words_offset(int PB, int64_t k) {
@@ -271,10 +278,8 @@ INLINE void store_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __m12
     } else if constexpr (LAYOUT == WORDS) {
         _mm_storeu_si128((__m128i*)(planes + k), _mm_shuffle_epi8(bytes, words_order<PB>()));
     } else {
-        const __m128i order = PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
-                                      : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         alignas(16) int8_t grouped[16];
-        _mm_store_si128((__m128i*)grouped, _mm_shuffle_epi8(bytes, order));
+        _mm_store_si128((__m128i*)grouped, _mm_shuffle_epi8(bytes, phase_order<PB>()));
         for (int p = 0; p < PB; p++) memcpy(planes + p * plane_bytes + k / PB, grouped + p * (16 / PB), 16 / PB);
     }
 }
@@ -296,9 +301,7 @@ INLINE void store_64_by_phase(int8_t* planes, int64_t plane_bytes, int64_t k, __
         const __m512i in_order = _mm512_permutexvar_epi32(dwords, bytes);
         _mm512_storeu_si512(planes + k, _mm512_shuffle_epi8(in_order, _mm512_broadcast_i32x4(words_order<PB>())));
     } else {
-        const __m512i by_plane = _mm512_broadcast_i32x4(
-            PB == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
-                    : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+        const __m512i by_plane = _mm512_broadcast_i32x4(phase_order<PB>());
         const __m512i in_order = _mm512_broadcast_i32x4(
             PB == 2 ? _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)
                     : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
