@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# What the GPU machine checks and times: PARTS (default "bench tests", about 6 minutes) picks among
+# What the GPU machine checks and times: PARTS (default "bench tests", about 6-8 minutes) picks among
 #   sweep  the weight-only kernels' configs at decode shapes (about 3 minutes, for retuning GEMV_CONFIGS
 #          and the int8 tiers; SWEEP=1 adds it to the default parts),
 #   bench  the weight-only and float8 GEMMs, the fused int8 GEMMs and a W8A8 linear under backend="quanto",
-#   tests  the CUDA cases of the kernel and backend tests (up to 4 minutes: every Triton config compiles).
+#   tests  the CUDA cases of every test file (up to 4 minutes: every Triton config compiles; the whole log
+#          goes to $out/gpu_tests.log).
 # A device call may run 10 minutes: PARTS="sweep bench" then PARTS=tests fit two calls. Logs go to $OUT (or
 # /tmp).
 #
@@ -22,18 +23,22 @@ if [ "${SWEEP:-0}" = 1 ]; then
     parts="sweep $parts"
 fi
 case " $parts " in *" sweep "*)
-    timeout 200 python3 bench/gpu_weight_only_sweep.py 2>&1 | tee "$out/gpu_weight_only_sweep.log"
+    timeout "${SWEEP_TIMEOUT:-200}" python3 bench/gpu_weight_only_sweep.py 2>&1 | tee "$out/gpu_weight_only_sweep.log"
 esac
 case " $parts " in *" bench "*)
-    timeout 90 python3 bench/gpu_weight_only.py 2>&1 | tee "$out/gpu_weight_only.log"
+    timeout 150 python3 bench/gpu_weight_only.py 2>&1 | tee "$out/gpu_weight_only.log"
     timeout 140 python3 bench/gpu_kernels.py 2>&1 | tee "$out/gpu_kernels.log"
 esac
 case " $parts " in *" tests "*)
     # From a copy: in the repository root, its quanto_fx/ (no passes/ inside) would shadow the wheel's.
+    # Every test file's CUDA cases; in parallel where pytest-xdist is installed (Triton's compiles dominate).
     tests=$(mktemp -d)
     cp -r tests pyproject.toml "$tests"
-    (cd "$tests" && timeout 240 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
-        tests/test_kernels.py tests/test_kernels_triton.py tests/test_kernels_triton_lowbit.py \
-        tests/test_lowbit_weights.py tests/test_float8.py tests/test_backend.py 2>&1 | tail -n 25) \
-        | tee "$out/gpu_tests.log"
+    parallel=""
+    if python3 -c "import xdist" 2>/dev/null; then
+        parallel="-n ${TEST_WORKERS:-8}"
+    fi
+    (cd "$tests" && timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider $parallel -rfE \
+        --tb=short -k "cuda or gpu" tests) > "$out/gpu_tests.log" 2>&1
+    tail -n 40 "$out/gpu_tests.log"
 esac
