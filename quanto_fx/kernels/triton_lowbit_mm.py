@@ -305,16 +305,16 @@ def _gemv_config(block_n: int, slices: int, num_warps: int, num_stages: int) -> 
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# The decode kernel's configs, one slice per warp (so that each warp runs its own K range), not yet timed on a
-# GPU. Narrow N tiles give more programs (K = N = 4096: 128 of 32 columns); 8 warps a program hide more
-# latency, since there are few programs per SM. Integer instructions per code (SASS, int4, bfloat16): 3.3 at
-# 32 columns, 3.1 at 64, 3.7 at 16; the split-K GEMM it replaced took 3.6 at 64 columns, plus two kernels.
+# The decode kernel's configs, one slice per warp (so that each warp runs its own K range). The H200 sweeps
+# (bench/RESULTS.md, int4, bf16 x, M = 1 to 16) put 16-wide tiles first at every shape: with few warps per
+# SM the unpacking's dependent integer instructions, not the memory, set the time, and narrow tiles give the
+# most programs. 4 slices led at N = 4096 and 1024 (9.3-10.3 us at 4096 x 4096, against 12.0-13.0 for 8),
+# 2 or 4 at N = 14336 (26.9-27.8 us; 8 slices: 39).
 GEMV_CONFIGS = [
-    _gemv_config(32, 4, 4, 3),
-    _gemv_config(32, 4, 4, 2),
-    _gemv_config(32, 8, 8, 3),
-    _gemv_config(16, 8, 8, 3),
-    _gemv_config(64, 4, 4, 3),
+    _gemv_config(16, 4, 4, 2),
+    _gemv_config(16, 4, 4, 3),
+    _gemv_config(16, 2, 2, 3),
+    _gemv_config(16, 2, 2, 2),
 ]
 
 
