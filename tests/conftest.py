@@ -60,3 +60,65 @@ def _interpreter_numpy_fix():
     interpreter._patch_lang_tensor = patched
     yield
     interpreter._patch_lang_tensor = original
+
+
+@pytest.fixture(scope="class")
+def _interpreter_bfloat16_fix():
+    """Let the 3.6.0 interpreter compute with bfloat16 (``tl.dot``, +, -, *) while the class runs.
+
+    The interpreter stores bfloat16 as uint16 and hands those bits to numpy as they are: ``np.matmul`` and
+    ``np.add`` compute on the bit patterns (triton-lang/triton#11584; the maintainers: bfloat16 is not
+    supported there yet), it truncates float32 to bfloat16, and it has no bfloat16 constants (``get_bf16``).
+    Here bfloat16 operands become float32 first, with the interpreter's own converter: a dot gets the exact
+    products, as the tensor cores do; +, - and * compute in float32, and they, float32 -> bfloat16 casts and
+    constants round to nearest even, as the GPU does (a * b + c rounds twice here, once in the GPU's fma:
+    within the tests' tolerances). The compiled kernel is untouched: this only fixes the simulator.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    names = ("create_dot", "create_fadd", "create_fsub", "create_fmul", "cast_impl", "get_bf16")
+    originals = {name: getattr(builder, name, None) for name in names}
+
+    def to_float32(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def to_bfloat16(data):
+        # To nearest even on the 16 bits dropped (finite values).
+        bits = data.astype(np.float32).view(np.uint32)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return interpreter.TensorHandle(bits.astype(np.uint16), tl.bfloat16)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bfloat16(src.data)
+        return originals["cast_impl"](self, src, dst_type)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = to_float32(a), to_float32(b)
+        return originals["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def in_float32(name):
+        def create(self, lhs, rhs):
+            if lhs.dtype.scalar != tl.bfloat16:
+                return originals[name](self, lhs, rhs)
+            return to_bfloat16(originals[name](self, to_float32(lhs), to_float32(rhs)).data)
+
+        return create
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder.get_bf16 = lambda self, value: to_bfloat16(np.array([value], dtype=np.float32))
+    for name in ("create_fadd", "create_fsub", "create_fmul"):
+        setattr(builder, name, in_float32(name))
+    yield
+    for name, original in originals.items():
+        if original is None:
+            delattr(builder, name)
+        else:
+            setattr(builder, name, original)

@@ -21,6 +21,7 @@ from quanto_fx.kernels.triton_int8_weight_mm import (  # noqa: E402
     int8_weight_mm_kernel,
     int8_weight_mm_triton,
 )
+from quanto_fx.kernels.triton_lowbit_gemv_fma import lowbit_gemv_fma_kernel  # noqa: E402
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     CONFIG_TIERS,
     CONFIGS,
@@ -430,68 +431,6 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
 DECODE_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}
 
 
-@pytest.fixture(scope="class")
-def _interpreter_bfloat16_fix():
-    """Let the 3.6.0 interpreter compute with bfloat16 (``tl.dot``, +, -, *) while the class runs.
-
-    The interpreter stores bfloat16 as uint16 and hands those bits to numpy as they are: ``np.matmul`` and
-    ``np.add`` compute on the bit patterns (triton-lang/triton#11584; the maintainers: bfloat16 is not
-    supported there yet), it truncates float32 to bfloat16, and it has no bfloat16 constants (``get_bf16``).
-    Here bfloat16 operands become float32 first, with the interpreter's own converter: a dot gets the exact
-    products, as the tensor cores do; +, - and * compute in float32, and they, float32 -> bfloat16 casts and
-    constants round to nearest even, as the GPU does (a * b + c rounds twice here, once in the GPU's fma:
-    within the tests' tolerances). The compiled kernel is untouched: this only fixes the simulator.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    names = ("create_dot", "create_fadd", "create_fsub", "create_fmul", "cast_impl", "get_bf16")
-    originals = {name: getattr(builder, name, None) for name in names}
-
-    def to_float32(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def to_bfloat16(data):
-        # To nearest even on the 16 bits dropped (finite values).
-        bits = data.astype(np.float32).view(np.uint32)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return interpreter.TensorHandle(bits.astype(np.uint16), tl.bfloat16)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return to_bfloat16(src.data)
-        return originals["cast_impl"](self, src, dst_type)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        a, b = to_float32(a), to_float32(b)
-        return originals["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    def in_float32(name):
-        def create(self, lhs, rhs):
-            if lhs.dtype.scalar != tl.bfloat16:
-                return originals[name](self, lhs, rhs)
-            return to_bfloat16(originals[name](self, to_float32(lhs), to_float32(rhs)).data)
-
-        return create
-
-    builder.create_dot = create_dot
-    builder.cast_impl = cast_impl
-    builder.get_bf16 = lambda self, value: to_bfloat16(np.array([value], dtype=np.float32))
-    for name in ("create_fadd", "create_fsub", "create_fmul"):
-        setattr(builder, name, in_float32(name))
-    yield
-    for name, original in originals.items():
-        if original is None:
-            delattr(builder, name)
-        else:
-            setattr(builder, name, original)
-
-
 @pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child pytest")
 @pytest.mark.usefixtures("_interpreter_numpy_fix", "_interpreter_bfloat16_fix")
 class TestInterpreted:
@@ -697,10 +636,14 @@ H100_MAX_SHARED = 232448
 
 def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True):
     """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it: the
-    decode kernel for a config with SLICES, else the GEMM; with a float32 bias unless ``has_bias=False``."""
+    CUDA-core decode kernel for a config with BLOCK_B, the decode kernel for one with SLICES, else the GEMM;
+    with a float32 bias unless ``has_bias=False``."""
     from triton.backends.compiler import GPUTarget
 
-    kernel = lowbit_gemv_kernel if "SLICES" in config.kwargs else lowbit_mm_kernel
+    if "BLOCK_B" in config.kwargs:
+        kernel = lowbit_gemv_fma_kernel
+    else:
+        kernel = lowbit_gemv_kernel if "SLICES" in config.kwargs else lowbit_mm_kernel
     # Ints equal to 1 become constants; pointers, N, K and the other strides (multiples of 16 for the usual
     # K and N) carry a divisibility hint; stride_sn (2) carries none.
     unit_strides = ("stride_xk", "stride_pk", "stride_sc", "stride_b", "stride_on")
@@ -712,6 +655,7 @@ def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True
         "EVEN_K": even_k,
         **dict.fromkeys(unit_strides, 1),
     }
+    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
     pointer_types = {
         "x_ptr": TYPES[dtype],
         "packed_ptr": "u8",

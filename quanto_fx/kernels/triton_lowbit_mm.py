@@ -15,11 +15,12 @@ The packed weight format (portable: plain uint8 bytes and one float tensor, no d
 - ``K % group_size == 0``; ``group_size`` a power of two >= 16 (quanto_fx.tensor.groupwise requires the
   same). K blocks hold at least 16 bytes per weight row (tl.dot's smallest K): BLOCK_K >= 16 * per_byte.
 
-Two kernels, both correct for any M: ``lowbit_gemv_kernel`` for decode (M = 1..16, where reading the weight,
-4 or 8 times smaller than in bfloat16, should bound the time; on Hopper the unpacking's integer instructions
-come close: bench/RESULTS.md) and ``lowbit_mm_kernel``, the GEMM, past it. Launch
-them through ``lowbit_mm_triton``; they are plain ``@triton.jit`` functions so that tests can interpret them
-on the CPU (``TRITON_INTERPRET=1``) and compile them for an H100 without one. Offsets are int32: fine while x,
+Three kernels, each correct for any M: ``lowbit_gemv_fma_kernel`` (its own module) for the smallest M with
+16-bit x, on the CUDA cores; ``lowbit_gemv_kernel`` for the rest of decode (M up to 16, where reading the
+weight, 4 or 8 times smaller than in bfloat16, should bound the time; on Hopper the unpacking's integer
+instructions come close: bench/RESULTS.md); and ``lowbit_mm_kernel``, the GEMM, past it. Launch them through
+``lowbit_mm_triton``; they are plain ``@triton.jit`` functions so that tests can interpret them on the CPU
+(``TRITON_INTERPRET=1``) and compile them for an H100 without one. Offsets are int32: fine while x,
 the output and ``packed`` hold fewer than 2**31 elements each.
 """
 
@@ -45,6 +46,7 @@ from .triton_launch import (
     _tier,
 )
 from .triton_lowbit_codes import _dequantize, _split_codes
+from .triton_lowbit_gemv_fma import fit_block_b, fma_config, lowbit_gemv_fma_kernel
 
 LOWBIT_BITS = (2, 4)
 
@@ -286,11 +288,11 @@ def _fit_block_k(config: triton.Config, bits: int, group_size: int) -> triton.Co
     return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _fitted(configs, kwargs) -> list[triton.Config]:
-    """``configs`` fitted to the launch's bits and group size, without duplicates."""
+def _fitted(configs, kwargs, fit=_fit_block_k) -> list[triton.Config]:
+    """``configs`` fitted (by ``fit``) to the launch's bits and group size, without duplicates."""
     fitted = {}
     for config in configs:
-        config = _fit_block_k(config, kwargs["BITS"], kwargs["GROUP_SIZE"])
+        config = fit(config, kwargs["BITS"], kwargs["GROUP_SIZE"])
         fitted.setdefault((tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages), config)
     return list(fitted.values())
 
@@ -309,6 +311,38 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
     if named_args["x_ptr"].dtype == torch.float32:
         configs = [c for c in configs if c.kwargs["SLICES"] <= FLOAT32_MAX_SLICES]
     return _fitted(configs, kwargs)
+
+
+# The CUDA-core decode kernel: M = 1 with 16-bit x (see _fma_reads). H200 sweep (bench/RESULTS.md, int4, bf16
+# x): at M = 1 it beat the tensor-core decode kernel's best config by 15-25% (4096 x 4096: 8.0 us against 9.6;
+# N = 14336: 23.5 against 27.0; N = 1024: 5.3 against 7.1), but each row is a program that dequantizes the
+# weight again: 14.4 us at M = 2 (against 9.3), 26.0 at M = 4. Its configs: 16-wide tiles won at every
+# shape; a program's warps split each step's SLICES slices of BLOCK_B bytes (4 led at N = 4096, 2 at 14336,
+# 8 and 16 at 1024, where there are fewer programs).
+FMA_MAX_M = 1
+FMA_CONFIGS = [
+    fma_config(16, 64, 4, 8, 1),
+    fma_config(16, 64, 2, 4, 1),
+    fma_config(16, 64, 8, 8, 1),
+    fma_config(16, 64, 16, 16, 1),
+]
+
+
+def _prune_fma_configs(configs, named_args, **kwargs):
+    """The CUDA-core decode configs, BLOCK_B fitted to the bits and group size."""
+    return _fitted(configs, kwargs, fit_block_b)
+
+
+def _fma_reads(x: torch.Tensor) -> bool:
+    """Whether the CUDA-core decode kernel can read x: 16-bit values, each row contiguous and 16-byte
+    aligned (it reads x's values two or four to a word, 16 bytes at a time)."""
+    aligned_rows = x.shape[0] == 1 or x.stride(0) % 8 == 0
+    return (
+        x.dtype in (torch.bfloat16, torch.float16)
+        and x.stride(1) == 1
+        and x.data_ptr() % 16 == 0
+        and aligned_rows
+    )
 
 
 # EVEN_K from the launch's K and K step (the config's, autotuned or forced): the K masks are compiled out.
@@ -330,6 +364,13 @@ _gemv_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_gemv_configs},
     do_bench=_bench_on_gpu_alone,
 )(_gemv_with_even_k)
+
+_fma_autotuned = triton.autotune(
+    configs=FMA_CONFIGS,
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_fma_configs},
+    do_bench=_bench_on_gpu_alone,
+)(lowbit_gemv_fma_kernel)
 
 
 def check_lowbit_mm_args(
@@ -376,6 +417,32 @@ def _forced_lowbit_config(config: dict, bits: int, x_dtype: torch.dtype) -> tupl
     return {**meta, "SLICES": slices}, {**options, "num_warps": config.get("num_warps", slices)}
 
 
+def _forced_fma_config(config: dict, bits: int, group_size: int, x: torch.Tensor) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a forced config of the CUDA-core decode kernel (one with BLOCK_B)."""
+    unknown = set(config) - {"BLOCK_N", "BLOCK_B", "SLICES", "num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(
+            f"config has unknown keys {sorted(unknown)}: a config with BLOCK_B (the CUDA-core decode kernel) "
+            "takes BLOCK_N, BLOCK_B, SLICES, num_warps and num_stages"
+        )
+    meta = {"BLOCK_N": config.get("BLOCK_N"), "BLOCK_B": config["BLOCK_B"], "SLICES": config.get("SLICES", 1)}
+    for name, value in meta.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not _is_power_of_two(value):
+            raise ValueError(f"config {name} must be a power of two >= 1 (tl.arange's length), got {value!r}")
+    group_bytes = group_size // (8 // bits)
+    if meta["BLOCK_B"] > group_bytes:
+        raise ValueError(
+            f"config BLOCK_B = {meta['BLOCK_B']} bytes spans more than a group ({group_size} codes of {bits} "
+            f"bits): at most {group_bytes}"
+        )
+    if not _fma_reads(x):
+        raise ValueError(
+            "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x with "
+            f"contiguous rows 16-byte aligned; got {x.dtype} x with strides {tuple(x.stride())}"
+        )
+    return meta, {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1)}
+
+
 def lowbit_mm_triton(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -389,17 +456,25 @@ def lowbit_mm_triton(
     """``x @ w.T + bias`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype;
     ``bias`` None or N floats, added in float32 before the one rounding to x's dtype.
 
-    M <= 16 runs the decode kernel (``lowbit_gemv_kernel``), larger M the GEMM (``lowbit_mm_kernel``), both
-    autotuned. ``config`` runs one fixed config instead (tests, the interpreter, benchmarks): a dict with
-    BLOCK_M and BLOCK_N (powers of two >= 16), BLOCK_K (a power of two >= 16 * per_byte) and optionally
-    num_warps, num_stages (default 4, 3); with SLICES (a power of two; num_warps SLICES by default; for
-    float32 x at most 4) the decode kernel runs, any M, otherwise the GEMM, with GROUP_M (default 8). Any M
-    and N; K is a multiple of group_size. Operands may be strided; on CUDA (or CPU tensors under
-    TRITON_INTERPRET=1).
+    M <= FMA_MAX_M with 16-bit x in contiguous, 16-byte aligned rows runs the CUDA-core decode kernel
+    (``lowbit_gemv_fma_kernel``), other M <= 16 the decode kernel (``lowbit_gemv_kernel``), larger M the GEMM
+    (``lowbit_mm_kernel``), each autotuned. ``config`` runs one fixed config instead (tests, the
+    interpreter, benchmarks), any M: a dict with BLOCK_B (bytes of a weight row per K slice, a power of two
+    at most a group's bytes), BLOCK_N and optionally SLICES, num_warps, num_stages (default 1, 4, 1) runs
+    the CUDA-core kernel (its x as above); otherwise a dict with BLOCK_M and BLOCK_N (powers of two >= 16),
+    BLOCK_K (a power of two >= 16 * per_byte) and optionally num_warps, num_stages (default 4, 3); with
+    SLICES (a power of two; num_warps SLICES by default; for float32 x at most 4) the decode kernel runs,
+    otherwise the GEMM, with GROUP_M (default 8). Any N; K is a multiple of group_size. Operands may be
+    strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
     _check_bias_arg(bias, packed.shape[0], x.device)
-    forced = None if config is None else _forced_lowbit_config(config, bits, x.dtype)
+    if config is None:
+        forced = None
+    elif "BLOCK_B" in config:
+        forced = _forced_fma_config(config, bits, group_size, x)
+    else:
+        forced = _forced_lowbit_config(config, bits, x.dtype)
     _check_runs_on(x)
     (m, k), n = x.shape, packed.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -424,15 +499,20 @@ def lowbit_mm_triton(
     flags = {"BITS": bits, "GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
     gemv_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
     gemm_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    fma_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
     with _device_guard(x):
         if forced is None:
-            if m <= DECODE_MAX_M:
+            if m <= FMA_MAX_M and _fma_reads(x):
+                _fma_autotuned[fma_grid](*args, **flags)
+            elif m <= DECODE_MAX_M:
                 _gemv_autotuned[gemv_grid](*args, **flags)
             else:
                 _autotuned[gemm_grid](*args, **flags)
         else:
             meta, options = forced
-            if "SLICES" in meta:
+            if "BLOCK_B" in meta:
+                lowbit_gemv_fma_kernel[fma_grid(meta)](*args, **flags, **meta, **options)
+            elif "SLICES" in meta:
                 _gemv_with_even_k[gemv_grid(meta)](*args, **flags, **meta, **options)
             else:
                 _with_even_k[gemm_grid(meta)](*args, **flags, **meta, **options)
