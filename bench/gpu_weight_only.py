@@ -41,6 +41,7 @@ for m, k, n in [
     (16, 4096, 11008),
     (1, 4096, 14336),
     (1, 4096, 1024),  # few output tiles (a GQA key / value projection): the decode kernel's hardest case
+    (2, 4096, 4096),
     (64, 4096, 4096),
     (1024, 4096, 4096),
 ]:
@@ -98,11 +99,12 @@ for m, k, n in [
     )
     # The configs the autotuners chose for int4 and int8, read before int2, float8 and the bias run theirs.
     int4_us = gpu_us(lambda: ops.lowbit_weight_mm(*int4_args))
-    lowbit = (
-        triton_lowbit_mm._gemv_autotuned
-        if m <= triton_lowbit_mm.DECODE_MAX_M
-        else triton_lowbit_mm._autotuned
-    )
+    if m <= triton_lowbit_mm.FMA_MAX_M:
+        lowbit = triton_lowbit_mm._fma_autotuned
+    elif m <= triton_lowbit_mm.DECODE_MAX_M:
+        lowbit = triton_lowbit_mm._gemv_autotuned
+    else:
+        lowbit = triton_lowbit_mm._autotuned
     int4_config = lowbit.best_config
     int8_us = gpu_us(lambda: ops.int8_weight_mm(x, w8_data, w8_scale))
     int8_config = triton_int8_weight_mm._int8_autotuned.best_config

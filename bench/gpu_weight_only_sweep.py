@@ -1,15 +1,18 @@
-"""GPU sweep of the weight-only Triton kernels' configs at decode shapes (M <= 16): the int4 decode kernel's
-tiles, K slices and stages, the int8 kernel's tiles and stages.
+"""GPU sweep of the weight-only Triton kernels' configs at decode shapes (M <= 16): the int4 kernels' tiles,
+K slices and stages (the tensor-core decode kernel's, and the CUDA-core one's at M = 1, 2 and 4), the int8
+kernel's tiles and stages; then, for prefill shapes, the autotuned kernels against dequantizing the weight to
+bf16 and calling cuBLAS.
 
-Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 2 minutes). Each config runs
-once against the reference (a mismatch stops the sweep), then is timed as a CUDA-graph replay (GPU time, no
-host overhead), microseconds per call, against bf16 ``F.linear`` and torch's tinygemm int4 kernel. It prints
-the fastest configs per shape: GEMV_CONFIGS in ``quanto_fx/kernels/triton_lowbit_mm.py`` and the int8 tiers in
-``triton_int8_weight_mm.py`` come from its output. Then, for prefill shapes, it compares the autotuned kernels
-with dequantizing the weight to bf16 and calling cuBLAS.
+Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 3 minutes), or
+``python3 bench/gpu_weight_only_sweep.py [int4] [int8] [prefill]`` for some parts. Each config runs once
+against the reference (a mismatch is reported, the config skipped and the exit status 1), then is timed as a
+CUDA-graph replay (GPU time, no host overhead), microseconds per call, against bf16 ``F.linear`` and torch's
+tinygemm int4 kernel. It prints the fastest configs per shape: GEMV_CONFIGS, FMA_CONFIGS and FMA_MAX_M in
+``quanto_fx/kernels/triton_lowbit_mm.py`` and the int8 tiers in ``triton_int8_weight_mm.py`` come from it.
 """
 
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +29,18 @@ from quanto_fx.tensor.packing import unpack
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
 GROUP = 128
-# int4: the decode kernel, one warp per K slice (K blocks of 128: one group each).
+PARTS = sys.argv[1:] or ["int4", "int8", "prefill"]
+# int4: the tensor-core decode kernel, one warp per K slice (K blocks of 128: one group each); 32- and 64-wide
+# tiles lost to 16-wide ones at every shape on an H200 (bench/RESULTS.md).
 INT4_CONFIGS = [
-    {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 128, "SLICES": s, "num_warps": s, "num_stages": st}
-    for n, s, st in itertools.product((16, 32, 64), (2, 4, 8), (2, 3))
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SLICES": s, "num_warps": s, "num_stages": st}
+    for s, st in itertools.product((2, 4, 8), (2, 3))
+]
+# The CUDA-core decode kernel: slices of 64 bytes (a group of 128 int4 codes), the warps of a program split
+# each step's slices.
+FMA_CONFIGS = [
+    {"BLOCK_N": n, "BLOCK_B": 64, "SLICES": s, "num_warps": w, "num_stages": 1}
+    for n, s, w in itertools.product((16, 32), (2, 4, 8, 16), (4, 8))
 ]
 # int8: the decode tier's tiles and stages.
 INT8_CONFIGS = [
@@ -42,6 +53,9 @@ def rel_error(out, ref):
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
+mismatches = []
+
+
 def sweep(name, configs, run, ref, by):
     results = []
     for config in configs:
@@ -51,10 +65,12 @@ def sweep(name, configs, run, ref, by):
             print(f"    {name} {config}: {type(e).__name__}", flush=True)
             continue
         if error > 2e-2:
-            raise SystemExit(f"{name} {config}: error {error:.2e} vs the reference")
+            print(f"    {name} {config}: MISMATCH, error {error:.2e} vs the reference", flush=True)
+            mismatches.append(config)
+            continue
         results.append((gpu_us(lambda: run(config), rep=20), config))
     results.sort(key=lambda r: r[0])
-    for t, config in results[:5]:
+    for t, config in results[:6]:
         print(f"    {name} {t:6.1f} us  {config}", flush=True)
     values = sorted({c[by] for c in configs})
     best = {v: min((t for t, c in results if c[by] == v), default=float("nan")) for v in values}
@@ -62,7 +78,16 @@ def sweep(name, configs, run, ref, by):
 
 
 torch.manual_seed(0)
-for m, k, n in [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336)]:
+for m, k, n in [
+    (1, 4096, 4096),
+    (2, 4096, 4096),
+    (4, 4096, 4096),
+    (16, 4096, 4096),
+    (1, 4096, 14336),
+    (2, 4096, 14336),
+    (1, 4096, 1024),
+    (4, 4096, 1024),
+]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     p = PackedQTensor.quantize(w, qint4, GROUP)
@@ -71,23 +96,23 @@ for m, k, n in [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336)]:
     tiny = tinygemm(p)
     bf16, tiny_us = gpu_us(lambda: F.linear(x, w)), gpu_us(lambda: tiny(x))
     print(f"{(m, k, n)}: bf16 {bf16:.1f} us, tinygemm int4 {tiny_us:.1f} us", flush=True)
-    sweep(
-        "int4",
-        INT4_CONFIGS,
-        lambda c: lowbit_mm_triton(x, p._packed, p._scale_zeros, 4, GROUP, c),
-        lowbit_weight_mm_reference(x.float(), p._packed, p._scale_zeros, 4),
-        "SLICES",
-    )
-    sweep(
-        "int8",
-        INT8_CONFIGS,
-        lambda c: int8_weight_mm_triton(x, w8_data, w8_scale, c),
-        per_channel_weight_mm_reference(x, w8_data, w8_scale),
-        "BLOCK_N",
-    )
+    int4_ref = lowbit_weight_mm_reference(x.float(), p._packed, p._scale_zeros, 4)
+    int4_run = lambda c: lowbit_mm_triton(x, p._packed, p._scale_zeros, 4, GROUP, c)  # noqa: E731
+    if "int4" in PARTS:
+        sweep("int4", INT4_CONFIGS, int4_run, int4_ref, "SLICES")
+        if m <= 4:
+            sweep("int4 CUDA cores", FMA_CONFIGS, int4_run, int4_ref, "SLICES")
+    if "int8" in PARTS and m in (1, 16):
+        sweep(
+            "int8",
+            INT8_CONFIGS,
+            lambda c: int8_weight_mm_triton(x, w8_data, w8_scale, c),
+            per_channel_weight_mm_reference(x, w8_data, w8_scale),
+            "BLOCK_N",
+        )
 
 # Prefill: the autotuned kernels against dequantize-to-bf16 + cuBLAS.
-for m, k, n in [(64, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096)]:
+for m, k, n in [(64, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096)] if "prefill" in PARTS else []:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     p = PackedQTensor.quantize(w, qint4, GROUP)
@@ -106,3 +131,5 @@ for m, k, n in [(64, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096)]:
         f"{(m, k, n)}: " + "  ".join(f"{k} {v:.1f} us ({v / bf16:.2f}x)" for k, v in times.items()),
         flush=True,
     )
+if mismatches:
+    raise SystemExit(f"{len(mismatches)} configs did not match the reference")
