@@ -22,6 +22,7 @@ from quanto_fx.kernels.triton_lowbit_gemv_fma import fit_block_b  # noqa: E402
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     FMA_CONFIGS,
     FMA_MAX_M,
+    MAX_GRID_Y,
     _fma_reads,
     _prune_fma_configs,
     lowbit_mm_triton,
@@ -61,9 +62,17 @@ class TestFmaInterpreted:
 
     @pytest.mark.parametrize("bits", [4, 2])
     def test_slices_within_a_group(self, bits):
-        # Two slices per group of 64 (BLOCK_B half a group's bytes): both read the group's scale and zero.
+        # Two slices per group of 64 (BLOCK_B half a group's bytes), two groups a step: slices share a group's
+        # scale and zero.
         config = {"BLOCK_N": 8, "BLOCK_B": group_bytes(bits, 64) // 2, "SLICES": 4}
         run_fma(2, 40, 256, bits, 64, config, torch.bfloat16)
+
+    @pytest.mark.parametrize("slices", [1, 2])
+    @pytest.mark.parametrize("bits", [4, 2])
+    def test_steps_within_a_group(self, bits, slices):
+        # A quarter of a group's bytes a slice, one or two slices a step: steps start inside a group.
+        config = {"BLOCK_N": 16, "BLOCK_B": group_bytes(bits, 64) // 4, "SLICES": slices}
+        run_fma(1, 40, 192, bits, 64, config, torch.float16)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=TYPES.get)
     @pytest.mark.parametrize("bits", [4, 2])
@@ -145,32 +154,46 @@ def test_fma_kernel_reads_16_bit_rows_contiguous_and_aligned():
 
 
 @pytest.mark.parametrize(
-    "config, dtype, words",
+    "config, words",
     [
-        ({"BLOCK_N": 16, "BLOCK_B": 16, "BLOCK_M": 16}, torch.bfloat16, ["unknown", "BLOCK_M"]),
-        ({"BLOCK_N": 12, "BLOCK_B": 16}, torch.bfloat16, ["BLOCK_N", "power of two"]),
-        ({"BLOCK_B": 16}, torch.bfloat16, ["BLOCK_N", "None"]),
-        ({"BLOCK_N": 16, "BLOCK_B": 16, "SLICES": 3}, torch.bfloat16, ["SLICES", "power of two"]),
-        ({"BLOCK_N": 16, "BLOCK_B": 32}, torch.bfloat16, ["BLOCK_B", "group", "at most 16"]),
-        ({"BLOCK_N": 16, "BLOCK_B": 16}, torch.float32, ["16-bit", "float32"]),
+        ({"BLOCK_N": 16, "BLOCK_B": 16, "BLOCK_M": 16}, ["unknown", "BLOCK_M"]),
+        ({"BLOCK_N": 12, "BLOCK_B": 16}, ["BLOCK_N", "power of two"]),
+        ({"BLOCK_B": 16}, ["lacks", "BLOCK_N"]),
+        ({"BLOCK_N": 16, "BLOCK_B": 16, "SLICES": 3}, ["SLICES", "power of two"]),
+        ({"BLOCK_N": 16, "BLOCK_B": 32}, ["BLOCK_B", "group", "at most 16"]),
     ],
 )
-def test_bad_fma_configs_raise(config, dtype, words):
-    x, packed, scale_zeros = make_operands(1, 40, 64, 4, 32, dtype)
+def test_bad_fma_configs_raise(config, words):
+    x, packed, scale_zeros = make_operands(1, 40, 64, 4, 32, torch.bfloat16)
     with pytest.raises(ValueError) as info:
         lowbit_mm_triton(x, packed, scale_zeros, 4, 32, config)
-    message = str(info.value)
-    assert all(w.replace("16-bit", "bfloat16 / float16") in message for w in words), message
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_forced_fma_config_refuses_x_it_cannot_read():
+    _, packed, scale_zeros = make_operands(1, 40, 64, 4, 32)
+    config = {"BLOCK_N": 16, "BLOCK_B": 16}
+    cases = [
+        (torch.randn(1, 64), "float32"),
+        (torch.randn(1, 72).to(torch.bfloat16)[:, 1:65], "starting 2 bytes past"),
+        (torch.randn(2, 70).to(torch.bfloat16)[:, :64], "strides (70, 1)"),
+        (torch.randn(MAX_GRID_Y + 1, 64).to(torch.bfloat16), f"at most {MAX_GRID_Y} rows"),
+    ]
+    for x, words in cases:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            lowbit_mm_triton(x, packed, scale_zeros, 4, 32, config)
 
 
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
 def test_fma_configs_fit_the_group(group_size, bits):
     configs = _prune_fma_configs(FMA_CONFIGS, {"M": 1}, BITS=bits, GROUP_SIZE=group_size)
-    assert configs and len(configs) <= len(FMA_CONFIGS)
-    for c in configs:
-        assert group_size % (c.kwargs["BLOCK_B"] * (8 // bits)) == 0  # a slice's codes lie in one group
-        assert c.kwargs["BLOCK_B"] == min(64, group_bytes(bits, group_size))
+    assert configs == [fit_block_b(c, bits, group_size) for c in FMA_CONFIGS]
+    for config, fitted in zip(FMA_CONFIGS, configs):
+        block_b, slices = fitted.kwargs["BLOCK_B"], fitted.kwargs["SLICES"]
+        assert group_size % (block_b * (8 // bits)) == 0  # a slice's codes lie in one group
+        assert block_b == min(config.kwargs["BLOCK_B"], group_bytes(bits, group_size))
+        assert slices == config.kwargs["SLICES"]
 
 
 # -- compiled for an H100, without one -------------------------------------------------------------------
@@ -190,14 +213,17 @@ def k_loop(ptx: str) -> str:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=TYPES.get)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(bits, dtype, config):
-    kernel = compile_for_h100(bits, 128, fit_block_b(config, bits, 128), dtype)
-    ptx = kernel.asm["ptx"]
+    config = fit_block_b(config, bits, 128)
+    ptx = compile_for_h100(bits, 128, config, dtype).asm["ptx"]
     assert "mma" not in ptx and "cp.async" not in ptx  # FMAs, loads straight to registers
-    # The K loop: from its label to the branch back to it. No barrier in it (x and the sums stay in the
-    # bytes' layout: no trip through shared memory), and the weight and x load 16 bytes at a time.
     loop = k_loop(ptx)
+    # No barrier in the K loop: x and the sums stay in the bytes' layout, no trip through shared memory.
     assert "bar.sync" not in loop
-    assert len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.b(?:32|64)", loop)) >= 2
+    # A thread's bytes of a step, and x's words for them (2 * per_byte bytes a byte), load 16 bytes at a time.
+    kw, per_byte = config.kwargs, 8 // bits
+    step_bytes = kw["BLOCK_N"] * kw["SLICES"] * kw["BLOCK_B"] // (32 * config.num_warps)
+    vector_loads = re.findall(r"ld\.global(?:\.\w+)*\.v(?:4\.b32|2\.b64)", loop)
+    assert len(vector_loads) >= step_bytes * (1 + 2 * per_byte) // 16
     assert not re.search(r"cvt\.rn\.f32\.[su](8|16|32)\b", loop), "an int -> float conversion"
 
 
@@ -214,3 +240,18 @@ def test_every_fma_config_on_gpu(bits, config):
     for dtype in (torch.bfloat16, torch.float16):
         for m in (1, 3):
             run_fma(m, 200, 320, bits, 64, meta, dtype, device="cuda", seed=m)
+
+
+@requires_cuda
+@pytest.mark.parametrize("bits, group_size", [(4, 16), (2, 16), (4, 128)])
+def test_autotuned_m1_on_gpu_with_offset_x_bias_and_small_groups(bits, group_size):
+    # x 16 bytes into a wider row takes the CUDA-core kernel; 2 bytes in, the tensor-core decode kernel.
+    # Groups of 16: the configs' slices cut to 8 or 4 bytes (int2 reads x as 8-byte words).
+    k, n = 512, 200
+    x, packed, scale_zeros = make_operands(1, n, k, bits, group_size, torch.bfloat16, "cuda")
+    bias = torch.randn(n, device="cuda")
+    for offset in (8, 1):
+        wide = torch.zeros(1, k + 24, dtype=torch.bfloat16, device="cuda")
+        wide[:, offset : offset + k] = x
+        out = lowbit_mm_triton(wide[:, offset : offset + k], packed, scale_zeros, bits, group_size, bias=bias)
+        assert_matches_reference(out, x, packed, scale_zeros, bits, group_size, bias)

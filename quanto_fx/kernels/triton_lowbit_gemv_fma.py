@@ -3,11 +3,11 @@
 The weight format is the one in ``triton_lowbit_mm`` (packed bytes, a scale and zero per group and column).
 For M = 1 the tensor-core decode kernel (``lowbit_gemv_kernel``) pads x to tl.dot's 16 rows: 15 of them are
 masked zeros, yet they take shared memory in every pipeline stage (16 KB a stage for 4 slices of 128 bf16
-columns, four times the weight's bytes), and its best config ran at 9.7 us at 4096 x 4096 on an H200, where
-bf16 took 9.9 (bench/RESULTS.md). Here a program multiplies one row of x by BLOCK_N columns with float32 FMAs,
-the weight dequantized in registers: no shared memory in the K loop. Each row is a program of its own and
-dequantizes the weight again, so the kernel serves M up to ``FMA_MAX_M`` (the launcher), 16-bit x only (x's
-values are read two or four to a word).
+columns, four times the weight's bytes), and its best config ran at 9.6 us at 4096 x 4096 on an H200, where
+bf16 took 10.0 (bench/RESULTS.md). Here a program multiplies one row of x by BLOCK_N columns with float32
+FMAs, the weight dequantized in registers: no shared memory in the K loop. Each row is a program of its own
+and dequantizes the weight again, so the kernel serves M up to ``FMA_MAX_M`` (the launcher), 16-bit x only
+(x's values are read two or four to a word).
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ def lowbit_gemv_fma_kernel(
     ``lowbit_gemv_kernel``; M_BUCKET is the autotuner's key; x is 16-bit with a unit stride_xk and rows
     aligned to 16 bytes: the launcher checks). Each step reads SLICES consecutive K slices of BLOCK_B bytes of
     every weight row; a slice's BLOCK_B * PER_BYTE codes lie in one group (the launcher fits BLOCK_B to the
-    group size). Slices past K load zeros (a zero x times any finite weight adds nothing).
+    group size). Slices past K load zero x, scale and zero: they add nothing.
+
+    The weight stays in float32: one rounding fewer than the tensor-core kernels, which round it to x's dtype
+    before tl.dot. So a row's result at M = 1 may differ from the same row's in a larger batch in the last
+    bit of x's dtype (both are within the reference's tolerance).
 
     Every tile has the shape of the step's bytes, (BLOCK_N, SLICES, BLOCK_B): x's words are read with a zero
     stride along N, and scale and zero (rounded to x's dtype, as the other kernels and the reference round
@@ -113,7 +117,9 @@ def fma_config(block_n: int, block_b: int, slices: int, num_warps: int, num_stag
 
 
 def fit_block_b(config: triton.Config, bits: int, group_size: int) -> triton.Config:
-    """``config`` with BLOCK_B cut so that a step's codes lie in one group."""
+    """``config`` with BLOCK_B cut so that a slice's codes lie in one group. SLICES stays: raising it to keep
+    a step's bytes made the compiler convert int2's scales through shared memory, with barriers in the loop
+    (float16, 16 and 32 slices). Tiles for groups under 128 int4 or 256 int2 codes are smaller: untimed."""
     block_b = min(config.kwargs["BLOCK_B"], group_size // (8 // bits))
     if block_b == config.kwargs["BLOCK_B"]:
         return config

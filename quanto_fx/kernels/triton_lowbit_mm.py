@@ -13,7 +13,8 @@ The packed weight format (portable: plain uint8 bytes and one float tensor, no d
 - ``scale_zeros``: float (K // group_size, N, 2), the layout of torch's ``aten._weight_int4pack_mm``; with
   g = k // group_size, ``w[n, k] = (q[n, k] - 2**(bits - 1)) * scale_zeros[g, n, 0] + scale_zeros[g, n, 1]``.
 - ``K % group_size == 0``; ``group_size`` a power of two >= 16 (quanto_fx.tensor.groupwise requires the
-  same). K blocks hold at least 16 bytes per weight row (tl.dot's smallest K): BLOCK_K >= 16 * per_byte.
+  same). The tensor-core kernels' K blocks hold at least 16 bytes per weight row (tl.dot's smallest K):
+  BLOCK_K >= 16 * per_byte.
 
 Three kernels, each correct for any M: ``lowbit_gemv_fma_kernel`` (its own module) for the smallest M with
 16-bit x, on the CUDA cores; ``lowbit_gemv_kernel`` for the rest of decode (M up to 16, where reading the
@@ -243,7 +244,7 @@ def lowbit_gemv_kernel(
 
 # The GEMM's block configs in tiers by M; the autotuner picks within the tier. _prune_configs fits BLOCK_K to
 # the group size (see _fit_block_k). Timings: bench/RESULTS.md (H200, torch 2.11; the GPU sweep no longer
-# tries these). M <= 16 takes the decode kernel (GEMV_CONFIGS) unless a config is forced.
+# tries these). M <= 16 takes a decode kernel (FMA_CONFIGS or GEMV_CONFIGS) unless a config is forced.
 CONFIG_TIERS = {
     # 16 < M <= 64: one row tile, so each weight element is unpacked once per 64 rows.
     64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
@@ -320,6 +321,7 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
 # shape; a program's warps split each step's SLICES slices of BLOCK_B bytes (4 led at N = 4096, 2 at 14336,
 # 8 and 16 at 1024, where there are fewer programs).
 FMA_MAX_M = 1
+MAX_GRID_Y = 65535  # CUDA's largest grid along y: a forced config's rows
 FMA_CONFIGS = [
     fma_config(16, 64, 4, 8, 1),
     fma_config(16, 64, 2, 4, 1),
@@ -351,26 +353,21 @@ _gemv_with_even_k = triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_K"]) == 0}
 )(lowbit_gemv_kernel)
 
-_autotuned = triton.autotune(
-    configs=CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],  # the autotuner adds the dtypes
-    prune_configs_by={"early_config_prune": _prune_configs},
-    do_bench=_bench_on_gpu_alone,
-)(_with_even_k)
 
-_gemv_autotuned = triton.autotune(
-    configs=GEMV_CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_gemv_configs},
-    do_bench=_bench_on_gpu_alone,
-)(_gemv_with_even_k)
+def _autotune(configs, prune):
+    """The autotuner of a low-bit kernel: keyed on the launch's shape and flags (it adds the dtypes), timed
+    on the GPU alone."""
+    return triton.autotune(
+        configs=configs,
+        key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": prune},
+        do_bench=_bench_on_gpu_alone,
+    )
 
-_fma_autotuned = triton.autotune(
-    configs=FMA_CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_fma_configs},
-    do_bench=_bench_on_gpu_alone,
-)(lowbit_gemv_fma_kernel)
+
+_autotuned = _autotune(CONFIGS, _prune_configs)(_with_even_k)
+_gemv_autotuned = _autotune(GEMV_CONFIGS, _prune_gemv_configs)(_gemv_with_even_k)
+_fma_autotuned = _autotune(FMA_CONFIGS, _prune_fma_configs)(lowbit_gemv_fma_kernel)
 
 
 def check_lowbit_mm_args(
@@ -425,7 +422,9 @@ def _forced_fma_config(config: dict, bits: int, group_size: int, x: torch.Tensor
             f"config has unknown keys {sorted(unknown)}: a config with BLOCK_B (the CUDA-core decode kernel) "
             "takes BLOCK_N, BLOCK_B, SLICES, num_warps and num_stages"
         )
-    meta = {"BLOCK_N": config.get("BLOCK_N"), "BLOCK_B": config["BLOCK_B"], "SLICES": config.get("SLICES", 1)}
+    if "BLOCK_N" not in config:
+        raise ValueError("config lacks ['BLOCK_N']")
+    meta = {"BLOCK_N": config["BLOCK_N"], "BLOCK_B": config["BLOCK_B"], "SLICES": config.get("SLICES", 1)}
     for name, value in meta.items():
         if not isinstance(value, int) or isinstance(value, bool) or not _is_power_of_two(value):
             raise ValueError(f"config {name} must be a power of two >= 1 (tl.arange's length), got {value!r}")
@@ -437,9 +436,13 @@ def _forced_fma_config(config: dict, bits: int, group_size: int, x: torch.Tensor
         )
     if not _fma_reads(x):
         raise ValueError(
-            "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x with "
-            f"contiguous rows 16-byte aligned; got {x.dtype} x with strides {tuple(x.stride())}"
+            "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose "
+            "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart; "
+            f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
+            "16-byte alignment"
         )
+    if x.shape[0] > MAX_GRID_Y:
+        raise ValueError(f"the CUDA-core decode kernel runs a program per row: at most {MAX_GRID_Y} rows")
     return meta, {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1)}
 
 
@@ -459,13 +462,13 @@ def lowbit_mm_triton(
     M <= FMA_MAX_M with 16-bit x in contiguous, 16-byte aligned rows runs the CUDA-core decode kernel
     (``lowbit_gemv_fma_kernel``), other M <= 16 the decode kernel (``lowbit_gemv_kernel``), larger M the GEMM
     (``lowbit_mm_kernel``), each autotuned. ``config`` runs one fixed config instead (tests, the
-    interpreter, benchmarks), any M: a dict with BLOCK_B (bytes of a weight row per K slice, a power of two
-    at most a group's bytes), BLOCK_N and optionally SLICES, num_warps, num_stages (default 1, 4, 1) runs
-    the CUDA-core kernel (its x as above); otherwise a dict with BLOCK_M and BLOCK_N (powers of two >= 16),
-    BLOCK_K (a power of two >= 16 * per_byte) and optionally num_warps, num_stages (default 4, 3); with
-    SLICES (a power of two; num_warps SLICES by default; for float32 x at most 4) the decode kernel runs,
-    otherwise the GEMM, with GROUP_M (default 8). Any N; K is a multiple of group_size. Operands may be
-    strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
+    interpreter, benchmarks). A dict with BLOCK_B (bytes of a weight row per K slice, a power of two at most
+    a group's bytes), BLOCK_N and optionally SLICES, num_warps, num_stages (default 1, 4, 1) runs the
+    CUDA-core kernel (its x as above, M <= MAX_GRID_Y). Otherwise a dict with BLOCK_M and BLOCK_N (powers of
+    two >= 16), BLOCK_K (a power of two >= 16 * per_byte) and optionally num_warps, num_stages (default 4,
+    3) runs, with SLICES (a power of two; num_warps SLICES by default; for float32 x at most 4), the decode
+    kernel, otherwise the GEMM, with GROUP_M (default 8). Any N; K is a multiple of group_size. Operands
+    may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
     _check_bias_arg(bias, packed.shape[0], x.device)
