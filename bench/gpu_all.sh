@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# What the GPU machine checks and times: PARTS (default "bench tests", about 6-8 minutes) picks among
-#   sweep  the weight-only kernels' configs at decode shapes (about 3 minutes, for retuning GEMV_CONFIGS
-#          and the int8 tiers; SWEEP=1 adds it to the default parts),
+# What the GPU machine checks and times: PARTS (default "bench tests", 5 minutes on an H200) picks among
+#   sweep  the weight-only kernels' configs at decode shapes (2-3 minutes, for retuning GEMV_CONFIGS,
+#          FMA_CONFIGS and the int8 tiers; SWEEP=1 adds it to the default parts),
 #   bench  the weight-only and float8 GEMMs, the fused int8 GEMMs and a W8A8 linear under backend="quanto",
-#   tests  the CUDA cases of every test file (up to 4 minutes: every Triton config compiles; the whole log
-#          goes to $out/gpu_tests.log).
-# A device call may run 10 minutes: PARTS="sweep bench" then PARTS=tests fit two calls. Logs go to $OUT (or
-# /tmp).
+#   tests  the CUDA cases of every test file (under 2 minutes with pytest-xdist, which the GPU machine has;
+#          the whole log goes to $out/gpu_tests.log).
+# A device call may run 10 minutes; the default parts and then PARTS=sweep fit two. Logs go to $OUT (or /tmp).
 #
 # The GPU machine cannot install from a registry: build the wheel here first
 # (pip wheel --no-deps --no-build-isolation . -w dist) and carry dist/. Unpacked there, it brings the
