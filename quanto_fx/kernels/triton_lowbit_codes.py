@@ -25,8 +25,9 @@ def _split_codes(t, PER_BYTE: tl.constexpr):
 
 @triton.jit
 def _dequantize(byte, j: tl.constexpr, scale, zero, BITS: tl.constexpr):
-    """Code j of every byte of ``byte`` (a uint8 tile), dequantized in scale's dtype (x's):
-    ``(q - MID) * scale + zero``, scale and zero of the byte's group, broadcast to byte's shape.
+    """Code j of every byte of ``byte`` (a uint8 tile), dequantized in scale's dtype (x's in the tensor-core
+    kernels, float32 in the CUDA-core one): ``(q - MID) * scale + zero``, scale and zero of the byte's group,
+    broadcast to byte's shape.
 
     Without int -> float conversions: Hopper runs 16 a clock per SM (an eighth of float32 FMAs; CUDA guide,
     throughput table), and one per code plus a float -> bfloat16 one per two codes bounded the decode kernel
@@ -35,7 +36,8 @@ def _dequantize(byte, j: tl.constexpr, scale, zero, BITS: tl.constexpr):
     two codes an instruction for 16-bit dtypes. MAGIC + MID is a float constant: built by a bitcast it was not
     folded (51 more instructions a loop, and shared memory). Scale and zero come rounded to x's dtype (as in
     torch's int4 kernels and the reference): in bfloat16 a group's weights are all off by up to
-    (|zero| + |q - MID| * |scale|) * 2**-8, then the fma rounds once more.
+    (|zero| + |q - MID| * |scale|) * 2**-8, then an fma in x's dtype rounds once more (a float32 one rounds
+    to float32 only).
     """
     return _centered_codes(byte, j, BITS, scale.dtype) * scale + zero
 
