@@ -48,8 +48,8 @@ def test_every_code_converts_exactly_as_torch_converts_it(dtype, m, flush_denorm
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
 # GEMV tiles of 8 (float16 GEMV only), 4, then the last 1-3 rows in one (3 in the float16 GEMV, 2 + 1 in the
-# float32 one; 7 = 4 + 3, 13 = 8 + 4 + 1); GEMM tiles of 8, 4, 1 (70)
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 13, 70])
+# float32 one; 7 = 4 + 3, 13 = 8 + 4 + 1); GEMM tiles of 8, 4, 1 (70); the BLAS GEMM where it runs (1030)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 13, 70, 1030])
 @pytest.mark.parametrize("n, k", [(20, 256), (7, 100), (40, 3)])  # tails: rows past tiles, K % 32 and K % 4
 def test_the_kernels_match_the_float_reference(dtype, m, n, k):
     torch.manual_seed(m * n + k)
@@ -161,10 +161,11 @@ def test_x_near_float32s_largest_values_is_not_flushed_to_zero(dtype, m):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 17])  # the GEMV, the GEMM
+@pytest.mark.parametrize("m", [1, 17, 1024])  # the GEMV, the GEMM, the BLAS GEMM where it runs
 def test_e5m2_sums_of_huge_x_times_large_codes_do_not_overflow(m):
     """x ~ 1e37 times e5m2 codes of 10240 sum to ~1e41 before a channel scale of 1e-10 brings the outputs to
-    ~1e32: x is divided by a power of two first, the scales multiplied by it."""
+    ~1e32: x is divided by a power of two first, the scales multiplied by it (the BLAS GEMM's float32 weights
+    hold the scales already)."""
     torch.manual_seed(m)
     w = (torch.randint(0, 2, (16, 64)) * 2 - 1).float().mul(10240.0).to(torch.float8_e5m2)  # exact codes
     x = torch.randn(m, 64)
@@ -193,7 +194,7 @@ def test_x_the_float16_paths_cannot_scale_takes_float32(dtype, m):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 1024])
 def test_non_finite_x_is_propagated(dtype, m):
     torch.manual_seed(m)
     w, scale = _float8_weight(20, 64, dtype)
@@ -205,7 +206,7 @@ def test_non_finite_x_is_propagated(dtype, m):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 10, 17])  # the GEMV (float16 up to 16 where it runs), the GEMM
+@pytest.mark.parametrize("m", [1, 3, 10, 17, 1024])  # the GEMV (float16 up to 16 where it runs), the GEMMs
 def test_the_bias_is_added_as_the_outputs_are_stored(dtype, m):
     torch.manual_seed(m)
     w, scale = _float8_weight(40, 96, dtype)  # 40 columns: the GEMM's wide block and a masked tail
@@ -218,15 +219,38 @@ def test_the_bias_is_added_as_the_outputs_are_stored(dtype, m):
 @needs_kernels
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_the_gemm_passes_over_x_in_chunks(dtype):
-    """x of more than a chunk (float32 GEMM: 8 MB, 2048 rows at K = 1024; float16 GEMM: 1 MB of float16 x, 512
+    """x of more than a chunk (float32 GEMM: 8 MB, 512 rows at K = 4096; float16 GEMM: 1 MB of float16 x, 128
     rows) takes several passes over the weight."""
+    assert cpu_float8_mm.path(dtype, 1000) in ("float32 GEMM", "float16 GEMM")
     torch.manual_seed(0)
-    w, scale = _float8_weight(24, 1024, dtype)
-    x = torch.randn(2100, 1024)
+    w, scale = _float8_weight(24, 4096, dtype)
+    x = torch.randn(1000, 4096)
     out = cpu_float8_mm.float8_weight_mm(x, w, scale)
     expected = per_channel_weight_mm_reference(x.double(), w, scale.double())
-    for rows in (slice(0, 512), slice(512, 2048), slice(2048, 2100)):
-        assert relative_error(out[rows], expected[rows]) < _tolerance(dtype, 2100)
+    tolerance = max(_tolerance(dtype, 1000), 4e-6)  # float32 sums of 4096 products: ~1e-6
+    for rows in (slice(0, 128), slice(128, 512), slice(512, 1000)):
+        assert relative_error(out[rows], expected[rows]) < tolerance
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_the_blas_gemm_converts_the_weight_in_blocks_of_rows(dtype):
+    """The BLAS GEMM (CPUs without AVX512-FP16, from M = 1024) converts 16 MB of float32 weight rows at a
+    time, 512 at K = 8192: 520 rows take a second, partial block, whose columns of out (and of the bias) start
+    at 512. A NaN code in it makes its column NaN, and no other."""
+    if cpu_float8_mm.path(dtype, 1024) != "float32 BLAS GEMM":
+        pytest.skip("this CPU computes M = 1024 in float16")
+    torch.manual_seed(0)
+    w, scale = _float8_weight(520, 8192, dtype)
+    w.view(torch.uint8)[515, 4000] = 0x7F  # a NaN in both formats
+    x, bias = torch.randn(1024, 8192), torch.randn(520)
+    out = cpu_float8_mm.float8_weight_mm(x, w, scale, bias)
+    expected = per_channel_weight_mm_reference(x.double(), w, scale.double(), bias.double())
+    nan_columns = torch.zeros(520, dtype=torch.bool)
+    nan_columns[515] = True
+    assert torch.equal(out.isnan(), nan_columns.expand(1024, 520))
+    for block in (slice(0, 512), slice(512, 515), slice(516, 520)):
+        assert relative_error(out[:, block], expected[:, block]) < 1e-6
 
 
 @needs_kernels

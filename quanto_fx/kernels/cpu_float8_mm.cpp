@@ -11,7 +11,8 @@
 // vcvtph2ps converts both exactly), so 2**8 joins the channel scale. e4m3fn's NaN (s.1111.111) is mapped
 // to a float16 NaN explicitly. Two forms: a GEMV that converts each weight chunk per tile of rows of x
 // (small M), and a GEMM whose micro-kernel runs every row of x over a converted panel of the weight; on CPUs
-// with AVX512-FP16 both compute in float16 (see there).
+// with AVX512-FP16 both compute in float16 (see there). On the others, from BLAS_MIN_M rows on, blocks of the
+// weight are converted to float32 for torch's BLAS GEMM.
 //
 // Every index is checked by the Python caller; nothing here validates again.
 
@@ -20,6 +21,10 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 
 #include <algorithm>
 #include <atomic>
@@ -582,6 +587,61 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
     });
 }
 
+// -- GEMM through BLAS (larger M, CPUs without AVX512-FP16) -----------------------------------------------
+//
+// In float32, converting the codes is float8's only work beyond the fp32 GEMM's, and torch's BLAS GEMM
+// (at::mm: MKL or oneDNN) runs the multiply-adds nearer the FMA units' peak than float8_gemm's panels. So
+// blocks of weight rows become float32 values (times their channel's scale) in a workspace, and addmm writes
+// those columns of out: BLAS's time plus one conversion of the weight and its float32 block written and read
+// once. That pays at large M only (2-vCPU Cascade Lake, kernels alone, time / fp32 F.linear, panels / BLAS,
+// 128 x 128 to 4096 x 4096: M = 64 0.61-0.87 / 1.12-1.30; M = 512 0.87-1.13 / 0.97-1.34; M = 1024 0.99-1.26 /
+// 0.99-1.06; M = 4096 0.92-1.24 / 0.77-1.06).
+constexpr int64_t BLAS_MIN_M = 1024;
+// Workspace of float32 weight rows per block: BLAS reads all of x once per block, so few blocks (a 4096 x
+// 4096 weight in four), but each one converted before BLAS reads it, not all of a large weight at once.
+constexpr int64_t BLAS_BLOCK_BYTES = 16 << 20;
+
+// values (rows, K) = weight rows n0 .. n0 + rows as float32, times their channel's scale.
+template <int FORMAT>
+void dequantize_rows(const uint8_t* weight, int64_t K, const float* scale, int64_t n0, int64_t rows, float* values,
+                     int threads) {
+    const float unit = FORMAT == E4M3 ? E4M3_SCALE : 1.f;
+    quanto_fx_cpu::parallel_for(0, rows, 1, threads, [&](int64_t r) {
+        const uint8_t* row = weight + (n0 + r) * K;
+        float* into = values + r * K;
+        const __m512 channel = _mm512_set1_ps(scale[n0 + r] * unit);
+        for (int64_t k = 0; k < K; k += 32) {
+            const __mmask32 lanes = lanes_from(k, K);
+            __m512 lo, hi;
+            float8_to_float<FORMAT>(row + k, lanes, lo, hi);
+            _mm512_mask_storeu_ps(into + k, (__mmask16)lanes, _mm512_mul_ps(lo, channel));
+            _mm512_mask_storeu_ps(into + k + 16, (__mmask16)(lanes >> 16), _mm512_mul_ps(hi, channel));
+        }
+    });
+}
+
+// out = x @ (W * scale).T + bias by blocks of weight rows (the columns of out) through BLAS; the conversion on
+// `threads` threads, BLAS on torch's.
+template <int FORMAT>
+void float8_gemm_blas(const float* x, int64_t M, int64_t K, const uint8_t* weight, int64_t N, const float* scale,
+                      const float* bias, float* out, int threads) {
+    const int64_t block_rows = std::min(N, std::max<int64_t>(16, BLAS_BLOCK_BYTES / (4 * std::max<int64_t>(K, 1))));
+    const auto values = quanto_fx_cpu::aligned_workspace<float>(block_rows * K);
+    const at::Tensor x_matrix = at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat);
+    for (int64_t n0 = 0; n0 < N; n0 += block_rows) {
+        const int64_t rows = std::min(block_rows, N - n0);
+        dequantize_rows<FORMAT>(weight, K, scale, n0, rows, values.get(), threads);
+        const at::Tensor w = at::from_blob(values.get(), {rows, K}, at::kFloat);
+        at::Tensor columns = at::from_blob(out + n0, {M, rows}, {N, 1}, at::kFloat);  // strided: BLAS's ldc
+        // at::cpu's kernels, not the dispatcher's: a dispatch mode active on this thread is not shown these calls
+        if (bias)
+            at::cpu::addmm_out(columns, at::from_blob(const_cast<float*>(bias) + n0, {rows}, at::kFloat), x_matrix,
+                               w.t());
+        else
+            at::cpu::mm_out(columns, x_matrix, w.t());
+    }
+}
+
 // -- GEMM in float16 (e4m3fn weights, CPUs with AVX512-FP16) ------------------------------------------------
 //
 // The GEMM above does fp32's multiply-adds plus the conversion (0.8-1.06x the fp32 GEMM past M = 128). Here
@@ -761,15 +821,18 @@ FP16_TARGET bool float8_gemm_fp16(const Rows& rows, int64_t M, int64_t K, const 
 // (its path's CPU, a 2-vCPU Cascade Lake, 3-row tiles, 256 x 256 to 4096 x 4096: at M = 7-8 0.59-0.80, at
 // 9-11 0.86-1.00, at 12 0.96-1.06, at 13-16 1.09-1.31); the float16 GEMV up to M = 16 (at 13-14: 0.53-0.77,
 // at 16: 0.72-1.01 but one noisy e5m2 run at 4096 x 4096, 1.21; at 20-24: 0.8-1.3).
-// Past M = 16, the float16 GEMM on those CPUs.
+// Past M = 16, the float16 GEMM on those CPUs; on the others the float32 GEMM, through BLAS from BLAS_MIN_M.
 constexpr int64_t GEMV_MAX_M = 11, FLOAT16_GEMV_MAX_M = 16;
-enum Path { FLOAT32_GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2, FLOAT16_GEMM = 3 };
+enum Path { FLOAT32_GEMM = 0, FLOAT32_GEMV = 1, FLOAT16_GEMV = 2, FLOAT16_GEMM = 3, FLOAT32_BLAS_GEMM = 4 };
+
+// The float32 GEMM for M rows: the paths' own, and the float16 paths' for x they cannot scale.
+Path float32_gemm(int64_t M) { return M >= BLAS_MIN_M ? FLOAT32_BLAS_GEMM : FLOAT32_GEMM; }
 
 Path path_for(int64_t M) {  // the same for both formats
     if (QUANTO_HAS_FP16_INTRINSICS && cpu_has_fp16()) {
         return M <= FLOAT16_GEMV_MAX_M ? FLOAT16_GEMV : FLOAT16_GEMM;
     }
-    return M <= GEMV_MAX_M ? FLOAT32_GEMV : FLOAT32_GEMM;
+    return M <= GEMV_MAX_M ? FLOAT32_GEMV : float32_gemm(M);
 }
 
 // The power of two by which quanto_float8_weight_mm divides x with e5m2 weights: max |x| * 57344 * K (a bound
@@ -800,9 +863,10 @@ int quanto_float8_path(int format, int64_t M) { return path_for(M); }
 // or bfloat16 values), W (N, K) float8 bytes (format 0: e4m3fn, 1: e5m2), scale (N,) float32 and bias (N,)
 // float32 or null, the bias added as each output is stored: a GEMV for small M (each weight chunk converted once
 // per 4 rows of x, 8 in the float16 GEMV), else a GEMM (each block of weight rows converted once into a panel
-// that every row of x in a chunk reuses), by quanto_float8_path. The float16 GEMM reads x's rows as stored, but
-// for e5m2 weights with blocks of small codes (see E5M2_FLOAT16_MIN_CODE) or float32 x; every other kernel reads
-// all of x as float32 (a 16-bit x widened first). Returns 2 when a workspace cannot be allocated, else 0.
+// that every row of x in a chunk reuses, or into float32 rows for BLAS), by quanto_float8_path. The float16
+// GEMM reads x's rows as stored, but for e5m2 weights with blocks of small codes (see E5M2_FLOAT16_MIN_CODE) or
+// float32 x; every other kernel reads all of x as float32 (a 16-bit x widened first). Returns 2 when a
+// workspace cannot be allocated, else 0.
 int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64_t M, int64_t K,
                             const uint8_t* weight, int64_t N, const float* scale, const float* bias, float* out,
                             int threads) try {
@@ -829,8 +893,8 @@ int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64
     const float* x = quanto_fx_cpu::all_float32(x_data, x_storage, M, K, threads, widened);
     // e5m2 codes reach 57344 and the float32 kernels sum x times codes before the channel scale: x that would
     // overflow those sums (where the result need not) is divided by a power of two and the channel scales
-    // multiplied by it, both exactly.
-    const int shift = format == E5M2 ? e5m2_x_shift(x, M, K) : 0;
+    // multiplied by it, both exactly. (The BLAS GEMM's float32 weights hold the scales: its path skips the scan.)
+    const int shift = format == E5M2 && path != FLOAT32_BLAS_GEMM ? e5m2_x_shift(x, M, K) : 0;
     std::unique_ptr<float[], quanto_fx_cpu::Free> scaled_x, scaled_scale;
     if (shift) {
         scaled_x = quanto_fx_cpu::aligned_workspace<float>(M * K);
@@ -860,12 +924,17 @@ int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64
 #endif
     // float32: by path, or x that the float16 paths cannot scale
     const bool gemv = path == FLOAT32_GEMV || path == FLOAT16_GEMV;
+    const bool blas = !gemv && float32_gemm(M) == FLOAT32_BLAS_GEMM;
     if (gemv && format == E4M3) float8_gemv<E4M3>(x, M, K, weight, N, scale, bias, out, threads);
     if (gemv && format == E5M2) float8_gemv<E5M2>(x, M, K, weight, N, scale, bias, out, threads);
-    if (!gemv && format == E4M3) float8_gemm<E4M3>(x, M, K, weight, N, scale, bias, out, threads);
-    if (!gemv && format == E5M2) float8_gemm<E5M2>(x, M, K, weight, N, scale, bias, out, threads);
+    if (blas && format == E4M3) float8_gemm_blas<E4M3>(x, M, K, weight, N, scale, bias, out, threads);
+    if (blas && format == E5M2) float8_gemm_blas<E5M2>(x, M, K, weight, N, scale, bias, out, threads);
+    if (!gemv && !blas && format == E4M3) float8_gemm<E4M3>(x, M, K, weight, N, scale, bias, out, threads);
+    if (!gemv && !blas && format == E5M2) float8_gemm<E5M2>(x, M, K, weight, N, scale, bias, out, threads);
     return 0;
 } catch (const std::bad_alloc&) {
+    return 2;
+} catch (const c10::OutOfMemoryError&) {  // BLAS's own buffers
     return 2;
 }
 

@@ -10,7 +10,9 @@ vector instructions through float16 (exact for every code, NaN included):
   e5m2 up to M = 16, 8 rows of x per conversion; the GEMM past it, on panels of 512 inputs that stay in
   L1. Against the fp32 GEMM (2-core Xeon, kernels alone): 4096 x 4096 0.15-0.27x up to M = 12,
   ~0.4-0.6x at 16 to 32, 0.75-0.9x from 128; small layers 0.6-0.9x, but 1536 -> 384 at M = 2048 1.1x
-  (bench/RESULTS.md).
+  (bench/RESULTS.md). On the other CPUs the float32 GEMM's panels ran 1.0-1.26x the fp32 GEMM's time from
+  M = 1024 on (a 2-vCPU Cascade Lake): there, blocks of weight rows are converted to float32 (times their
+  scales) and multiplied by torch's BLAS GEMM (``at::mm``), 0.77-1.06x.
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
 C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`supports` says so.
@@ -35,7 +37,7 @@ def supports(in_features: int) -> bool:
     return 0 < in_features <= MAX_IN_FEATURES and cpu_vnni_mm.available()
 
 
-PATHS = ("float32 GEMM", "float32 GEMV", "float16 GEMV", "float16 GEMM")
+PATHS = ("float32 GEMM", "float32 GEMV", "float16 GEMV", "float16 GEMM", "float32 BLAS GEMM")
 
 
 def path(dtype: torch.dtype, rows: int) -> str:
@@ -46,7 +48,8 @@ def path(dtype: torch.dtype, rows: int) -> str:
     against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2). e5m2 GEMV groups of 4 weight rows and GEMM
     blocks holding a weight row with no code of at least 2**-6 among its first 512 inputs (weights not
     scaled to the format's range) are computed in float32, and x they cannot scale (not finite, or max |x|
-    < 1e-30) takes the float32 GEMV or GEMM. The float32 paths compute in float32."""
+    < 1e-30) takes the float32 GEMV or GEMM. The float32 paths compute in float32; the BLAS GEMM (from
+    M = 1024 on CPUs without AVX512-FP16) multiplies x by the float32 values of ``w * scale``."""
     if dtype not in FORMATS or not supports(1):
         raise ValueError(f"no float8 kernel for {dtype} on this machine")
     return PATHS[cpu_vnni_mm._loaded_library().quanto_float8_path(FORMATS[dtype], rows)]
