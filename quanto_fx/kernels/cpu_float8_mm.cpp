@@ -399,12 +399,17 @@ bool dequantized_float8_row(int format, int precision, const float* row, int64_t
     return true;
 }
 
+// Values of x below which dequantized_float8_rows runs on one thread: a team for a few short rows cost more
+// than their work (2-vCPU Cascade Lake, modules, e4m3fn dynamic / fp32, from more than 2 rows on before: 256 x 256
+// at M = 6 1.24-1.30 -> 1.04-1.08, at 8 1.48-1.49 -> 1.03-1.18; 384 x 384 at M = 3 1.46-1.66 -> 1.00-1.05).
+constexpr int64_t SERIAL_X_BELOW_VALUES = 1 << 15;
+
 // x (M, K) by dequantized_float8_row into `values` (M, K), rows shared among the threads. Returns 1 when x
 // holds a NaN or an infinity.
 int dequantized_float8_rows(int format, int precision, const float* x, int64_t M, int64_t K, float* values,
                             int threads) {
     std::atomic<bool> bad{false};
-    quanto_fx_cpu::parallel_for(0, M, 1, M > 2 ? threads : 1, [&](int64_t m) {
+    quanto_fx_cpu::parallel_for(0, M, 1, M * K >= SERIAL_X_BELOW_VALUES ? threads : 1, [&](int64_t m) {
         if (!dequantized_float8_row(format, precision, x + m * K, K, values + m * K))
             bad.store(true, std::memory_order_relaxed);
     });
