@@ -4,7 +4,7 @@ round-robin in one process; optionally against the same kernels built from anoth
 by side.
 
     .venv/bin/python bench/weight_only_kernels_cpu.py [--layers 384,1536 1536,384] [--rows 1 2 3 4 8]
-        [--formats int8 int4 int2 e4m3fn e5m2] [--threads 2] [--against REV] [--repeats 15]
+        [--formats int8 int4 int2 e4m3fn e5m2] [--threads 2] [--against REV] [--repeats 15] [--cold]
 
 What the module and op timings (small_layers.py, weight_only.py) add on top is left out: Python, the
 dispatcher and the op's checks. The ctypes call itself costs ~0.9 us, about what ``F.linear``'s own call
@@ -12,12 +12,20 @@ costs. ``--against REV`` builds REV's kernel sources with this checkout's compil
 same two C entry points (each gained an ``x_storage`` argument in the tenth session, float8's in 24f6804:
 the revision's sources say which signature to call). Needs AVX512-VNNI and a C++ compiler, as the kernels
 do.
+
+Each function is called back to back, so a weight that fits the last-level cache is read from there. With
+``--cold`` each one turns instead through copies of its weight (fp32's included) that add up to
+``COLD_BYTES``: every call reads its weight from memory, as in decoding a model whose layers outgrow the
+caches.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
+import functools
+import itertools
 import statistics
 import subprocess
 import tempfile
@@ -33,6 +41,7 @@ from quanto_fx.kernels import cpu_vnni_mm
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {"int8": qint8, "int4": qint4, "int2": qint2, "e4m3fn": qfloat8_e4m3fn, "e5m2": qfloat8_e5m2}
 ROUND_SECONDS = 2e-3  # each function's share of a round: enough calls to outlast the timer's resolution
+COLD_BYTES = 128 << 20  # --cold: each function's copies of its weight, past any CPU's last-level cache
 
 
 def build_revision(revision: str, scratch: Path) -> Path:
@@ -102,6 +111,17 @@ def kernel_call(library: ctypes.CDLL, x_storage: dict, name: str, weight, x, bia
     return lambda: library.quanto_float8_weight_mm(*args)
 
 
+def copies(tensor_bytes: int, cold: bool) -> int:
+    """How many copies of a weight of ``tensor_bytes`` a function turns through (1: called warm)."""
+    return max(1, -(-COLD_BYTES // tensor_bytes)) if cold else 1
+
+
+def in_turn(functions: list):
+    """One no-argument function calling ``functions`` one after the other, a call each time."""
+    turn = itertools.cycle(functions)
+    return lambda: next(turn)()
+
+
 def median_us(functions: dict, repeats: int) -> dict:
     """Median us per call of each function over ``repeats`` round-robin rounds."""
     calls = {}
@@ -128,6 +148,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--against", default=None, help="a git revision whose kernels to time alongside")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cold", action="store_true", help="every call reads its weight from memory")
     args = parser.parse_args()
     if not cpu_vnni_mm.available():
         raise SystemExit("the CPU kernels are not available here (AVX512-VNNI and a C++ compiler needed)")
@@ -139,9 +160,10 @@ def main() -> None:
             built = build_revision(args.against, Path(scratch))
             x_storage = takes_x_storage(Path(scratch))
             libraries = {args.against: (load(built, x_storage), x_storage), **libraries}
+        weights_from = "weights from memory" if args.cold else "called back to back"
         print(
             f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} rounds; "
-            "kernel time / fp32 F.linear time"
+            f"kernel time / fp32 F.linear time; {weights_from}"
         )
         for layer in args.layers:
             in_features, out_features = map(int, layer.split(","))
@@ -154,18 +176,23 @@ def main() -> None:
                 frozen = freeze(
                     quantize(linear, weights=FORMATS[name], activations=None, inplace=False, **options)
                 )
-                weights[name] = frozen.weight
-            weight, bias = linear.weight.detach(), linear.bias.detach()
+                count = copies(frozen.weight.nbytes_in_memory(), args.cold)
+                weights[name] = [frozen.weight] + [copy.deepcopy(frozen.weight) for _ in range(count - 1)]
+            bias = linear.bias.detach()
+            count = copies(4 * linear.weight.numel(), args.cold)
+            fp32_weights = [linear.weight.detach().clone() for _ in range(count)]
             print(f"\n{in_features} -> {out_features}" + "".join(f"{f'M = {m}':>9}" for m in args.rows))
             table = {"fp32 (us)": []}
             for rows in args.rows:
                 x, out = torch.randn(rows, in_features), torch.empty(rows, out_features)
-                functions = {"fp32": lambda: F.linear(x, weight, bias)}
+                functions = {"fp32": in_turn([functools.partial(F.linear, x, w, bias) for w in fp32_weights])}
                 for name in args.formats:
                     for tag, (library, x_storage) in libraries.items():
-                        functions[(name, tag)] = kernel_call(
-                            library, x_storage, name, weights[name], x, bias, out, args.threads
-                        )
+                        calls = [
+                            kernel_call(library, x_storage, name, weight, x, bias, out, args.threads)
+                            for weight in weights[name]
+                        ]
+                        functions[(name, tag)] = in_turn(calls)
                 times = median_us(functions, args.repeats)
                 table["fp32 (us)"].append(times["fp32"])
                 for key, value in times.items():
