@@ -119,9 +119,9 @@ INLINE typename V::I chunk_codes(typename V::I bytes, int phase) {
 
 // zero_acc[i][r] = sum over groups g of (z - mid * s) * xsum[m0 + i, g], with (s, z) weight row n0 + r's group
 // g (int8: z = 0, no zeros stored): the zero points' term of every output of a tile, apart from its K loop. The
-// RT rows' (s, z) pairs of a group are contiguous: one vector per group for all RT rows. Done in scalars inside
-// the K loop, per row and group, it had doubled the group flush (2-vCPU Cascade Lake, 4096 x 4096 at M = 1, kernel
-// time / fp32: int4 0.22-0.23 -> 0.18-0.19, int2 0.15-0.17 -> 0.12).
+// RT rows' (s, z) pairs of a group are contiguous: one vector per group for all RT rows, where scalars per row
+// and group had doubled the K loop's group flush (2-vCPU Cascade Lake, 4096 x 4096 at M = 1, weight in L3,
+// kernel time / fp32: int4 0.15 -> 0.13-0.14 in three runs; int2 unchanged).
 template <int RT, int MT, int BITS>
 INLINE void zero_terms(const float* scales, int64_t N, int64_t n0, int64_t G, const float* xsum, int64_t m0,
                        float (&zero_acc)[MT][RT]) {
@@ -157,7 +157,8 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
     constexpr int per_byte = 8 / BITS, scale_stride = BITS == 8 ? 1 : 2;
     const int64_t row_bytes = K / per_byte, group_bytes = row_bytes / G;
     // Before the K loop: computed after it, GCC 12 spilled x's chunks in the int8 loop of 2-row tiles to the
-    // stack and read them back for every weight row (int8 4096 x 4096 at M = 6: 0.23 -> 0.28x fp32).
+    // stack and read them back for every weight row (int8 4096 x 4096, x fp32 time: M = 4 0.17-0.18 -> 0.21-0.22,
+    // M = 6 0.20-0.22 -> 0.25-0.27).
     float zero_acc[MT][RT];
     zero_terms<RT, MT, BITS>(scales, N, n0, G, xsum, m0, zero_acc);
     typename V::F acc[MT][RT];
