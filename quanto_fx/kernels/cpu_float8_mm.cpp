@@ -599,8 +599,8 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 // blocks of weight rows become float32 values (times their channel's scale) in a workspace, and addmm writes
 // those columns of out: BLAS's time plus one conversion of the weight and its float32 block written and read
 // once. That pays at large M only (2-vCPU Cascade Lake, kernels alone, time / fp32 F.linear, panels / BLAS,
-// 128 x 128 to 4096 x 4096: M = 64 0.61-0.87 / 1.12-1.30; M = 512 0.87-1.13 / 0.97-1.34; M = 1024 0.99-1.26 /
-// 0.99-1.06; M = 4096 0.92-1.24 / 0.77-1.06).
+// 128 x 128 to 4096 x 4096, two noisy runs: M = 64 0.61-0.87 / 1.12-1.30; M = 512 0.82-1.21 / 0.82-1.34; M =
+// 1024 0.95-1.40 / 0.99-1.06; M = 4096 0.92-1.57 / 0.77-1.17).
 constexpr int64_t BLAS_MIN_M = 1024;
 // Workspace of float32 weight rows per block: BLAS reads all of x once per block, so few blocks (a 4096 x
 // 4096 weight in four), but each one converted before BLAS reads it, not all of a large weight at once.

@@ -10,9 +10,9 @@ vector instructions through float16 (exact for every code, NaN included):
   e5m2 up to M = 16, 8 rows of x per conversion; the GEMM past it, on panels of 512 inputs that stay in
   L1. Against the fp32 GEMM (2-core Xeon, kernels alone): 4096 x 4096 0.15-0.27x up to M = 12,
   ~0.4-0.6x at 16 to 32, 0.75-0.9x from 128; small layers 0.6-0.9x, but 1536 -> 384 at M = 2048 1.1x
-  (bench/RESULTS.md). On the other CPUs the float32 GEMM's panels ran 1.0-1.26x the fp32 GEMM's time from
+  (bench/RESULTS.md). On the other CPUs the float32 GEMM's panels ran 0.95-1.57x the fp32 GEMM's time from
   M = 1024 on (a 2-vCPU Cascade Lake): there, blocks of weight rows are converted to float32 (times their
-  scales) and multiplied by torch's BLAS GEMM (``at::mm``), 0.77-1.06x.
+  scales) and multiplied by torch's BLAS GEMM (``at::mm``), 0.77-1.17x.
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
 C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`supports` says so.
