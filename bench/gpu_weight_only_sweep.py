@@ -42,10 +42,16 @@ FMA_CONFIGS = [
     {"BLOCK_N": n, "BLOCK_B": 64, "SLICES": s, "num_warps": w, "num_stages": 1}
     for n, s, w in itertools.product((16, 32), (2, 4, 8, 16), (4, 8))
 ]
-# int8: the decode tier's tiles and stages.
+# int8: the decode tier's tiles and stages, and 16-wide tiles, untimed: at N = 1024 and M = 1 the tier's
+# 32-wide ones run 32 programs, and int8 weights took 1.28x bf16's time there (H200, twelfth session). Each
+# compiles for sm_90 to bf16 mma.sync with cp.async and matches the reference in the interpreter (triton
+# 3.6.0, no GPU).
 INT8_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": st}
     for n, k, st in itertools.product((32, 64), (128, 256), (3, 4, 6))
+] + [
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": k, "num_warps": w, "num_stages": st}
+    for k, w, st in itertools.product((128, 256), (2, 4), (3, 4))
 ]
 
 
