@@ -1,0 +1,24 @@
+"""The C++ CPU kernels compile wherever they can run. Every kernel test skips where
+``cpu_vnni_mm.available()`` is false, and a compile error makes it false too (logged; the ops keep their
+slower paths): on a CPU with AVX512-VNNI and a C++ compiler, this test fails with the compiler's message."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from quanto_fx.kernels import cpu_vnni_mm
+
+CAN_RUN = torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()
+COMPILER = cpu_vnni_mm._compiler()
+
+
+@pytest.mark.skipif(not CAN_RUN or COMPILER is None, reason="needs AVX512-VNNI and a C++ compiler")
+def test_the_kernel_sources_compile_where_they_can_run():
+    try:
+        library = cpu_vnni_mm._build(COMPILER)
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"the CPU kernels do not compile:\n{error.stderr[-4000:]}")
+    assert library.exists() and cpu_vnni_mm.available()
