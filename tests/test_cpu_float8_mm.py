@@ -249,8 +249,8 @@ def test_the_blas_gemm_converts_the_weight_in_blocks_of_rows(dtype):
     nan_columns = torch.zeros(520, dtype=torch.bool)
     nan_columns[515] = True
     assert torch.equal(out.isnan(), nan_columns.expand(1024, 520))
-    for block in (slice(0, 512), slice(512, 515), slice(516, 520)):
-        assert relative_error(out[:, block], expected[:, block]) < 1e-6
+    for block in (slice(0, 512), slice(512, 515), slice(516, 520)):  # float32 sums of 8192 products
+        assert relative_error(out[:, block], expected[:, block]) < 4e-6
 
 
 @needs_kernels

@@ -21,4 +21,5 @@ def test_the_kernel_sources_compile_where_they_can_run():
         library = cpu_vnni_mm._build(COMPILER)
     except subprocess.CalledProcessError as error:
         pytest.fail(f"the CPU kernels do not compile:\n{error.stderr[-4000:]}")
-    assert library.exists() and cpu_vnni_mm.available()
+    # (not available(): QUANTO_FX_CPU_KERNELS=0 makes it false for a library that loads)
+    assert library.exists() and cpu_vnni_mm._library() is not None

@@ -399,9 +399,10 @@ bool dequantized_float8_row(int format, int precision, const float* row, int64_t
     return true;
 }
 
-// Values of x below which dequantized_float8_rows runs on one thread: a team for a few short rows cost more
-// than their work (2-vCPU Cascade Lake, modules, e4m3fn dynamic / fp32, from more than 2 rows on before: 256 x 256
-// at M = 6 1.24-1.30 -> 1.04-1.08, at 8 1.48-1.49 -> 1.03-1.18; 384 x 384 at M = 3 1.46-1.66 -> 1.00-1.05).
+// Values of x below which dequantized_float8_rows runs on one thread (as it does 1 or 2 rows of any length): a
+// team for a few short rows cost more than their work (2-vCPU Cascade Lake, modules, e4m3fn dynamic / fp32, from
+// more than 2 rows on before: 256 x 256 at M = 6 1.24-1.30 -> 1.04-1.08, at 8 1.48-1.49 -> 1.03-1.18; 384 x 384
+// at M = 3 1.46-1.66 -> 1.00-1.05).
 constexpr int64_t SERIAL_X_BELOW_VALUES = 1 << 15;
 
 // x (M, K) by dequantized_float8_row into `values` (M, K), rows shared among the threads. Returns 1 when x
@@ -409,7 +410,7 @@ constexpr int64_t SERIAL_X_BELOW_VALUES = 1 << 15;
 int dequantized_float8_rows(int format, int precision, const float* x, int64_t M, int64_t K, float* values,
                             int threads) {
     std::atomic<bool> bad{false};
-    quanto_fx_cpu::parallel_for(0, M, 1, M * K >= SERIAL_X_BELOW_VALUES ? threads : 1, [&](int64_t m) {
+    quanto_fx_cpu::parallel_for(0, M, 1, M > 2 && M * K >= SERIAL_X_BELOW_VALUES ? threads : 1, [&](int64_t m) {
         if (!dequantized_float8_row(format, precision, x + m * K, K, values + m * K))
             bad.store(true, std::memory_order_relaxed);
     });
@@ -599,8 +600,9 @@ void float8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* weight, in
 // blocks of weight rows become float32 values (times their channel's scale) in a workspace, and addmm writes
 // those columns of out: BLAS's time plus one conversion of the weight and its float32 block written and read
 // once. That pays at large M only (2-vCPU Cascade Lake, kernels alone, time / fp32 F.linear, panels / BLAS,
-// 128 x 128 to 4096 x 4096, two noisy runs: M = 64 0.61-0.87 / 1.12-1.30; M = 512 0.82-1.21 / 0.82-1.34; M =
-// 1024 0.95-1.40 / 0.99-1.06; M = 4096 0.92-1.57 / 0.77-1.17).
+// 128 x 128 to 4096 x 4096, two noisy runs: M = 64 0.61-0.87 / 1.12-1.30; M = 512 0.82-1.31 / 0.97-1.34; M =
+// 1024 0.95-1.40 / 0.99-1.06; M = 4096 0.96-1.57 / 0.90-1.17). BLAS follows torch's float32 matmul settings,
+// as F.linear does: torch.set_float32_matmul_precision("medium") may let oneDNN compute it in bfloat16.
 constexpr int64_t BLAS_MIN_M = 1024;
 // Workspace of float32 weight rows per block: BLAS reads all of x once per block, so few blocks (a 4096 x
 // 4096 weight in four), but each one converted before BLAS reads it, not all of a large weight at once.
@@ -636,14 +638,15 @@ void float8_gemm_blas(const float* x, int64_t M, int64_t K, const uint8_t* weigh
     for (int64_t n0 = 0; n0 < N; n0 += block_rows) {
         const int64_t rows = std::min(block_rows, N - n0);
         dequantize_rows<FORMAT>(weight, K, scale, n0, rows, values.get(), threads);
-        const at::Tensor w = at::from_blob(values.get(), {rows, K}, at::kFloat);
+        const at::Tensor w_t = at::from_blob(values.get(), {K, rows}, {1, K}, at::kFloat);  // (rows, K) transposed
         at::Tensor columns = at::from_blob(out + n0, {M, rows}, {N, 1}, at::kFloat);  // strided: BLAS's ldc
-        // at::cpu's kernels, not the dispatcher's: a dispatch mode active on this thread is not shown these calls
-        if (bias)
-            at::cpu::addmm_out(columns, at::from_blob(const_cast<float*>(bias) + n0, {rows}, at::kFloat), x_matrix,
-                               w.t());
-        else
-            at::cpu::mm_out(columns, x_matrix, w.t());
+        // at::cpu's kernels, called directly rather than through the dispatcher
+        if (bias) {
+            const at::Tensor bias_rows = at::from_blob(const_cast<float*>(bias) + n0, {rows}, at::kFloat);
+            at::cpu::addmm_out(columns, bias_rows, x_matrix, w_t);
+        } else {
+            at::cpu::mm_out(columns, x_matrix, w_t);
+        }
     }
 }
 
@@ -939,7 +942,7 @@ int quanto_float8_weight_mm(int format, int x_storage, const void* x_data, int64
     return 0;
 } catch (const std::bad_alloc&) {
     return 2;
-} catch (const c10::OutOfMemoryError&) {  // BLAS's own buffers
+} catch (const c10::Error&) {  // torch's CPU allocator, for addmm's buffers, throws c10::Error when out of memory
     return 2;
 }
 

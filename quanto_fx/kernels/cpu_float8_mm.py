@@ -12,7 +12,7 @@ vector instructions through float16 (exact for every code, NaN included):
   ~0.4-0.6x at 16 to 32, 0.75-0.9x from 128; small layers 0.6-0.9x, but 1536 -> 384 at M = 2048 1.1x
   (bench/RESULTS.md). On the other CPUs the float32 GEMM's panels ran 0.95-1.57x the fp32 GEMM's time from
   M = 1024 on (a 2-vCPU Cascade Lake): there, blocks of weight rows are converted to float32 (times their
-  scales) and multiplied by torch's BLAS GEMM (``at::mm``), 0.77-1.17x.
+  scales) and multiplied by torch's BLAS GEMM (``at::cpu::addmm_out``), 0.90-1.17x.
 
 They are built into the library of ``cpu_vnni_mm.py`` and used where it is available (AVX512-VNNI CPU, a
 C++ compiler, ``QUANTO_FX_CPU_KERNELS`` not ``0``); :func:`supports` says so.
@@ -48,8 +48,10 @@ def path(dtype: torch.dtype, rows: int) -> str:
     against the formats' own ~3e-2 (e4m3) and ~6e-2 (e5m2). e5m2 GEMV groups of 4 weight rows and GEMM
     blocks holding a weight row with no code of at least 2**-6 among its first 512 inputs (weights not
     scaled to the format's range) are computed in float32, and x they cannot scale (not finite, or max |x|
-    < 1e-30) takes the float32 GEMV or GEMM. The float32 paths compute in float32; the BLAS GEMM (from
-    M = 1024 on CPUs without AVX512-FP16) multiplies x by the float32 values of ``w * scale``."""
+    < 1e-30) takes the float32 GEMV or GEMM (the BLAS GEMM from M = 1024). The float32 paths compute in
+    float32; the BLAS GEMM (from M = 1024 on CPUs without AVX512-FP16) multiplies x by the float32 values of
+    ``w * scale`` on torch's threads, under torch's float32 matmul settings as ``F.linear`` is (a lowered
+    ``torch.set_float32_matmul_precision`` may let oneDNN compute it in bfloat16)."""
     if dtype not in FORMATS or not supports(1):
         raise ValueError(f"no float8 kernel for {dtype} on this machine")
     return PATHS[cpu_vnni_mm._loaded_library().quanto_float8_path(FORMATS[dtype], rows)]
