@@ -123,11 +123,16 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def _cpu_has_avx512_vnni() -> bool:
+    """Whether this CPU runs the kernels' instructions (whether they build is another matter)."""
+    return torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when this machine cannot build or run them (logged once, not raised:
     the callers have a slower but correct path)."""
-    if not (torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()):
+    if not _cpu_has_avx512_vnni():
         logger.info("quanto_fx CPU weight-only kernels: this CPU has no AVX512-VNNI; using aten's")
         return None
     compiler = _compiler()
