@@ -12,7 +12,7 @@ import torch
 from quanto_fx.kernels import int8_mm_requantize_reference, int8_mm_rescale_reference
 
 from .test_kernels import make_operands, on_cpu, requantize_out_scale
-from .utils import INTERPRETING, assert_passes_in_the_interpreter, config_id, requires_cuda
+from .utils import INTERPRETING, assert_passes_in_the_interpreter, compile_for_sm90, config_id, requires_cuda
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels.triton_int8_mm import int8_mm_requantize_kernel, int8_mm_rescale_kernel  # noqa: E402
@@ -84,10 +84,10 @@ def test_kernels_in_the_interpreter():
 
 # -- compiled for an H100, without one -----------------------------------------------------------------
 
-SCALE_POINTERS = {"a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "out_scale_ptr": "*fp32"}
+SCALE_POINTERS = {"a_scale_ptr": "fp32", "b_scale_ptr": "fp32", "out_scale_ptr": "fp32"}
 KERNELS = {
-    "rescale": (int8_mm_rescale_kernel, {"out_ptr": "*bf16", "bias_ptr": "*fp32", **SCALE_POINTERS}),
-    "requantize": (int8_mm_requantize_kernel, {"out_ptr": "*i8", "bias_ptr": "*i32", **SCALE_POINTERS}),
+    "rescale": (int8_mm_rescale_kernel, {"out_ptr": "bf16", "bias_ptr": "fp32", **SCALE_POINTERS}),
+    "requantize": (int8_mm_requantize_kernel, {"out_ptr": "i8", "bias_ptr": "i32", **SCALE_POINTERS}),
 }
 # What a launch specializes on, as the JIT does: ints equal to 1 become constants; pointers, N, K and the
 # other strides (multiples of 16 for the usual K and N) carry a divisibility hint.
@@ -99,20 +99,10 @@ UNIT_STRIDES = {
 
 def compile_for_h100(kernel, pointer_types, config, layout):
     """PTX of ``kernel`` with ``config``, bias and relu on, compiled for sm_90 (no GPU needed)."""
-    from triton.backends.compiler import GPUTarget
-
     constexprs = {**config.kwargs, "HAS_BIAS": True, "RELU": True, **dict.fromkeys(UNIT_STRIDES[layout], 1)}
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = pointer_types.get(name, "*i8") if name.endswith("_ptr") else "i32"
-        if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    divisible = [name for name in kernel.arg_names if name.startswith("stride") or name in ("N", "K")]
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return compile_for_sm90(kernel, pointer_types, constexprs, divisible, **options).asm["ptx"]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from .utils import INTERPRETING, assert_passes_in_the_interpreter, config_id, requires_cuda
+from .utils import INTERPRETING, assert_passes_in_the_interpreter, compile_for_sm90, config_id, requires_cuda
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels.triton_int8_weight_mm import (  # noqa: E402
@@ -638,8 +638,6 @@ def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True
     """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it: the
     CUDA-core decode kernel for a config with BLOCK_B, the decode kernel for one with SLICES, else the GEMM;
     with a float32 bias unless ``has_bias=False``."""
-    from triton.backends.compiler import GPUTarget
-
     if "BLOCK_B" in config.kwargs:
         kernel = lowbit_gemv_fma_kernel
     else:
@@ -663,17 +661,9 @@ def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True
         "bias_ptr": "fp32",
         "out_ptr": TYPES[dtype],
     }
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = "*" + pointer_types[name] if name.endswith("_ptr") else "i32"
-        if name.endswith("_ptr") or name in ("N", "K", "stride_xm", "stride_pn", "stride_sg", "stride_om"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    divisible = ("N", "K", "stride_xm", "stride_pn", "stride_sg", "stride_om")
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_for_sm90(kernel, pointer_types, constexprs, divisible, **options)
 
 
 def _unique(configs):
@@ -748,26 +738,13 @@ def compile_int8_for_h100(config, dtype, k_divisible=True, weight_type="i8"):
     """The int8 kernel compiled for sm_90, specialized as a launch with contiguous operands (N and K
     multiples of 16: the usual LLM shapes; ``k_divisible=False``: a K without the hint, e.g. K = 40) and a
     float32 bias. ``weight_type``: "i8", or a float8 weight ("fp8e4nv", "fp8e5")."""
-    from triton.backends.compiler import GPUTarget
-
     unit_strides = ("stride_xk", "stride_wk", "stride_s", "stride_b", "stride_on")
     constexprs = {**config.kwargs, "HAS_BIAS": True, **dict.fromkeys(unit_strides, 1)}
     pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": weight_type, "scale_ptr": "fp32", "bias_ptr": "fp32"}
     pointer_types["out_ptr"] = TYPES[dtype]
     divisible = {"N", "stride_om"} | ({"K", "stride_xm", "stride_wn"} if k_divisible else set())
-    signature, attrs = {}, {}
-    for i, name in enumerate(int8_weight_mm_kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = "*" + pointer_types[name] if name.endswith("_ptr") else "i32"
-        if name.endswith("_ptr") or name in divisible:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(
-        fn=int8_weight_mm_kernel, signature=signature, constexprs=constexprs, attrs=attrs
-    )
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_for_sm90(int8_weight_mm_kernel, pointer_types, constexprs, divisible, **options)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")

@@ -37,6 +37,28 @@ def assert_passes_in_the_interpreter(test_file: str, *classes: str) -> None:
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
+def compile_for_sm90(kernel, pointer_types: dict, constexprs: dict, divisible=(), num_warps=4, num_stages=3):
+    """``kernel`` (a ``@triton.jit`` function) compiled for an H100 (sm_90) without one, specialized as a
+    launch specializes it: ``constexprs`` (block sizes, flags, strides equal to 1) become constants; every
+    pointer (its element type from ``pointer_types``, e.g. "bf16", "u8"; "i8" if absent) and the ints named
+    in ``divisible`` carry the hint that they are multiples of 16. Returns the compiled kernel
+    (``.asm["ptx"]``, ``.metadata``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = "*" + pointer_types.get(name, "i8") if name.endswith("_ptr") else "i32"
+        if name.endswith("_ptr") or name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def config_id(config) -> str:
     """A readable pytest id for a triton.Config of the GEMM kernels."""
     kw = config.kwargs
