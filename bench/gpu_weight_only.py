@@ -4,7 +4,8 @@ Run on a CUDA machine with triton, through ``bench/gpu_all.sh`` (about 1 minute)
 against its reference on the GPU (and stops on a mismatch), then times CUDA-graph replays (no host overhead),
 microseconds per call, against bf16 ``F.linear`` and torch's own CUDA int4 kernel (tinygemm,
 ``aten._weight_int4pack_mm``, a peer: same scales and zeros, its own weight layout). Targets (H100,
-M <= 16): int4 weights <= 0.35x bf16, int8 weights <= 0.60x.
+M <= 16): int4 weights <= 0.35x bf16, int8 weights <= 0.60x. From ``CUDA_DEQUANTIZED_GEMM_MIN_M`` rows the ops
+dequantize the weight and call torch's GEMM; the fused Triton kernels are timed beside them there.
 """
 
 import torch
@@ -16,7 +17,11 @@ import quanto_fx.kernels  # noqa: F401  (registers the ops)
 from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4
 from quanto_fx.kernels import triton_int8_weight_mm, triton_lowbit_mm
 from quanto_fx.kernels.float8_mm import float8_mm_reference, scaled_mm_works
-from quanto_fx.kernels.weight_only import lowbit_weight_mm_reference, per_channel_weight_mm_reference
+from quanto_fx.kernels.weight_only import (
+    CUDA_DEQUANTIZED_GEMM_MIN_M,
+    lowbit_weight_mm_reference,
+    per_channel_weight_mm_reference,
+)
 from quanto_fx.tensor import PackedQTensor
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -43,7 +48,9 @@ for m, k, n in [
     (1, 4096, 1024),  # few output tiles (a GQA key / value projection): the decode kernel's hardest case
     (2, 4096, 4096),
     (64, 4096, 4096),
+    (128, 4096, 4096),  # prefill from here: the weight dequantized, then torch's GEMM (weight_only.py)
     (1024, 4096, 4096),
+    (4096, 4096, 4096),
 ]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -99,15 +106,24 @@ for m, k, n in [
     )
     # The configs the autotuners chose for int4 and int8, read before int2, float8 and the bias run theirs.
     int4_us = gpu_us(lambda: ops.lowbit_weight_mm(*int4_args))
-    if m <= triton_lowbit_mm.FMA_MAX_M:
-        lowbit = triton_lowbit_mm._fma_autotuned
+    dequantized = m >= CUDA_DEQUANTIZED_GEMM_MIN_M
+    if dequantized:
+        int4_config = "dequantized, then torch's GEMM"
+    elif m <= triton_lowbit_mm.FMA_MAX_M:
+        int4_config = triton_lowbit_mm._fma_autotuned.best_config
     elif m <= triton_lowbit_mm.DECODE_MAX_M:
-        lowbit = triton_lowbit_mm._gemv_autotuned
+        int4_config = triton_lowbit_mm._gemv_autotuned.best_config
     else:
-        lowbit = triton_lowbit_mm._autotuned
-    int4_config = lowbit.best_config
+        int4_config = triton_lowbit_mm._autotuned.best_config
     int8_us = gpu_us(lambda: ops.int8_weight_mm(x, w8_data, w8_scale))
-    int8_config = triton_int8_weight_mm._int8_autotuned.best_config
+    int8_config = int4_config if dequantized else triton_int8_weight_mm._int8_autotuned.best_config
+    if dequantized:  # the fused kernels the ops no longer take at this M, for the threshold
+        fused = {
+            "int4 fused": gpu_us(lambda: triton_lowbit_mm.lowbit_mm_triton(x, *int4_args[1:3], 4, 128)),
+            "int8 fused": gpu_us(lambda: triton_int8_weight_mm.int8_weight_mm_triton(x, w8_data, w8_scale)),
+        }
+    else:
+        fused = {}
     times = {
         "bf16": gpu_us(lambda: F.linear(x, w)),
         "int4 (Triton)": int4_us,
@@ -121,6 +137,7 @@ for m, k, n in [
         "int8 weights": int8_us,
         "float8 weights": gpu_us(lambda: ops.float8_weight_mm(x, f8._data, f8_scale)),
         "float8 W8A8": gpu_us(lambda: ops.float8_mm(*f8_args)),
+        **fused,
     }
     bf16 = times["bf16"]
     print("  " + "  ".join(f"{k} {v:.1f} us ({v / bf16:.2f}x)" for k, v in times.items()), flush=True)

@@ -5,17 +5,19 @@ the GEMM.
   with AVX512-VNNI (``cpu_vnni_mm.py``): our kernels where they apply (a GEMV at small M, then a GEMM); for
   weights of 4 MB or more past M = 128 (and past M = 16 for K not a multiple of 32), x as two byte planes
   through ``torch._int_mm``. Otherwise on the CPU: ``aten._weight_int8pack_mm`` (M <= 16, K a multiple of 16),
-  or the float GEMM on the dequantized weight. CUDA: the Triton kernel when triton is installed, else the
-  float GEMM on the dequantized weight.
+  or the float GEMM on the dequantized weight. CUDA: the Triton kernel when triton is installed (from
+  ``CUDA_DEQUANTIZED_GEMM_MIN_M`` rows, the weight dequantized by a Triton kernel, then torch's GEMM), else
+  the float GEMM on the dequantized weight.
 - ``quanto_fx::lowbit_weight_mm(x, packed, scale_zeros, kernel, bits, group_size, bias)``: the group-wise
   int4 / int2 weights of :class:`quanto_fx.tensor.PackedQTensor`. CPU with AVX512-VNNI: the VNNI GEMV /
   GEMM on the portable packing, at every M, where it applies. Otherwise on the CPU:
   ``aten._weight_int4pack_mm_for_cpu`` on the weight's kernel layout (M <= 16; int2 codes are int4 codes
   there), or the float GEMM on blocks dequantized by torch ops. CUDA: the Triton kernel when triton is
-  installed; otherwise the dequantize-then-GEMM reference.
+  installed (from ``CUDA_DEQUANTIZED_GEMM_MIN_M`` rows, as for int8); otherwise the dequantize-then-GEMM
+  reference.
 - ``quanto_fx::float8_weight_mm(x, w, scale, bias)``: float8_e4m3fn / e5m2 (N, K) weight with per-output-
   channel scales. CPU: the float8 GEMV / GEMM of ``cpu_float8_mm.py`` where they are available. CUDA (8.9+,
-  triton installed): the Triton kernel of ``int8_weight_mm``. Elsewhere: the float GEMM on the dequantized
+  triton installed): the Triton kernels of ``int8_weight_mm``. Elsewhere: the float GEMM on the dequantized
   weight.
 
 On the CPU, once the kernel library of ``cpu_vnni_mm.py`` is loaded, the calls its kernels take as they are
@@ -109,7 +111,7 @@ def _check_per_channel_weight_args(x, w, scale, bias, dtypes, kind):
     _check_bias(bias, w.shape[0], w.device)
 
 
-# Dequantizing a whole weight allocates a fresh (N, K) float buffer per call; past glibc's mmap threshold
+# CPU: dequantizing a whole weight allocates a fresh (N, K) float buffer per call; past glibc's mmap threshold
 # (32 MB at most) every page of it faults on first touch: int8 -> fp32 of 4096 x 4096 took 18 ms at once,
 # 3.5 ms in blocks. Larger blocks keep the GEMMs efficient: at M = 128, 1 / 8 / 16 MB blocks ran int8 at
 # 1.65 / 1.39 / 1.34x and int4 at 2.9 / 2.6 / 4.7x the fp32 GEMM.
@@ -123,23 +125,39 @@ DEQUANTIZE_BLOCK_BYTES = 8 << 20
 TRANSPOSED_BLOCKS_MAX_M = 64
 
 
-def _blocked_gemm(x: torch.Tensor, out_features: int, fill_rows) -> torch.Tensor:
-    """``x @ W.T`` with W dequantized one cache-sized block of rows at a time: ``fill_rows(start, stop,
-    block)`` writes rows start:stop of W into ``block``, one buffer reused for every block, in one pass."""
+def _blocked_gemm(x: torch.Tensor, out_features: int, fill_rows, bias=None, block_bytes=None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W dequantized one block of rows (about ``block_bytes``, by default
+    DEQUANTIZE_BLOCK_BYTES) at a time: ``fill_rows(start, stop, block)`` writes rows start:stop of W into
+    ``block``, one buffer reused for every block, in one pass. Past TRANSPOSED_BLOCKS_MAX_M rows each block's
+    GEMM adds its part of the bias."""
+    block_bytes = DEQUANTIZE_BLOCK_BYTES if block_bytes is None else block_bytes
     row_bytes = max(1, x.shape[1] * x.element_size())
-    rows = max(1, min(out_features, max(16, DEQUANTIZE_BLOCK_BYTES // row_bytes)))
+    rows = max(1, min(out_features, max(16, block_bytes // row_bytes)))
     buffer = x.new_empty((rows, x.shape[1]))
     transposed = x.shape[0] <= TRANSPOSED_BLOCKS_MAX_M
     out = x.new_empty((out_features, x.shape[0]) if transposed else (x.shape[0], out_features))
+    bias = None if bias is None else bias.to(x.dtype)
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         block = buffer[: stop - start]
         fill_rows(start, stop, block)
         if transposed:
             torch.matmul(block, x.t(), out=out[start:stop])
-        else:
+        elif bias is None:
             torch.matmul(x, block.t(), out=out[:, start:stop])
-    return out.t().contiguous() if transposed else out
+        else:
+            torch.addmm(bias[start:stop], x, block.t(), out=out[:, start:stop])
+    return _with_bias(out.t().contiguous(), bias) if transposed else out
+
+
+# CUDA: from this M on, a weight-only GEMM dequantizes its weight into x's dtype, in blocks of about
+# CUDA_DEQUANTIZE_BLOCK_BYTES, and runs torch's GEMM (cuBLAS) on each (``triton_dequantize.py``). The fused
+# kernels convert each weight tile once per row tile of x: H200, 4096 x 4096 (bench/RESULTS.md), int4 took
+# 20.8 us at M = 64 (bf16 8.1) and 91.6 at M = 1024 (bf16 51.3), int8 72.3. Untimed yet: the conversion's one
+# pass (int4: ~40 MB moved, ~10 us) plus bf16's GEMM predicts ~22 us against ~25 at M = 128 and ~62 us
+# against 91.6 at M = 1024; at M = 64 the two tie, so up to 127 rows stay fused.
+CUDA_DEQUANTIZED_GEMM_MIN_M = 128
+CUDA_DEQUANTIZE_BLOCK_BYTES = 64 << 20
 
 
 def _cpu_kernel_dtype(x: torch.Tensor) -> torch.dtype:
@@ -170,10 +188,11 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     # The float GEMM on dequantized blocks (aten's kernel also crashes for K = 0).
     if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE or w.shape[1] == 0:
         scale = scale.reshape(-1, 1).to(x.dtype)
-        out = _blocked_gemm(
-            x, w.shape[0], lambda start, stop, block: torch.mul(w[start:stop], scale[start:stop], out=block)
-        )
-        return _with_bias(out, bias)
+
+        def fill_rows(start, stop, block):
+            torch.mul(w[start:stop], scale[start:stop], out=block)
+
+        return _blocked_gemm(x, w.shape[0], fill_rows, bias)
     dtype = _cpu_kernel_dtype(x)
     out = torch.ops.aten._weight_int8pack_mm(
         x.to(dtype).contiguous(), w.contiguous(), scale.reshape(-1).to(dtype)
@@ -181,12 +200,26 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     return _with_bias(out.to(x.dtype), bias)
 
 
-def int8_weight_mm_cuda(x, w, scale, bias=None):
-    """CUDA (with triton installed): the Triton int8 weight-only kernel of ``triton_int8_weight_mm.py``."""
+def _per_channel_weight_mm_triton(x, w, scale, bias):
+    """CUDA, int8 or float8 weights: from CUDA_DEQUANTIZED_GEMM_MIN_M rows the weight dequantized into x's
+    dtype and torch's GEMM, else the fused Triton kernel of ``triton_int8_weight_mm.py``."""
+    from .triton_dequantize import dequantize_per_channel_triton
     from .triton_int8_weight_mm import int8_weight_mm_triton
 
+    scale = scale.reshape(-1)
+    if x.shape[0] < CUDA_DEQUANTIZED_GEMM_MIN_M:
+        return int8_weight_mm_triton(x, w, scale, bias=bias)
+
+    def fill_rows(start, stop, block):
+        dequantize_per_channel_triton(w[start:stop], scale[start:stop], block)
+
+    return _blocked_gemm(x, w.shape[0], fill_rows, bias, CUDA_DEQUANTIZE_BLOCK_BYTES)
+
+
+def int8_weight_mm_cuda(x, w, scale, bias=None):
+    """CUDA (with triton installed): see ``_per_channel_weight_mm_triton``."""
     _check_per_channel_weight_args(x, w, scale, bias, (torch.int8,), "int8")
-    return int8_weight_mm_triton(x, w, scale.reshape(-1), bias=bias)
+    return _per_channel_weight_mm_triton(x, w, scale, bias)
 
 
 def _int8_weight_mm_fake(x, w, scale, bias=None):
@@ -205,14 +238,12 @@ def float8_weight_mm_torch(x, w, scale, bias=None):
 
 
 def float8_weight_mm_cuda(x, w, scale, bias=None):
-    """CUDA (with triton installed): the Triton kernel of ``int8_weight_mm`` reads float8 weights too, on GPUs
+    """CUDA (with triton installed): the Triton kernels of ``int8_weight_mm`` read float8 weights too, on GPUs
     that convert float8 (compute capability 8.9+); elsewhere the float GEMM on the dequantized weight."""
-    from .triton_int8_weight_mm import int8_weight_mm_triton
-
     _check_per_channel_weight_args(x, w, scale, bias, FLOAT8_DTYPES, "float8")
     if torch.cuda.get_device_capability(x.device) < (8, 9):
         return per_channel_weight_mm_reference(x, w, scale, bias)
-    return int8_weight_mm_triton(x, w, scale.reshape(-1), bias=bias)
+    return _per_channel_weight_mm_triton(x, w, scale, bias)
 
 
 def _float8_weight_mm_fake(x, w, scale, bias=None):
@@ -269,7 +300,7 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
             codes = unpack(packed[start:stop], bits)
             dequantize_groupwise(codes, scale_zeros[:, start:stop], bits, out=block)
 
-        return _with_bias(_blocked_gemm(x, packed.shape[0], fill_rows), bias)
+        return _blocked_gemm(x, packed.shape[0], fill_rows, bias)
     dtype = _cpu_kernel_dtype(x)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.to(dtype).contiguous(), kernel, group_size, scale_zeros.to(dtype)
@@ -278,11 +309,20 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
 
 
 def lowbit_weight_mm_cuda(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
-    """CUDA (with triton installed): the Triton dequantize-in-the-GEMM kernel of ``triton_lowbit_mm.py``."""
+    """CUDA (with triton installed): past CUDA_DEQUANTIZED_GEMM_MIN_M rows the weight dequantized into x's
+    dtype (as the fused kernels dequantize it) and torch's GEMM; else the Triton dequantize-in-the-GEMM
+    kernels of ``triton_lowbit_mm.py``."""
+    from .triton_dequantize import dequantize_lowbit_triton
     from .triton_lowbit_mm import lowbit_mm_triton
 
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
-    return lowbit_mm_triton(x, packed, scale_zeros, bits, group_size, bias=bias)
+    if x.shape[0] < CUDA_DEQUANTIZED_GEMM_MIN_M:
+        return lowbit_mm_triton(x, packed, scale_zeros, bits, group_size, bias=bias)
+
+    def fill_rows(start, stop, block):
+        dequantize_lowbit_triton(packed[start:stop], scale_zeros[:, start:stop], bits, group_size, block)
+
+    return _blocked_gemm(x, packed.shape[0], fill_rows, bias, CUDA_DEQUANTIZE_BLOCK_BYTES)
 
 
 def _lowbit_fake(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
