@@ -1,7 +1,8 @@
 """GPU sweep of the weight-only Triton kernels' configs at decode shapes (M <= 16): the int4 kernels' tiles,
 K slices and stages (the tensor-core decode kernel's, and the CUDA-core one's at M = 1, 2 and 4), the int8
-kernel's tiles and stages; then, for prefill shapes, the autotuned kernels against dequantizing the weight to
-bf16 and calling cuBLAS.
+kernel's tiles and stages; then, for prefill shapes, the autotuned fused kernels against dequantizing the
+weight to bf16 and calling cuBLAS: with torch ops, and as the ops do from ``CUDA_DEQUANTIZED_GEMM_MIN_M`` rows
+(a Triton kernel, ``triton_dequantize.py``), which sets that threshold.
 
 Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 3 minutes), or
 ``python3 bench/gpu_weight_only_sweep.py [int4] [int8] [prefill]`` for some parts. Each config runs once
@@ -22,7 +23,12 @@ from gpu_timing import gpu_us, tinygemm
 from quanto_fx import QTensor, qint4
 from quanto_fx.kernels.triton_int8_weight_mm import int8_weight_mm_triton
 from quanto_fx.kernels.triton_lowbit_mm import lowbit_mm_triton
-from quanto_fx.kernels.weight_only import lowbit_weight_mm_reference, per_channel_weight_mm_reference
+from quanto_fx.kernels.weight_only import (
+    lowbit_dequantized_gemm,
+    lowbit_weight_mm_reference,
+    per_channel_dequantized_gemm,
+    per_channel_weight_mm_reference,
+)
 from quanto_fx.tensor import PackedQTensor
 from quanto_fx.tensor.groupwise import dequantize_groupwise
 from quanto_fx.tensor.packing import unpack
@@ -117,8 +123,9 @@ for m, k, n in [
             "BLOCK_N",
         )
 
-# Prefill: the autotuned kernels against dequantize-to-bf16 + cuBLAS.
-for m, k, n in [(64, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096)] if "prefill" in PARTS else []:
+# Prefill: the autotuned fused kernels against dequantize-to-bf16 + cuBLAS (torch ops; the ops' path).
+prefill_shapes = [(m, 4096, 4096) for m in (64, 128, 256, 1024, 4096)] + [(256, 4096, 14336)]
+for m, k, n in prefill_shapes if "prefill" in PARTS else []:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     p = PackedQTensor.quantize(w, qint4, GROUP)
@@ -129,8 +136,12 @@ for m, k, n in [(64, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096)] if "pre
         "bf16": gpu_us(lambda: F.linear(x, w)),
         "int4 Triton": gpu_us(lambda: lowbit_mm_triton(x, p._packed, p._scale_zeros, 4, GROUP)),
         "int4 dequant+cuBLAS": gpu_us(lambda: F.linear(x, dequantize_groupwise(unpack(p._packed, 4), sz, 4))),
+        "int4 Triton dequant+cuBLAS": gpu_us(
+            lambda: lowbit_dequantized_gemm(x, p._packed, p._scale_zeros, 4, GROUP)
+        ),
         "int8 Triton": gpu_us(lambda: int8_weight_mm_triton(x, w8_data, w8_scale)),
         "int8 dequant+cuBLAS": gpu_us(lambda: F.linear(x, w8_data.to(torch.bfloat16) * w8_scale)),
+        "int8 Triton dequant+cuBLAS": gpu_us(lambda: per_channel_dequantized_gemm(x, w8_data, w8_scale)),
     }
     bf16 = times["bf16"]
     print(

@@ -200,20 +200,28 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     return _with_bias(out.to(x.dtype), bias)
 
 
-def _per_channel_weight_mm_triton(x, w, scale, bias):
-    """CUDA, int8 or float8 weights: from CUDA_DEQUANTIZED_GEMM_MIN_M rows the weight dequantized into x's
-    dtype and torch's GEMM, else the fused Triton kernel of ``triton_int8_weight_mm.py``."""
+def per_channel_dequantized_gemm(x, w, scale, bias=None):
+    """CUDA: ``x @ (w * scale).T + bias`` (int8 or float8 w) as the ops compute it from
+    CUDA_DEQUANTIZED_GEMM_MIN_M rows: blocks of w dequantized by ``triton_dequantize.py``, then torch's
+    GEMM."""
     from .triton_dequantize import dequantize_per_channel_triton
-    from .triton_int8_weight_mm import int8_weight_mm_triton
 
     scale = scale.reshape(-1)
-    if x.shape[0] < CUDA_DEQUANTIZED_GEMM_MIN_M:
-        return int8_weight_mm_triton(x, w, scale, bias=bias)
 
     def fill_rows(start, stop, block):
         dequantize_per_channel_triton(w[start:stop], scale[start:stop], block)
 
     return _blocked_gemm(x, w.shape[0], fill_rows, bias, CUDA_DEQUANTIZE_BLOCK_BYTES)
+
+
+def _per_channel_weight_mm_triton(x, w, scale, bias):
+    """CUDA, int8 or float8 weights: from CUDA_DEQUANTIZED_GEMM_MIN_M rows ``per_channel_dequantized_gemm``,
+    else the fused Triton kernel of ``triton_int8_weight_mm.py``."""
+    from .triton_int8_weight_mm import int8_weight_mm_triton
+
+    if x.shape[0] >= CUDA_DEQUANTIZED_GEMM_MIN_M:
+        return per_channel_dequantized_gemm(x, w, scale, bias)
+    return int8_weight_mm_triton(x, w, scale.reshape(-1), bias=bias)
 
 
 def int8_weight_mm_cuda(x, w, scale, bias=None):
@@ -308,21 +316,27 @@ def lowbit_weight_mm_torch(x, packed, scale_zeros, kernel, bits, group_size, bia
     return _with_bias(out.to(x.dtype), bias)
 
 
-def lowbit_weight_mm_cuda(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
-    """CUDA (with triton installed): past CUDA_DEQUANTIZED_GEMM_MIN_M rows the weight dequantized into x's
-    dtype (as the fused kernels dequantize it) and torch's GEMM; else the Triton dequantize-in-the-GEMM
-    kernels of ``triton_lowbit_mm.py``."""
+def lowbit_dequantized_gemm(x, packed, scale_zeros, bits, group_size, bias=None):
+    """CUDA: ``x @ w.T + bias`` for a packed int4 / int2 ``w`` as the ops compute it from
+    CUDA_DEQUANTIZED_GEMM_MIN_M rows: blocks of w dequantized by ``triton_dequantize.py`` (as the fused
+    kernels dequantize it), then torch's GEMM."""
     from .triton_dequantize import dequantize_lowbit_triton
-    from .triton_lowbit_mm import lowbit_mm_triton
-
-    _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
-    if x.shape[0] < CUDA_DEQUANTIZED_GEMM_MIN_M:
-        return lowbit_mm_triton(x, packed, scale_zeros, bits, group_size, bias=bias)
 
     def fill_rows(start, stop, block):
         dequantize_lowbit_triton(packed[start:stop], scale_zeros[:, start:stop], bits, group_size, block)
 
     return _blocked_gemm(x, packed.shape[0], fill_rows, bias, CUDA_DEQUANTIZE_BLOCK_BYTES)
+
+
+def lowbit_weight_mm_cuda(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
+    """CUDA (with triton installed): from CUDA_DEQUANTIZED_GEMM_MIN_M rows ``lowbit_dequantized_gemm``, else
+    the Triton dequantize-in-the-GEMM kernels of ``triton_lowbit_mm.py``."""
+    from .triton_lowbit_mm import lowbit_mm_triton
+
+    _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
+    if x.shape[0] >= CUDA_DEQUANTIZED_GEMM_MIN_M:
+        return lowbit_dequantized_gemm(x, packed, scale_zeros, bits, group_size, bias)
+    return lowbit_mm_triton(x, packed, scale_zeros, bits, group_size, bias=bias)
 
 
 def _lowbit_fake(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
