@@ -165,13 +165,13 @@ INLINE void store_tile_of_8(__m256 dots, const float* sx, const float (&zero_acc
 
 // tile (below) for 8 weight rows and one row of x where each 64-byte chunk holds GROUPS whole groups (GROUPS =
 // 1: int4 groups of 128 codes, int2 of 256; 2: int4 groups of 64, int2 of 128): decode. tile's group flush
-// converts and scales both integer sums of every row (two conversions a row and group, on port 0 with
-// vpdpbusd and the codes' shifts). Here each row's sums are combined in int32 as 256 * sum_h + sum_l (exact:
-// int4's 128 codes * 15 * 128 * 257 < 2**26; the shift is a byte shuffle, on port 5), the 8 rows' vectors are
-// added lane-wise down to one vector of two partial sums each (shuffles, port 5), and one conversion and one
-// fma by the rows' scales finish the chunk. 2-vCPU Cascade Lake, int4 at M = 1, kernel time / fp32 with the
-// weight in L3: 4096 x 4096 0.15-0.18 -> 0.12, 1536 x 384 0.36-0.37 -> 0.29-0.30. At M = 2 (4 x 2 tiles) the
-// same reduction gained nothing: its x vectors spilled.
+// converts and scales both integer sums of every row, 16 conversions and 16 fmas a chunk (a third of the int4
+// GEMV's time: bench/RESULTS.md). Here each row's sums are combined in int32 as 256 * sum_h + sum_l (exact:
+// int4's 128 codes * 15 * 128 * 257 < 2**26; the shift is a byte shuffle), the 8 rows' vectors are added
+// lane-wise down to one vector of two partial sums each (unpacks and lane shuffles), and one conversion and
+// one fma by the rows' scales finish the chunk. 2-vCPU Cascade Lake, M = 1, kernel time / fp32 with the weight
+// in L3: int4 4096 x 4096 0.15-0.18 -> 0.12, 1536 x 384 0.34-0.37 -> 0.28-0.30; int2 4096 x 4096 0.11 -> 0.07.
+// At M = 2 (4 x 2 tiles) the same reduction gained nothing: its x vectors spilled.
 template <int BITS, int GROUPS>
 INLINE void tile_one_chunk_groups(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t K,
                                   const uint8_t* weight, int64_t N, const float* scales, int64_t G,
