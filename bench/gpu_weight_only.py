@@ -71,7 +71,7 @@ for m, k, n in [
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     int4_args = (x, packed["qint4"]._packed, packed["qint4"]._scale_zeros, None, 4, 128)
     check(
-        "int4 weights + bias (added in the kernel)",
+        "int4 weights + bias (in the kernel; from 128 rows, by addmm)",
         ops.lowbit_weight_mm(*int4_args, bias),
         lowbit_weight_mm_reference(x.float(), *int4_args[1:3], 4) + bias.float(),
         2e-2,

@@ -176,6 +176,22 @@ def test_extreme_codes_over_a_long_row_do_not_overflow_the_int32_sums(m):
     assert relative_error(out, lowbit_weight_mm_reference(x, pack(codes, 4), scale_zeros, 4)) < 1e-5
 
 
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 64), (2, 256), (2, 128)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_extreme_codes_in_the_gemv_chunk_flush(bits, group_size, sign):
+    """The M = 1 GEMV's flush of groups of one 64-byte chunk (or two of 32) adds 256 * sum_h + sum_l in int32
+    and reduces 8 rows at once: x at its largest code (high byte 127, or -128) times the largest codes in
+    every group of the even rows, 0 in the odd ones, each row its own scale and zero."""
+    n, k = 16, 1024
+    codes = torch.full((n, k), 2**bits - 1, dtype=torch.uint8)
+    codes[1::2] = 0
+    scale_zeros = torch.stack([torch.rand(k // group_size, n) + 0.5, torch.randn(k // group_size, n)], -1)
+    x = torch.full((1, k), 3.0 * sign)
+    out = cpu_vnni_mm.vnni_weight_mm(x, pack(codes, bits), scale_zeros, bits, group_size)
+    expected = lowbit_weight_mm_reference(x, pack(codes, bits), scale_zeros, bits)
+    assert relative_error(out, expected) < 1e-5
+
+
 def test_mismatched_arguments_are_refused_before_the_cpp_side_reads_them():
     w, scale = _int8_weight(16, 128)
     with pytest.raises(ValueError, match="must be torch.int8"):

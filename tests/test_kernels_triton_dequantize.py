@@ -58,9 +58,13 @@ def test_bad_arguments_raise_naming_the_problem():
     with pytest.raises(ValueError, match="group_size"):
         dequantize_lowbit_triton(packed, scale_zeros, 4, 48, torch.empty(40, 64))
     _, w, scale = make_int8_operands(1, 40, 64)
-    with pytest.raises(TypeError, match="w must be a 2-D int8 or float8"):
-        dequantize_per_channel_triton(w.to(torch.int16), scale, torch.empty(40, 64))
-    with pytest.raises(ValueError, match="scale must hold N = 40 float scales"):
+    with pytest.raises(
+        TypeError, match=r"w must be a 2-D int8 or float8 \(N, K\) tensor, got torch.int8 \(40, 64, 1\)"
+    ):
+        dequantize_per_channel_triton(w[..., None], scale, torch.empty(40, 64))
+    with pytest.raises(TypeError, match="scale must be a float tensor, got torch.int32"):
+        dequantize_per_channel_triton(w, scale.to(torch.int32), torch.empty(40, 64))
+    with pytest.raises(ValueError, match="scale must hold N = 40 scales"):
         dequantize_per_channel_triton(w, scale[:39], torch.empty(40, 64))
     with pytest.raises(ValueError, match=r"out must be shaped like the weight, \(40, 64\)"):
         dequantize_per_channel_triton(w, scale, torch.empty(64, 40))
@@ -191,6 +195,11 @@ class TestInterpreted:
         assert dequantize_lowbit_triton(packed, scale_zeros, 4, 32, torch.empty(40, 0)).shape == (40, 0)
         x, w, scale = make_int8_operands(weight_only.CUDA_DEQUANTIZED_GEMM_MIN_M, 0, 64)
         assert weight_only.int8_weight_mm_cuda(x, w, scale).shape == (x.shape[0], 0)
+        # K = 0 through the op: the empty sum, the bias alone.
+        x, packed, scale_zeros = make_operands(weight_only.CUDA_DEQUANTIZED_GEMM_MIN_M, 40, 0, 4, 32)
+        bias = torch.randn(40)
+        out = weight_only.lowbit_weight_mm_cuda(x, packed, scale_zeros, None, 4, 32, bias)
+        assert torch.equal(out, bias.expand(x.shape[0], 40))
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the interpreted run")
@@ -253,6 +262,19 @@ def test_lowbit_op_at_prefill_sizes_on_gpu(m, bits):
     fused = triton_lowbit_mm.lowbit_mm_triton(eye, packed, scale_zeros, bits, 64)
     out = dequantize_lowbit_triton(packed, scale_zeros, bits, 64, torch.empty_like(fused.T))
     assert torch.equal(out, fused.T)
+
+
+@requires_cuda
+@pytest.mark.parametrize("bits", [4, 2])
+def test_the_two_paths_agree_within_the_output_rounding_on_gpu(bits):
+    # The same weights (the fused kernels' _dequantize), sums in float32 in another order, one rounding each
+    # to bfloat16 (a bfloat16 bias is exact in both): M = 127 takes the fused kernel, M = 128 the other path.
+    rows = weight_only.CUDA_DEQUANTIZED_GEMM_MIN_M
+    x, packed, scale_zeros = make_operands(rows, 4096, 4096, bits, 128, torch.bfloat16, device="cuda")
+    bias = torch.randn(4096, device="cuda").to(torch.bfloat16)
+    dequantized = torch.ops.quanto_fx.lowbit_weight_mm(x, packed, scale_zeros, None, bits, 128, bias)
+    fused = torch.ops.quanto_fx.lowbit_weight_mm(x[:-1], packed, scale_zeros, None, bits, 128, bias)
+    torch.testing.assert_close(dequantized[:-1], fused, rtol=2.0**-7, atol=1e-3 * fused.abs().max().item())
 
 
 @requires_cuda

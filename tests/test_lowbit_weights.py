@@ -270,9 +270,10 @@ def test_past_the_cpu_kernel_range_the_weight_only_ops_compute_in_float32(monkey
     assert_close_to_max(int8_weight_mm(x, w, scale), per_channel_weight_mm_reference(x, w, scale), 1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])  # added by each block's addmm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("extra_rows", [3, 50])  # M = 19: the transposed output; M = 66: column slices
-def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, dtype, extra_rows):
+def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, dtype, extra_rows, with_bias):
     from quanto_fx.kernels import cpu_vnni_mm, weight_only
 
     # 16-row blocks (the smallest) over N = 40: blocks of 16, 16 and 8 rows through one reused buffer
@@ -280,14 +281,16 @@ def test_blocked_float_gemm_spans_several_blocks_and_a_partial_one(monkeypatch, 
     monkeypatch.setenv(cpu_vnni_mm.ENABLE_VARIABLE, "0")  # int8 would take torch._int_mm
     x = torch.randn(weight_only.CPU_KERNEL_MAX_M + extra_rows, 128, dtype=dtype)
     packed = PackedQTensor.quantize(torch.randn(40, 128), qint4, 64)
-    out = lowbit_weight_mm(x, packed._packed, packed._scale_zeros, packed._kernel, 4, 64)
-    reference = lowbit_weight_mm_reference(x.float(), packed._packed, packed._scale_zeros, 4)
+    bias = torch.randn(40) if with_bias else None
+    added = 0.0 if bias is None else bias
+    out = lowbit_weight_mm(x, packed._packed, packed._scale_zeros, packed._kernel, 4, 64, bias)
+    reference = lowbit_weight_mm_reference(x.float(), packed._packed, packed._scale_zeros, 4) + added
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and out.shape == (x.shape[0], 40)
     assert_close_to_max(out.float(), reference, tolerance)
     w, scale = torch.randint(-127, 128, (40, 128), dtype=torch.int8), torch.rand(40)
-    expected = weight_only.per_channel_weight_mm_reference(x.float(), w, scale)
-    assert_close_to_max(weight_only.int8_weight_mm(x, w, scale).float(), expected, tolerance)
+    expected = weight_only.per_channel_weight_mm_reference(x.float(), w, scale) + added
+    assert_close_to_max(weight_only.int8_weight_mm(x, w, scale, bias).float(), expected, tolerance)
 
 
 def test_dequantize_groupwise_into_a_buffer_matches_the_allocating_form():

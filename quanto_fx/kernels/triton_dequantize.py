@@ -14,7 +14,7 @@ the weight once into x's dtype and calling torch's GEMM (cuBLAS) costs one pass 
   float32, rounded once to the output's dtype.
 
 Plain ``@triton.jit`` functions: tests interpret them on the CPU (``TRITON_INTERPRET=1``) and compile them for
-an H100 without one. Row offsets are int64: any N * K.
+an H100 without one. Offsets are int64 (any N * K); the grid's second axis, K blocks, holds at most 65535.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .triton_launch import _check_runs_on, _device_guard
 from .triton_lowbit_codes import _dequantize
 
 # Programs of BLOCK_N x BLOCK_K outputs (32 x 128: 8 KB of bfloat16, written as 16-byte stores). The low-bit
-# kernel's K block stays inside one group (one scale and zero per row): BLOCK_K is at most the group size.
+# kernel's K block stays inside one group (one scale and zero per row): BLOCK_K is the group size if smaller.
 BLOCK_N = 32
 BLOCK_K = 128
 NUM_WARPS = 4
@@ -62,8 +62,8 @@ def lowbit_dequantize_kernel(
 
     rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     pid_k = tl.program_id(1)
-    rb = pid_k * BYTES_K + tl.arange(0, BYTES_K)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rb = (pid_k * BYTES_K + tl.arange(0, BYTES_K)).to(tl.int64)
+    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_mask = (rn < N)[:, None]
     byte = tl.load(packed_ptr + rn[:, None] * stride_pn + rb[None, :] * stride_pk, mask=n_mask, other=0)
     group_ptrs = scale_zeros_ptr + (pid_k * BLOCK_K // GROUP_SIZE) * stride_sg + rn[:, None] * stride_sn
@@ -99,7 +99,7 @@ def per_channel_dequantize_kernel(
     """out[n, k] = w[n, k] * scale[n] in float32, rounded once to out's dtype (int8 and float8 values are
     exact in float32). Rows past N and columns past K are not stored."""
     rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rk = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_mask = rn < N
     mask = n_mask[:, None] & (rk < K)[None, :]
     w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=mask, other=0.0)
@@ -124,10 +124,8 @@ def dequantize_lowbit_triton(
     """Write the packed int4 / int2 weight (format: ``triton_lowbit_mm``'s docstring; N rows of K codes)
     into ``out`` (N, K) of a float dtype, as the fused kernels dequantize it, and return ``out``. Operands
     may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1)."""
-    n, k = check_packed_weight(packed, scale_zeros, bits, group_size)
+    n, k = check_packed_weight(packed, scale_zeros, bits, group_size)  # shapes, dtypes, devices
     _check_out(out, n, k, packed.device)
-    if scale_zeros.device != packed.device:
-        raise ValueError(f"scale_zeros is on {scale_zeros.device} but packed is on {packed.device}")
     _check_runs_on(packed)
     if n == 0 or k == 0:
         return out
@@ -157,10 +155,13 @@ def dequantize_per_channel_triton(w: torch.Tensor, scale: torch.Tensor, out: tor
     may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1; float8 weights on GPUs that convert
     float8, compute capability 8.9+)."""
     if not isinstance(w, torch.Tensor) or w.dtype not in (torch.int8, *FLOAT8_DTYPES) or w.ndim != 2:
-        raise TypeError(f"w must be a 2-D int8 or float8 (N, K) tensor, got {getattr(w, 'dtype', type(w))}")
+        got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(f"w must be a 2-D int8 or float8 (N, K) tensor, got {got}")
     n, k = w.shape
-    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or scale.numel() != n:
-        raise ValueError(f"scale must hold N = {n} float scales, got {getattr(scale, 'shape', type(scale))}")
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        raise TypeError(f"scale must be a float tensor, got {getattr(scale, 'dtype', type(scale).__name__)}")
+    if scale.numel() != n:
+        raise ValueError(f"scale must hold N = {n} scales, got {tuple(scale.shape)}")
     if scale.device != w.device:
         raise ValueError(f"scale is on {scale.device} but w is on {w.device}")
     _check_out(out, n, k, w.device)

@@ -128,8 +128,8 @@ TRANSPOSED_BLOCKS_MAX_M = 64
 def _blocked_gemm(x: torch.Tensor, out_features: int, fill_rows, bias=None, block_bytes=None) -> torch.Tensor:
     """``x @ W.T + bias`` with W dequantized one block of rows (about ``block_bytes``, by default
     DEQUANTIZE_BLOCK_BYTES) at a time: ``fill_rows(start, stop, block)`` writes rows start:stop of W into
-    ``block``, one buffer reused for every block, in one pass. Past TRANSPOSED_BLOCKS_MAX_M rows each block's
-    GEMM adds its part of the bias."""
+    ``block``, one buffer reused for every block, in one pass. Each block's GEMM adds its part of the bias
+    (rounded to x's dtype), so each output is rounded once."""
     block_bytes = DEQUANTIZE_BLOCK_BYTES if block_bytes is None else block_bytes
     row_bytes = max(1, x.shape[1] * x.element_size())
     rows = max(1, min(out_features, max(16, block_bytes // row_bytes)))
@@ -141,21 +141,26 @@ def _blocked_gemm(x: torch.Tensor, out_features: int, fill_rows, bias=None, bloc
         stop = min(start + rows, out_features)
         block = buffer[: stop - start]
         fill_rows(start, stop, block)
-        if transposed:
+        if transposed and bias is None:
             torch.matmul(block, x.t(), out=out[start:stop])
+        elif transposed:
+            torch.addmm(bias[start:stop, None], block, x.t(), out=out[start:stop])
         elif bias is None:
             torch.matmul(x, block.t(), out=out[:, start:stop])
         else:
             torch.addmm(bias[start:stop], x, block.t(), out=out[:, start:stop])
-    return _with_bias(out.t().contiguous(), bias) if transposed else out
+    return out.t().contiguous() if transposed else out
 
 
 # CUDA: from this M on, a weight-only GEMM dequantizes its weight into x's dtype, in blocks of about
 # CUDA_DEQUANTIZE_BLOCK_BYTES, and runs torch's GEMM (cuBLAS) on each (``triton_dequantize.py``). The fused
 # kernels convert each weight tile once per row tile of x: H200, 4096 x 4096 (bench/RESULTS.md), int4 took
 # 20.8 us at M = 64 (bf16 8.1) and 91.6 at M = 1024 (bf16 51.3), int8 72.3. Untimed yet: the conversion's one
-# pass (int4: ~40 MB moved, ~10 us) plus bf16's GEMM predicts ~22 us against ~25 at M = 128 and ~62 us
-# against 91.6 at M = 1024; at M = 64 the two tie, so up to 127 rows stay fused.
+# pass (int4: ~40 MB moved, ~10 us) plus bf16's GEMM predicts ~18 us against 20.8 at M = 64, ~22 against ~25
+# at M = 128 and ~62 against 91.6 at M = 1024. 128 keeps the fused kernels where the predicted gain is within
+# the prediction's own error, until bench/gpu_weight_only_sweep.py times both. The two paths round
+# differently: here the weight (w * scale for int8 / float8) and the bias are rounded to x's dtype before the
+# GEMM, and float32 x follows torch's matmul settings (TF32 if allowed), as F.linear does.
 CUDA_DEQUANTIZED_GEMM_MIN_M = 128
 CUDA_DEQUANTIZE_BLOCK_BYTES = 64 << 20
 
