@@ -107,12 +107,15 @@ def int8_weight_mm_kernel(
 # fit an H100's 227 KiB (tests check).
 INT8_CONFIG_TIERS = {
     # M <= 16 (decode): one 16-row tile (mma.sync), narrow N tiles to spread the weight over the SMs. Best
-    # at M = 1, K = N = 4096: 32 x 256 tiles, 3 stages (8.5 us; 32 x 128: 8.9 us); N = 14336: 64 x 256.
+    # at M = 1, K = N = 4096: 32 x 256 tiles, 3 stages (8.5 us; 32 x 128: 8.9 us); N = 14336: 64 x 256. At
+    # N = 1024 the 32-wide tiles make 32 programs (8.2 us, 1.28x bf16): the 16-wide tile, untimed, doubles
+    # them, with 4 stages for more bytes in flight each; the autotuner times it beside the others.
     16: [
         _config(16, 32, 256, 4, 3),
         _config(16, 64, 256, 4, 3),
         _config(16, 32, 128, 4, 5),
         _config(16, 64, 128, 4, 4),
+        _config(16, 16, 256, 4, 4),
     ],
     # 16 < M <= 64: one row tile, each weight element converted once per 64 rows.
     64: [_config(32, 64, 128, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 64, 4, 3)],
