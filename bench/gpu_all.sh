@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the GPU machine checks and times: PARTS (default "bench tests", 5 minutes on an H200) picks among
-#   sweep  the weight-only kernels' configs at decode shapes (2-3 minutes, for retuning GEMV_CONFIGS,
-#          FMA_CONFIGS and the int8 tiers; SWEEP=1 adds it to the default parts),
+#   sweep  the weight-only kernels' configs at decode shapes and the prefill paths (2-3 minutes, for retuning
+#          GEMV_CONFIGS, FMA_CONFIGS, the int8 tiers and CUDA_DEQUANTIZED_GEMM_MIN_M; SWEEP=1 adds it to the
+#          default parts; SWEEP_PARTS="prefill int8" runs some of its parts: int4, int8, prefill),
 #   bench  the weight-only and float8 GEMMs, the fused int8 GEMMs and a W8A8 linear under backend="quanto",
 #   tests  the CUDA cases of every test file (under 2 minutes with pytest-xdist, which the GPU machine has;
 #          the whole log goes to $out/gpu_tests.log).
@@ -22,7 +23,8 @@ if [ "${SWEEP:-0}" = 1 ]; then
     parts="sweep $parts"
 fi
 case " $parts " in *" sweep "*)
-    timeout "${SWEEP_TIMEOUT:-200}" python3 bench/gpu_weight_only_sweep.py 2>&1 | tee "$out/gpu_weight_only_sweep.log"
+    timeout "${SWEEP_TIMEOUT:-200}" python3 bench/gpu_weight_only_sweep.py ${SWEEP_PARTS:-} 2>&1 \
+        | tee "$out/gpu_weight_only_sweep.log"
 esac
 case " $parts " in *" bench "*)
     timeout 150 python3 bench/gpu_weight_only.py 2>&1 | tee "$out/gpu_weight_only.log"
