@@ -126,10 +126,10 @@ for m, k, n in [
         fused = {}
     times = {
         "bf16": gpu_us(lambda: F.linear(x, w)),
-        "int4 (Triton)": int4_us,
+        "int4 (op)": int4_us,
         "int4 + bias": gpu_us(lambda: ops.lowbit_weight_mm(*int4_args, bias)),
         "int4 (tinygemm)": gpu_us(lambda: tiny(x)) if tiny_ok else float("nan"),
-        "int2 (Triton)": gpu_us(
+        "int2 (op)": gpu_us(
             lambda: ops.lowbit_weight_mm(
                 x, packed["qint2"]._packed, packed["qint2"]._scale_zeros, None, 2, 128
             )
