@@ -226,6 +226,10 @@ INLINE void tile_one_chunk_groups(const int8_t* h, const int8_t* l, const float*
                                          : _mm512_add_epi32(_mm512_shuffle_i32x4(low, high, 0x88),
                                                             _mm512_shuffle_i32x4(low, high, 0xDD));
         const float* pairs_sz = scales + (g * N + n0) * 2;  // the 8 rows' (s, z) pairs
+        // The next tile's pairs of this group: the next line, N * 8 bytes from its other groups' (no hardware
+        // prefetcher follows that stride), read first by its zero_terms loop. Cold int4 4096 x 4096 and 11008
+        // at M = 1, time / fp32, 10 A/B pairs: 0.17-0.25 -> 0.17-0.22, lower in 8 (hints: never fault).
+        _mm_prefetch((const char*)(pairs_sz + 2 * RT), _MM_HINT_T0);
         const __m512 scale = GROUPS == 1 ? _mm512_permutexvar_ps(scale_lanes, _mm512_loadu_ps(pairs_sz))
                                          : _mm512_permutex2var_ps(_mm512_loadu_ps(pairs_sz), scale_lanes,
                                                                   _mm512_loadu_ps(pairs_sz + 2 * N));
