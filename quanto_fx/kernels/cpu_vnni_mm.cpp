@@ -145,6 +145,40 @@ INLINE void zero_terms(const float* scales, int64_t N, int64_t n0, int64_t G, co
     }
 }
 
+// sum_h[i][r] / sum_l[i][r] += weight row n0 + r's codes in the CHUNK bytes from byte j, times x row m0 + i's
+// high / low byte planes there (the chunk's codes of every phase). Each chunk of x's planes is loaded once for
+// all RT weight rows: read again per row (as the compiler left it), the loads, not the dot products, bounded
+// the loop.
+template <int RT, int MT, int BITS, int CHUNK, bool HIGH>
+INLINE void add_chunk(const int8_t* h, const int8_t* l, int64_t row_bytes, const uint8_t* weight, int64_t n0,
+                      int64_t m0, int64_t j, typename Lanes<CHUNK>::I (&sum_h)[MT][RT],
+                      typename Lanes<CHUNK>::I (&sum_l)[MT][RT]) {
+    using V = Lanes<CHUNK>;
+    constexpr int per_byte = 8 / BITS;
+    typename V::I bytes[RT];
+    for (int r = 0; r < RT; r++) {
+        const uint8_t* at = weight + (n0 + r) * row_bytes + j;
+        _mm_prefetch((const char*)(at + PREFETCH_BYTES), _MM_HINT_T0);  // hints: never fault
+        if (BITS != 8) _mm_prefetch((const char*)(at + RT * row_bytes), _MM_HINT_T0);  // the next tile
+        bytes[r] = V::load(at);
+    }
+    for (int p = 0; p < per_byte; p++) {
+        typename V::I x_h[MT], x_l[MT];
+        for (int i = 0; i < MT; i++) {
+            const int64_t at = ((m0 + i) * per_byte + p) * row_bytes + j;
+            if constexpr (HIGH) x_h[i] = V::load(h + at);
+            x_l[i] = V::load(l + at);
+        }
+        for (int r = 0; r < RT; r++) {
+            const typename V::I codes = chunk_codes<BITS, V>(bytes[r], p);
+            for (int i = 0; i < MT; i++) {
+                if constexpr (HIGH) sum_h[i][r] = V::dpbusd(sum_h[i][r], codes, x_h[i]);
+                sum_l[i][r] = V::dpbusd(sum_l[i][r], codes, x_l[i]);
+            }
+        }
+    }
+}
+
 // The 8 outputs of a tile of RT weight rows and MT rows of x (RT * MT == 8: (8, 1) and (4, 2)), out rows of RT
 // contiguous floats: dots[i * RT + r] times x's row scale, plus the zero points' term and the bias. Built in
 // registers: eight scalar stores read back as one vector stalled every tile (failed store-to-load forwarding:
@@ -193,25 +227,12 @@ INLINE void tile_one_chunk_groups(const int8_t* h, const int8_t* l, const float*
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g += GROUPS) {
         const int64_t j = g / GROUPS * 64;
-        __m512i bytes[RT], sum_h[RT], sum_l[RT];
-        for (int r = 0; r < RT; r++) {
-            const uint8_t* at = weight + (n0 + r) * row_bytes + j;
-            _mm_prefetch((const char*)(at + PREFETCH_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char*)(at + RT * row_bytes), _MM_HINT_T0);
-            bytes[r] = V::load(at);
-            sum_h[r] = sum_l[r] = V::zero();
-        }
-        for (int p = 0; p < per_byte; p++) {
-            const int64_t at = (m0 * per_byte + p) * row_bytes + j;
-            const __m512i x_h = V::load(h + at), x_l = V::load(l + at);
-            for (int r = 0; r < RT; r++) {
-                const __m512i codes = chunk_codes<BITS, V>(bytes[r], p);
-                sum_h[r] = dpbusd(sum_h[r], codes, x_h);
-                sum_l[r] = dpbusd(sum_l[r], codes, x_l);
-            }
-        }
+        __m512i sum_h[MT][RT], sum_l[MT][RT];
+        for (int r = 0; r < RT; r++) sum_h[0][r] = sum_l[0][r] = V::zero();
+        add_chunk<RT, MT, BITS, 64, true>(h, l, row_bytes, weight, n0, m0, j, sum_h, sum_l);
         __m512i t[RT], pairs[RT / 2];
-        for (int r = 0; r < RT; r++) t[r] = _mm512_add_epi32(_mm512_shuffle_epi8(sum_h[r], times_256), sum_l[r]);
+        for (int r = 0; r < RT; r++)
+            t[r] = _mm512_add_epi32(_mm512_shuffle_epi8(sum_h[0][r], times_256), sum_l[0][r]);
         for (int q = 0; q < RT / 2; q++)  // each 128-bit lane: rows 2q and 2q + 1, two partial sums each
             pairs[q] = _mm512_add_epi32(_mm512_unpacklo_epi32(t[2 * q], t[2 * q + 1]),
                                         _mm512_unpackhi_epi32(t[2 * q], t[2 * q + 1]));
@@ -242,10 +263,9 @@ INLINE void tile_one_chunk_groups(const int8_t* h, const int8_t* l, const float*
     store_tile_of_8<RT, MT>(dots, sx, zero_acc, bias, out, N, n0, m0);
 }
 
-// out[m0 + i, n0 + r] for RT rows of weights and MT rows of x, over all of K. Each chunk of x's planes is
-// loaded once for all RT weight rows: read again per row (as the compiler left it), the loads, not the dot
-// products, bounded the loop. GROUPS groups per pass: 2 for groups of 32 bytes in 64-byte chunks, whose
-// halves are scaled apart (int2 in groups of 128 had run in 256-bit lanes, twice the vpdpbusd).
+// out[m0 + i, n0 + r] for RT rows of weights and MT rows of x, over all of K, chunk by chunk (add_chunk).
+// GROUPS groups per pass: 2 for groups of 32 bytes in 64-byte chunks, whose halves are scaled apart (int2 in
+// groups of 128 had run in 256-bit lanes, twice the vpdpbusd).
 template <int RT, int MT, int BITS, int CHUNK, int GROUPS, bool HIGH>
 INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float* xsum, int64_t K,
                  const uint8_t* weight, int64_t N, const float* scales, int64_t G, const float* bias, float* out,
@@ -268,30 +288,8 @@ INLINE void tile(const int8_t* h, const int8_t* l, const float* sx, const float*
         typename V::I sum_h[MT][RT], sum_l[MT][RT];
         for (int i = 0; i < MT; i++)
             for (int r = 0; r < RT; r++) sum_h[i][r] = sum_l[i][r] = V::zero();
-        for (int64_t j = g * group_bytes; j < (g + GROUPS) * group_bytes; j += CHUNK) {
-            typename V::I bytes[RT];
-            for (int r = 0; r < RT; r++) {
-                const uint8_t* at = weight + (n0 + r) * row_bytes + j;
-                _mm_prefetch((const char*)(at + PREFETCH_BYTES), _MM_HINT_T0);  // hints: never fault
-                if (BITS != 8) _mm_prefetch((const char*)(at + RT * row_bytes), _MM_HINT_T0);  // the next tile
-                bytes[r] = V::load(at);
-            }
-            for (int p = 0; p < per_byte; p++) {
-                typename V::I x_h[MT], x_l[MT];
-                for (int i = 0; i < MT; i++) {
-                    const int64_t at = ((m0 + i) * per_byte + p) * row_bytes + j;
-                    if constexpr (HIGH) x_h[i] = V::load(h + at);
-                    x_l[i] = V::load(l + at);
-                }
-                for (int r = 0; r < RT; r++) {
-                    const typename V::I codes = chunk_codes<BITS, V>(bytes[r], p);
-                    for (int i = 0; i < MT; i++) {
-                        if constexpr (HIGH) sum_h[i][r] = V::dpbusd(sum_h[i][r], codes, x_h[i]);
-                        sum_l[i][r] = V::dpbusd(sum_l[i][r], codes, x_l[i]);
-                    }
-                }
-            }
-        }
+        for (int64_t j = g * group_bytes; j < (g + GROUPS) * group_bytes; j += CHUNK)
+            add_chunk<RT, MT, BITS, CHUNK, HIGH>(h, l, row_bytes, weight, n0, m0, j, sum_h, sum_l);
         for (int r = 0; r < RT; r++) {
             const float* sz = scales + (g * N + n0 + r) * scale_stride;
             // The group's scale in every lane, shared by the MT rows of x (their own scales apply once, after
