@@ -88,19 +88,19 @@ class TestFmaInterpreted:
         assert torch.equal(out.T, expected)
 
     def test_bias_and_strided_operands(self):
-        # x rows further apart than K (still 16-byte aligned), the weight's rows too, scale_zeros stored
-        # (N, K // g, 2), a strided bfloat16 bias added in float32.
+        # x rows further apart than K (still 16-byte aligned), the weight's rows too (starting 4 bytes in),
+        # scale_zeros stored (N, K // g, 2), a strided bfloat16 bias added in float32.
         m, n, k, bits, g = 3, 40, 128, 4, 32
         x, packed, scale_zeros = make_operands(m, n, k, bits, g, torch.float16)
         x_wide = torch.zeros(m, k + 8, dtype=torch.float16)
         x_wide[:, :k] = x
         packed_wide = torch.zeros(n, k // 2 + 8, dtype=torch.uint8)
-        packed_wide[:, 3 : 3 + k // 2] = packed
+        packed_wide[:, 4 : 4 + k // 2] = packed
         sz_n_first = scale_zeros.transpose(0, 1).contiguous().transpose(0, 1)
         bias = torch.randn(2 * n).to(torch.bfloat16)[::2]
         config = {"BLOCK_N": 16, "BLOCK_B": 16, "SLICES": 2}
         out = lowbit_mm_triton(
-            x_wide[:, :k], packed_wide[:, 3 : 3 + k // 2], sz_n_first, bits, g, config, bias=bias
+            x_wide[:, :k], packed_wide[:, 4 : 4 + k // 2], sz_n_first, bits, g, config, bias=bias
         )
         assert_matches_reference(out, x, packed, scale_zeros, bits, g, bias)
 
@@ -142,15 +142,33 @@ def test_autotuned_launches_pick_the_fma_kernel_for_the_smallest_m_with_16_bit_x
     assert kernel_for(torch.randn(1, 64)) == "_gemv_autotuned"  # float32 x
     misaligned = torch.randn(1, 72).to(torch.bfloat16)[:, 1:65]
     assert kernel_for(misaligned) == "_gemv_autotuned"
+    # int4 weight rows starting at an odd byte: the CUDA-core kernel reads two bytes at a time.
+    _, packed, scale_zeros = make_operands(1, 40, 64, 4, 32)
+    odd_packed = torch.zeros(40, 33, dtype=torch.uint8)[:, 1:]
+    odd_packed.copy_(packed)
+    lowbit_mm_triton(torch.randn(1, 64).to(torch.bfloat16), odd_packed, scale_zeros, 4, 32)
+    assert calls[-1][0] == "_gemv_autotuned"
 
 
 def test_fma_kernel_reads_16_bit_rows_contiguous_and_aligned():
-    assert _fma_reads(torch.randn(3, 72).to(torch.bfloat16)[:, :64])  # rows 144 bytes apart
-    assert _fma_reads(torch.randn(1, 70).to(torch.float16)[:, :64])  # one row: its stride is never used
-    assert not _fma_reads(torch.randn(3, 70).to(torch.bfloat16)[:, :64])  # rows 140 bytes apart
-    assert not _fma_reads(torch.randn(1, 72).to(torch.bfloat16)[:, 1:65])  # 2 bytes past 16-byte alignment
-    assert not _fma_reads(torch.randn(64, 2).to(torch.bfloat16).T)  # K not contiguous
-    assert not _fma_reads(torch.randn(2, 64))  # float32
+    packed = torch.zeros(40, 32, dtype=torch.uint8)
+    assert _fma_reads(torch.randn(3, 72).to(torch.bfloat16)[:, :64], packed, 4)  # rows 144 bytes apart
+    assert _fma_reads(torch.randn(1, 70).to(torch.float16)[:, :64], packed, 4)  # one row: stride unused
+    assert not _fma_reads(torch.randn(3, 70).to(torch.bfloat16)[:, :64], packed, 4)  # rows 140 bytes apart
+    assert not _fma_reads(torch.randn(1, 72).to(torch.bfloat16)[:, 1:65], packed, 4)  # 2 bytes past alignment
+    assert not _fma_reads(torch.randn(64, 2).to(torch.bfloat16).T, packed, 4)  # K not contiguous
+    assert not _fma_reads(torch.randn(2, 64), packed, 4)  # float32
+
+
+def test_fma_kernel_reads_contiguous_packed_rows_in_units_of_four_codes():
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    wide = torch.zeros(40, 34, dtype=torch.uint8)
+    assert _fma_reads(x, wide[:, 2:], 4)  # int4 rows 2-byte aligned, 34 bytes apart
+    assert not _fma_reads(x, wide[:, 1:33], 4)  # int4 rows starting at an odd byte
+    assert _fma_reads(x, wide[:, 1:33], 2)  # int2 reads one byte at a time
+    assert not _fma_reads(x, torch.zeros(40, 33, dtype=torch.uint8)[:, :32], 4)  # rows 33 bytes apart
+    assert _fma_reads(x, torch.zeros(1, 33, dtype=torch.uint8)[:, :32], 4)  # one row: stride unused
+    assert not _fma_reads(x, torch.zeros(32, 40, dtype=torch.uint8).T, 2)  # K not contiguous
 
 
 @pytest.mark.parametrize(
@@ -161,6 +179,7 @@ def test_fma_kernel_reads_16_bit_rows_contiguous_and_aligned():
         ({"BLOCK_B": 16}, ["lacks", "BLOCK_N"]),
         ({"BLOCK_N": 16, "BLOCK_B": 16, "SLICES": 3}, ["SLICES", "power of two"]),
         ({"BLOCK_N": 16, "BLOCK_B": 32}, ["BLOCK_B", "group", "at most 16"]),
+        ({"BLOCK_N": 16, "BLOCK_B": 1}, ["BLOCK_B = 1", "fewer than", "4 codes"]),
     ],
 )
 def test_bad_fma_configs_raise(config, words):
@@ -170,7 +189,7 @@ def test_bad_fma_configs_raise(config, words):
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
-def test_forced_fma_config_refuses_x_it_cannot_read():
+def test_forced_fma_config_refuses_operands_it_cannot_read():
     _, packed, scale_zeros = make_operands(1, 40, 64, 4, 32)
     config = {"BLOCK_N": 16, "BLOCK_B": 16}
     cases = [
@@ -182,6 +201,10 @@ def test_forced_fma_config_refuses_x_it_cannot_read():
     for x, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
             lowbit_mm_triton(x, packed, scale_zeros, 4, 32, config)
+    odd_packed = torch.zeros(40, 33, dtype=torch.uint8)[:, 1:]
+    odd_packed.copy_(packed)
+    with pytest.raises(ValueError, match=re.escape("packed with strides (33, 1)")):
+        lowbit_mm_triton(torch.randn(1, 64).to(torch.bfloat16), odd_packed, scale_zeros, 4, 32, config)
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -225,6 +248,12 @@ def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(bits, dtype, config
     vector_loads = re.findall(r"ld\.global(?:\.\w+)*\.v(?:4\.b32|2\.b64)", loop)
     assert len(vector_loads) >= step_bytes * (1 + 2 * per_byte) // 16
     assert not re.search(r"cvt\.rn\.f32\.[su](8|16|32)\b", loop), "an int -> float conversion"
+    # One logic instruction a code: an AND keeps the code where it lies in its unit of four, and the exponent
+    # of 2**23, OR-ed in once a unit (no shift of the weight, no second mask).
+    codes = step_bytes * per_byte
+    ands = re.findall(r"and\.b32\s+%r\d+, %r\d+, (-?\d+);", loop)
+    assert sum((int(mask) & 0xFFFFFFFF) >> 23 == 0x96 for mask in ands) == codes
+    assert len(re.findall(r"\bor\.b32\b", loop)) == codes // 4
 
 
 # -- on a GPU --------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ def _split_codes(t, PER_BYTE: tl.constexpr):
 
 @triton.jit
 def _dequantize(byte, j: tl.constexpr, scale, zero, BITS: tl.constexpr):
-    """Code j of every byte of ``byte`` (a uint8 tile), dequantized in scale's dtype (x's in the tensor-core
-    kernels, float32 in the CUDA-core one): ``(q - MID) * scale + zero``, scale and zero of the byte's group,
-    broadcast to byte's shape.
+    """Code j of every byte of ``byte`` (a uint8 tile), dequantized in scale's dtype (x's; the CUDA-core
+    decode kernel has its own ``_centered_field``): ``(q - MID) * scale + zero``, scale and zero of the byte's
+    group, broadcast to byte's shape.
 
     Without int -> float conversions: Hopper runs 16 a clock per SM (an eighth of float32 FMAs; CUDA guide,
     throughput table), and one per code plus a float -> bfloat16 one per two codes bounded the decode kernel

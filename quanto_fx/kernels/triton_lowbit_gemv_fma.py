@@ -7,7 +7,7 @@ columns, four times the weight's bytes), and its best config ran at 9.6 us at 40
 bf16 took 10.0 (bench/RESULTS.md). Here a program multiplies one row of x by BLOCK_N columns with float32
 FMAs, the weight dequantized in registers: no shared memory in the K loop. Each row is a program of its own
 and dequantizes the weight again, so the kernel serves M up to ``FMA_MAX_M`` (the launcher), 16-bit x only
-(x's values are read two or four to a word).
+(x's values are read four to a 64-bit word).
 """
 
 from __future__ import annotations
@@ -15,16 +15,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_lowbit_codes import _dequantize
-
 
 @triton.jit
 def _x_value(words, j: tl.constexpr, DTYPE: tl.constexpr):
-    """The j-th 16-bit value of each word of x (little-endian: j = 0 in the low bits), as float32."""
-    half = (words >> (16 * j)).to(tl.int32)
+    """The j-th 16-bit value of each 64-bit word of x (little-endian: j = 0 in the low bits), as float32."""
+    half_word = (words >> (32 * (j // 2))).to(tl.int32)
     if DTYPE == tl.bfloat16:  # a bfloat16 is a float32's high half
-        return (half << 16).to(tl.float32, bitcast=True)
-    return half.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        bits = half_word << 16 if j % 2 == 0 else half_word & -65536  # -65536: 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return (half_word >> (16 * (j % 2))).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _with_magic(units):
+    """Each unit's bits in the low bits of an int32, under the exponent of 2**23 (see _centered_field). The
+    bits between them may be anything: _centered_field masks them off."""
+    return units.to(tl.int32) | 0x4B000000
+
+
+@triton.jit
+def _centered_field(magic_units, p: tl.constexpr, BITS: tl.constexpr):
+    """The code at bit p of each unit (``_with_magic``'s output) minus the zero point's code, times 2**p,
+    exactly, as float32. Keeping the exponent's bits and the code's in one AND reads as 2**23 + code * 2**p
+    (p + BITS <= 23: in the mantissa); subtracting 2**23 + MID * 2**p is exact. Shifting each code down to
+    bit 0 first, as ``_centered_codes`` does, took a shift and a second logic instruction per code (two
+    constants do not fit one LOP3; sm_90 SASS)."""
+    MID: tl.constexpr = 1 << (BITS - 1)
+    field = magic_units & (0x4B000000 | (((1 << BITS) - 1) << p))
+    return field.to(tl.float32, bitcast=True) - (8388608.0 + MID * (1 << p))
 
 
 @triton.jit
@@ -54,20 +72,27 @@ def lowbit_gemv_fma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
     SLICES: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """``out = x @ w.T (+ bias)`` for one row of x and BLOCK_N columns a program (the arguments of
     ``lowbit_gemv_kernel``; M_BUCKET is the autotuner's key; x is 16-bit with a unit stride_xk and rows
-    aligned to 16 bytes: the launcher checks). Each step reads SLICES consecutive K slices of BLOCK_B bytes of
-    every weight row; a slice's BLOCK_B * PER_BYTE codes lie in one group (the launcher fits BLOCK_B to the
-    group size). Slices past K load zero x, scale and zero: they add nothing.
+    aligned to 16 bytes, the packed rows have a unit stride_pk and start 2-byte aligned: the launcher checks).
+    Each step reads SLICES consecutive K slices of BLOCK_B bytes of every weight row; a slice's
+    BLOCK_B * PER_BYTE codes lie in one group (the launcher fits BLOCK_B to the group size). Slices past K
+    load zero x, scale and zero: they add nothing. EVEN_K: K is a multiple of SLICES * BLOCK_K, and the loads
+    need no mask (columns past N read column N - 1's weight, and are not stored).
+
+    The weight is read in units of four codes (int4: two bytes, int2: one), x in 64-bit words of the four
+    values that match them. Code j of a unit stays at bit p = j * BITS: ``_centered_field`` reads it there,
+    and the scale is taken times 2**-p, so the product is (q - MID) * scale exactly.
 
     The weight stays in float32: one rounding fewer than the tensor-core kernels, which round it to x's dtype
     before tl.dot. So a row's result at M = 1 may differ from the same row's in a larger batch in the last
     bit of x's dtype (both are within the reference's tolerance).
 
-    Every tile has the shape of the step's bytes, (BLOCK_N, SLICES, BLOCK_B): x's words are read with a zero
+    Every tile has the shape of the step's units, (BLOCK_N, SLICES, BLOCK_U): x's words are read with a zero
     stride along N, and scale and zero (rounded to x's dtype, as the other kernels and the reference round
-    them) broadcast along the bytes. Tiles of other shapes made the compiler move x and the sums between
+    them) broadcast along the units. Tiles of other shapes made the compiler move x and the sums between
     layouts through shared memory, with barriers in the K loop (sm_90 SASS: 10 a step); this way each warp
     runs on its own, and the one reduction comes after the loop.
     """
@@ -75,39 +100,49 @@ def lowbit_gemv_fma_kernel(
     BLOCK_K: tl.constexpr = BLOCK_B * PER_BYTE
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "a slice's codes must lie in one group")
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    # x's PER_BYTE 16-bit values of a byte's codes, read as one word.
-    X_WORD: tl.constexpr = tl.int32 if PER_BYTE == 2 else tl.int64
+    UNIT: tl.constexpr = tl.int16 if BITS == 4 else tl.uint8  # four codes
+    UNIT_BYTES: tl.constexpr = 2 if BITS == 4 else 1
+    BLOCK_U: tl.constexpr = BLOCK_K // 4
+    tl.static_assert(BLOCK_U >= 1, "a slice holds at least one unit of four codes")
 
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
+    rn_read = tl.minimum(rn, N - 1)  # a partial tile's last columns read a real one's weight: no load masks
     slice_k = tl.arange(0, SLICES) * BLOCK_K  # each slice's first code, from the step's
-    rb = slice_k[:, None] // PER_BYTE + tl.arange(0, BLOCK_B)[None, :]  # (SLICES, BLOCK_B) bytes of a row
-    x_row = tl.multiple_of(row * (stride_xm // PER_BYTE), 16 // (2 * PER_BYTE))  # 16-byte aligned rows
-    # x's words for every column (stride 0 along N): the tile and its layout are the bytes'.
-    x_word_ptrs = x_ptr.to(tl.pointer_type(X_WORD)) + x_row + rb[None, :, :] + 0 * rn[:, None, None]
-    packed_ptrs = packed_ptr + rn[:, None, None] * stride_pn + rb[None, :, :] * stride_pk
-    sz_ptrs = scale_zeros_ptr + rn[:, None] * stride_sn + (slice_k[None, :] // GROUP_SIZE) * stride_sg
+    ru = slice_k[:, None] // 4 + tl.arange(0, BLOCK_U)[None, :]  # (SLICES, BLOCK_U) units of a row
+    x_row = tl.multiple_of(row * (stride_xm // 4), 2)  # 16-byte aligned rows of 64-bit words
+    # x's words for every column (stride 0 along N): the tile and its layout are the units'.
+    x_word_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + x_row + ru[None, :, :] + 0 * rn[:, None, None]
+    unit_row = rn_read[:, None, None] * (stride_pn // UNIT_BYTES)
+    unit_ptrs = packed_ptr.to(tl.pointer_type(UNIT)) + unit_row + ru[None, :, :] * stride_pk
+    sz_ptrs = scale_zeros_ptr + rn_read[:, None] * stride_sn + (slice_k[None, :] // GROUP_SIZE) * stride_sg
 
-    acc = tl.zeros((BLOCK_N, SLICES, BLOCK_B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, SLICES, BLOCK_U), dtype=tl.float32)
     for k0 in range(0, K, SLICES * BLOCK_K):
-        in_k = slice_k < K - k0  # all true when K is a multiple of SLICES * BLOCK_K
-        byte = tl.load(
-            packed_ptrs + (k0 // PER_BYTE) * stride_pk, mask=n_mask[:, None, None] & in_k[:, None], other=0
-        )
-        x_words = tl.load(x_word_ptrs + k0 // PER_BYTE, mask=in_k[None, :, None], other=0)
         group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
-        sz_mask = n_mask[:, None] & in_k[None, :]
-        scale = tl.load(group_ptrs, mask=sz_mask, other=0.0).to(DTYPE).to(tl.float32)[:, :, None]
-        zero = tl.load(group_ptrs + stride_sc, mask=sz_mask, other=0.0).to(DTYPE).to(tl.float32)[:, :, None]
-        for j in tl.static_range(PER_BYTE):
-            acc += _x_value(x_words, j, DTYPE) * _dequantize(byte, j, scale, zero, BITS)
+        if EVEN_K:
+            units = tl.load(unit_ptrs + k0 // 4 * stride_pk)
+            x_words = tl.load(x_word_ptrs + k0 // 4)
+            scale = tl.load(group_ptrs)
+            zero = tl.load(group_ptrs + stride_sc)
+        else:
+            in_k = slice_k < K - k0
+            units = tl.load(unit_ptrs + k0 // 4 * stride_pk, mask=in_k[None, :, None], other=0)
+            x_words = tl.load(x_word_ptrs + k0 // 4, mask=in_k[None, :, None], other=0)
+            scale = tl.load(group_ptrs, mask=in_k[None, :], other=0.0)
+            zero = tl.load(group_ptrs + stride_sc, mask=in_k[None, :], other=0.0)
+        scale = scale.to(DTYPE).to(tl.float32)[:, :, None]
+        zero = zero.to(DTYPE).to(tl.float32)[:, :, None]
+        magic_units = _with_magic(units)
+        for j in tl.static_range(4):
+            weight = _centered_field(magic_units, j * BITS, BITS) * (scale * (1.0 / (1 << (j * BITS)))) + zero
+            acc += _x_value(x_words, j, DTYPE) * weight
 
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
-        out += tl.load(bias_ptr + rn * stride_b, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        out += tl.load(bias_ptr + rn_read * stride_b).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 def fma_config(block_n: int, block_b: int, slices: int, num_warps: int, num_stages: int) -> triton.Config:

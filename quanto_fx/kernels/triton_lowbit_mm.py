@@ -335,16 +335,16 @@ def _prune_fma_configs(configs, named_args, **kwargs):
     return _fitted(configs, kwargs, fit_block_b)
 
 
-def _fma_reads(x: torch.Tensor) -> bool:
-    """Whether the CUDA-core decode kernel can read x: 16-bit values, each row contiguous and 16-byte
-    aligned (it reads x's values two or four to a word, 16 bytes at a time)."""
+def _fma_reads(x: torch.Tensor, packed: torch.Tensor, bits: int) -> bool:
+    """Whether the CUDA-core decode kernel can read x and the weight: x of 16-bit values, each row contiguous
+    and 16-byte aligned (it reads x's values four to a word, 16 bytes at a time); the packed rows contiguous
+    and, for int4, 2-byte aligned (it reads four codes at a time: two bytes of int4, one of int2)."""
     aligned_rows = x.shape[0] == 1 or x.stride(0) % 8 == 0
-    return (
-        x.dtype in (torch.bfloat16, torch.float16)
-        and x.stride(1) == 1
-        and x.data_ptr() % 16 == 0
-        and aligned_rows
-    )
+    x_ok = x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and x.data_ptr() % 16 == 0
+    unit_bytes = 2 if bits == 4 else 1
+    packed_rows = packed.shape[0] == 1 or packed.stride(0) % unit_bytes == 0
+    packed_ok = packed.stride(1) == 1 and packed.data_ptr() % unit_bytes == 0 and packed_rows
+    return x_ok and aligned_rows and packed_ok
 
 
 # EVEN_K from the launch's K and K step (the config's, autotuned or forced): the K masks are compiled out.
@@ -352,6 +352,9 @@ _with_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK
 _gemv_with_even_k = triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_K"]) == 0}
 )(lowbit_gemv_kernel)
+_fma_with_even_k = triton.heuristics(
+    {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_B"] * (8 // args["BITS"])) == 0}
+)(lowbit_gemv_fma_kernel)
 
 
 def _autotune(configs, prune):
@@ -367,7 +370,7 @@ def _autotune(configs, prune):
 
 _autotuned = _autotune(CONFIGS, _prune_configs)(_with_even_k)
 _gemv_autotuned = _autotune(GEMV_CONFIGS, _prune_gemv_configs)(_gemv_with_even_k)
-_fma_autotuned = _autotune(FMA_CONFIGS, _prune_fma_configs)(lowbit_gemv_fma_kernel)
+_fma_autotuned = _autotune(FMA_CONFIGS, _prune_fma_configs)(_fma_with_even_k)
 
 
 def check_lowbit_mm_args(
@@ -414,7 +417,9 @@ def _forced_lowbit_config(config: dict, bits: int, x_dtype: torch.dtype) -> tupl
     return {**meta, "SLICES": slices}, {**options, "num_warps": config.get("num_warps", slices)}
 
 
-def _forced_fma_config(config: dict, bits: int, group_size: int, x: torch.Tensor) -> tuple[dict, dict]:
+def _forced_fma_config(
+    config: dict, bits: int, group_size: int, x: torch.Tensor, packed: torch.Tensor
+) -> tuple[dict, dict]:
     """(block sizes, launch options) of a forced config of the CUDA-core decode kernel (one with BLOCK_B)."""
     unknown = set(config) - {"BLOCK_N", "BLOCK_B", "SLICES", "num_warps", "num_stages"}
     if unknown:
@@ -434,12 +439,15 @@ def _forced_fma_config(config: dict, bits: int, group_size: int, x: torch.Tensor
             f"config BLOCK_B = {meta['BLOCK_B']} bytes spans more than a group ({group_size} codes of {bits} "
             f"bits): at most {group_bytes}"
         )
-    if not _fma_reads(x):
+    if meta["BLOCK_B"] * (8 // bits) < 4:
+        raise ValueError(f"config BLOCK_B = {meta['BLOCK_B']} holds fewer than the kernel's 4 codes a read")
+    if not _fma_reads(x, packed, bits):
         raise ValueError(
             "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose "
-            "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart; "
+            "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart, "
+            "and packed rows that are contiguous and, for int4, 2-byte aligned; "
             f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
-            "16-byte alignment"
+            f"16-byte alignment, and packed with strides {tuple(packed.stride())}"
         )
     if x.shape[0] > MAX_GRID_Y:
         raise ValueError(f"the CUDA-core decode kernel runs a program per row: at most {MAX_GRID_Y} rows")
@@ -475,7 +483,7 @@ def lowbit_mm_triton(
     if config is None:
         forced = None
     elif "BLOCK_B" in config:
-        forced = _forced_fma_config(config, bits, group_size, x)
+        forced = _forced_fma_config(config, bits, group_size, x, packed)
     else:
         forced = _forced_lowbit_config(config, bits, x.dtype)
     _check_runs_on(x)
@@ -505,7 +513,7 @@ def lowbit_mm_triton(
     fma_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
     with _device_guard(x):
         if forced is None:
-            if m <= FMA_MAX_M and _fma_reads(x):
+            if m <= FMA_MAX_M and _fma_reads(x, packed, bits):
                 _fma_autotuned[fma_grid](*args, **flags)
             elif m <= DECODE_MAX_M:
                 _gemv_autotuned[gemv_grid](*args, **flags)
@@ -514,7 +522,7 @@ def lowbit_mm_triton(
         else:
             meta, options = forced
             if "BLOCK_B" in meta:
-                lowbit_gemv_fma_kernel[fma_grid(meta)](*args, **flags, **meta, **options)
+                _fma_with_even_k[fma_grid(meta)](*args, **flags, **meta, **options)
             elif "SLICES" in meta:
                 _gemv_with_even_k[gemv_grid(meta)](*args, **flags, **meta, **options)
             else:
