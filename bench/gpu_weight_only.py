@@ -116,7 +116,12 @@ for m, k, n in [
     else:
         int4_config = triton_lowbit_mm._autotuned.best_config
     int8_us = gpu_us(lambda: ops.int8_weight_mm(x, w8_data, w8_scale))
-    int8_config = int4_config if dequantized else triton_int8_weight_mm._int8_autotuned.best_config
+    if dequantized:
+        int8_config = int4_config
+    elif m <= triton_int8_weight_mm.INT8_FMA_MAX_M:
+        int8_config = triton_int8_weight_mm._int8_fma_autotuned.best_config
+    else:
+        int8_config = triton_int8_weight_mm._int8_autotuned.best_config
     if dequantized:  # the fused kernels the ops no longer take at this M, for the threshold
         fused = {
             "int4 fused": gpu_us(lambda: triton_lowbit_mm.lowbit_mm_triton(x, *int4_args[1:3], 4, 128)),

@@ -1,15 +1,16 @@
 """GPU sweep of the weight-only Triton kernels' configs at decode shapes (M <= 16): the int4 kernels' tiles,
 K slices and stages (the tensor-core decode kernel's, and the CUDA-core one's at M = 1, 2 and 4), the int8
-kernel's tiles and stages; then, for prefill shapes, the autotuned fused kernels against dequantizing the
-weight to bf16 and calling cuBLAS: with torch ops, and as the ops do from ``CUDA_DEQUANTIZED_GEMM_MIN_M`` rows
-(a Triton kernel, ``triton_dequantize.py``), which sets that threshold.
+kernels' (tensor cores, and CUDA cores at M = 1); then, for prefill shapes, the autotuned fused kernels
+against dequantizing the weight to bf16 and calling cuBLAS: with torch ops, and as the ops do from
+``CUDA_DEQUANTIZED_GEMM_MIN_M`` rows (a Triton kernel, ``triton_dequantize.py``), which sets that threshold.
 
 Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 3 minutes), or
 ``python3 bench/gpu_weight_only_sweep.py [int4] [int8] [prefill]`` for some parts. Each config runs once
 against the reference (a mismatch is reported, the config skipped and the exit status 1), then is timed as a
 CUDA-graph replay (GPU time, no host overhead), microseconds per call, against bf16 ``F.linear`` and torch's
 tinygemm int4 kernel. It prints the fastest configs per shape: GEMV_CONFIGS, FMA_CONFIGS and FMA_MAX_M in
-``quanto_fx/kernels/triton_lowbit_mm.py`` and the int8 tiers in ``triton_int8_weight_mm.py`` come from it.
+``quanto_fx/kernels/triton_lowbit_mm.py`` and the int8 tiers and INT8_FMA_CONFIGS in
+``triton_int8_weight_mm.py`` come from it.
 """
 
 import itertools
@@ -58,6 +59,11 @@ INT8_CONFIGS = [
 ] + [
     {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": k, "num_warps": w, "num_stages": st}
     for k, w, st in itertools.product((128, 256), (2, 4), (3, 4))
+]
+# int8, the CUDA-core decode kernel at M = 1 (untimed): 8- and 16-wide tiles, slices of 64 or 128 bytes.
+INT8_FMA_CONFIGS = [
+    {"BLOCK_N": n, "BLOCK_B": b, "SLICES": s, "num_warps": w, "num_stages": 1}
+    for n, b, s, w in itertools.product((8, 16), (64, 128), (2, 4, 8, 16), (4, 8))
 ]
 
 
@@ -118,6 +124,14 @@ for m, k, n in [
         sweep(
             "int8",
             INT8_CONFIGS,
+            lambda c: int8_weight_mm_triton(x, w8_data, w8_scale, c),
+            per_channel_weight_mm_reference(x, w8_data, w8_scale),
+            "BLOCK_N",
+        )
+    if "int8" in PARTS and m == 1:
+        sweep(
+            "int8 CUDA cores",
+            INT8_FMA_CONFIGS,
             lambda c: int8_weight_mm_triton(x, w8_data, w8_scale, c),
             per_channel_weight_mm_reference(x, w8_data, w8_scale),
             "BLOCK_N",

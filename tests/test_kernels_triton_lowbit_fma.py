@@ -18,11 +18,11 @@ from .utils import INTERPRETING, assert_passes_in_the_interpreter, requires_cuda
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels import triton_lowbit_mm  # noqa: E402
+from quanto_fx.kernels.triton_gemv_fma_x import MAX_GRID_Y  # noqa: E402
 from quanto_fx.kernels.triton_lowbit_gemv_fma import fit_block_b  # noqa: E402
 from quanto_fx.kernels.triton_lowbit_mm import (  # noqa: E402
     FMA_CONFIGS,
     FMA_MAX_M,
-    MAX_GRID_Y,
     _fma_reads,
     _prune_fma_configs,
     lowbit_mm_triton,

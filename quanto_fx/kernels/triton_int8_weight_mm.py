@@ -4,7 +4,8 @@
 an int8 ``w`` (N, K) and N per-output-channel float scales. The design of the low-bit GEMM
 (``triton_lowbit_mm.py``: tl.dot on the weight converted to x's dtype inside the K loop, tiers of configs by
 M), without packing or groups: any K, the K tail masked; the scale applies once per column after the K loop.
-Its int32 offsets need fewer than 2**31 elements in x, w and the output.
+Its int32 offsets need fewer than 2**31 elements in x, w and the output. At M = 1 with 16-bit x and an int8
+weight the launcher takes the CUDA-core kernel instead (``triton_int8_gemv_fma.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import triton
 import triton.language as tl
 
 from ..tensor.quantization import FLOAT8_DTYPES
+from .triton_gemv_fma_x import fma_config, fma_reads_x, forced_fma_config, rows_apart
+from .triton_int8_gemv_fma import int8_gemv_fma_kernel
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
     _bench_on_gpu_alone,
@@ -138,6 +141,48 @@ _int8_autotuned = triton.autotune(
 )(int8_weight_mm_kernel)
 
 
+# The CUDA-core decode kernel (int8_gemv_fma_kernel): M = 1, int8 weights, x and w as _int8_fma_reads says.
+# Untimed: configs like the low-bit kernel's best (16 columns; 16 or 32 bytes of weight a thread a step), and
+# 8 columns for narrow layers (N = 1024: 128 programs).
+INT8_FMA_MAX_M = 1
+INT8_FMA_CONFIGS = [
+    fma_config(16, 64, 4, 8, 1),
+    fma_config(16, 64, 2, 4, 1),
+    fma_config(16, 64, 8, 8, 1),
+    fma_config(16, 64, 16, 16, 1),
+    fma_config(8, 64, 8, 8, 1),
+]
+
+
+def _int8_fma_reads(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the CUDA-core decode kernel can read x (``fma_reads_x``) and w: int8 rows contiguous and
+    4-byte aligned, K a multiple of 4 (it reads four codes a word)."""
+    return fma_reads_x(x) and w.dtype == torch.int8 and rows_apart(w, 4) and x.shape[1] % 4 == 0
+
+
+_int8_fma_with_even_k = triton.heuristics(
+    {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_B"]) == 0}
+)(int8_gemv_fma_kernel)
+_int8_fma_autotuned = triton.autotune(
+    configs=INT8_FMA_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"], do_bench=_bench_on_gpu_alone
+)(_int8_fma_with_even_k)
+
+
+def _forced_int8_fma_config(config: dict, x: torch.Tensor, w: torch.Tensor) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a forced config of the CUDA-core decode kernel (one with BLOCK_B)."""
+    meta, options = forced_fma_config(config, 1, x.shape[0])
+    if not _int8_fma_reads(x, w):
+        raise ValueError(
+            "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose "
+            "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart, "
+            "and an int8 w whose rows are contiguous and 4-byte aligned, with K a multiple of 4; "
+            f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
+            f"16-byte alignment, and {w.dtype} w with strides {tuple(w.stride())}, starting "
+            f"{w.data_ptr() % 4} bytes past 4-byte alignment"
+        )
+    return meta, options
+
+
 def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:
     """Check ``int8_weight_mm_triton``'s operands: x (M, K) float, w (N, K) int8 or float8, N float scales."""
     _check_float_x(x)
@@ -177,13 +222,22 @@ def int8_weight_mm_triton(
     float dtype (applied in float32); ``bias`` None or N floats, added in float32 before the one rounding to
     x's dtype. Any M, N and K; operands may be strided. Fast path: K and the row strides multiples of 16
     (16-byte rows of w for cp.async); other K run correctly with unpipelined byte loads (compiled for sm_90:
-    no cp.async). ``config`` runs one fixed config instead of autotuning: BLOCK_M, BLOCK_N and BLOCK_K
-    (powers of two >= 16), optionally GROUP_M, num_warps, num_stages (default 8, 4, 3). On CUDA (or CPU
+    no cp.async). M <= INT8_FMA_MAX_M with an int8 weight that ``_int8_fma_reads`` accepts runs the
+    CUDA-core decode kernel (``int8_gemv_fma_kernel``), everything else the tensor-core kernel, each
+    autotuned. ``config`` runs one fixed config instead: a dict with BLOCK_B (bytes of a weight row per K
+    slice, a power of two >= 4), BLOCK_N and optionally SLICES, num_warps, num_stages (default 1, 4, 1) runs
+    the CUDA-core kernel (x and w as above); otherwise BLOCK_M, BLOCK_N and BLOCK_K (powers of two >= 16),
+    optionally GROUP_M, num_warps, num_stages (default 8, 4, 3) run the tensor-core kernel. On CUDA (or CPU
     tensors under TRITON_INTERPRET=1).
     """
     check_int8_weight_mm_args(x, w, scale)
     _check_bias_arg(bias, w.shape[0], x.device)
-    forced = None if config is None else _forced_config(config, 16)
+    if config is None:
+        forced = None
+    elif "BLOCK_B" in config:
+        forced = _forced_int8_fma_config(config, x, w)
+    else:
+        forced = _forced_config(config, 16)
     _check_runs_on(x)
     (m, k), n = x.shape, w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -206,10 +260,17 @@ def int8_weight_mm_triton(
         *out.stride(),
     )
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    fma_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
     with _device_guard(x):
         if forced is None:
-            _int8_autotuned[grid](*args, HAS_BIAS=bias is not None)
+            if m <= INT8_FMA_MAX_M and _int8_fma_reads(x, w):
+                _int8_fma_autotuned[fma_grid](*args, HAS_BIAS=bias is not None)
+            else:
+                _int8_autotuned[grid](*args, HAS_BIAS=bias is not None)
         else:
             meta, options = forced
-            int8_weight_mm_kernel[grid(meta)](*args, HAS_BIAS=bias is not None, **meta, **options)
+            if "BLOCK_B" in meta:
+                _int8_fma_with_even_k[fma_grid(meta)](*args, HAS_BIAS=bias is not None, **meta, **options)
+            else:
+                int8_weight_mm_kernel[grid(meta)](*args, HAS_BIAS=bias is not None, **meta, **options)
     return out

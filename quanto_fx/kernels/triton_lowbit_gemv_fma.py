@@ -15,15 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _x_value(words, j: tl.constexpr, DTYPE: tl.constexpr):
-    """The j-th 16-bit value of each 64-bit word of x (little-endian: j = 0 in the low bits), as float32."""
-    half_word = (words >> (32 * (j // 2))).to(tl.int32)
-    if DTYPE == tl.bfloat16:  # a bfloat16 is a float32's high half
-        bits = half_word << 16 if j % 2 == 0 else half_word & -65536  # -65536: 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return (half_word >> (16 * (j % 2))).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+from .triton_gemv_fma_x import _x_value
 
 
 @triton.jit
@@ -143,12 +135,6 @@ def lowbit_gemv_fma_kernel(
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn_read * stride_b).to(tl.float32)
     tl.store(out_ptr + row * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=rn < N)
-
-
-def fma_config(block_n: int, block_b: int, slices: int, num_warps: int, num_stages: int) -> triton.Config:
-    """A config of ``lowbit_gemv_fma_kernel``."""
-    kwargs = {"BLOCK_N": block_n, "BLOCK_B": block_b, "SLICES": slices}
-    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
 def fit_block_b(config: triton.Config, bits: int, group_size: int) -> triton.Config:

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
+from .triton_gemv_fma_x import fma_config, fma_reads_x, forced_fma_config, rows_apart
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
     _bench_on_gpu_alone,
@@ -47,7 +48,7 @@ from .triton_launch import (
     _tier,
 )
 from .triton_lowbit_codes import _dequantize, _split_codes
-from .triton_lowbit_gemv_fma import fit_block_b, fma_config, lowbit_gemv_fma_kernel
+from .triton_lowbit_gemv_fma import fit_block_b, lowbit_gemv_fma_kernel
 
 LOWBIT_BITS = (2, 4)
 
@@ -321,7 +322,6 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
 # shape; a program's warps split each step's SLICES slices of BLOCK_B bytes (4 led at N = 4096, 2 at 14336,
 # 8 and 16 at 1024, where there are fewer programs).
 FMA_MAX_M = 1
-MAX_GRID_Y = 65535  # CUDA's largest grid along y: a forced config's rows
 FMA_CONFIGS = [
     fma_config(16, 64, 4, 8, 1),
     fma_config(16, 64, 2, 4, 1),
@@ -336,15 +336,9 @@ def _prune_fma_configs(configs, named_args, **kwargs):
 
 
 def _fma_reads(x: torch.Tensor, packed: torch.Tensor, bits: int) -> bool:
-    """Whether the CUDA-core decode kernel can read x and the weight: x of 16-bit values, each row contiguous
-    and 16-byte aligned (it reads x's values four to a word, 16 bytes at a time); the packed rows contiguous
+    """Whether the CUDA-core decode kernel can read x (``fma_reads_x``) and the weight: packed rows contiguous
     and, for int4, 2-byte aligned (it reads four codes at a time: two bytes of int4, one of int2)."""
-    aligned_rows = x.shape[0] == 1 or x.stride(0) % 8 == 0
-    x_ok = x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and x.data_ptr() % 16 == 0
-    unit_bytes = 2 if bits == 4 else 1
-    packed_rows = packed.shape[0] == 1 or packed.stride(0) % unit_bytes == 0
-    packed_ok = packed.stride(1) == 1 and packed.data_ptr() % unit_bytes == 0 and packed_rows
-    return x_ok and aligned_rows and packed_ok
+    return fma_reads_x(x) and rows_apart(packed, 2 if bits == 4 else 1)
 
 
 # EVEN_K from the launch's K and K step (the config's, autotuned or forced): the K masks are compiled out.
@@ -421,26 +415,13 @@ def _forced_fma_config(
     config: dict, bits: int, group_size: int, x: torch.Tensor, packed: torch.Tensor
 ) -> tuple[dict, dict]:
     """(block sizes, launch options) of a forced config of the CUDA-core decode kernel (one with BLOCK_B)."""
-    unknown = set(config) - {"BLOCK_N", "BLOCK_B", "SLICES", "num_warps", "num_stages"}
-    if unknown:
-        raise ValueError(
-            f"config has unknown keys {sorted(unknown)}: a config with BLOCK_B (the CUDA-core decode kernel) "
-            "takes BLOCK_N, BLOCK_B, SLICES, num_warps and num_stages"
-        )
-    if "BLOCK_N" not in config:
-        raise ValueError("config lacks ['BLOCK_N']")
-    meta = {"BLOCK_N": config["BLOCK_N"], "BLOCK_B": config["BLOCK_B"], "SLICES": config.get("SLICES", 1)}
-    for name, value in meta.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not _is_power_of_two(value):
-            raise ValueError(f"config {name} must be a power of two >= 1 (tl.arange's length), got {value!r}")
+    meta, options = forced_fma_config(config, 8 // bits, x.shape[0])
     group_bytes = group_size // (8 // bits)
     if meta["BLOCK_B"] > group_bytes:
         raise ValueError(
             f"config BLOCK_B = {meta['BLOCK_B']} bytes spans more than a group ({group_size} codes of {bits} "
             f"bits): at most {group_bytes}"
         )
-    if meta["BLOCK_B"] * (8 // bits) < 4:
-        raise ValueError(f"config BLOCK_B = {meta['BLOCK_B']} holds fewer than the kernel's 4 codes a read")
     if not _fma_reads(x, packed, bits):
         raise ValueError(
             "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose "
@@ -449,9 +430,7 @@ def _forced_fma_config(
             f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
             f"16-byte alignment, and packed with strides {tuple(packed.stride())}"
         )
-    if x.shape[0] > MAX_GRID_Y:
-        raise ValueError(f"the CUDA-core decode kernel runs a program per row: at most {MAX_GRID_Y} rows")
-    return meta, {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1)}
+    return meta, options
 
 
 def lowbit_mm_triton(
