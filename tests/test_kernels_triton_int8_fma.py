@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from .test_kernels_triton_lowbit import TOLERANCE, assert_matches_int8_reference, make_int8_operands
-from .test_kernels_triton_lowbit_fma import k_loop
+from .test_kernels_triton_lowbit_fma import Recorder, k_loop
 from .utils import INTERPRETING, assert_passes_in_the_interpreter, compile_for_sm90, requires_cuda
 
 triton = pytest.importorskip("triton")
@@ -77,16 +77,6 @@ def test_int8_fma_kernel_in_the_interpreter():
 
 
 # -- the launcher (no kernel runs) -----------------------------------------------------------------------
-
-
-class Recorder:
-    """Stands in for an autotuned kernel: records its name and grid."""
-
-    def __init__(self, name, calls):
-        self.name, self.calls = name, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.name, grid))
 
 
 def test_autotuned_launches_pick_the_fma_kernel_for_m_1_int8_weights(monkeypatch):
