@@ -162,17 +162,18 @@ def compile_int8_fma_for_h100(config, dtype, even_k=True):
 @pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
 @pytest.mark.parametrize("config", INT8_FMA_CONFIGS, ids=fma_config_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=TYPES.get)
-def test_compiles_to_a_barrier_free_k_loop_without_conversions(dtype, config):
-    ptx = compile_int8_fma_for_h100(config, dtype).asm["ptx"]
+@pytest.mark.parametrize("even_k", [True, False], ids=["even-k", "k-tail"])
+def test_compiles_to_a_barrier_free_k_loop_without_conversions(even_k, dtype, config):
+    ptx = compile_int8_fma_for_h100(config, dtype, even_k).asm["ptx"]
     assert "mma" not in ptx and "cp.async" not in ptx  # FMAs, loads straight to registers
     loop = k_loop(ptx)
     assert "bar.sync" not in loop  # x and the sums stay in the words' layout
     assert not re.search(r"cvt\.rn\.f32\.[su](8|16|32)\b", loop), "an int -> float conversion"
-    # A thread's weight bytes of a step load 16 bytes at a time, and x's (2 bytes a code) too.
     kw = config.kwargs
     codes = kw["BLOCK_N"] * kw["SLICES"] * kw["BLOCK_B"] // (32 * config.num_warps)
-    vector_loads = re.findall(r"ld\.global(?:\.\w+)*\.v(?:4\.b32|2\.b64)", loop)
-    assert len(vector_loads) == codes * 3 // 16
+    if even_k:  # a thread's weight bytes of a step load 16 bytes at a time, and x's (2 bytes a code) too
+        vector_loads = re.findall(r"ld\.global(?:\.\w+)*\.v(?:4\.b32|2\.b64)", loop)
+        assert len(vector_loads) == codes * 3 // 16
     # One AND a code keeps its byte, and the exponent of 2**23, where it lies in the word.
     ands = re.findall(r"and\.b32\s+%r\d+, %r\d+, (-?\d+);", loop)
     assert sum((int(mask) & 0xFFFFFFFF) >> 23 == 0x96 for mask in ands) == codes
@@ -184,11 +185,12 @@ def test_compiles_to_a_barrier_free_k_loop_without_conversions(dtype, config):
 @requires_cuda
 @pytest.mark.parametrize("config", INT8_FMA_CONFIGS, ids=fma_config_id)
 def test_every_int8_fma_config_on_gpu(config):
-    # K = 4100: the last step runs past K for every config; N = 200 a partial tile.
+    # K = 4104 (x's rows a multiple of 8 apart, as the kernel reads them): the last step runs past K for
+    # every config; N = 200 a partial tile.
     meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     for dtype in (torch.bfloat16, torch.float16):
         for m in (1, 3):
-            x, w, scale = make_int8_operands(m, 200, 4100, dtype, "cuda", seed=m)
+            x, w, scale = make_int8_operands(m, 200, 4104, dtype, "cuda", seed=m)
             out = int8_weight_mm_triton(x, w, scale, meta)
             assert_matches_int8_reference(out, x, w, scale)
 

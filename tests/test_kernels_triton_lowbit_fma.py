@@ -235,9 +235,10 @@ def k_loop(ptx: str) -> str:
 @pytest.mark.parametrize("config", FMA_CONFIGS, ids=fma_config_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=TYPES.get)
 @pytest.mark.parametrize("bits", [4, 2])
-def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(bits, dtype, config):
+@pytest.mark.parametrize("even_k", [True, False], ids=["even-k", "k-tail"])
+def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(even_k, bits, dtype, config):
     config = fit_block_b(config, bits, 128)
-    ptx = compile_for_h100(bits, 128, config, dtype).asm["ptx"]
+    ptx = compile_for_h100(bits, 128, config, dtype, even_k).asm["ptx"]
     assert "mma" not in ptx and "cp.async" not in ptx  # FMAs, loads straight to registers
     loop = k_loop(ptx)
     # No barrier in the K loop: x and the sums stay in the bytes' layout, no trip through shared memory.

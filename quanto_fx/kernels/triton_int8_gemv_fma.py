@@ -52,8 +52,9 @@ def int8_gemv_fma_kernel(
 ):
     """``out = (x @ w.T) * scale (+ bias)`` for one row of x and BLOCK_N columns a program (the arguments of
     ``int8_weight_mm_kernel``; M_BUCKET is the autotuner's key). x is 16-bit with a unit stride_xk and rows
-    aligned to 16 bytes; w's rows have a unit stride_wk and start 4-byte aligned; K is a multiple of 4 (the
-    launcher checks). Each step reads SLICES consecutive K slices of BLOCK_B bytes of every weight row.
+    aligned to 16 bytes; w's rows are contiguous (stride_wk, 1, is not read) and start 4-byte aligned; K is
+    a multiple of 4 (the launcher checks). Each step reads SLICES consecutive K slices of BLOCK_B bytes of
+    every weight row.
     EVEN_K: K is a multiple of SLICES * BLOCK_B, and the loads need no mask; otherwise words past K load
     zero x and weight. Columns past N read column N - 1's weight and are not stored.
 
@@ -76,16 +77,16 @@ def int8_gemv_fma_kernel(
     # x's words for every column (stride 0 along N): the tile and its layout are the weight's words'.
     x_word_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + x_row + ru[None, :, :] + 0 * rn[:, None, None]
     word_row = rn_read[:, None, None] * (stride_wn // 4)
-    w_word_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + word_row + ru[None, :, :] * stride_wk
+    w_word_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + word_row + ru[None, :, :]
 
     acc = tl.zeros((BLOCK_N, SLICES, BLOCK_U), dtype=tl.float32)
     for k0 in range(0, K, SLICES * BLOCK_B):
         if EVEN_K:
-            words = tl.load(w_word_ptrs + k0 // 4 * stride_wk)
+            words = tl.load(w_word_ptrs + k0 // 4)
             x_words = tl.load(x_word_ptrs + k0 // 4)
         else:
             in_k = ru[None, :, :] < (K - k0) // 4
-            words = tl.load(w_word_ptrs + k0 // 4 * stride_wk, mask=in_k, other=0)
+            words = tl.load(w_word_ptrs + k0 // 4, mask=in_k, other=0)
             x_words = tl.load(x_word_ptrs + k0 // 4, mask=in_k, other=0)
         flipped = words ^ -2139062144  # 0x80808080: each byte reads q + 128
         low = flipped | 0x4B000000  # bytes 0 and 1 at bits 0 and 8; the exponent's bits overwrite byte 3

@@ -68,11 +68,11 @@ def lowbit_gemv_fma_kernel(
 ):
     """``out = x @ w.T (+ bias)`` for one row of x and BLOCK_N columns a program (the arguments of
     ``lowbit_gemv_kernel``; M_BUCKET is the autotuner's key; x is 16-bit with a unit stride_xk and rows
-    aligned to 16 bytes, the packed rows have a unit stride_pk and start 2-byte aligned: the launcher checks).
-    Each step reads SLICES consecutive K slices of BLOCK_B bytes of every weight row; a slice's
-    BLOCK_B * PER_BYTE codes lie in one group (the launcher fits BLOCK_B to the group size). Slices past K
-    load zero x, scale and zero: they add nothing. EVEN_K: K is a multiple of SLICES * BLOCK_K, and the loads
-    need no mask (columns past N read column N - 1's weight, and are not stored).
+    aligned to 16 bytes, the packed rows are contiguous and start 2-byte aligned: the launcher checks;
+    stride_pk, 1, is not read). Each step reads SLICES consecutive K slices of BLOCK_B bytes of every weight
+    row; a slice's BLOCK_B * PER_BYTE codes lie in one group (the launcher fits BLOCK_B to the group size).
+    Slices past K load zero x, scale and zero: they add nothing. EVEN_K: K is a multiple of SLICES * BLOCK_K,
+    and the loads need no mask (columns past N read column N - 1's weight, and are not stored).
 
     The weight is read in units of four codes (int4: two bytes, int2: one), x in 64-bit words of the four
     values that match them. Code j of a unit stays at bit p = j * BITS: ``_centered_field`` reads it there,
@@ -107,20 +107,20 @@ def lowbit_gemv_fma_kernel(
     # x's words for every column (stride 0 along N): the tile and its layout are the units'.
     x_word_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + x_row + ru[None, :, :] + 0 * rn[:, None, None]
     unit_row = rn_read[:, None, None] * (stride_pn // UNIT_BYTES)
-    unit_ptrs = packed_ptr.to(tl.pointer_type(UNIT)) + unit_row + ru[None, :, :] * stride_pk
+    unit_ptrs = packed_ptr.to(tl.pointer_type(UNIT)) + unit_row + ru[None, :, :]
     sz_ptrs = scale_zeros_ptr + rn_read[:, None] * stride_sn + (slice_k[None, :] // GROUP_SIZE) * stride_sg
 
     acc = tl.zeros((BLOCK_N, SLICES, BLOCK_U), dtype=tl.float32)
     for k0 in range(0, K, SLICES * BLOCK_K):
         group_ptrs = sz_ptrs + (k0 // GROUP_SIZE) * stride_sg
         if EVEN_K:
-            units = tl.load(unit_ptrs + k0 // 4 * stride_pk)
+            units = tl.load(unit_ptrs + k0 // 4)
             x_words = tl.load(x_word_ptrs + k0 // 4)
             scale = tl.load(group_ptrs)
             zero = tl.load(group_ptrs + stride_sc)
         else:
             in_k = slice_k < K - k0
-            units = tl.load(unit_ptrs + k0 // 4 * stride_pk, mask=in_k[None, :, None], other=0)
+            units = tl.load(unit_ptrs + k0 // 4, mask=in_k[None, :, None], other=0)
             x_words = tl.load(x_word_ptrs + k0 // 4, mask=in_k[None, :, None], other=0)
             scale = tl.load(group_ptrs, mask=in_k[None, :], other=0.0)
             zero = tl.load(group_ptrs + stride_sc, mask=in_k[None, :], other=0.0)

@@ -428,7 +428,8 @@ def _forced_fma_config(
             "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart, "
             "and packed rows that are contiguous and, for int4, 2-byte aligned; "
             f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
-            f"16-byte alignment, and packed with strides {tuple(packed.stride())}"
+            f"16-byte alignment, and packed with strides {tuple(packed.stride())}, starting "
+            f"{packed.data_ptr() % 2} bytes past 2-byte alignment"
         )
     return meta, options
 
@@ -446,15 +447,16 @@ def lowbit_mm_triton(
     """``x @ w.T + bias`` for the packed int4 / int2 weight ``w`` (format: module docstring), as x's dtype;
     ``bias`` None or N floats, added in float32 before the one rounding to x's dtype.
 
-    M <= FMA_MAX_M with 16-bit x in contiguous, 16-byte aligned rows runs the CUDA-core decode kernel
-    (``lowbit_gemv_fma_kernel``), other M <= 16 the decode kernel (``lowbit_gemv_kernel``), larger M the GEMM
-    (``lowbit_mm_kernel``), each autotuned. ``config`` runs one fixed config instead (tests, the
-    interpreter, benchmarks). A dict with BLOCK_B (bytes of a weight row per K slice, a power of two at most
-    a group's bytes), BLOCK_N and optionally SLICES, num_warps, num_stages (default 1, 4, 1) runs the
-    CUDA-core kernel (its x as above, M <= MAX_GRID_Y). Otherwise a dict with BLOCK_M and BLOCK_N (powers of
-    two >= 16), BLOCK_K (a power of two >= 16 * per_byte) and optionally num_warps, num_stages (default 4,
-    3) runs, with SLICES (a power of two; num_warps SLICES by default; for float32 x at most 4), the decode
-    kernel, otherwise the GEMM, with GROUP_M (default 8). Any N; K is a multiple of group_size. Operands
+    M <= FMA_MAX_M with 16-bit x in contiguous, 16-byte aligned rows and packed rows contiguous (int4:
+    2-byte aligned too) runs the CUDA-core decode kernel (``lowbit_gemv_fma_kernel``), other M <= 16 the
+    decode kernel (``lowbit_gemv_kernel``), larger M the GEMM (``lowbit_mm_kernel``), each autotuned.
+    ``config`` runs one fixed config instead (tests, the interpreter, benchmarks). A dict with BLOCK_B
+    (bytes of a weight row per K slice, a power of two at most a group's bytes), BLOCK_N and optionally
+    SLICES, num_warps, num_stages (default 1, 4, 1) runs the CUDA-core kernel (x and packed as above,
+    M <= MAX_GRID_Y). Otherwise a dict with BLOCK_M and BLOCK_N (powers of two >= 16), BLOCK_K (a power of
+    two >= 16 * per_byte) and optionally num_warps, num_stages (default 4, 3) runs, with SLICES (a power of
+    two; num_warps SLICES by default; for float32 x at most 4), the decode kernel, otherwise the GEMM, with
+    GROUP_M (default 8). Any N; K is a multiple of group_size. Operands
     may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
