@@ -56,6 +56,23 @@ class TestInt8FmaInterpreted:
         out = int8_weight_mm_triton(torch.eye(k, dtype=dtype), w, scale, config)
         assert torch.equal(out.T, (w.float() * scale[:, None]).to(dtype))
 
+    @pytest.mark.parametrize("fdtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=TYPES.get)
+    def test_float8_weights(self, dtype, fdtype):
+        # x = identity, unit scales: out.T is each finite code's value, exact in x's dtype, bit for bit (every
+        # float8 value is a float16 one; bfloat16 holds e5m2's, and e4m3fn's to 2**-9 = the smallest
+        # subnormal, so a code that does not fit would show). Then random weights against the reference.
+        k = 64
+        codes = torch.arange(256, dtype=torch.uint8).view(fdtype)
+        finite = codes[torch.isfinite(codes.float())]
+        w = finite[: finite.numel() // k * k].reshape(-1, k)
+        config = {"BLOCK_N": 16, "BLOCK_B": 32, "SLICES": 2}
+        out = int8_weight_mm_triton(torch.eye(k, dtype=dtype), w, torch.ones(w.shape[0]), config)
+        assert torch.equal(out.T, w.float().to(dtype))
+        x = torch.randn(1, 96).to(dtype)
+        w, scale = (torch.randn(40, 96) * 0.5).to(fdtype), torch.rand(40) + 0.5
+        assert_matches_int8_reference(int8_weight_mm_triton(x, w, scale, config), x, w, scale)
+
     def test_bias_strided_operands_and_a_column_scale(self):
         # x rows further apart than K (16-byte aligned), w's rows too (starting 4 bytes in), scale (N, 1), a
         # strided bfloat16 bias added in float32.
@@ -97,7 +114,7 @@ def test_autotuned_launches_pick_the_fma_kernel_for_m_1_int8_weights(monkeypatch
     assert kernel_for(torch.randn(1, 64)) == "_int8_autotuned"  # float32 x
     assert kernel_for(torch.randn(1, 66).to(torch.bfloat16)) == "_int8_autotuned"  # K not a multiple of 4
     x = torch.randn(1, 64).to(torch.bfloat16)
-    assert kernel_for(x, torch.randn(40, 64).to(torch.float8_e4m3fn)) == "_int8_autotuned"  # float8 weights
+    assert kernel_for(x, torch.randn(40, 64).to(torch.float8_e4m3fn)) == "_int8_fma_autotuned"  # float8 too
 
 
 def test_fma_kernel_reads_int8_rows_contiguous_and_4_byte_aligned():
@@ -135,7 +152,7 @@ def test_forced_fma_config_refuses_operands_it_cannot_read():
     cases = [
         (x.float(), w, "got torch.float32 x"),
         (x, odd_w, "starting 2 bytes past 4-byte alignment"),
-        (x, w.float().to(torch.float8_e4m3fn), "torch.float8_e4m3fn w"),
+        (torch.randn(1, 66).to(torch.bfloat16), torch.zeros(40, 66, dtype=torch.int8), "strides (66, 1)"),
     ]
     for x_case, w_case, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
@@ -145,14 +162,14 @@ def test_forced_fma_config_refuses_operands_it_cannot_read():
 # -- compiled for an H100, without one -------------------------------------------------------------------
 
 
-def compile_int8_fma_for_h100(config, dtype, even_k=True):
+def compile_int8_fma_for_h100(config, dtype, even_k=True, weights="i8"):
     constexprs = {
         **config.kwargs,
         "HAS_BIAS": True,
         "EVEN_K": even_k,
         **dict.fromkeys(("stride_xk", "stride_wk", "stride_s", "stride_b", "stride_on"), 1),
     }
-    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": "i8", "scale_ptr": "fp32", "bias_ptr": "fp32"}
+    pointer_types = {"x_ptr": TYPES[dtype], "w_ptr": weights, "scale_ptr": "fp32", "bias_ptr": "fp32"}
     pointer_types["out_ptr"] = TYPES[dtype]
     divisible = ("N", "K", "stride_xm", "stride_wn", "stride_om")
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -179,6 +196,20 @@ def test_compiles_to_a_barrier_free_k_loop_without_conversions(even_k, dtype, co
     assert sum((int(mask) & 0xFFFFFFFF) >> 23 == 0x96 for mask in ands) == codes
 
 
+@pytest.mark.skipif(INTERPRETING, reason="compiles, does not interpret")
+@pytest.mark.parametrize("weights", ["fp8e4nv", "fp8e5"])
+@pytest.mark.parametrize("even_k", [True, False], ids=["even-k", "k-tail"])
+def test_float8_compiles_to_paired_hardware_conversions(even_k, weights):
+    config = INT8_FMA_CONFIGS[0]
+    loop = k_loop(compile_int8_fma_for_h100(config, torch.bfloat16, even_k, weights).asm["ptx"])
+    assert "bar.sync" not in loop
+    # Two codes a conversion to float16 (Hopper's cvt from a pair of float8), one to float32 each.
+    kw = config.kwargs
+    codes = kw["BLOCK_N"] * kw["SLICES"] * kw["BLOCK_B"] // (32 * config.num_warps)
+    pair = {"fp8e4nv": "e4m3x2", "fp8e5": "e5m2x2"}[weights]
+    assert len(re.findall(rf"cvt\.rn\.f16x2\.{pair}", loop)) == codes // 2
+
+
 # -- on a GPU --------------------------------------------------------------------------------------------
 
 
@@ -193,6 +224,18 @@ def test_every_int8_fma_config_on_gpu(config):
             x, w, scale = make_int8_operands(m, 200, 4104, dtype, "cuda", seed=m)
             out = int8_weight_mm_triton(x, w, scale, meta)
             assert_matches_int8_reference(out, x, w, scale)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fdtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_float8_weights_on_gpu(fdtype):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 conversions need compute capability 8.9+")
+    x = torch.randn(1, 4104, device="cuda").to(torch.bfloat16)
+    w, scale = (torch.randn(200, 4104, device="cuda") * 0.5).to(fdtype), torch.rand(200, device="cuda") + 0.5
+    for config in INT8_FMA_CONFIGS:
+        meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        assert_matches_int8_reference(int8_weight_mm_triton(x, w, scale, meta), x, w, scale)
 
 
 @requires_cuda

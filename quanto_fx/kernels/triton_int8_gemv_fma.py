@@ -1,10 +1,11 @@
-"""Triton kernel: int8 weight-only decode for M = 1, on the CUDA cores (no tl.dot).
+"""Triton kernel: int8 (and float8) weight-only decode for M = 1, on the CUDA cores (no tl.dot).
 
-The weight is ``int8_weight_mm``'s: int8 (N, K) with N per-output-channel scales. For M = 1 the tensor-core
-kernel (``int8_weight_mm_kernel``) pads x to tl.dot's 16 rows, and on an H200 it ran at 8.2 us where bf16 took
-6.4 at N = 1024, K = 4096 (1.28x: 32 programs), and at 0.84x bf16 at 4096 x 4096 (bench/RESULTS.md). As the
-low-bit CUDA-core kernel did for int4 (7.1 -> 5.3 us at N = 1024), a program here multiplies one row of x by
-BLOCK_N columns with float32 FMAs, with no shared memory in the K loop, and the scale applies after it.
+The weight is ``int8_weight_mm``'s: int8 or float8 (N, K) with N per-output-channel scales. For M = 1 the
+tensor-core kernel (``int8_weight_mm_kernel``) pads x to tl.dot's 16 rows, and on an H200 it ran at 8.2 us
+where bf16 took 6.4 at N = 1024, K = 4096 (1.28x: 32 programs; float8 weights 1.38x), and at 0.84x bf16 at
+4096 x 4096 (bench/RESULTS.md). As the low-bit CUDA-core kernel did for int4 (7.1 -> 5.3 us at N = 1024), a
+program here multiplies one row of x by BLOCK_N columns with float32 FMAs, with no shared memory in the K
+loop, and the scale applies after it.
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ def int8_gemv_fma_kernel(
     (``triton_gemv_fma_x``). Per word, one XOR flips the bytes' sign bits and the exponent of 2**23 is OR-ed
     into the word and into the word shifted right by 16; then each code takes one AND and one fma
     (``_int8_code``), with no int -> float conversion (Hopper runs 16 a clock per SM, an eighth of the FMA
-    rate). Sums, scale and bias are float32, rounded once to out's dtype.
+    rate). float8 codes are converted by the hardware (compute capability 8.9+, as the tensor-core kernel
+    needs): two codes an instruction to float16, exactly, then to float32. Sums, scale and bias are float32,
+    rounded once to out's dtype.
     """
     tl.static_assert(BLOCK_B >= 4, "a slice holds at least one word of four codes")
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    W_DTYPE: tl.constexpr = w_ptr.dtype.element_ty  # int8, float8e4nv or float8e5
     BLOCK_U: tl.constexpr = BLOCK_B // 4
 
     pid_n = tl.program_id(0)
@@ -88,13 +92,18 @@ def int8_gemv_fma_kernel(
             in_k = ru[None, :, :] < (K - k0) // 4
             words = tl.load(w_word_ptrs + k0 // 4, mask=in_k, other=0)
             x_words = tl.load(x_word_ptrs + k0 // 4, mask=in_k, other=0)
-        flipped = words ^ -2139062144  # 0x80808080: each byte reads q + 128
-        low = flipped | 0x4B000000  # bytes 0 and 1 at bits 0 and 8; the exponent's bits overwrite byte 3
-        high = (flipped >> 16) | 0x4B000000  # bytes 2 and 3 at bits 0 and 8
-        acc += _x_value(x_words, 0, DTYPE) * _int8_code(low, 0)
-        acc += _x_value(x_words, 1, DTYPE) * _int8_code(low, 8)
-        acc += _x_value(x_words, 2, DTYPE) * _int8_code(high, 0)
-        acc += _x_value(x_words, 3, DTYPE) * _int8_code(high, 8)
+        if W_DTYPE == tl.int8:
+            flipped = words ^ -2139062144  # 0x80808080: each byte reads q + 128
+            low = flipped | 0x4B000000  # bytes 0 and 1 at bits 0 and 8; the exponent's bits overwrite byte 3
+            high = (flipped >> 16) | 0x4B000000  # bytes 2 and 3 at bits 0 and 8
+            acc += _x_value(x_words, 0, DTYPE) * _int8_code(low, 0)
+            acc += _x_value(x_words, 1, DTYPE) * _int8_code(low, 8)
+            acc += _x_value(x_words, 2, DTYPE) * _int8_code(high, 0)
+            acc += _x_value(x_words, 3, DTYPE) * _int8_code(high, 8)
+        else:  # float8: Hopper converts two codes an instruction (to float16, exact), then one to float32
+            for j in tl.static_range(4):
+                byte = ((words >> (8 * j)) & 0xFF).to(tl.uint8)
+                acc += _x_value(x_words, j, DTYPE) * byte.to(W_DTYPE, bitcast=True).to(tl.float32)
 
     out = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(scale_ptr + rn_read * stride_s).to(tl.float32)
     if HAS_BIAS:

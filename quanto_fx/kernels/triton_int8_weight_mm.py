@@ -4,8 +4,8 @@
 an int8 ``w`` (N, K) and N per-output-channel float scales. The design of the low-bit GEMM
 (``triton_lowbit_mm.py``: tl.dot on the weight converted to x's dtype inside the K loop, tiers of configs by
 M), without packing or groups: any K, the K tail masked; the scale applies once per column after the K loop.
-Its int32 offsets need fewer than 2**31 elements in x, w and the output. At M = 1 with 16-bit x and an int8
-weight the launcher takes the CUDA-core kernel instead (``triton_int8_gemv_fma.py``).
+Its int32 offsets need fewer than 2**31 elements in x, w and the output. At M = 1 with 16-bit x and a weight
+that it reads the launcher takes the CUDA-core kernel instead (``triton_int8_gemv_fma.py``).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ _int8_autotuned = triton.autotune(
 )(int8_weight_mm_kernel)
 
 
-# The CUDA-core decode kernel (int8_gemv_fma_kernel): M = 1, int8 weights, x and w as _int8_fma_reads says.
+# The CUDA-core decode kernel (int8_gemv_fma_kernel): M = 1, x and w as _int8_fma_reads says.
 # Untimed: configs like the low-bit kernel's best (16 columns; 16 or 32 bytes of weight a thread a step), and
 # 8 columns for narrow layers (N = 1024: 128 programs).
 INT8_FMA_MAX_M = 1
@@ -155,9 +155,9 @@ INT8_FMA_CONFIGS = [
 
 
 def _int8_fma_reads(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the CUDA-core decode kernel can read x (``fma_reads_x``) and w: int8 rows contiguous and
-    4-byte aligned, K a multiple of 4 (it reads four codes a word)."""
-    return fma_reads_x(x) and w.dtype == torch.int8 and rows_apart(w, 4) and x.shape[1] % 4 == 0
+    """Whether the CUDA-core decode kernel can read x (``fma_reads_x``) and w: int8 or float8 rows contiguous
+    and 4-byte aligned, K a multiple of 4 (it reads four codes a word)."""
+    return fma_reads_x(x) and rows_apart(w, 4) and x.shape[1] % 4 == 0
 
 
 _int8_fma_with_even_k = triton.heuristics(
@@ -175,7 +175,7 @@ def _forced_int8_fma_config(config: dict, x: torch.Tensor, w: torch.Tensor) -> t
         raise ValueError(
             "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose "
             "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart, "
-            "and an int8 w whose rows are contiguous and 4-byte aligned, with K a multiple of 4; "
+            "and a w whose rows are contiguous and 4-byte aligned, with K a multiple of 4; "
             f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
             f"16-byte alignment, and {w.dtype} w with strides {tuple(w.stride())}, starting "
             f"{w.data_ptr() % 4} bytes past 4-byte alignment"
@@ -222,7 +222,7 @@ def int8_weight_mm_triton(
     float dtype (applied in float32); ``bias`` None or N floats, added in float32 before the one rounding to
     x's dtype. Any M, N and K; operands may be strided. Fast path: K and the row strides multiples of 16
     (16-byte rows of w for cp.async); other K run correctly with unpipelined byte loads (compiled for sm_90:
-    no cp.async). M <= INT8_FMA_MAX_M with an int8 weight that ``_int8_fma_reads`` accepts runs the
+    no cp.async). M <= INT8_FMA_MAX_M with x and w that ``_int8_fma_reads`` accepts runs the
     CUDA-core decode kernel (``int8_gemv_fma_kernel``), everything else the tensor-core kernel, each
     autotuned. ``config`` runs one fixed config instead: a dict with BLOCK_B (bytes of a weight row per K
     slice, a power of two >= 4), BLOCK_N and optionally SLICES, num_warps, num_stages (default 1, 4, 1) runs
