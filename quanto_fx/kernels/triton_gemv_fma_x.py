@@ -1,9 +1,10 @@
 """What the CUDA-core decode kernels (``triton_lowbit_gemv_fma``, ``triton_int8_gemv_fma``) share: x read as
 64-bit words of four 16-bit values, one row a program, and their forced configs.
 
-Each kernel's weight is read in units of four codes (int4: two bytes, int2: one, int8: four), and x in the
-word of the four values that match them, with a zero stride along the output columns: every tile of a step
-has the units' shape, so the compiler keeps each warp's work in registers (no shared memory in the K loop).
+Each kernel's weight is read in units of four codes (int4: two bytes, int2: one, int8 and float8: four),
+and x in the word of the four values that match them, with a zero stride along the output columns: every
+tile of a step has the units' shape, so the compiler keeps each warp's work in registers (no shared memory
+in the K loop).
 """
 
 from __future__ import annotations

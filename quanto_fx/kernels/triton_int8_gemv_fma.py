@@ -55,9 +55,8 @@ def int8_gemv_fma_kernel(
     ``int8_weight_mm_kernel``; M_BUCKET is the autotuner's key). x is 16-bit with a unit stride_xk and rows
     aligned to 16 bytes; w's rows are contiguous (stride_wk, 1, is not read) and start 4-byte aligned; K is
     a multiple of 4 (the launcher checks). Each step reads SLICES consecutive K slices of BLOCK_B bytes of
-    every weight row.
-    EVEN_K: K is a multiple of SLICES * BLOCK_B, and the loads need no mask; otherwise words past K load
-    zero x and weight. Columns past N read column N - 1's weight and are not stored.
+    every weight row. EVEN_K: K is a multiple of SLICES * BLOCK_B, and the loads need no mask; otherwise
+    words past K load zero x and weight. Columns past N read column N - 1's weight and are not stored.
 
     The weight is read as 32-bit words of four codes, x as 64-bit words of the four values that match them
     (``triton_gemv_fma_x``). Per word, one XOR flips the bytes' sign bits and the exponent of 2**23 is OR-ed
