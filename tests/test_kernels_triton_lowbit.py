@@ -634,10 +634,10 @@ def test_lowbit_kernel_in_the_interpreter():
 H100_MAX_SHARED = 232448
 
 
-def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True):
+def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True, rows=1):
     """The compiled kernel (PTX, metadata) for sm_90, as a launch with contiguous operands specializes it: the
     CUDA-core decode kernel for a config with BLOCK_B, the decode kernel for one with SLICES, else the GEMM;
-    with a float32 bias unless ``has_bias=False``."""
+    with a float32 bias unless ``has_bias=False``; the CUDA-core kernel with ``rows`` rows a program."""
     if "BLOCK_B" in config.kwargs:
         kernel = lowbit_gemv_fma_kernel
     else:
@@ -651,6 +651,7 @@ def compile_for_h100(bits, group_size, config, dtype, even_k=True, has_bias=True
         "GROUP_SIZE": group_size,
         "HAS_BIAS": has_bias,
         "EVEN_K": even_k,
+        "ROWS": rows,  # the CUDA-core kernel's
         **dict.fromkeys(unit_strides, 1),
     }
     constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}

@@ -137,7 +137,8 @@ def test_autotuned_launches_pick_the_fma_kernel_for_the_smallest_m_with_16_bit_x
     for m in range(1, FMA_MAX_M + 1):
         for dtype in (torch.bfloat16, torch.float16):
             assert kernel_for(torch.randn(m, 64).to(dtype)) == "_fma_autotuned"
-    assert calls[-1][1]({"BLOCK_N": 16}) == (3, FMA_MAX_M)  # N tiles, then one program per row
+    # N tiles, then a program per two rows (ROWS, the kernel's heuristic: min(M, 2))
+    assert calls[-1][1]({"BLOCK_N": 16, "ROWS": min(FMA_MAX_M, 2)}) == (3, triton.cdiv(FMA_MAX_M, 2))
     assert kernel_for(torch.randn(FMA_MAX_M + 1, 64).to(torch.bfloat16)) == "_gemv_autotuned"
     assert kernel_for(torch.randn(1, 64)) == "_gemv_autotuned"  # float32 x
     misaligned = torch.randn(1, 72).to(torch.bfloat16)[:, 1:65]
@@ -207,15 +208,20 @@ def test_forced_fma_config_refuses_operands_it_cannot_read():
         lowbit_mm_triton(torch.randn(1, 64).to(torch.bfloat16), odd_packed, scale_zeros, 4, 32, config)
 
 
+@pytest.mark.parametrize("m", [1, 2, 5])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
-def test_fma_configs_fit_the_group(group_size, bits):
-    configs = _prune_fma_configs(FMA_CONFIGS, {"M": 1}, BITS=bits, GROUP_SIZE=group_size)
-    assert configs == [fit_block_b(c, bits, group_size) for c in FMA_CONFIGS]
+def test_fma_configs_fit_the_group(group_size, bits, m):
+    configs = _prune_fma_configs(FMA_CONFIGS, {"M": m}, BITS=bits, GROUP_SIZE=group_size)
+    rows = min(m, 2)  # the kernel's ROWS
+    assert configs == [fit_block_b(c, bits, group_size, rows) for c in FMA_CONFIGS]
     for config, fitted in zip(FMA_CONFIGS, configs):
         block_b, slices = fitted.kwargs["BLOCK_B"], fitted.kwargs["SLICES"]
         assert group_size % (block_b * (8 // bits)) == 0  # a slice's codes lie in one group
-        assert block_b == min(config.kwargs["BLOCK_B"], group_bytes(bits, group_size))
+        expected = min(config.kwargs["BLOCK_B"], group_bytes(bits, group_size))
+        if bits == 2 and rows == 2:  # int2 slices halved for two rows' registers
+            expected //= 2
+        assert block_b == expected
         assert slices == config.kwargs["SLICES"]
 
 
@@ -236,9 +242,10 @@ def k_loop(ptx: str) -> str:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=TYPES.get)
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("even_k", [True, False], ids=["even-k", "k-tail"])
-def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(even_k, bits, dtype, config):
-    config = fit_block_b(config, bits, 128)
-    ptx = compile_for_h100(bits, 128, config, dtype, even_k).asm["ptx"]
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(rows, even_k, bits, dtype, config):
+    config = fit_block_b(config, bits, 128, rows)
+    ptx = compile_for_h100(bits, 128, config, dtype, even_k, rows=rows).asm["ptx"]
     assert "mma" not in ptx and "cp.async" not in ptx  # FMAs, loads straight to registers
     loop = k_loop(ptx)
     # No barrier in the K loop: x and the sums stay in the bytes' layout, no trip through shared memory.
@@ -247,10 +254,10 @@ def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(even_k, bits, dtype
     kw, per_byte = config.kwargs, 8 // bits
     step_bytes = kw["BLOCK_N"] * kw["SLICES"] * kw["BLOCK_B"] // (32 * config.num_warps)
     vector_loads = re.findall(r"ld\.global(?:\.\w+)*\.v(?:4\.b32|2\.b64)", loop)
-    assert len(vector_loads) >= step_bytes * (1 + 2 * per_byte) // 16
+    assert len(vector_loads) >= step_bytes * (1 + 2 * per_byte * rows) // 16
     assert not re.search(r"cvt\.rn\.f32\.[su](8|16|32)\b", loop), "an int -> float conversion"
     # One logic instruction a code: an AND keeps the code where it lies in its unit of four, and the exponent
-    # of 2**23, OR-ed in once a unit (no shift of the weight, no second mask).
+    # of 2**23, OR-ed in once a unit (no shift of the weight, no second mask); once for both rows.
     codes = step_bytes * per_byte
     ands = re.findall(r"and\.b32\s+%r\d+, %r\d+, (-?\d+);", loop)
     assert sum((int(mask) & 0xFFFFFFFF) >> 23 == 0x96 for mask in ands) == codes

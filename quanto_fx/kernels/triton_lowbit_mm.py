@@ -27,6 +27,8 @@ the output and ``packed`` hold fewer than 2**31 elements each.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -315,13 +317,15 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
     return _fitted(configs, kwargs)
 
 
-# The CUDA-core decode kernel: M = 1 with 16-bit x (see _fma_reads). H200 sweep (bench/RESULTS.md, int4, bf16
-# x): at M = 1 it beat the tensor-core decode kernel's best config by 15-25% (4096 x 4096: 8.0 us against 9.6;
-# N = 14336: 23.5 against 27.0; N = 1024: 5.3 against 7.1), but each row is a program that dequantizes the
-# weight again: 14.4 us at M = 2 (against 9.3), 26.0 at M = 4. Its configs: 16-wide tiles won at every
-# shape; a program's warps split each step's SLICES slices of BLOCK_B bytes (4 led at N = 4096, 2 at 14336,
-# 8 and 16 at 1024, where there are fewer programs).
-FMA_MAX_M = 1
+# The CUDA-core decode kernel: M <= 2 with 16-bit x (see _fma_reads). H200 sweep (bench/RESULTS.md, int4,
+# bf16 x): at M = 1 it beat the tensor-core decode kernel's best config by 15-25% (4096 x 4096: 8.0 us against
+# 9.6; N = 14336: 23.5 against 27.0; N = 1024: 5.3 against 7.1). A program then took one row and dequantized
+# the weight again for each: 14.4 us at M = 2 (against 9.3). Now a program takes two rows (ROWS), at about
+# the instructions per code that one row took when timed: M = 2 is predicted near 8 us, untimed (the sweep's
+# "int4 CUDA cores" at M = 2 and 4 times it; FMA_MAX_M = 1 restores the tensor-core kernel there). Its
+# configs: 16-wide tiles won at every shape; a program's warps split each step's SLICES slices of BLOCK_B
+# bytes (4 led at N = 4096, 2 at 14336, 8 and 16 at 1024, where there are fewer programs).
+FMA_MAX_M = 2
 FMA_CONFIGS = [
     fma_config(16, 64, 4, 8, 1),
     fma_config(16, 64, 2, 4, 1),
@@ -331,8 +335,9 @@ FMA_CONFIGS = [
 
 
 def _prune_fma_configs(configs, named_args, **kwargs):
-    """The CUDA-core decode configs, BLOCK_B fitted to the bits and group size."""
-    return _fitted(configs, kwargs, fit_block_b)
+    """The CUDA-core decode configs, BLOCK_B fitted to the bits, group size and rows a program."""
+    rows = min(named_args["M"], 2)  # the kernel's ROWS heuristic
+    return _fitted(configs, kwargs, functools.partial(fit_block_b, rows=rows))
 
 
 def _fma_reads(x: torch.Tensor, packed: torch.Tensor, bits: int) -> bool:
@@ -347,7 +352,10 @@ _gemv_with_even_k = triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_K"]) == 0}
 )(lowbit_gemv_kernel)
 _fma_with_even_k = triton.heuristics(
-    {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_B"] * (8 // args["BITS"])) == 0}
+    {
+        "EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_B"] * (8 // args["BITS"])) == 0,
+        "ROWS": lambda args: min(args["M"], 2),  # two rows a program share each code's dequantization
+    }
 )(lowbit_gemv_fma_kernel)
 
 
@@ -491,7 +499,7 @@ def lowbit_mm_triton(
     flags = {"BITS": bits, "GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
     gemv_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
     gemm_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    fma_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
+    fma_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["ROWS"]))
     with _device_guard(x):
         if forced is None:
             if m <= FMA_MAX_M and _fma_reads(x, packed, bits):
@@ -503,7 +511,7 @@ def lowbit_mm_triton(
         else:
             meta, options = forced
             if "BLOCK_B" in meta:
-                _fma_with_even_k[fma_grid(meta)](*args, **flags, **meta, **options)
+                _fma_with_even_k[fma_grid](*args, **flags, **meta, **options)  # ROWS: a heuristic
             elif "SLICES" in meta:
                 _gemv_with_even_k[gemv_grid(meta)](*args, **flags, **meta, **options)
             else:
