@@ -825,9 +825,10 @@ def test_every_config_on_gpu(bits, config):
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 16, 100])
-@pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 32), (2, 64)])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 100])
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 32), (2, 64), (2, 128)])
 def test_autotuned_llm_shapes_on_gpu(m, bits, group_size):
+    # M = 2 and 3: the CUDA-core kernel's two rows a program (int2's slices halved), then the decode kernel.
     for dtype in (torch.bfloat16, torch.float16):
         run(m, 4096, 4096, bits, group_size, None, dtype, device="cuda")
     run(m, 1000, 4096, bits, group_size, None, torch.bfloat16, device="cuda")

@@ -54,8 +54,9 @@ class TestFmaInterpreted:
     @pytest.mark.parametrize("group_size", [32, 128])
     @pytest.mark.parametrize("bits", [4, 2])
     def test_matches_reference(self, bits, group_size, slices, dtype):
-        # K = 3 groups, one slice each: with 2 or 4 slices the last step runs past K. M = 1 and 3 (a program
-        # per row), N = 40 a partial column tile.
+        # K = 3 groups, one slice each: with 2 or 4 slices the last step runs past K. M = 1 (one row a
+        # program) and 3 (two rows a program: the second program reads row 2 twice and stores it once), N = 40
+        # a partial column tile.
         config = {"BLOCK_N": 16, "BLOCK_B": group_bytes(bits, group_size), "SLICES": slices}
         for m in (1, 3):
             run_fma(m, 40, 3 * group_size, bits, group_size, config, dtype, seed=m)
@@ -139,6 +140,8 @@ def test_autotuned_launches_pick_the_fma_kernel_for_the_smallest_m_with_16_bit_x
             assert kernel_for(torch.randn(m, 64).to(dtype)) == "_fma_autotuned"
     # N tiles, then a program per two rows (ROWS, the kernel's heuristic: min(M, 2))
     assert calls[-1][1]({"BLOCK_N": 16, "ROWS": min(FMA_MAX_M, 2)}) == (3, triton.cdiv(FMA_MAX_M, 2))
+    rows = triton_lowbit_mm._fma_with_even_k.values["ROWS"]
+    assert [rows({"M": m}) for m in (1, 2, 3)] == [1, 2, 2]
     assert kernel_for(torch.randn(FMA_MAX_M + 1, 64).to(torch.bfloat16)) == "_gemv_autotuned"
     assert kernel_for(torch.randn(1, 64)) == "_gemv_autotuned"  # float32 x
     misaligned = torch.randn(1, 72).to(torch.bfloat16)[:, 1:65]
@@ -197,7 +200,7 @@ def test_forced_fma_config_refuses_operands_it_cannot_read():
         (torch.randn(1, 64), "float32"),
         (torch.randn(1, 72).to(torch.bfloat16)[:, 1:65], "starting 2 bytes past"),
         (torch.randn(2, 70).to(torch.bfloat16)[:, :64], "strides (70, 1)"),
-        (torch.randn(MAX_GRID_Y + 1, 64).to(torch.bfloat16), f"at most {MAX_GRID_Y} rows"),
+        (torch.randn(MAX_GRID_Y + 1, 64).to(torch.bfloat16), f"at most {MAX_GRID_Y}"),
     ]
     for x, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
@@ -272,10 +275,10 @@ def test_compiles_to_a_barrier_free_k_loop_on_the_cuda_cores(rows, even_k, bits,
 @pytest.mark.parametrize("bits", [4, 2])
 def test_every_fma_config_on_gpu(bits, config):
     # K = 5 groups of 64: the last step's slices run past K for 2 slices and more; N = 200 a partial tile.
-    config = fit_block_b(config, bits, 64)
-    meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    for dtype in (torch.bfloat16, torch.float16):
-        for m in (1, 3):
+    for m in (1, 3):
+        fitted = fit_block_b(config, bits, 64, rows=min(m, 2))  # as the autotuner fits it for M
+        meta = {**fitted.kwargs, "num_warps": fitted.num_warps, "num_stages": fitted.num_stages}
+        for dtype in (torch.bfloat16, torch.float16):
             run_fma(m, 200, 320, bits, 64, meta, dtype, device="cuda", seed=m)
 
 

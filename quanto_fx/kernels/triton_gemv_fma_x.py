@@ -1,5 +1,5 @@
 """What the CUDA-core decode kernels (``triton_lowbit_gemv_fma``, ``triton_int8_gemv_fma``) share: x read as
-64-bit words of four 16-bit values, one row a program, and their forced configs.
+64-bit words of four 16-bit values, rows of x along the grid's second axis, and their forced configs.
 
 Each kernel's weight is read in units of four codes (int4: two bytes, int2: one, int8 and float8: four),
 and x in the word of the four values that match them, with a zero stride along the output columns: every
@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .triton_launch import _is_power_of_two
 
-MAX_GRID_Y = 65535  # CUDA's largest grid along y: the most rows a launch takes (a program per row)
+MAX_GRID_Y = 65535  # CUDA's largest grid along y: the most rows a launch takes (int8: a program per row)
 FMA_CONFIG_KEYS = {"BLOCK_N", "BLOCK_B", "SLICES", "num_warps", "num_stages"}
 
 
@@ -72,5 +72,7 @@ def forced_fma_config(config: dict, codes_per_byte: int, m: int) -> tuple[dict, 
     if meta["BLOCK_B"] * codes_per_byte < 4:
         raise ValueError(f"config BLOCK_B = {meta['BLOCK_B']} holds fewer than the kernel's 4 codes a read")
     if m > MAX_GRID_Y:
-        raise ValueError(f"the CUDA-core decode kernel runs a program per row: at most {MAX_GRID_Y} rows")
+        raise ValueError(
+            f"the CUDA-core decode kernel runs one or two rows a program: at most {MAX_GRID_Y} rows"
+        )
     return meta, {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1)}
