@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from .test_kernels_triton_lowbit import TOLERANCE, assert_matches_int8_reference, make_int8_operands
-from .test_kernels_triton_lowbit_fma import Recorder, k_loop
+from .test_kernels_triton_lowbit_fma import TYPES, Recorder, fma_config_id, k_loop
 from .utils import INTERPRETING, assert_passes_in_the_interpreter, compile_for_sm90, requires_cuda
 
 triton = pytest.importorskip("triton")
@@ -20,13 +20,6 @@ from quanto_fx.kernels.triton_int8_weight_mm import (  # noqa: E402
     _int8_fma_reads,
     int8_weight_mm_triton,
 )
-
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def fma_config_id(config) -> str:
-    kw = config.kwargs
-    return f"n{kw['BLOCK_N']}-b{kw['BLOCK_B']}-s{kw['SLICES']}-w{config.num_warps}"
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child pytest")
