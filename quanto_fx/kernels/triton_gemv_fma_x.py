@@ -29,6 +29,30 @@ def _x_value(words, j: tl.constexpr, DTYPE: tl.constexpr):
     return (half_word >> (16 * (j % 2))).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
+@triton.jit
+def _x_word_ptrs(x_ptr, row, stride_xm, ru, rn):
+    """Pointers to x's 64-bit words ``ru`` (the weight's units, 2-D) of ``row``, for every column ``rn``
+    (stride 0 along N): the tile and its layout are the weight's. Rows are 16-byte aligned
+    (``fma_reads_x``)."""
+    x_row = tl.multiple_of(row * (stride_xm // 4), 2)
+    return x_ptr.to(tl.pointer_type(tl.int64)) + x_row + ru[None, :, :] + 0 * rn[:, None, None]
+
+
+# What fma_reads_x accepts, for the launchers' errors.
+FMA_X_NEEDS = (
+    "bfloat16 / float16 x whose rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of "
+    "8 elements apart"
+)
+
+
+def describe_x(x: torch.Tensor) -> str:
+    """x as ``fma_reads_x`` sees it, for the launchers' errors."""
+    return (
+        f"{x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past 16-byte "
+        "alignment"
+    )
+
+
 def fma_reads_x(x: torch.Tensor) -> bool:
     """Whether the CUDA-core decode kernels can read x: 16-bit values, each row contiguous and 16-byte aligned
     (they read x's values four to a word, 16 bytes at a time)."""
@@ -41,7 +65,7 @@ def fma_reads_x(x: torch.Tensor) -> bool:
     )
 
 
-def rows_apart(t: torch.Tensor, unit_bytes: int) -> bool:
+def contiguous_aligned_rows(t: torch.Tensor, unit_bytes: int) -> bool:
     """Whether the rows of a 2-D byte-element weight ``t`` are contiguous and start ``unit_bytes``-aligned."""
     aligned_rows = t.shape[0] == 1 or t.stride(0) % unit_bytes == 0
     return t.stride(1) == 1 and t.data_ptr() % unit_bytes == 0 and aligned_rows

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv_fma_x import _x_value
+from .triton_gemv_fma_x import _x_value, _x_word_ptrs
 
 
 @triton.jit
@@ -76,9 +76,7 @@ def int8_gemv_fma_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_read = tl.minimum(rn, N - 1)  # a partial tile's last columns read a real one's weight: no load masks
     ru = (tl.arange(0, SLICES) * BLOCK_U)[:, None] + tl.arange(0, BLOCK_U)[None, :]  # a step's words of a row
-    x_row = tl.multiple_of(row * (stride_xm // 4), 2)  # 16-byte aligned rows of 64-bit words
-    # x's words for every column (stride 0 along N): the tile and its layout are the weight's words'.
-    x_word_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + x_row + ru[None, :, :] + 0 * rn[:, None, None]
+    x_word_ptrs = _x_word_ptrs(x_ptr, row, stride_xm, ru, rn)
     word_row = rn_read[:, None, None] * (stride_wn // 4)
     w_word_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + word_row + ru[None, :, :]
 

@@ -15,7 +15,14 @@ import triton
 import triton.language as tl
 
 from ..tensor.quantization import FLOAT8_DTYPES
-from .triton_gemv_fma_x import fma_config, fma_reads_x, forced_fma_config, rows_apart
+from .triton_gemv_fma_x import (
+    FMA_X_NEEDS,
+    contiguous_aligned_rows,
+    describe_x,
+    fma_config,
+    fma_reads_x,
+    forced_fma_config,
+)
 from .triton_int8_gemv_fma import int8_gemv_fma_kernel
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
@@ -157,7 +164,7 @@ INT8_FMA_CONFIGS = [
 def _int8_fma_reads(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the CUDA-core decode kernel can read x (``fma_reads_x``) and w: int8 or float8 rows contiguous
     and 4-byte aligned, K a multiple of 4 (it reads four codes a word)."""
-    return fma_reads_x(x) and rows_apart(w, 4) and x.shape[1] % 4 == 0
+    return fma_reads_x(x) and contiguous_aligned_rows(w, 4) and x.shape[1] % 4 == 0
 
 
 _int8_fma_with_even_k = triton.heuristics(
@@ -173,11 +180,9 @@ def _forced_int8_fma_config(config: dict, x: torch.Tensor, w: torch.Tensor) -> t
     meta, options = forced_fma_config(config, 1, x.shape[0])
     if not _int8_fma_reads(x, w):
         raise ValueError(
-            "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose "
-            "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart, "
+            f"a config with BLOCK_B runs the CUDA-core decode kernel, which reads {FMA_X_NEEDS}, "
             "and a w whose rows are contiguous and 4-byte aligned, with K a multiple of 4; "
-            f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
-            f"16-byte alignment, and {w.dtype} w with strides {tuple(w.stride())}, starting "
+            f"got {describe_x(x)}, and {w.dtype} w with strides {tuple(w.stride())}, starting "
             f"{w.data_ptr() % 4} bytes past 4-byte alignment"
         )
     return meta, options

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv_fma_x import _x_value
+from .triton_gemv_fma_x import _x_value, _x_word_ptrs
 
 
 @triton.jit
@@ -140,31 +140,13 @@ def lowbit_gemv_fma_kernel(
             if ROWS == 2:
                 acc_2 += _x_value(x_words_2, j, DTYPE) * weight
 
-    _store_row(acc, out_ptr, row, rn, rn_read, N, bias_ptr, stride_b, stride_om, stride_on, HAS_BIAS, True)
+    bias = tl.load(bias_ptr + rn_read * stride_b).to(tl.float32) if HAS_BIAS else 0.0
+    out_ptrs = out_ptr + row * stride_om + rn * stride_on
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptrs, (tl.sum(tl.sum(acc, axis=2), axis=1) + bias).to(out_dtype), mask=rn < N)
     if ROWS == 2:
-        second = row + 1 < M
-        _store_row(
-            acc_2,
-            out_ptr,
-            row + 1,
-            rn,
-            rn_read,
-            N,
-            bias_ptr,
-            stride_b,
-            stride_om,
-            stride_on,
-            HAS_BIAS,
-            second,
-        )
-
-
-@triton.jit
-def _x_word_ptrs(x_ptr, row, stride_xm, ru, rn):
-    """Pointers to x's 64-bit words of ``row`` for every column (stride 0 along N): the tile and its layout
-    are the units'. Rows are 16-byte aligned (the launcher checks)."""
-    x_row = tl.multiple_of(row * (stride_xm // 4), 2)
-    return x_ptr.to(tl.pointer_type(tl.int64)) + x_row + ru[None, :, :] + 0 * rn[:, None, None]
+        out_2 = tl.sum(tl.sum(acc_2, axis=2), axis=1) + bias
+        tl.store(out_ptrs + stride_om, out_2.to(out_dtype), mask=(rn < N) & (row + 1 < M))
 
 
 @triton.jit
@@ -175,16 +157,10 @@ def _load_x_words(ptrs, in_k, EVEN_K: tl.constexpr):
     return tl.load(ptrs, mask=in_k[None, :, None], other=0)
 
 
-@triton.jit
-def _store_row(acc, out_ptr, row, rn, rn_read, N, bias_ptr, stride_b, stride_om, stride_on, HAS_BIAS, stored):
-    """A row's sums (plus the bias), rounded once to out's dtype; columns past N (and rows with ``stored``
-    false) are not stored."""
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn_read * stride_b).to(tl.float32)
-    tl.store(
-        out_ptr + row * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=(rn < N) & stored
-    )
+def fma_rows(m: int) -> int:
+    """The kernel's ROWS for M rows of x (a heuristic of the launcher): two rows a program share each code's
+    dequantization."""
+    return min(m, 2)
 
 
 def fit_block_b(config: triton.Config, bits: int, group_size: int, rows: int = 1) -> triton.Config:

@@ -34,7 +34,14 @@ import triton
 import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
-from .triton_gemv_fma_x import fma_config, fma_reads_x, forced_fma_config, rows_apart
+from .triton_gemv_fma_x import (
+    FMA_X_NEEDS,
+    contiguous_aligned_rows,
+    describe_x,
+    fma_config,
+    fma_reads_x,
+    forced_fma_config,
+)
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
     _bench_on_gpu_alone,
@@ -50,7 +57,7 @@ from .triton_launch import (
     _tier,
 )
 from .triton_lowbit_codes import _dequantize, _split_codes
-from .triton_lowbit_gemv_fma import fit_block_b, lowbit_gemv_fma_kernel
+from .triton_lowbit_gemv_fma import fit_block_b, fma_rows, lowbit_gemv_fma_kernel
 
 LOWBIT_BITS = (2, 4)
 
@@ -336,14 +343,13 @@ FMA_CONFIGS = [
 
 def _prune_fma_configs(configs, named_args, **kwargs):
     """The CUDA-core decode configs, BLOCK_B fitted to the bits, group size and rows a program."""
-    rows = min(named_args["M"], 2)  # the kernel's ROWS heuristic
-    return _fitted(configs, kwargs, functools.partial(fit_block_b, rows=rows))
+    return _fitted(configs, kwargs, functools.partial(fit_block_b, rows=fma_rows(named_args["M"])))
 
 
 def _fma_reads(x: torch.Tensor, packed: torch.Tensor, bits: int) -> bool:
     """Whether the CUDA-core decode kernel can read x (``fma_reads_x``) and the weight: packed rows contiguous
     and, for int4, 2-byte aligned (it reads four codes at a time: two bytes of int4, one of int2)."""
-    return fma_reads_x(x) and rows_apart(packed, 2 if bits == 4 else 1)
+    return fma_reads_x(x) and contiguous_aligned_rows(packed, 2 if bits == 4 else 1)
 
 
 # EVEN_K from the launch's K and K step (the config's, autotuned or forced): the K masks are compiled out.
@@ -354,7 +360,7 @@ _gemv_with_even_k = triton.heuristics(
 _fma_with_even_k = triton.heuristics(
     {
         "EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_B"] * (8 // args["BITS"])) == 0,
-        "ROWS": lambda args: min(args["M"], 2),  # two rows a program share each code's dequantization
+        "ROWS": lambda args: fma_rows(args["M"]),
     }
 )(lowbit_gemv_fma_kernel)
 
@@ -432,11 +438,9 @@ def _forced_fma_config(
         )
     if not _fma_reads(x, packed, bits):
         raise ValueError(
-            "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose "
-            "rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart, "
+            f"a config with BLOCK_B runs the CUDA-core decode kernel, which reads {FMA_X_NEEDS}, "
             "and packed rows that are contiguous and, for int4, 2-byte aligned; "
-            f"got {x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past "
-            f"16-byte alignment, and packed with strides {tuple(packed.stride())}, starting "
+            f"got {describe_x(x)}, and packed with strides {tuple(packed.stride())}, starting "
             f"{packed.data_ptr() % 2} bytes past 2-byte alignment"
         )
     return meta, options

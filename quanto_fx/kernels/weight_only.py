@@ -221,7 +221,7 @@ def per_channel_dequantized_gemm(x, w, scale, bias=None):
 
 def _per_channel_weight_mm_triton(x, w, scale, bias):
     """CUDA, int8 or float8 weights: from CUDA_DEQUANTIZED_GEMM_MIN_M rows ``per_channel_dequantized_gemm``,
-    else the fused Triton kernel of ``triton_int8_weight_mm.py``."""
+    else the fused Triton kernels of ``triton_int8_weight_mm.py`` (CUDA cores at M = 1, else tensor cores)."""
     from .triton_int8_weight_mm import int8_weight_mm_triton
 
     if x.shape[0] >= CUDA_DEQUANTIZED_GEMM_MIN_M:
