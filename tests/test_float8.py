@@ -85,6 +85,19 @@ def test_float8_mm_refuses_integer_operands():
         float8_mm(a, a.t(), torch.ones(()), torch.ones(()), None, torch.float32)
 
 
+@pytest.mark.parametrize("which", ["a_scale (M,)", "b_scale (N, 1)"])
+def test_float8_mm_refuses_scales_that_would_broadcast_along_the_wrong_axis(which):
+    # square operands: an (M,) a_scale or (N, 1) b_scale has the right size but scales columns / rows
+    a = QTensor.quantize(torch.randn(4, 4), qfloat8_e4m3fn, axis=0)
+    a_scale, b_scale = a._scale, a._scale.t()
+    if which.startswith("a_scale"):
+        a_scale = a_scale.reshape(4)
+    else:
+        b_scale = b_scale.reshape(4, 1)
+    with pytest.raises(ValueError, match=which.split()[0]):
+        float8_mm(a._data, a._data.t(), a_scale, b_scale, None, torch.float32)
+
+
 def test_scaled_mm_probe_answers_for_cpu():
     # torch 2.13's CPU build implements _scaled_mm; the probe must say so (else the reference runs silently).
     assert scaled_mm_works("cpu", torch.float32) is True

@@ -8,7 +8,7 @@ error ~5e-4, at most ``cpu_float8_mm.FLOAT16_ERROR``, against e4m3's own ~3e-2).
 
 Elsewhere ``torch._scaled_mm`` where the device has it (CUDA GPUs with float8 tensor cores, compute
 capability 8.9+; CPU builds that implement it), else the reference, which dequantizes both operands to
-float32 first. Whether ``_scaled_mm`` works is probed once per device type and output dtype with a tiny e4m3
+float32 first. Whether ``_scaled_mm`` works is probed once per device and output dtype with a tiny e4m3
 product; e5m2 x e5m2 on CUDA, which cuBLAS refuses, takes the reference.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from ..tensor.quantization import FLOAT8_DTYPES
 from . import cpu_float8_mm
+from .checks import _check_scale
 from .library import LIB, TAGS
 
 # cuBLAS float8 GEMMs want K and N in multiples of 16.
@@ -41,23 +42,35 @@ def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
         raise TypeError(f"a and b must be 2-d float8 tensors, got {a.dtype} {tuple(a.shape)}, {b.dtype}")
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"cannot multiply {tuple(a.shape)} by {tuple(b.shape)}")
-    if a_scale.numel() not in (1, a.shape[0]) or b_scale.numel() not in (1, b.shape[1]):
-        raise ValueError("a_scale must be 0-d or (M, 1) and b_scale 0-d or (1, N)")
+    for name, t in (("b", b), ("bias", bias)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name} is on {t.device} but a is on {a.device}")
+    # exact shapes: an (M,) or (N, 1) scale of the right size would broadcast along the wrong axis
+    _check_scale(a_scale, "a_scale", (a.shape[0], 1), a.device)
+    _check_scale(b_scale, "b_scale", (1, b.shape[1]), a.device)
     if bias is not None and tuple(bias.shape) != (b.shape[1],):
         raise ValueError(f"bias must have shape ({b.shape[1]},), got {tuple(bias.shape)}")
     if not out_dtype.is_floating_point:
         raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}")
 
 
-@functools.cache
-def scaled_mm_works(device_type: str, out_dtype: torch.dtype) -> bool:
-    """Whether ``torch._scaled_mm`` with row-wise scales runs on this device type for ``out_dtype``."""
-    if device_type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+def scaled_mm_works(device: torch.device | str, out_dtype: torch.dtype) -> bool:
+    """Whether ``torch._scaled_mm`` with row-wise scales runs on ``device`` (a CUDA device without an index:
+    the current one) for ``out_dtype``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _scaled_mm_works(device, out_dtype)
+
+
+@functools.cache  # per device, not per device type: a machine may hold GPUs of different capabilities
+def _scaled_mm_works(device: torch.device, out_dtype: torch.dtype) -> bool:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         return False
     try:
-        a = torch.ones(16, 16, device=device_type).to(torch.float8_e4m3fn)
-        scale_a = torch.ones(16, 1, device=device_type)
-        scale_b = torch.ones(1, 16, device=device_type)
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        scale_a = torch.ones(16, 1, device=device)
+        scale_b = torch.ones(1, 16, device=device)
         out = torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
         return bool((out == 16).all())
     except (RuntimeError, NotImplementedError):
@@ -82,7 +95,7 @@ def float8_mm_torch(a, b, a_scale, b_scale, bias, out_dtype):
     aligned = a.shape[1] % SCALED_MM_MULTIPLE == 0 and b.shape[1] % SCALED_MM_MULTIPLE == 0
     # cuBLAS refuses e5m2 x e5m2 (one operand must be e4m3); the CPU build takes it.
     both_e5m2 = a.dtype == b.dtype == torch.float8_e5m2 and a.device.type == "cuda"
-    if not aligned or both_e5m2 or not scaled_mm_works(a.device.type, out_dtype):
+    if not aligned or both_e5m2 or not scaled_mm_works(a.device, out_dtype):
         return float8_mm_reference(a, b, a_scale, b_scale, bias, out_dtype)
     m, n = a.shape[0], b.shape[1]
     scale_a = a_scale.to(torch.float32).expand(m, 1).contiguous()
