@@ -269,6 +269,12 @@ def test_large_int8_weights_take_torch_int_mm_past_int8_vnni_max_m():
     assert torch.equal(out, cpu_vnni_mm.int8_weight_int_mm(x, w, scale))
     assert torch.equal(int8_weight_mm(x[:rows], w, scale), cpu_vnni_mm.vnni_weight_mm(x[:rows], w, scale, 8))
     assert relative_error(out, per_channel_weight_mm_reference(x, w, scale)) < VNNI_TOLERANCE
+    # a 16-bit x: the bias joins the float32 sums, and the output is rounded to x's dtype once, as on
+    # every other path (not rounded, then added to the bias and rounded again)
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    xb = x.bfloat16()
+    expected = (cpu_vnni_mm.int8_weight_int_mm(xb, w, scale) + bias.float()).bfloat16()
+    assert torch.equal(int8_weight_mm(xb, w, scale, bias), expected)
 
 
 def test_16_bit_x_is_computed_from_float32_and_returned_in_its_dtype():

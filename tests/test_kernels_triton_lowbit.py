@@ -306,6 +306,7 @@ def _bad_int8_inputs():
         ("scale-size", (x, w, scale[:39]), ValueError, ["N = 40", "(39,)"]),
         ("scale-1xN", (x, w, scale[None]), ValueError, ["scale", "(40, 1)", "(1, 40)"]),
         ("scale-3d", (x, w, scale[:, None, None]), ValueError, ["scale", "(40, 1, 1)"]),
+        ("scale-0d", (x, w[:1], scale[0]), ValueError, ["scale", "(1,) or (1, 1)", "got ()"]),
         ("x-int8", (x.to(torch.int8), w, scale), TypeError, ["x must have dtype"]),
         ("x-float64", (x.double(), w, scale), TypeError, ["x must have dtype", "float64"]),
         ("x-1d", (x[0], w, scale), ValueError, ["x must be 2-D"]),

@@ -203,7 +203,7 @@ def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Ten
     if not scale.is_floating_point():
         raise TypeError(f"scale must be a float tensor, got {scale.dtype}")
     n = w.shape[0]
-    if scale.numel() != n or scale.ndim > 2 or (scale.ndim == 2 and scale.shape[1] != 1):
+    if scale.numel() != n or scale.ndim not in (1, 2) or (scale.ndim == 2 and scale.shape[1] != 1):
         raise ValueError(
             f"scale must hold N = {n} scales, shaped ({n},) or ({n}, 1), got {tuple(scale.shape)}"
         )

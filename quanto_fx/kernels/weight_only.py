@@ -189,7 +189,7 @@ def int8_weight_mm_torch(x, w, scale, bias=None):
     ):
         out = cpu_vnni_mm.int8_weight_int_mm(x, w.contiguous(), scale.reshape(-1))
         if out is not None:
-            return _with_bias(_in_dtype(out, x.dtype), bias)
+            return _in_dtype(_with_bias(out, bias), x.dtype)
     # The float GEMM on dequantized blocks (aten's kernel also crashes for K = 0).
     if x.shape[0] > CPU_KERNEL_MAX_M or w.shape[1] % CPU_INT8_K_MULTIPLE or w.shape[1] == 0:
         scale = scale.reshape(-1, 1).to(x.dtype)
