@@ -1,4 +1,5 @@
-"""What the GPU scripts share: CUDA-graph timing and torch's int4 kernel (tinygemm) as a peer."""
+"""What the GPU scripts share: CUDA-graph timing, the error measure of their checks, and torch's int4 kernel
+(tinygemm) as a peer."""
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -12,6 +13,11 @@ def gpu_us(fn, rep: int = 50) -> float:
     fn()
     torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=rep) * 1e3
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error of ``out`` as a fraction of ``ref``'s largest magnitude."""
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
 def tinygemm(p: PackedQTensor):

@@ -1,4 +1,4 @@
-"""GPU check and timing of the weight-only and float8 GEMMs (decode shapes, PERF.md targets).
+"""GPU check and timing of the weight-only and float8 GEMMs (decode and prefill shapes).
 
 Run on a CUDA machine with triton, through ``bench/gpu_all.sh`` (about 1 minute). It first checks every op
 against its reference on the GPU (and stops on a mismatch), then times CUDA-graph replays (no host overhead),
@@ -11,7 +11,7 @@ dequantize the weight and call torch's GEMM; the fused Triton kernels are timed 
 import torch
 import torch.nn.functional as F
 import triton
-from gpu_timing import gpu_us, tinygemm
+from gpu_timing import gpu_us, rel_error, tinygemm
 
 import quanto_fx.kernels  # noqa: F401  (registers the ops)
 from quanto_fx import QTensor, qfloat8_e4m3fn, qint2, qint4
@@ -30,7 +30,7 @@ ops = torch.ops.quanto_fx
 
 
 def check(name, out, ref, tolerance, fatal=True):
-    error = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+    error = rel_error(out, ref)
     status = "ok" if error <= tolerance else "MISMATCH"
     print(f"  check {name}: max error {error:.2e} of max |ref| ({status})", flush=True)
     if status != "ok" and fatal:

@@ -1,4 +1,4 @@
-"""CPU timing of the fused int8 ops against the unfused chains they replace (PERF.md shapes, < 1 min).
+"""CPU timing of the fused int8 ops against the unfused chains they replace (< 1 min).
 
 Run: ``.venv/bin/python bench/kernels_cpu.py``. Prints the median ms per call of ``aten._int_mm`` alone, the
 unfused ``_int_mm -> rescale`` / ``-> requantize`` chains as eager torch runs them, and the fused ops, all

@@ -41,7 +41,7 @@ def int8_mm_requantize_torch(
         acc.add_(bias)  # acc is a fresh buffer (or a fresh slice of one on CUDA): safe to update in place
     # The reference's steps, in place on one float32 buffer. Clamping before rounding gives the same result
     # (the bounds are integers and rounding is monotonic).
-    # Planned speed-up (PERF.md): a prepacked oneDNN int8 linear with int8 output and fused post-ops.
+    # Not built: a prepacked oneDNN int8 linear with int8 output and fused post-ops would do this in one call.
     # int32 * float32 -> float32: the conversion rides along with the multiplication, one pass
     out = torch.mul(acc, requantize_multiplier(a_scale, b_scale, out_scale))
     out.clamp_(0 if relu else -INT8_QMAX, INT8_QMAX).round_()

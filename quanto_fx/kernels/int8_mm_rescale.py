@@ -38,8 +38,8 @@ def int8_mm_rescale_torch(
     check_rescale_args(a, b, a_scale, b_scale, bias, out_dtype)
     # The reference's steps, in place on one float32 buffer: one pass each and no temporaries, where the
     # unfused chain allocates one (M, N) tensor per op. Same rounding as the reference, step for step.
-    # Planned speed-up (PERF.md): a prepacked oneDNN int8 linear (qlinear_prepack + qlinear_pointwise, u8
-    # activations) that fuses the epilogue and skips aten._int_mm's per-call weight re-layout.
+    # Not built: a prepacked oneDNN int8 linear (qlinear_prepack + qlinear_pointwise, u8 activations) would
+    # fuse the epilogue and skip aten._int_mm's per-call weight re-layout.
     acc = int8_gemm(a, b)  # operands checked above
     # int32 * float32 -> float32 in one pass: the conversion rides along with the first scale.
     out = torch.mul(acc, a_scale.to(torch.float32))
