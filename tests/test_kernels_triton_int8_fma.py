@@ -13,6 +13,7 @@ from .utils import INTERPRETING, assert_passes_in_the_interpreter, compile_for_s
 
 triton = pytest.importorskip("triton")
 from quanto_fx.kernels import triton_int8_weight_mm  # noqa: E402
+from quanto_fx.kernels.triton_gemv_fma_x import MAX_GRID_Y  # noqa: E402
 from quanto_fx.kernels.triton_int8_gemv_fma import int8_gemv_fma_kernel  # noqa: E402
 from quanto_fx.kernels.triton_int8_weight_mm import (  # noqa: E402
     INT8_FMA_CONFIGS,
@@ -145,7 +146,9 @@ def test_forced_fma_config_refuses_operands_it_cannot_read():
     cases = [
         (x.float(), w, "got torch.float32 x"),
         (x, odd_w, "starting 2 bytes past 4-byte alignment"),
-        (torch.randn(1, 66).to(torch.bfloat16), torch.zeros(40, 66, dtype=torch.int8), "strides (66, 1)"),
+        (torch.randn(1, 66).to(torch.bfloat16), torch.zeros(40, 66, dtype=torch.int8), "K = 66"),
+        # a program per row: MAX_GRID_Y rows fill the grid's y axis
+        (torch.randn(MAX_GRID_Y + 1, 64).to(torch.bfloat16), w, f"at most {MAX_GRID_Y} rows, got M = "),
     ]
     for x_case, w_case, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):

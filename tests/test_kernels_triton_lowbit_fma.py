@@ -200,15 +200,21 @@ def test_forced_fma_config_refuses_operands_it_cannot_read():
         (torch.randn(1, 64), "float32"),
         (torch.randn(1, 72).to(torch.bfloat16)[:, 1:65], "starting 2 bytes past"),
         (torch.randn(2, 70).to(torch.bfloat16)[:, :64], "strides (70, 1)"),
-        (torch.randn(MAX_GRID_Y + 1, 64).to(torch.bfloat16), f"at most {MAX_GRID_Y}"),
+        # two rows a program: 2 * MAX_GRID_Y rows fill the grid's y axis
+        (torch.randn(2 * MAX_GRID_Y + 1, 64).to(torch.bfloat16), f"at most {2 * MAX_GRID_Y} rows, got M = "),
     ]
     for x, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
             lowbit_mm_triton(x, packed, scale_zeros, 4, 32, config)
     odd_packed = torch.zeros(40, 33, dtype=torch.uint8)[:, 1:]
     odd_packed.copy_(packed)
-    with pytest.raises(ValueError, match=re.escape("packed with strides (33, 1)")):
+    odd_start = "packed with strides (33, 1), starting 1 bytes past 2-byte"
+    with pytest.raises(ValueError, match=re.escape(odd_start)):
         lowbit_mm_triton(torch.randn(1, 64).to(torch.bfloat16), odd_packed, scale_zeros, 4, 32, config)
+    # int2 reads a byte at a time: no alignment is asked of its rows, nor reported
+    _, packed2, scale_zeros2 = make_operands(1, 40, 64, 2, 32)
+    with pytest.raises(ValueError, match=re.escape("and packed rows that are contiguous; got")):
+        lowbit_mm_triton(torch.randn(1, 64), packed2, scale_zeros2, 2, 32, {**config, "BLOCK_B": 8})
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])

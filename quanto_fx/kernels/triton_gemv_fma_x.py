@@ -38,21 +38,6 @@ def _x_word_ptrs(x_ptr, row, stride_xm, ru, rn):
     return x_ptr.to(tl.pointer_type(tl.int64)) + x_row + ru[None, :, :] + 0 * rn[:, None, None]
 
 
-# What fma_reads_x accepts, for the launchers' errors.
-FMA_X_NEEDS = (
-    "bfloat16 / float16 x whose rows are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of "
-    "8 elements apart"
-)
-
-
-def describe_x(x: torch.Tensor) -> str:
-    """x as ``fma_reads_x`` sees it, for the launchers' errors."""
-    return (
-        f"{x.dtype} x with strides {tuple(x.stride())}, starting {x.data_ptr() % 16} bytes past 16-byte "
-        "alignment"
-    )
-
-
 def fma_reads_x(x: torch.Tensor) -> bool:
     """Whether the CUDA-core decode kernels can read x: 16-bit values, each row contiguous and 16-byte aligned
     (they read x's values four to a word, 16 bytes at a time)."""
@@ -78,9 +63,29 @@ def fma_config(block_n: int, block_b: int, slices: int, num_warps: int, num_stag
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-def forced_fma_config(config: dict, codes_per_byte: int, m: int) -> tuple[dict, dict]:
+def unreadable_operands(
+    x: torch.Tensor, name: str, weight: torch.Tensor, unit_bytes: int, more: str = ""
+) -> str:
+    """The launchers' error for a forced CUDA-core config whose operands the kernel cannot read: what it reads
+    (x as ``fma_reads_x`` does; ``name``'s rows contiguous and ``unit_bytes``-aligned; then ``more``) and what
+    it got."""
+    aligned, offset = "", ""
+    if unit_bytes > 1:
+        aligned = f" and {unit_bytes}-byte aligned"
+        offset = f", starting {weight.data_ptr() % unit_bytes} bytes past {unit_bytes}-byte alignment"
+    return (
+        "a config with BLOCK_B runs the CUDA-core decode kernel, which reads bfloat16 / float16 x whose rows "
+        "are contiguous, start 16-byte aligned and, for M > 1, lie a multiple of 8 elements apart, and "
+        f"{name} rows that are contiguous{aligned}{more}; got {x.dtype} x with strides {tuple(x.stride())}, "
+        f"starting {x.data_ptr() % 16} bytes past 16-byte alignment, and {weight.dtype} {name} with strides "
+        f"{tuple(weight.stride())}{offset}"
+    )
+
+
+def forced_fma_config(config: dict, codes_per_byte: int, m: int, rows: int) -> tuple[dict, dict]:
     """(block sizes, launch options) of a forced config with BLOCK_B (a CUDA-core decode kernel), checked:
-    known keys, powers of two, at least one unit of four codes a slice, at most MAX_GRID_Y rows."""
+    known keys, powers of two, at least one unit of four codes a slice, and M's programs (``rows`` rows a
+    program) within MAX_GRID_Y."""
     unknown = set(config) - FMA_CONFIG_KEYS
     if unknown:
         raise ValueError(
@@ -95,8 +100,9 @@ def forced_fma_config(config: dict, codes_per_byte: int, m: int) -> tuple[dict, 
             raise ValueError(f"config {name} must be a power of two >= 1 (tl.arange's length), got {value!r}")
     if meta["BLOCK_B"] * codes_per_byte < 4:
         raise ValueError(f"config BLOCK_B = {meta['BLOCK_B']} holds fewer than the kernel's 4 codes a read")
-    if m > MAX_GRID_Y:
+    if -(-m // rows) > MAX_GRID_Y:
         raise ValueError(
-            f"the CUDA-core decode kernel runs one or two rows a program: at most {MAX_GRID_Y} rows"
+            f"the CUDA-core decode kernel runs {rows} row(s) a program here, along a grid axis of at most "
+            f"{MAX_GRID_Y} programs: at most {rows * MAX_GRID_Y} rows, got M = {m}"
         )
     return meta, {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1)}

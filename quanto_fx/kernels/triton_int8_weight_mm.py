@@ -16,12 +16,11 @@ import triton.language as tl
 
 from ..tensor.quantization import FLOAT8_DTYPES
 from .triton_gemv_fma_x import (
-    FMA_X_NEEDS,
     contiguous_aligned_rows,
-    describe_x,
     fma_config,
     fma_reads_x,
     forced_fma_config,
+    unreadable_operands,
 )
 from .triton_int8_gemv_fma import int8_gemv_fma_kernel
 from .triton_int8_mm import _tile_ids
@@ -177,14 +176,9 @@ _int8_fma_autotuned = triton.autotune(
 
 def _forced_int8_fma_config(config: dict, x: torch.Tensor, w: torch.Tensor) -> tuple[dict, dict]:
     """(block sizes, launch options) of a forced config of the CUDA-core decode kernel (one with BLOCK_B)."""
-    meta, options = forced_fma_config(config, 1, x.shape[0])
+    meta, options = forced_fma_config(config, 1, x.shape[0], 1)
     if not _int8_fma_reads(x, w):
-        raise ValueError(
-            f"a config with BLOCK_B runs the CUDA-core decode kernel, which reads {FMA_X_NEEDS}, "
-            "and a w whose rows are contiguous and 4-byte aligned, with K a multiple of 4; "
-            f"got {describe_x(x)}, and {w.dtype} w with strides {tuple(w.stride())}, starting "
-            f"{w.data_ptr() % 4} bytes past 4-byte alignment"
-        )
+        raise ValueError(unreadable_operands(x, "w", w, 4, f", with K a multiple of 4 (K = {x.shape[1]})"))
     return meta, options
 
 

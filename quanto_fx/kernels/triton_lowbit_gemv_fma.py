@@ -69,7 +69,7 @@ def lowbit_gemv_fma_kernel(
 ):
     """``out = x @ w.T (+ bias)`` for ROWS (1 or 2) rows of x and BLOCK_N columns a program (the arguments of
     ``lowbit_gemv_kernel``; M_BUCKET is the autotuner's key; x is 16-bit with a unit stride_xk and rows
-    aligned to 16 bytes, the packed rows are contiguous and start 2-byte aligned: the launcher checks;
+    aligned to 16 bytes, the packed rows are contiguous and (int4) start 2-byte aligned: the launcher checks;
     stride_pk, 1, is not read). Each step reads SLICES consecutive K slices of BLOCK_B bytes of every weight
     row; a slice's BLOCK_B * PER_BYTE codes lie in one group (the launcher fits BLOCK_B to the group size).
     Slices past K load zero x, scale and zero: they add nothing. EVEN_K: K is a multiple of SLICES * BLOCK_K,

@@ -35,12 +35,11 @@ import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
 from .triton_gemv_fma_x import (
-    FMA_X_NEEDS,
     contiguous_aligned_rows,
-    describe_x,
     fma_config,
     fma_reads_x,
     forced_fma_config,
+    unreadable_operands,
 )
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
@@ -346,10 +345,15 @@ def _prune_fma_configs(configs, named_args, **kwargs):
     return _fitted(configs, kwargs, functools.partial(fit_block_b, rows=fma_rows(named_args["M"])))
 
 
+def _fma_unit_bytes(bits: int) -> int:
+    """The bytes of the CUDA-core decode kernel's read of four codes: two of int4, one of int2."""
+    return 4 * bits // 8
+
+
 def _fma_reads(x: torch.Tensor, packed: torch.Tensor, bits: int) -> bool:
     """Whether the CUDA-core decode kernel can read x (``fma_reads_x``) and the weight: packed rows contiguous
-    and, for int4, 2-byte aligned (it reads four codes at a time: two bytes of int4, one of int2)."""
-    return fma_reads_x(x) and contiguous_aligned_rows(packed, 2 if bits == 4 else 1)
+    and aligned to its reads of four codes (int4: 2 bytes)."""
+    return fma_reads_x(x) and contiguous_aligned_rows(packed, _fma_unit_bytes(bits))
 
 
 # EVEN_K from the launch's K and K step (the config's, autotuned or forced): the K masks are compiled out.
@@ -429,7 +433,7 @@ def _forced_fma_config(
     config: dict, bits: int, group_size: int, x: torch.Tensor, packed: torch.Tensor
 ) -> tuple[dict, dict]:
     """(block sizes, launch options) of a forced config of the CUDA-core decode kernel (one with BLOCK_B)."""
-    meta, options = forced_fma_config(config, 8 // bits, x.shape[0])
+    meta, options = forced_fma_config(config, 8 // bits, x.shape[0], fma_rows(x.shape[0]))
     group_bytes = group_size // (8 // bits)
     if meta["BLOCK_B"] > group_bytes:
         raise ValueError(
@@ -437,12 +441,7 @@ def _forced_fma_config(
             f"bits): at most {group_bytes}"
         )
     if not _fma_reads(x, packed, bits):
-        raise ValueError(
-            f"a config with BLOCK_B runs the CUDA-core decode kernel, which reads {FMA_X_NEEDS}, "
-            "and packed rows that are contiguous and, for int4, 2-byte aligned; "
-            f"got {describe_x(x)}, and packed with strides {tuple(packed.stride())}, starting "
-            f"{packed.data_ptr() % 2} bytes past 2-byte alignment"
-        )
+        raise ValueError(unreadable_operands(x, "packed", packed, _fma_unit_bytes(bits)))
     return meta, options
 
 
