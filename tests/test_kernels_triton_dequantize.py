@@ -57,6 +57,12 @@ def test_bad_arguments_raise_naming_the_problem():
         dequantize_lowbit_triton(packed, scale_zeros, 4, 32, torch.empty(40, 64, dtype=torch.int32))
     with pytest.raises(ValueError, match="group_size"):
         dequantize_lowbit_triton(packed, scale_zeros, 4, 48, torch.empty(40, 64))
+    # the grid's second axis holds the K blocks, at most 65535 (int4 in groups of 16: 16 codes a block)
+    k = 16 * 65536
+    long_packed, long_scale_zeros = torch.zeros(1, k // 2, dtype=torch.uint8), torch.ones(k // 16, 1, 2)
+    long_out = torch.empty(1, k, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"K = {k} input features make 65536 blocks of 16: .* at most 65535"):
+        dequantize_lowbit_triton(long_packed, long_scale_zeros, 4, 16, long_out)
     _, w, scale = make_int8_operands(1, 40, 64)
     with pytest.raises(
         TypeError, match=r"w must be a 2-D int8 or float8 \(N, K\) tensor, got torch.int8 \(40, 64, 1\)"
@@ -66,6 +72,11 @@ def test_bad_arguments_raise_naming_the_problem():
         dequantize_per_channel_triton(w, scale.to(torch.int32), torch.empty(40, 64))
     with pytest.raises(ValueError, match="scale must hold N = 40 scales"):
         dequantize_per_channel_triton(w, scale[:39], torch.empty(40, 64))
+    k = 128 * 65535 + 1
+    with pytest.raises(ValueError, match=f"K = {k} input features make 65536 blocks of 128"):
+        dequantize_per_channel_triton(
+            torch.zeros(1, k, dtype=torch.int8), scale[:1], torch.empty(1, k, dtype=torch.bfloat16)
+        )
     with pytest.raises(ValueError, match=r"out must be shaped like the weight, \(40, 64\)"):
         dequantize_per_channel_triton(w, scale, torch.empty(64, 40))
 

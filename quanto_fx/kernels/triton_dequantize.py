@@ -14,7 +14,8 @@ the weight once into x's dtype and calling torch's GEMM (cuBLAS) costs one pass 
   float32, rounded once to the output's dtype.
 
 Plain ``@triton.jit`` functions: tests interpret them on the CPU (``TRITON_INTERPRET=1``) and compile them for
-an H100 without one. Offsets are int64 (any N * K); the grid's second axis, K blocks, holds at most 65535.
+an H100 without one. Offsets are int64 (any N * K); the grid's second axis, K blocks, holds at most 65535
+(checked).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
 from ..tensor.quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES
+from .triton_gemv_fma_x import MAX_GRID_Y
 from .triton_launch import _check_runs_on, _device_guard
 from .triton_lowbit_codes import _dequantize
 
@@ -108,6 +110,15 @@ def per_channel_dequantize_kernel(
     tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :] * stride_ok, out, mask=mask)
 
 
+def _check_k_blocks(k: int, block_k: int) -> None:
+    """The grid's second axis holds the K blocks: CUDA allows at most MAX_GRID_Y."""
+    if triton.cdiv(k, block_k) > MAX_GRID_Y:
+        raise ValueError(
+            f"K = {k} input features make {triton.cdiv(k, block_k)} blocks of {block_k}: the dequantize "
+            f"kernel takes at most {MAX_GRID_Y} (K <= {MAX_GRID_Y * block_k})"
+        )
+
+
 def _check_out(out: torch.Tensor, n: int, k: int, device: torch.device) -> None:
     if not isinstance(out, torch.Tensor) or out.dtype not in GEMM_FLOAT_DTYPES:
         got = getattr(out, "dtype", type(out).__name__)
@@ -130,6 +141,7 @@ def dequantize_lowbit_triton(
     if n == 0 or k == 0:
         return out
     block_k = min(BLOCK_K, group_size)
+    _check_k_blocks(k, block_k)
     grid = (triton.cdiv(n, BLOCK_N), k // block_k)
     with _device_guard(packed):
         lowbit_dequantize_kernel[grid](
@@ -165,6 +177,7 @@ def dequantize_per_channel_triton(w: torch.Tensor, scale: torch.Tensor, out: tor
     if scale.device != w.device:
         raise ValueError(f"scale is on {scale.device} but w is on {w.device}")
     _check_out(out, n, k, w.device)
+    _check_k_blocks(k, BLOCK_K)
     _check_runs_on(w)
     if n == 0 or k == 0:
         return out
