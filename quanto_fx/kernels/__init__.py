@@ -9,9 +9,11 @@
   float8, times an int8 / float8 weight, rescaled: a linear layer with dynamic activations in one op
   (``dynamic_mm.py``).
 
-Each op has one schema, a pure-torch reference (``reference.py``), a fake implementation, a torch
-implementation for CPU and any other device, and on CUDA a Triton kernel with the epilogue fused into the
-GEMM. The ops are opaque to inductor, which calls them as extern kernels.
+Each op has one schema, a pure-torch reference (the int8 GEMMs' in ``reference.py``, the others beside their
+op), a fake implementation, and a torch implementation for the CPU and any other device. On CUDA the int8
+GEMMs and the weight-only GEMMs run Triton kernels (the epilogue fused into the GEMM); ``float8_mm`` and
+``float8_dynamic_mm`` run ``torch._scaled_mm``, and ``int8_dynamic_mm`` quantizes x with torch ops, then runs
+``int8_mm_rescale``. The ops are opaque to inductor, which calls them as extern kernels.
 """
 
 from importlib.util import find_spec

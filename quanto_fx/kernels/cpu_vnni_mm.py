@@ -5,10 +5,10 @@ largest magnitude, ~3e-5 on the output: far below the weights' own error, and 60
 rounding that aten's CPU kernels need). Then, by the weight-only ops of ``weight_only.py``:
 - ``vnni_weight_mm``: ``vpdpbusd`` integer dot products on the int8 weights or packed int4 / int2 codes as
   stored, group scales and zeros applied to the exact sums. A GEMV for int8 weights (M <= 6; M <= 2 at
-  K <= 512) and for packed ones at M <= 2 (M = 1 at K <= 512; 1.3-2x faster than aten's weight-only kernels
-  with warm caches, on par with cold ones); a GEMM at larger M (each block of weight rows transposed once
-  into column-per-lane code vectors, reused by every row of x: about half the fp32 GEMM's time from M = 4
-  to 512, bench/RESULTS.md).
+  K <= 512; any M past K = 2**16) and for packed ones at M <= 2 (M = 1 at K <= 512; 1.3-2x faster than
+  aten's weight-only kernels with warm caches, on par with cold ones); a GEMM at larger M (each block of
+  weight rows transposed once into column-per-lane code vectors, reused by every row of x: about half the
+  fp32 GEMM's time from M = 4 to 512, bench/RESULTS.md).
 - ``int8_weight_int_mm`` (int8 weights of 4 MB or more, M > 128, see :func:`int8_uses_int_mm`): the two
   planes through one ``torch._int_mm``.
 
@@ -212,8 +212,8 @@ def _group_bytes(bits: int, in_features: int, group_size: int | None) -> int | N
 
 def uses_gemv(bits: int, rows: int, in_features: int, group_size: int | None = None) -> bool:
     """Whether :func:`vnni_weight_mm` runs the GEMV (else the GEMM) for ``rows`` rows of x (the C++ side
-    chooses: int8 weights at M <= 6, or M <= 2 for K <= 512; packed ones at M <= 2, or M = 1 for K <= 512,
-    with groups of whole 32-byte chunks)."""
+    chooses: int8 weights at M <= 6, or M <= 2 for K <= 512, and at any M past K = 2**16, which the int8
+    GEMM does not take; packed ones at M <= 2, or M = 1 for K <= 512, with groups of whole 32-byte chunks)."""
     groups = 1 if bits == 8 else in_features // group_size
     return bool(_loaded_library().quanto_weight_mm_uses_gemv(bits, rows, in_features, groups))
 

@@ -2,8 +2,9 @@
 
 They take the ops' arguments and are registered as the ops' CUDA implementations (see ``__init__``). Passing
 ``config`` runs one fixed config instead of autotuning (tests, the interpreter, benchmarks of one config).
-The helpers at the end serve the weight-only launchers too (``triton_lowbit_mm.py``,
-``triton_int8_weight_mm.py``): forced configs, x and bias checks, the empty product.
+Most helpers here serve every Triton launcher (``triton_lowbit_mm.py``, ``triton_int8_weight_mm.py``,
+``triton_dequantize.py``): block configs and M's tiers, autotuning timed on the GPU alone, forced configs, x
+and bias checks, the device guard, the empty product.
 """
 
 from __future__ import annotations
