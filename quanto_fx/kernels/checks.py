@@ -1,4 +1,5 @@
-"""Argument checks shared by every implementation of the fused int8 ops (fake, torch and Triton).
+"""Argument checks shared by every implementation of the fused ops (fake, torch and Triton): the int8 GEMMs'
+operands, and the float x and bias of the weight-only GEMMs.
 
 The fake implementation runs them too, so a malformed call fails while torch.compile traces, not at run time.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..tensor.integer_matmul import check_int8_operands
+from ..tensor.quantization import GEMM_FLOAT_DTYPES
 
 # Float dtypes of a rescale's bias and output; the math is float32 either way.
 RESCALE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,3 +66,32 @@ def check_requantize_args(a, b, a_scale, b_scale, bias, out_scale: torch.Tensor)
         raise TypeError(f"out_scale must be a 0-d float tensor, got {out_scale.dtype} {shape}")
     if out_scale.device != a.device:
         raise ValueError(f"out_scale is on {out_scale.device} but the operands are on {a.device}")
+
+
+def check_weight_only_x(
+    x: torch.Tensor, in_features: int | None = None, device: torch.device | None = None
+) -> None:
+    """The x of a weight-only GEMM: a 2-d float32, float16 or bfloat16 (M, K) tensor; with ``in_features``
+    and ``device``, K and the device of the weight."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in GEMM_FLOAT_DTYPES or x.ndim != 2:
+        raise TypeError(
+            f"x must be a 2-d float32, float16 or bfloat16 tensor, got {x.dtype} {tuple(x.shape)}"
+        )
+    if in_features is not None and x.shape[1] != in_features:
+        raise ValueError(f"x has {x.shape[1]} features but the weight takes {in_features}")
+    if device is not None and x.device != device:
+        raise ValueError(f"x is on {x.device} but the weight is on {device}")
+
+
+def check_weight_only_bias(bias: torch.Tensor | None, out_features: int, device: torch.device) -> None:
+    """The bias of a weight-only GEMM: None, or ``out_features`` floats (any float dtype) on ``device``."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be a float tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if tuple(bias.shape) != (out_features,) or bias.device != device:
+        raise ValueError(
+            f"bias must be a ({out_features},) tensor on {device}, got {tuple(bias.shape)} on {bias.device}"
+        )

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..tensor.quantization import FLOAT8_DTYPES
+from .checks import check_weight_only_bias, check_weight_only_x
 from .triton_gemv_fma_x import (
     contiguous_aligned_rows,
     fma_config,
@@ -25,9 +26,7 @@ from .triton_gemv_fma_x import (
 from .triton_int8_gemv_fma import int8_gemv_fma_kernel
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
-    _bench_on_gpu_alone,
-    _check_bias_arg,
-    _check_float_x,
+    _autotune,
     _check_runs_on,
     _config,
     _device_guard,
@@ -139,12 +138,8 @@ def _prune_int8_configs(configs, named_args, **kwargs):
     return _tier(INT8_CONFIG_TIERS, named_args["M"])
 
 
-_int8_autotuned = triton.autotune(
-    configs=INT8_CONFIGS,
-    key=["M_BUCKET", "N", "K", "HAS_BIAS"],  # the autotuner adds the tensors' dtypes
-    prune_configs_by={"early_config_prune": _prune_int8_configs},
-    do_bench=_bench_on_gpu_alone,
-)(int8_weight_mm_kernel)
+_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS"]  # the autotuners' key: shape and flags
+_int8_autotuned = _autotune(INT8_CONFIGS, _KEY, _prune_int8_configs)(int8_weight_mm_kernel)
 
 
 # The CUDA-core decode kernel (int8_gemv_fma_kernel): M = 1, x and w as _int8_fma_reads says.
@@ -169,9 +164,7 @@ def _int8_fma_reads(x: torch.Tensor, w: torch.Tensor) -> bool:
 _int8_fma_with_even_k = triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % (args["SLICES"] * args["BLOCK_B"]) == 0}
 )(int8_gemv_fma_kernel)
-_int8_fma_autotuned = triton.autotune(
-    configs=INT8_FMA_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"], do_bench=_bench_on_gpu_alone
-)(_int8_fma_with_even_k)
+_int8_fma_autotuned = _autotune(INT8_FMA_CONFIGS, _KEY)(_int8_fma_with_even_k)
 
 
 def _forced_int8_fma_config(config: dict, x: torch.Tensor, w: torch.Tensor) -> tuple[dict, dict]:
@@ -184,7 +177,7 @@ def _forced_int8_fma_config(config: dict, x: torch.Tensor, w: torch.Tensor) -> t
 
 def check_int8_weight_mm_args(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:
     """Check ``int8_weight_mm_triton``'s operands: x (M, K) float, w (N, K) int8 or float8, N float scales."""
-    _check_float_x(x)
+    check_weight_only_x(x)
     for name, t in (("w", w), ("scale", scale)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -230,13 +223,23 @@ def int8_weight_mm_triton(
     tensors under TRITON_INTERPRET=1).
     """
     check_int8_weight_mm_args(x, w, scale)
-    _check_bias_arg(bias, w.shape[0], x.device)
+    check_weight_only_bias(bias, w.shape[0], x.device)
     if config is None:
         forced = None
     elif "BLOCK_B" in config:
         forced = _forced_int8_fma_config(config, x, w)
     else:
         forced = _forced_config(config, 16)
+    return _launch_int8_weight_mm(x, w, scale, forced, bias)
+
+
+def int8_weight_mm_triton_prechecked(x, w, scale, bias=None) -> torch.Tensor:
+    """``int8_weight_mm_triton`` autotuned, without its checks: for the ops, whose own checks ran (``scale``
+    of shape (N,))."""
+    return _launch_int8_weight_mm(x, w, scale, None, bias)
+
+
+def _launch_int8_weight_mm(x, w, scale, forced, bias) -> torch.Tensor:
     _check_runs_on(x)
     (m, k), n = x.shape, w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

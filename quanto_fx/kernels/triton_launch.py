@@ -3,8 +3,8 @@
 They take the ops' arguments and are registered as the ops' CUDA implementations (see ``__init__``). Passing
 ``config`` runs one fixed config instead of autotuning (tests, the interpreter, benchmarks of one config).
 Most helpers here serve every Triton launcher (``triton_lowbit_mm.py``, ``triton_int8_weight_mm.py``,
-``triton_dequantize.py``): block configs and M's tiers, autotuning timed on the GPU alone, forced configs, x
-and bias checks, the device guard, the empty product.
+``triton_dequantize.py``): block configs and M's tiers, autotuning timed on the GPU alone, forced configs, the
+device guard, the empty product.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import torch
 import triton
 
-from ..tensor.quantization import GEMM_FLOAT_DTYPES
 from .checks import check_requantize_args, check_rescale_args
 from .triton_int8_mm import int8_mm_requantize_kernel, int8_mm_rescale_kernel
 
@@ -70,17 +69,21 @@ def _bench_on_gpu_alone(kernel_call, quantiles):
     return triton.testing.do_bench_cudagraph(kernel_call, quantiles=quantiles)
 
 
-def _autotuned(kernel):
+def _autotune(configs: list[triton.Config], key: list[str], prune=None):
+    """Every Triton launcher's autotuner: ``configs`` timed on the GPU alone, once per value of ``key`` (the
+    launch arguments that change the best config; triton adds the tensors' dtypes), after ``prune`` (an
+    early_config_prune: the configs that suit the launch) when given."""
     return triton.autotune(
-        configs=CONFIGS,
-        key=["M_BUCKET", "N", "K", "HAS_BIAS", "RELU"],
-        prune_configs_by={"early_config_prune": _prune_configs},
+        configs=configs,
+        key=key,
+        prune_configs_by=None if prune is None else {"early_config_prune": prune},
         do_bench=_bench_on_gpu_alone,
-    )(kernel)
+    )
 
 
-_rescale_autotuned = _autotuned(int8_mm_rescale_kernel)
-_requantize_autotuned = _autotuned(int8_mm_requantize_kernel)
+_int8_mm_autotune = _autotune(CONFIGS, ["M_BUCKET", "N", "K", "HAS_BIAS", "RELU"], _prune_configs)
+_rescale_autotuned = _int8_mm_autotune(int8_mm_rescale_kernel)
+_requantize_autotuned = _int8_mm_autotune(int8_mm_requantize_kernel)
 
 
 def _vector_stride(t: torch.Tensor, dim: int) -> int:
@@ -205,28 +208,6 @@ def _forced_config(config: dict, min_block_k: int) -> tuple[dict, dict]:
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": config.get("GROUP_M", 8)}
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
     return meta, options
-
-
-def _check_float_x(x: torch.Tensor) -> None:
-    """The x of a weight-only kernel: a 2-D (M, K) tensor of a float dtype the GEMMs take."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in GEMM_FLOAT_DTYPES:
-        raise TypeError(f"x must have dtype in {[str(d) for d in GEMM_FLOAT_DTYPES]}, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-
-
-def _check_bias_arg(bias: torch.Tensor | None, n: int, device: torch.device) -> None:
-    """A weight-only kernel's bias: None, or N floats (any float dtype, added in float32) on x's device."""
-    if bias is None:
-        return
-    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-        raise TypeError(f"bias must be a float tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
-    if tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must be shaped ({n},), got {tuple(bias.shape)}")
-    if bias.device != device:
-        raise ValueError(f"bias is on {bias.device} but x is on {device}")
 
 
 def _empty_product(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

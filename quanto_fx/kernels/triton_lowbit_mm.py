@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..tensor.groupwise import check_packed_weight
+from .checks import check_weight_only_bias, check_weight_only_x
 from .triton_gemv_fma_x import (
     contiguous_aligned_rows,
     fma_config,
@@ -43,9 +44,7 @@ from .triton_gemv_fma_x import (
 )
 from .triton_int8_mm import _tile_ids
 from .triton_launch import (
-    _bench_on_gpu_alone,
-    _check_bias_arg,
-    _check_float_x,
+    _autotune,
     _check_runs_on,
     _config,
     _device_guard,
@@ -369,20 +368,10 @@ _fma_with_even_k = triton.heuristics(
 )(lowbit_gemv_fma_kernel)
 
 
-def _autotune(configs, prune):
-    """The autotuner of a low-bit kernel: keyed on the launch's shape and flags (it adds the dtypes), timed
-    on the GPU alone."""
-    return triton.autotune(
-        configs=configs,
-        key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"],
-        prune_configs_by={"early_config_prune": prune},
-        do_bench=_bench_on_gpu_alone,
-    )
-
-
-_autotuned = _autotune(CONFIGS, _prune_configs)(_with_even_k)
-_gemv_autotuned = _autotune(GEMV_CONFIGS, _prune_gemv_configs)(_gemv_with_even_k)
-_fma_autotuned = _autotune(FMA_CONFIGS, _prune_fma_configs)(_fma_with_even_k)
+_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS"]  # the autotuners' key: shape and flags
+_autotuned = _autotune(CONFIGS, _KEY, _prune_configs)(_with_even_k)
+_gemv_autotuned = _autotune(GEMV_CONFIGS, _KEY, _prune_gemv_configs)(_gemv_with_even_k)
+_fma_autotuned = _autotune(FMA_CONFIGS, _KEY, _prune_fma_configs)(_fma_with_even_k)
 
 
 def check_lowbit_mm_args(
@@ -393,7 +382,7 @@ def check_lowbit_mm_args(
         raise ValueError(f"bits must be one of {LOWBIT_BITS}, got {bits!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    _check_float_x(x)
+    check_weight_only_x(x)
     for name, t in (("packed", packed), ("scale_zeros", scale_zeros)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -471,13 +460,22 @@ def lowbit_mm_triton(
     may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1).
     """
     check_lowbit_mm_args(x, packed, scale_zeros, bits, group_size)
-    _check_bias_arg(bias, packed.shape[0], x.device)
+    check_weight_only_bias(bias, packed.shape[0], x.device)
     if config is None:
         forced = None
     elif "BLOCK_B" in config:
         forced = _forced_fma_config(config, bits, group_size, x, packed)
     else:
         forced = _forced_lowbit_config(config, bits, x.dtype)
+    return _launch_lowbit_mm(x, packed, scale_zeros, bits, group_size, forced, bias)
+
+
+def lowbit_mm_triton_prechecked(x, packed, scale_zeros, bits, group_size, bias=None) -> torch.Tensor:
+    """``lowbit_mm_triton`` autotuned, without its checks: for the op, whose own checks ran."""
+    return _launch_lowbit_mm(x, packed, scale_zeros, bits, group_size, None, bias)
+
+
+def _launch_lowbit_mm(x, packed, scale_zeros, bits, group_size, forced, bias) -> torch.Tensor:
     _check_runs_on(x)
     (m, k), n = x.shape, packed.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -43,8 +43,9 @@ import torch
 
 from ..tensor.groupwise import check_packed_weight, dequantize_groupwise
 from ..tensor.packing import unpack
-from ..tensor.quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES
+from ..tensor.quantization import FLOAT8_DTYPES
 from . import cpu_float8_mm, cpu_vnni_mm
+from .checks import check_weight_only_bias, check_weight_only_x
 from .library import LIB, TAGS
 
 # Largest M for which aten's CPU weight-only kernels beat the fp32 GEMM (4096 x 4096, 2-core Xeon: 0.4x at
@@ -56,26 +57,6 @@ CPU_INT8_K_MULTIPLE = 16
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_INT4_N_MULTIPLE = 16
 INT4_MID = 8
-
-
-def _check_x(x: torch.Tensor, in_features: int, device: torch.device) -> None:
-    if x.dtype not in GEMM_FLOAT_DTYPES or x.ndim != 2:
-        raise TypeError(
-            f"x must be a 2-d float32, float16 or bfloat16 tensor, got {x.dtype} {tuple(x.shape)}"
-        )
-    if x.shape[1] != in_features:
-        raise ValueError(f"x has {x.shape[1]} features but the weight takes {in_features}")
-    if x.device != device:
-        raise ValueError(f"x is on {x.device} but the weight is on {device}")
-
-
-def _check_bias(bias: torch.Tensor | None, out_features: int, device: torch.device) -> None:
-    if bias is not None and not bias.is_floating_point():
-        raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
-    if bias is not None and (bias.shape != (out_features,) or bias.device != device):
-        raise ValueError(
-            f"bias must be a ({out_features},) tensor on {device}, got {tuple(bias.shape)} on {bias.device}"
-        )
 
 
 def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -102,13 +83,13 @@ def _check_per_channel_weight_args(x, w, scale, bias, dtypes, kind):
     (N,) float bias, all on one device (the weight-only ops, and the dynamic ones of ``dynamic_mm.py``)."""
     if w.dtype not in dtypes or w.ndim != 2:
         raise TypeError(f"w must be a 2-d {kind} (out, in) tensor, got {w.dtype} {tuple(w.shape)}")
-    _check_x(x, w.shape[1], w.device)
+    check_weight_only_x(x, w.shape[1], w.device)
     if not scale.is_floating_point() or scale.numel() != w.shape[0] or scale.device != w.device:
         raise ValueError(
             f"scale must hold {w.shape[0]} float per-channel scales on {w.device}, got {scale.dtype} "
             f"{tuple(scale.shape)} on {scale.device}"
         )
-    _check_bias(bias, w.shape[0], w.device)
+    check_weight_only_bias(bias, w.shape[0], w.device)
 
 
 # CPU: dequantizing a whole weight allocates a fresh (N, K) float buffer per call; past glibc's mmap threshold
@@ -222,11 +203,11 @@ def per_channel_dequantized_gemm(x, w, scale, bias=None):
 def _per_channel_weight_mm_triton(x, w, scale, bias):
     """CUDA, int8 or float8 weights: from CUDA_DEQUANTIZED_GEMM_MIN_M rows ``per_channel_dequantized_gemm``,
     else the fused Triton kernels of ``triton_int8_weight_mm.py`` (CUDA cores at M = 1, else tensor cores)."""
-    from .triton_int8_weight_mm import int8_weight_mm_triton
+    from .triton_int8_weight_mm import int8_weight_mm_triton_prechecked
 
     if x.shape[0] >= CUDA_DEQUANTIZED_GEMM_MIN_M:
         return per_channel_dequantized_gemm(x, w, scale, bias)
-    return int8_weight_mm_triton(x, w, scale.reshape(-1), bias=bias)
+    return int8_weight_mm_triton_prechecked(x, w, scale.reshape(-1), bias)
 
 
 def int8_weight_mm_cuda(x, w, scale, bias=None):
@@ -275,8 +256,8 @@ def lowbit_weight_mm_reference(x, packed, scale_zeros, bits, bias=None):
 
 def _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias):
     out_features, in_features = check_packed_weight(packed, scale_zeros, bits, group_size)
-    _check_x(x, in_features, packed.device)
-    _check_bias(bias, out_features, packed.device)
+    check_weight_only_x(x, in_features, packed.device)
+    check_weight_only_bias(bias, out_features, packed.device)
 
 
 def lowbit_kernel_layout(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor | None:
@@ -336,12 +317,12 @@ def lowbit_dequantized_gemm(x, packed, scale_zeros, bits, group_size, bias=None)
 def lowbit_weight_mm_cuda(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
     """CUDA (with triton installed): from CUDA_DEQUANTIZED_GEMM_MIN_M rows ``lowbit_dequantized_gemm``, else
     the Triton dequantize-in-the-GEMM kernels of ``triton_lowbit_mm.py``."""
-    from .triton_lowbit_mm import lowbit_mm_triton
+    from .triton_lowbit_mm import lowbit_mm_triton_prechecked
 
     _check_lowbit_args(x, packed, scale_zeros, bits, group_size, bias)
     if x.shape[0] >= CUDA_DEQUANTIZED_GEMM_MIN_M:
         return lowbit_dequantized_gemm(x, packed, scale_zeros, bits, group_size, bias)
-    return lowbit_mm_triton(x, packed, scale_zeros, bits, group_size, bias=bias)
+    return lowbit_mm_triton_prechecked(x, packed, scale_zeros, bits, group_size, bias)
 
 
 def _lowbit_fake(x, packed, scale_zeros, kernel, bits, group_size, bias=None):
