@@ -101,8 +101,8 @@ def test_ops_dequantize_from_the_threshold_in_blocks(monkeypatch):
         calls.append(("dequantize", tuple(args[-1].shape)))
         return args[-1].zero_()
 
-    monkeypatch.setattr(triton_lowbit_mm, "lowbit_mm_triton", fused)
-    monkeypatch.setattr(triton_int8_weight_mm, "int8_weight_mm_triton", fused)
+    monkeypatch.setattr(triton_lowbit_mm, "lowbit_mm_triton_prechecked", fused)
+    monkeypatch.setattr(triton_int8_weight_mm, "int8_weight_mm_triton_prechecked", fused)
     monkeypatch.setattr(triton_dequantize, "dequantize_lowbit_triton", dequantize)
     monkeypatch.setattr(triton_dequantize, "dequantize_per_channel_triton", dequantize)
     monkeypatch.setattr(weight_only, "CUDA_DEQUANTIZE_BLOCK_BYTES", 16 * 64 * 4)
