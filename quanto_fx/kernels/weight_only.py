@@ -99,10 +99,10 @@ def _check_per_channel_weight_args(x, w, scale, bias, dtypes, kind):
 DEQUANTIZE_BLOCK_BYTES = 8 << 20
 
 
-# Up to this M a block computes block @ x.T into contiguous rows of the transposed output; past it x @ block.T
-# into a column slice of the output. MKL, 4096 x 4096 in blocks of 512 rows (2-core Xeon, ms): M = 32,
-# columns 16.1 / transposed 6.1; M = 128, 19.4 / 19.4; M = 512, 61.5 / 66.0; M = 2048 (384 -> 1536, one
-# block), 9.1 / 16.4.
+# CPU: up to this M a block computes block @ x.T into contiguous rows of the transposed output; past it (and
+# on other devices) x @ block.T into a column slice of the output. MKL, 4096 x 4096 in blocks of 512 rows
+# (2-core Xeon, ms): M = 32, columns 16.1 / transposed 6.1; M = 128, 19.4 / 19.4; M = 512, 61.5 / 66.0;
+# M = 2048 (384 -> 1536, one block), 9.1 / 16.4.
 TRANSPOSED_BLOCKS_MAX_M = 64
 
 
@@ -115,7 +115,7 @@ def _blocked_gemm(x: torch.Tensor, out_features: int, fill_rows, bias=None, bloc
     row_bytes = max(1, x.shape[1] * x.element_size())
     rows = max(1, min(out_features, max(16, block_bytes // row_bytes)))
     buffer = x.new_empty((rows, x.shape[1]))
-    transposed = x.shape[0] <= TRANSPOSED_BLOCKS_MAX_M
+    transposed = x.is_cpu and x.shape[0] <= TRANSPOSED_BLOCKS_MAX_M  # measured for MKL only
     out = x.new_empty((out_features, x.shape[0]) if transposed else (x.shape[0], out_features))
     bias = None if bias is None else bias.to(x.dtype)
     for start in range(0, out_features, rows):
