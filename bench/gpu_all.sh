@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine checks and times: PARTS (default "bench tests", 5 minutes on an H200) picks among
-#   sweep  the weight-only kernels' configs at decode shapes and the prefill paths (2-3 minutes, for retuning
+#   sweep  the weight-only kernels' configs at decode shapes and the prefill paths (3-5 minutes, for retuning
 #          GEMV_CONFIGS, FMA_CONFIGS, the int8 tiers and CUDA_DEQUANTIZED_GEMM_MIN_M; SWEEP=1 adds it to the
 #          default parts; SWEEP_PARTS="prefill int8" runs some of its parts: int4, int8, prefill),
 #   bench  the weight-only and float8 GEMMs, the fused int8 GEMMs and a W8A8 linear under backend="quanto",
@@ -23,7 +23,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
     parts="sweep $parts"
 fi
 case " $parts " in *" sweep "*)
-    timeout "${SWEEP_TIMEOUT:-200}" python3 bench/gpu_weight_only_sweep.py ${SWEEP_PARTS:-} 2>&1 \
+    timeout "${SWEEP_TIMEOUT:-420}" python3 bench/gpu_weight_only_sweep.py ${SWEEP_PARTS:-} 2>&1 \
         | tee "$out/gpu_weight_only_sweep.log"
 esac
 case " $parts " in *" bench "*)

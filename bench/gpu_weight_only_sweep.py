@@ -4,7 +4,7 @@ kernels' (tensor cores, and CUDA cores at M = 1); then, for prefill shapes, the 
 against dequantizing the weight to bf16 and calling cuBLAS: with torch ops, and as the ops do from
 ``CUDA_DEQUANTIZED_GEMM_MIN_M`` rows (a Triton kernel, ``triton_dequantize.py``), which sets that threshold.
 
-Run on a CUDA machine with triton, through ``SWEEP=1 bench/gpu_all.sh`` (about 3 minutes), or
+Run on a CUDA machine with triton, through ``PARTS=sweep bench/gpu_all.sh`` (3-5 minutes), or
 ``python3 bench/gpu_weight_only_sweep.py [int4] [int8] [prefill]`` for some parts. Each config runs once
 against the reference (a mismatch is reported, the config skipped and the exit status 1), then is timed as a
 CUDA-graph replay (GPU time, no host overhead), microseconds per call, against bf16 ``F.linear`` and torch's
