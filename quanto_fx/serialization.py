@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from .qtypes import get_qtype
 from .quantize import quantization_map, requantize
 from .tensor import PackedQTensor, QTensor
-from .tensor.packed_qtensor import check_packed_values
+from .tensor.packed_qtensor import PACKED_QTYPES, check_packed_values
 
 __all__ = ["save", "load"]
 
@@ -129,6 +129,30 @@ def _state_dict(tensors: dict[str, torch.Tensor], qtensors: dict[str, dict]) -> 
     return state
 
 
+def _check_frozen_weights(model: torch.nn.Module, qmap: dict[str, dict]) -> None:
+    """Each frozen module's loaded weight is what its map entry says it is: load_state_dict checks shapes, not
+    the qtype (a float8 weight under a qint8 entry would run the float8 kernels), the axis or the groups."""
+    for name, entry in qmap.items():
+        weight = model.get_submodule(name).weight
+        qtype = entry.get("weights")
+        if not entry.get("frozen") or qtype is None:
+            continue
+        qtype = get_qtype(qtype)
+        if isinstance(weight, PackedQTensor):
+            ok = weight.qtype == qtype and weight.group_size == entry.get("group_size", weight.group_size)
+            found = f"a {weight.qtype.name} PackedQTensor in groups of {weight.group_size}"
+        elif isinstance(weight, QTensor):
+            ok = weight.qdtype == qtype.dtype and weight.axis == 0 and qtype not in PACKED_QTYPES
+            found = f"a {weight.qdtype} QTensor along axis {weight.axis}"
+        else:
+            ok, found = False, f"a {type(weight).__name__}"
+        if not ok:
+            raise ValueError(
+                f"corrupted quanto_fx checkpoint: {name!r} is frozen with {qtype.name} weights (per output "
+                f"channel, or in groups of {entry.get('group_size')} for int4 / int2), but holds {found}"
+            )
+
+
 def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
     """Quantize ``model`` (a float skeleton, possibly on the meta device) as the checkpoint at ``path``
     says, load its tensors, and return it. Bit-exact: data and scales are restored as saved.
@@ -143,7 +167,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"{path}: unsupported quanto_fx format version {metadata.get('format_version')!r}")
     if not isinstance(qmap, dict) or not isinstance(qtensors, dict):
         raise ValueError("corrupted quanto_fx checkpoint: quantization map is not a mapping")
-    for entry in qmap.values():
+    for name, entry in qmap.items():
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"corrupted quanto_fx checkpoint: quantization map entry {name!r} is not a mapping"
+            )
         for field in ("weights", "activations"):
             if entry.get(field) is not None:
                 get_qtype(entry[field])  # raises ValueError naming the unknown qtype
@@ -154,6 +182,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
         work = requantize(work, state, qmap)
     except (RuntimeError, KeyError) as e:
         raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e
+    _check_frozen_weights(work, qmap)
     if work is not model and type(work) is not type(model):
         return work  # the root module itself was quantized
     model.__dict__.update({k: work.__dict__[k] for k in ("_parameters", "_buffers", "_modules")})

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import quanto_fx
-from quanto_fx import QTensor, calibration, freeze, quantize
+from quanto_fx import QTensor, calibration, freeze, qfloat8_e4m3fn, quantize
 from quanto_fx.nn import QModuleMixin
 
 
@@ -122,6 +122,51 @@ def test_unknown_qtype(saved):
     rewrite(path, metadata=metadata | {"quantization_map": json.dumps(qmap)})
     model = net()
     with pytest.raises(ValueError, match="unknown qtype 'qint9'"):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+def test_a_map_entry_that_is_not_a_mapping_is_refused(saved):
+    _, path, _ = saved
+    _, metadata = read(path)
+    qmap = json.loads(metadata["quantization_map"])
+    qmap["0"] = "QLinear"
+    rewrite(path, metadata=metadata | {"quantization_map": json.dumps(qmap)})
+    model = net()
+    with pytest.raises(ValueError, match="entry '0' is not a mapping"):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+def _forge_weight(path, data, scale, axis):
+    """Store 0.weight as the given QTensor parts, its entry saying what they are."""
+    tensors, metadata = read(path)
+    tensors["0.weight._data"], tensors["0.weight._scale"] = data, scale
+    qtensors = json.loads(metadata["qtensors"])
+    qtensors["0.weight"]["axis"] = axis
+    rewrite(path, tensors=tensors, metadata=metadata | {"qtensors": json.dumps(qtensors)})
+
+
+def test_a_weight_along_the_wrong_axis_is_refused(saved):
+    # a valid QTensor (scales along the input features), which load_state_dict takes: shapes match
+    _, path, _ = saved
+    q = QTensor.quantize(torch.randn(32, 16), torch.int8, axis=1)
+    _forge_weight(path, q._data, q._scale, 1)
+    model = net()
+    with pytest.raises(
+        ValueError, match="'0' is frozen with qint8 weights .* holds a torch.int8 QTensor along axis 1"
+    ):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+def test_a_weight_of_another_qtype_is_refused(saved):
+    # float8 codes under a qint8 entry would run the float8 kernels
+    _, path, _ = saved
+    q = QTensor.quantize(torch.randn(32, 16), qfloat8_e4m3fn, axis=0)
+    _forge_weight(path, q._data, q._scale, 0)
+    model = net()
+    with pytest.raises(ValueError, match="holds a torch.float8_e4m3fn QTensor"):
         quanto_fx.load(path, model)
     assert_untouched(model)
 
