@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import itertools
 import logging
 import threading
@@ -20,9 +21,22 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 log = logging.getLogger("quanto_fx.backend")
 
-_PACKAGE = Path(__file__).resolve().parent.parent
+
+def _package_folder(name: str) -> Path:
+    """Where subpackage ``name`` lives: inside the installed package, or (a source checkout, installed
+    editable) passes/ at the repository's top beside quanto_fx/kernels/."""
+    spec = importlib.util.find_spec(name)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 # Every file whose content changes what the pass writes: a change must change the FX-graph-cache key.
-_SOURCES = tuple(sorted(str(p) for folder in ("passes", "kernels") for p in (_PACKAGE / folder).glob("*.py")))
+_SOURCES = tuple(
+    sorted(
+        str(p)
+        for package in ("quanto_fx.passes", "quanto_fx.kernels")
+        for p in _package_folder(package).glob("*.py")
+    )
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -526,3 +526,17 @@ def test_weight_only_rules_take_a_transposing_permute_only():
         out, _ = compile_and_run(fn, x)
         assert_close_to_max(out, fn(x), FLOAT16_ERROR)
         assert counters["weight_only"] + counters["weight_only_transposed"] == fused, fn.__name__
+
+
+def test_the_graph_cache_key_hashes_the_passes_and_the_kernels():
+    # the key must change when the passes or the ops they write change, in a source checkout (passes/ at the
+    # top, kernels/ inside quanto_fx/) as in an installed wheel (both inside quanto_fx/)
+    import quanto_fx.kernels
+    import quanto_fx.passes
+    from quanto_fx.backend import compiler
+
+    for package in (quanto_fx.passes, quanto_fx.kernels):
+        folder = os.path.dirname(package.__file__)
+        modules = {name for name in os.listdir(folder) if name.endswith(".py")}
+        hashed = {os.path.basename(p) for p in compiler._SOURCES if os.path.dirname(p) == folder}
+        assert modules and modules == hashed, package.__name__
