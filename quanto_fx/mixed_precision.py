@@ -181,6 +181,11 @@ def choose_precision(
     if not layers:
         raise ValueError("choose_precision: no nn.Linear or nn.Embedding layer of the model is selected")
     allowed = {name: _allowed(layer, candidates, group_size) for name, layer in layers.items()}
+    if stuck := sorted(name for name, formats in allowed.items() if not formats):
+        raise ValueError(
+            f"choose_precision: no candidate fits layers {stuck} (group_size {group_size} does not divide "
+            "their features): add None (float) or qint8 to the candidates, or exclude them"
+        )
     reference = _outputs(model, samples)
 
     def evaluate(choices: dict[str, qtype | None]) -> float:
@@ -199,7 +204,8 @@ def choose_precision(
         movable = [name for name in layers if level[name] + 1 < len(allowed[name])]
         if not movable:
             raise ValueError(
-                f"no choice of formats reaches the budget {budget}: float weights score {current}"
+                f"no choice of formats reaches the budget {budget}: every layer at its largest candidate "
+                f"format scores {current}"
             )
         # The layer whose own format hurts the model most (lowest score alone) moves one format up.
         worst = min(movable, key=lambda n: sensitivity[n].get(_name(choices[n]), float("inf")))

@@ -73,7 +73,7 @@ def test_layers_whose_features_the_group_size_does_not_divide_skip_int4():
     "kwargs, message",
     [
         ({"candidates": (qint8, qint4)}, "ordered smallest first"),
-        ({"candidates": (qint4,), "budget": 200.0}, "no choice of formats reaches the budget 200.0"),
+        ({"candidates": (qint4,), "budget": 200.0}, "budget 200.0: every layer at its largest candidate"),
         ({"include": "nothing*"}, "no nn.Linear or nn.Embedding layer"),
     ],
 )
@@ -81,6 +81,13 @@ def test_impossible_requests_are_refused(kwargs, message):
     kwargs = {"budget": 20.0} | kwargs
     with pytest.raises(ValueError, match=message):
         choose_precision(model_with_a_fragile_layer(), samples(), progress=False, **kwargs)
+
+
+def test_layers_no_candidate_fits_are_named():
+    # 96 input features: int4 in groups of 128 does not fit the second layer, and it is the only candidate
+    model = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 32))
+    with pytest.raises(ValueError, match=r"no candidate fits layers \['1'\] \(group_size 128"):
+        choose_precision(model, samples(), budget=0.0, candidates=(qint4,), progress=False)
 
 
 def test_no_samples_is_refused():
