@@ -4,7 +4,7 @@
 rules table in ``rules.py``; see README.md for the invariants every pass keeps.
 """
 
-from .pipeline import FUSED_OPS, GraphReport, counters, run_passes
+from .pipeline import GraphReport, counters, run_passes
 from .rules import RULES, STAGES, Rule
 
-__all__ = ["FUSED_OPS", "GraphReport", "RULES", "Rule", "STAGES", "counters", "run_passes"]
+__all__ = ["GraphReport", "RULES", "Rule", "STAGES", "counters", "run_passes"]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import Match
 
+from quanto_fx.kernels.checks import RESCALE_OUT_DTYPES as RESCALE_DTYPES  # a fused rescale's outputs
+from quanto_fx.kernels.reference import INT8_QMAX
 from quanto_fx.tensor.quantization import FLOAT8_DTYPES
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-INT8_QMAX = 127
-# The float dtypes a fused rescale computes in float32 and writes out (quanto_fx.kernels.checks).
-RESCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def value(match: Match, name: str):
@@ -73,7 +72,8 @@ def _outer_scales_reason(a_scale: torch.Tensor, b_scale: torch.Tensor, m: int, n
 
 
 def check_rescale(match: Match) -> str | None:
-    """int32 -> float with per-tensor, per-row or per-column scales [+ (N,) bias], all in one float dtype."""
+    """int32 -> float with per-tensor, per-row or per-column scales [+ (N,) bias]: the accumulator
+    converted to the chain's output dtype, and the bias in it."""
     n = _gemm_n(match)
     m = value(match, "a").shape[0]
     (to_float,) = _nodes(match, prims.convert_element_type.default)

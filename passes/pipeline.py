@@ -24,7 +24,6 @@ from .rules import RULES, STAGES, Rule
 
 log = logging.getLogger("quanto_fx.passes")
 
-FUSED_OPS = (torch.ops.quanto_fx.int8_mm_rescale.default, torch.ops.quanto_fx.int8_mm_requantize.default)
 
 # How many times each rule fired in this process (tests and explain() read it).
 counters: Counter[str] = Counter()

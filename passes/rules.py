@@ -27,7 +27,7 @@ from . import guards
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-INT8_QMAX = 127
+INT8_QMAX = guards.INT8_QMAX
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def rescale_outer_bias_pattern(a, b, a_scale, b_scale, bias):
 
 
 def rescale_outer_bias_replacement(a, b, a_scale, b_scale, bias, *, out):
-    out = int8_mm_rescale(a, b, _as_column(a_scale), _as_row(b_scale), bias.reshape(-1), out.dtype)
-    return out.reshape(out.shape)
+    fused = int8_mm_rescale(a, b, _as_column(a_scale), _as_row(b_scale), bias.reshape(-1), out.dtype)
+    return fused.reshape(out.shape)
 
 
 # 16-bit models: the runtime multiplies the row and column scales in the model's dtype, then rescales in

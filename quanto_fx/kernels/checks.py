@@ -11,8 +11,8 @@ import torch
 from ..tensor.integer_matmul import check_int8_operands
 from ..tensor.quantization import GEMM_FLOAT_DTYPES
 
-# Float dtypes of a rescale's bias and output; the math is float32 either way.
-RESCALE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Float dtypes of a rescale's bias and output (the GEMMs' float dtypes); the math is float32 either way.
+RESCALE_OUT_DTYPES = GEMM_FLOAT_DTYPES
 
 
 def _check_scale(scale: torch.Tensor, name: str, vector_shape: tuple[int, int], device: torch.device) -> None:
