@@ -137,11 +137,11 @@ def dequantize_lowbit_triton(
     may be strided; on CUDA (or CPU tensors under TRITON_INTERPRET=1)."""
     n, k = check_packed_weight(packed, scale_zeros, bits, group_size)  # shapes, dtypes, devices
     _check_out(out, n, k, packed.device)
+    block_k = min(BLOCK_K, group_size)
+    _check_k_blocks(k, block_k)
     _check_runs_on(packed)
     if n == 0 or k == 0:
         return out
-    block_k = min(BLOCK_K, group_size)
-    _check_k_blocks(k, block_k)
     grid = (triton.cdiv(n, BLOCK_N), k // block_k)
     with _device_guard(packed):
         lowbit_dequantize_kernel[grid](
