@@ -132,3 +132,15 @@ def test_mixed_devices_are_refused():
         QTensor(torch.zeros(3, dtype=torch.int8), torch.tensor(1.0, device="meta"))
     with pytest.raises(ValueError, match="scale is on meta but data is on cpu"):
         QTensor.quantize(torch.randn(3), scale=torch.tensor(1.0, device="meta"))
+
+
+def test_float64_scales_dequantize_and_rescale_in_float64():
+    # 2**24 + 1 is exact in float64 but not in float32
+    wide = QTensor(
+        torch.tensor([2**24 + 1, -(2**30) - 3], dtype=torch.int32), torch.tensor(1.0, dtype=torch.float64)
+    )
+    expected = torch.tensor([2**24 + 1, -(2**30) - 3], dtype=torch.float64)
+    assert torch.equal(wide.dequantize(), expected)
+    assert torch.equal(
+        wide.rescale(torch.int32, torch.tensor(1.0, dtype=torch.float64))._data.double(), expected
+    )

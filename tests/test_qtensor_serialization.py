@@ -1,12 +1,13 @@
 """torch.save / torch.load(weights_only=True) round trips, and safe loading."""
 
+import copy
 import io
 import pickle
 
 import pytest
 import torch
 
-from quanto_fx import QTensor
+from quanto_fx import QTensor, freeze, qint4, qint8, quantize
 
 
 def roundtrip(obj, **load_kwargs):
@@ -63,3 +64,24 @@ def test_foreign_pickles_stay_refused(capsys):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(buf, weights_only=True)
     assert "payload ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("weights", [qint8, qint4])
+def test_deepcopy_of_a_frozen_model_keeps_its_quantized_parameters(weights):
+    model = freeze(quantize(torch.nn.Sequential(torch.nn.Linear(256, 8)), weights=weights, activations=None))
+    clone = copy.deepcopy(model)
+    weight = clone[0].weight
+    assert isinstance(weight, torch.nn.Parameter) and isinstance(weight, type(model[0].weight))
+    assert not weight.requires_grad
+    assert "weight" in dict(clone[0].named_parameters())
+    x = torch.randn(3, 256)
+    assert torch.equal(clone(x), model(x))
+    clone.load_state_dict(roundtrip(model.state_dict()), assign=True)
+    assert torch.equal(clone(x), model(x))
+
+
+def test_deepcopy_of_a_qtensor_stays_a_plain_qtensor():
+    qx = QTensor.quantize(torch.randn(4, 3), axis=0)
+    copied = copy.deepcopy(qx)
+    assert type(copied) is QTensor and not isinstance(copied, torch.nn.Parameter)
+    assert torch.equal(copied._data, qx._data) and copied._data.data_ptr() != qx._data.data_ptr()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .qtensor import QTensor
-from .quantization import quantize_data, round_and_clamp
+from .quantization import accumulator_float_dtype, quantize_data, round_and_clamp
 
 
 class QuantizeSTE(torch.autograd.Function):
@@ -40,8 +40,9 @@ class RescaleSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qt, scale, qmin, qmax, dtype, axis):
-        # in float32: an int32 accumulator does not fit float16 (see dequantize_data)
-        values = qt._data.to(torch.float32) * (qt._scale.to(torch.float32) / scale.to(torch.float32))
+        # in float32 (float64 for float64 scales): an int32 accumulator does not fit float16 (dequantize_data)
+        wide = accumulator_float_dtype(qt._scale.dtype)
+        values = qt._data.to(wide) * (qt._scale.to(wide) / scale.to(wide))
         return QTensor(round_and_clamp(values, qmin, qmax, dtype), scale, axis, _trusted=True)
 
     @staticmethod

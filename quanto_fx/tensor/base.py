@@ -45,6 +45,17 @@ class QuantizedTensor(torch.Tensor):
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
+def parameter_like(original: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """``copy`` wrapped as an nn.Parameter when ``original`` is one (for ``__deepcopy__``).
+
+    nn.Parameter(subclass instance) returns the instance itself flagged ``_is_param``; a deep copy without the
+    flag is a plain tensor, which module attribute assignment and ``load_state_dict(assign=True)`` refuse.
+    """
+    if isinstance(original, torch.nn.Parameter):
+        return torch.nn.Parameter(copy, requires_grad=original.requires_grad)
+    return copy
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

@@ -1,4 +1,9 @@
-"""Integer element-wise ops: add, mul, relu, softmax, and the in-place forms linear/load_state_dict use."""
+"""Integer element-wise ops: add, mul, relu, and the in-place forms linear/load_state_dict use.
+
+Results are new tensors: none shares its data or scale with an input, so writing into one (add_, copy_) leaves
+the inputs as they were. softmax has no handler: probabilities as small as 1/N for N logits need more than
+an int8 grid over [0, 1] (1024 near-equal logits all rounded to 0), so it runs on the dequantized value.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ import numbers
 
 import torch
 
-from .base import dequantize_value
+from .base import QuantizedTensor
 from .dispatch import register_handler
-from .ops_matmul import add_int32_bias
+from .ops_matmul import add_int32_bias, quantize_int32_bias
 from .qtensor import QTensor
+from .quantization import check_finite
 
 aten = torch.ops.aten
 
@@ -28,7 +34,22 @@ def _checked_int32(op: str, wide: torch.Tensor) -> torch.Tensor:
     return wide.to(torch.int32)
 
 
-_SOFTMAX_QMAX = 127
+def _is_float_bias(b) -> bool:
+    return isinstance(b, torch.Tensor) and not isinstance(b, QuantizedTensor) and b.is_floating_point()
+
+
+def _keeps_shape(a: QTensor, b: torch.Tensor) -> bool:
+    """True when ``b`` broadcasts to ``a``'s shape. A larger sum would need ``a``'s axis and scale laid out
+    anew (the axis would name another dimension): the fallback computes it in float."""
+    try:
+        return torch.broadcast_shapes(a.shape, b.shape) == a.shape
+    except RuntimeError:
+        return False  # shapes that do not broadcast: the fallback raises torch's own error
+
+
+def _acc_bound(data: torch.Tensor):
+    """max |data| of an int32 accumulator (0 when empty): how far a bias may move it within int32."""
+    return data.abs().amax() if data.numel() else 0
 
 
 def same_scales(tensors) -> bool:
@@ -65,10 +86,11 @@ def add(func, args, kwargs):
             data = _checked_int32("add", a._data.long() + b._data.long())
         else:
             data = a._data.to(wide) + b._data.to(wide)
-        return QTensor(data, a._scale, a._axis, _trusted=True)
-    if isinstance(b, torch.Tensor) and b.is_floating_point() and a._data.dtype == torch.int32:
-        # An int32 accumulator plus a float bias: the bias joins the accumulator at its scale.
-        return add_int32_bias(a, b, a._data.abs().amax())
+        return QTensor(data, a._scale.clone(), a._axis, _trusted=True)
+    if _is_float_bias(b) and a._data.dtype == torch.int32 and _keeps_shape(a, b):
+        # An int32 accumulator plus a float bias: the bias joins the accumulator at its scale (a copy of it).
+        a_copy = QTensor(a._data, a._scale.clone(), a._axis, _trusted=True)
+        return add_int32_bias(a_copy, b, _acc_bound(a._data))
     return NotImplemented
 
 
@@ -76,10 +98,19 @@ def add(func, args, kwargs):
 def add_(func, args, kwargs):
     a, b = args[:2]
     alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
-    if alpha != 1 or not isinstance(a, QTensor) or a._data.dtype != torch.int32 or isinstance(b, QTensor):
+    if alpha != 1 or not isinstance(a, QTensor) or a._data.dtype != torch.int32:
         return NotImplemented
-    out = add_int32_bias(a, b, a._data.abs().amax())
-    a._data.copy_(out._data)
+    if not _is_float_bias(b) or not _keeps_shape(a, b):
+        return NotImplemented  # the fallback refuses it: in place, only a float bias joins an int32 QTensor
+    qbias = quantize_int32_bias(b, a._scale, _acc_bound(a._data))
+    if qbias is None:
+        # The out-of-place add computes such a sum in float; a's int32 data cannot hold it.
+        check_finite(b, "add_: the bias")
+        raise OverflowError(
+            "add_: the bias does not fit int32 at the accumulator's scale; use the out-of-place add, "
+            "which computes this sum in float"
+        )
+    a._data.add_(qbias)
     return a
 
 
@@ -92,7 +123,7 @@ def mul(func, args, kwargs):
         return NotImplemented
     if isinstance(b, numbers.Real) and not isinstance(b, bool) and b > 0:
         # A positive constant only changes the scale; the integers stay as they are.
-        return QTensor(a._data, a._scale * b, a._axis, _trusted=True)
+        return QTensor(a._data.clone(), a._scale * b, a._axis, _trusted=True)
     if not isinstance(b, QTensor):
         return NotImplemented
     if a.shape != b.shape or (a._axis is not None and b._axis is not None and a._axis != b._axis):
@@ -108,19 +139,7 @@ def mul(func, args, kwargs):
 @register_handler(aten.relu)
 def relu(func, args, kwargs):
     (a,) = args
-    return QTensor(a._data.clamp_min(0), a._scale, a._axis, _trusted=True)
-
-
-@register_handler(aten._softmax)
-def softmax(func, args, kwargs):
-    x, dim, half_to_float = args
-    if half_to_float:
-        return NotImplemented
-    probs = torch.softmax(dequantize_value(x), dim)
-    # Probabilities lie in [0, 1]: a fixed scale of 1/127 covers them with int8.
-    scale = torch.full((), 1.0 / _SOFTMAX_QMAX, dtype=x.dtype, device=x.device)
-    data = torch.round(probs * _SOFTMAX_QMAX).to(torch.int8)
-    return QTensor(data, scale, None, _trusted=True)
+    return QTensor(a._data.clamp_min(0), a._scale.clone(), a._axis, _trusted=True)
 
 
 @register_handler(aten.copy_, layout=True)

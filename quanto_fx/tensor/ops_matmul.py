@@ -45,7 +45,7 @@ def _rescaled_product(acc: torch.Tensor, a: QTensor, b: QTensor):
 
 
 def quantize_int32_bias(bias: torch.Tensor, scale: torch.Tensor, acc_bound) -> torch.Tensor | None:
-    """``bias`` as int32 at ``scale`` (an accumulator's scale), or None when it does not fit.
+    """``bias`` as int32 at ``scale`` (an accumulator's scale), or None when it does not fit or is NaN / Inf.
 
     ``acc_bound`` bounds |accumulator| (``gemm_bound(K)``, or a 0-d tensor); the int32 sum cannot overflow
     while |bias| <= 2**31 - 1 - acc_bound. While torch.compile traces, where no data-dependent check can run,
@@ -53,7 +53,8 @@ def quantize_int32_bias(bias: torch.Tensor, scale: torch.Tensor, acc_bound) -> t
     """
     limit = _INT32_MAX - acc_bound
     qbias = torch.round(bias.to(torch.float64) / scale.to(torch.float64))
-    if not torch.compiler.is_compiling() and bool((qbias.abs() > limit).any()):
+    # "not <=" rather than ">": NaN compares False both ways, and would cast to an arbitrary int32
+    if not torch.compiler.is_compiling() and bool((~(qbias.abs() <= limit)).any()):
         return None
     return torch.clamp(qbias, -limit, limit).to(torch.int32)
 
@@ -61,8 +62,9 @@ def quantize_int32_bias(bias: torch.Tensor, scale: torch.Tensor, acc_bound) -> t
 def add_int32_bias(out, bias, acc_bound):
     """``out + bias`` where ``out`` is an int32 QTensor: the bias joins the accumulator at its scale.
 
-    A bias that does not fit int32 at that scale (tiny accumulator scales) makes the result float instead,
-    counted as an "int32_bias" fallback (see ``quantize_int32_bias``).
+    A bias that does not fit int32 at that scale (tiny accumulator scales, NaN, Inf) makes the result float
+    instead, counted as an "int32_bias" fallback (see ``quantize_int32_bias``). The result shares ``out``'s
+    scale: callers pass an ``out`` of their own, never an input.
     """
     if not isinstance(out, QTensor):
         return out + (bias.dequantize() if isinstance(bias, QTensor) else bias)

@@ -58,6 +58,9 @@ def to_copy(func, args, kwargs):
 @register_handler(aten.view, aten._unsafe_view, layout=True)
 def view(func, args, kwargs):
     x, shape = args
+    if isinstance(shape, torch.dtype):
+        # view(dtype) reinterprets the bits of the float value this QTensor stands for, not its integer codes
+        return NotImplemented
     data = func(x._data, shape)
     if x._axis is None:
         return _qtensor(data, x._scale, None)
@@ -167,7 +170,7 @@ def index(func, args, kwargs):
     x, indices = args
     if x._axis is not None or any(isinstance(i, QTensor) for i in indices):
         return NotImplemented
-    return _qtensor(func(x._data, indices), x._scale, None)
+    return _qtensor(func(x._data, indices), x._scale.clone(), None)  # a gather is a copy, not a view
 
 
 @register_handler(aten.split, aten.split_with_sizes, layout=True)
@@ -201,7 +204,8 @@ def cat(func, args, kwargs):
     if not along_axis and not same_scales(tensors):
         return NotImplemented  # different scales: the float concatenation, counted as a fallback
     data = func([t._data for t in tensors], dim)
-    scale = func([t._scale for t in tensors], dim) if along_axis else first._scale
+    # a new tensor, not a view: it gets a scale of its own, which writing into it cannot share with an input
+    scale = func([t._scale for t in tensors], dim) if along_axis else first._scale.clone()
     return _qtensor(data, scale, first._axis)
 
 
@@ -213,9 +217,9 @@ def stack(func, args, kwargs):
     first = tensors[0]
     dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.ndim + 1)
     data = func([t._data for t in tensors], dim)
-    if first._axis is None:
-        return _qtensor(data, first._scale, None)
-    return _qtensor(data, first._scale.unsqueeze(dim), first._axis + (dim <= first._axis))
+    if first._axis is None:  # a new tensor, not a view: a scale of its own, as for cat
+        return _qtensor(data, first._scale.clone(), None)
+    return _qtensor(data, first._scale.unsqueeze(dim).clone(), first._axis + (dim <= first._axis))
 
 
 # A row lookup in a per-row quantized table (an embedding): gather the rows, dequantize only them. The rows'

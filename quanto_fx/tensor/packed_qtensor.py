@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..qtypes import get_qtype, qint2, qint4, qtype
-from .base import QuantizedTensor, dequantize_fallback
+from .base import QuantizedTensor, dequantize_fallback, parameter_like
 from .groupwise import check_packed_weight, dequantize_groupwise, quantize_groupwise
 from .packing import pack, unpack
 from .quantization import FLOAT8_DTYPES, GEMM_FLOAT_DTYPES, check_finite, check_scale_values
@@ -210,7 +210,7 @@ class PackedQTensor(QuantizedTensor):
     def __deepcopy__(self, memo):
         if id(self) not in memo:
             copy = self._like(self._packed.clone(), self._scale_zeros.clone())
-            memo[id(self)] = copy.requires_grad_(self.requires_grad)
+            memo[id(self)] = parameter_like(self, copy.requires_grad_(self.requires_grad))
         return memo[id(self)]
 
     @classmethod
@@ -278,8 +278,11 @@ def _to_copy(
     if layout not in (None, torch.strided) or memory_format not in (None, torch.preserve_format):
         return NotImplemented
     device = w.device if device is None else torch.device(device)
-    packed = w._packed.to(device, non_blocking=non_blocking)
-    scale_zeros = w._scale_zeros.to(device=device, dtype=dtype or w.dtype, non_blocking=non_blocking)
+    # copy=True: a cast is a new tensor, whose codes copy_ may overwrite without touching w's
+    packed = w._packed.to(device, non_blocking=non_blocking, copy=True)
+    scale_zeros = w._scale_zeros.to(
+        device=device, dtype=dtype or w.dtype, non_blocking=non_blocking, copy=True
+    )
     return w._like(packed, scale_zeros)
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..qtypes import qtype
-from .base import QuantizedTensor, dequantize_fallback
+from .base import QuantizedTensor, dequantize_fallback, parameter_like
 from .dispatch import HANDLERS, LAYOUT_OPS
 from .quantization import (
     DATA_DTYPES,
@@ -156,7 +156,7 @@ class QTensor(QuantizedTensor):
 
     @property
     def qdtype(self) -> torch.dtype:
-        """The integer dtype of the data."""
+        """The storage dtype of the data: int8, int16, int32, or float8 (float8_e4m3fn, float8_e5m2)."""
         return self._data.dtype
 
     # -- tensor-subclass protocol ---------------------------------------------------------------------
@@ -181,7 +181,7 @@ class QTensor(QuantizedTensor):
         if id(self) in memo:
             return memo[id(self)]
         copy = QTensor(self._data.clone(), self._scale.clone(), self._axis, self.requires_grad, _trusted=True)
-        memo[id(self)] = copy
+        memo[id(self)] = copy = parameter_like(self, copy)
         return copy
 
     @classmethod

@@ -144,9 +144,16 @@ def check_scale_values(scale: torch.Tensor) -> None:
 def dequantize_data(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``data * scale`` in the scale's float dtype.
 
-    int16 / int32 data (accumulators) is multiplied in float32 first: float16 cannot hold values past 65504
-    and bfloat16 keeps only 8 bits of them.
+    int16 / int32 data (accumulators) is multiplied in at least float32 (``accumulator_float_dtype``):
+    float16 cannot hold values past 65504 and bfloat16 keeps only 8 bits of them.
     """
-    if data.dtype == torch.int8 or scale.dtype == torch.float32:
+    wide = accumulator_float_dtype(scale.dtype)
+    if data.dtype == torch.int8 or scale.dtype == wide:
         return data.to(scale.dtype) * scale
-    return (data.to(torch.float32) * scale.to(torch.float32)).to(scale.dtype)
+    return (data.to(wide) * scale.to(wide)).to(scale.dtype)
+
+
+def accumulator_float_dtype(scale_dtype: torch.dtype) -> torch.dtype:
+    """The float dtype int16 / int32 data is scaled in: float32, or float64 for float64 scales (float32
+    holds integers exactly only up to 2**24)."""
+    return torch.promote_types(scale_dtype, torch.float32)
