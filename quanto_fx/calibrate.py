@@ -47,7 +47,9 @@ def mse_observer(candidates: int = 40) -> Observer:
         scales = (absmax * ratios / qmax).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round(flat[None, :] / scales[:, None]).clamp(-qmax, qmax) * scales[:, None]
         errors = (q - flat[None, :]).pow(2).mean(dim=1)
-        return scales[errors.argmin()]
+        # An all-zero batch observes 0, as absmax_observer does: the clamped scale `tiny` would pass for a
+        # real observation and replace the uncalibrated sentinel (NaN stays NaN: update_scale refuses it).
+        return torch.where(absmax == 0, 0.0, scales[errors.argmin()])
 
     return observe
 
@@ -63,7 +65,6 @@ _OBSERVERS: dict[str, Callable[[], Observer]] = {
 class CalibrationState:
     momentum: float
     observer: Observer
-    samples: int = 0
     modules_seen: set[int] = field(default_factory=set)
 
 
@@ -114,6 +115,8 @@ def calibration(momentum: float = 0.9, observer: str | Observer = "absmax") -> I
 
 def update_scale(scale: torch.Tensor, values: torch.Tensor, qmax: int, state: CalibrationState) -> None:
     """Fold one observation of ``values`` into the ``scale`` buffer (in place)."""
+    if values.numel() == 0:
+        return  # an empty batch says nothing about the range (and the observers' reductions need values)
     observed = state.observer(values, qmax).to(scale.dtype)
     if not torch.isfinite(observed).all():
         raise ValueError("calibration observed non-finite activations (NaN or Inf)")
@@ -126,8 +129,8 @@ def update_scale(scale: torch.Tensor, values: torch.Tensor, qmax: int, state: Ca
         scale.mul_(state.momentum).add_(observed * (1 - state.momentum))
 
 
-def _progress(iterable, total: int | None, enabled: bool, desc: str):
-    """tqdm when it is installed and wanted; the plain iterable otherwise."""
+def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
+    """tqdm when it is installed and wanted; the plain iterable otherwise (also for mixed_precision)."""
     if enabled:
         try:
             from tqdm.auto import tqdm
@@ -158,7 +161,7 @@ def calibrate(
         total = max_batches if total is None else min(total, max_batches)
     count = 0
     with torch.no_grad(), calibration(momentum, observer):
-        for batch in _progress(batches, total, progress, "calibrating"):
+        for batch in _progress(batches, progress, "calibrating", total):
             if isinstance(batch, dict):
                 model(**batch)
             elif isinstance(batch, (tuple, list)):

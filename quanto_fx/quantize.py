@@ -19,10 +19,35 @@ def _patterns(patterns: str | list[str] | None) -> list[str] | None:
     return [patterns] if isinstance(patterns, str) else patterns
 
 
-def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
-    if include is not None and not any(fnmatch(name, p) for p in include):
+def _selected(names: list[str], include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether a module registered under ``names`` is quantized: one name included, none excluded (one
+    module is one quantized module, whichever attribute it is reached by)."""
+    if include is not None and not any(fnmatch(n, p) for n in names for p in include):
         return False
-    return not (exclude is not None and any(fnmatch(name, p) for p in exclude))
+    return not (exclude is not None and any(fnmatch(n, p) for n in names for p in exclude))
+
+
+def _modules_with_names(model: torch.nn.Module) -> list[tuple[list[str], torch.nn.Module]]:
+    """Each module of ``model`` once, with every name it is registered under (``model.a = model.b = linear``
+    gives ``(["a", "b"], linear)``; ``named_modules()`` would name it ``"a"`` only)."""
+    modules: dict[int, tuple[list[str], torch.nn.Module]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        modules.setdefault(id(module), ([], module))[0].append(name)
+    return list(modules.values())
+
+
+def _replace(model: torch.nn.Module, replacements: dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """Put ``replacements[id(module)]`` at every name of each replaced module; returns the model, or the
+    replacement of the model itself."""
+    targets = [
+        (name, replacements[id(m)])
+        for name, m in model.named_modules(remove_duplicate=False)
+        if id(m) in replacements
+    ]
+    for name, qmodule in targets:
+        if name:
+            model.set_submodule(name, qmodule)
+    return replacements.get(id(model), model)
 
 
 def _unmatched(patterns: list[str] | None, names: list[str]) -> list[str]:
@@ -41,9 +66,10 @@ def quantize(
 ) -> torch.nn.Module:
     """Replace the supported modules of ``model`` by quantized ones and return the model.
 
-    Supported: ``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``, ``nn.RMSNorm`` and Llama-style RMSNorm
-    classes (plus anything added with ``quanto_fx.nn.register_qmodule``). Weights stay float until
-    ``freeze(model)``, so the quantized model can still be calibrated and trained.
+    Supported: ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` (weight-only), ``nn.LayerNorm``, ``nn.RMSNorm``
+    and Llama-style RMSNorm classes (those computing ``weight * x_hat``: Gemma's ``(1 + weight) * x_hat``
+    norms stay float, with a warning), plus anything added with ``quanto_fx.nn.register_qmodule``. Weights
+    stay float until ``freeze(model)``, so the quantized model can still be calibrated and trained.
 
     Args:
         model: the float model.
@@ -54,7 +80,10 @@ def quantize(
             a float8 qtype (with float8 weights, ``activation_mode="dynamic"``).
         include / exclude: fnmatch patterns on module names (``"encoder.*"``); a pattern that matches no
             module name raises, as it is almost always a typo. A model quantized in part can be quantized
-            again with other settings for the float layers that ``include`` names (mixed precision).
+            again with other settings for the float layers that ``include`` names (mixed precision). A module
+            registered under several names (``model.a = model.b = linear``) is quantized once, all its names
+            then referring to the one quantized module, when ``include`` matches one of its names and
+            ``exclude`` none (excluding a name keeps the module float under every name).
         inplace: False quantizes a deep copy and leaves ``model`` untouched.
         activation_mode: "static" (per-tensor scales from ``calibration()``) or "dynamic" (per-token
             scales computed at run time; no calibration needed).
@@ -67,40 +96,39 @@ def quantize(
     """
     weights, activations = check_qtypes(weights, activations, activation_mode)
     include, exclude = _patterns(include), _patterns(exclude)
-    names = [name for name, _ in model.named_modules()]
+    modules = _modules_with_names(model)
+    names = [name for module_names, _ in modules for name in module_names]
     for kind, patterns in (("include", include), ("exclude", exclude)):
         if missing := _unmatched(patterns, names):
             raise ValueError(f"{kind} pattern(s) {missing} match no module name of the model")
     # A second call may quantize more layers of a partly quantized model (mixed precision), but only layers
     # it names with `include`, and none already quantized: anything else is a mistaken double quantize.
     already = [
-        name or "<root>"
-        for name, m in model.named_modules()
-        if isinstance(m, QModuleMixin) and (include is None or _selected(name, include, exclude))
+        module_names[0] or "<root>"
+        for module_names, m in modules
+        if isinstance(m, QModuleMixin) and (include is None or _selected(module_names, include, exclude))
     ]
     if already:
         hint = "quantize it once" if include is None else "include only float layers"
         raise ValueError(f"model is already quantized (quantized modules: {already[:5]}); {hint}")
     if not inplace:
         model = copy.deepcopy(model)
+        modules = _modules_with_names(model)
     settings = dict(
         weights=weights, activations=activations, activation_mode=activation_mode, group_size=group_size
     )
     # Build every replacement first, then swap: a failure leaves the model unmodified.
     replacements = {}
-    for name, module in model.named_modules():
-        if (qcls := qmodule_class_for(module)) is None or not _selected(name, include, exclude):
+    for module_names, module in modules:
+        if not _selected(module_names, include, exclude) or (qcls := qmodule_class_for(module)) is None:
             continue
         try:
             if weights in PACKED_QTYPES and isinstance(module, torch.nn.Linear):
                 check_group_size(group_size, module.in_features)
-            replacements[name] = qcls.from_module(module, **settings)
+            replacements[id(module)] = qcls.from_module(module, **settings)
         except ValueError as e:
-            raise ValueError(f"cannot quantize {name or '<root>'!r}: {e}") from e
-    root = replacements.pop("", None)
-    for name, qmodule in replacements.items():
-        model.set_submodule(name, qmodule)
-    return root if root is not None else model
+            raise ValueError(f"cannot quantize {module_names[0] or '<root>'!r}: {e}") from e
+    return _replace(model, replacements)
 
 
 def _qmodules(model: torch.nn.Module) -> list[tuple[str, QModuleMixin]]:
@@ -173,10 +201,7 @@ def requantize(
         )
         if entry.get("frozen"):
             qmodule.freeze()
-        replacements[name] = qmodule
-    root = replacements.pop("", None)
-    for name, qmodule in replacements.items():
-        model.set_submodule(name, qmodule)
-    model = root if root is not None else model
+        replacements[id(module)] = qmodule
+    model = _replace(model, replacements)
     model.load_state_dict(state_dict, strict=strict, assign=True)
     return model

@@ -128,3 +128,35 @@ def test_calibrate_passes_dict_batches_as_keywords():
     q = quantize(Keyword())
     assert calibrate(q, [{"features": torch.randn(2, 8)}] * 2) == 2
     assert q.proj.in_scale.item() != 1.0
+
+
+def calibrated(batches, observer):
+    torch.manual_seed(1)
+    qm = quantize(model())
+    with torch.no_grad(), calibration(observer=observer):
+        for x in batches:
+            qm(x)
+    return qm
+
+
+@pytest.mark.parametrize("observer", ["absmax", "percentile", "mse"])
+@pytest.mark.parametrize("uninformative", [torch.zeros(4, 8), torch.empty(0, 8)], ids=["all-zero", "empty"])
+def test_all_zero_and_empty_batches_say_nothing(observer, uninformative):
+    """Such a batch leaves the scales as they are: mse's clamped scale (finfo.tiny) for an all-zero batch
+    replaced the uncalibrated sentinel, the next batch then blended 0.9 * tiny with its observation (a
+    scale 10x too small); an empty batch failed in the observers' reductions."""
+    x = torch.randn(32, 8)
+    with_it, without = calibrated([uninformative, x], observer), calibrated([x], observer)
+    assert torch.equal(with_it[0].in_scale, without[0].in_scale)
+    if uninformative.numel() == 0:  # an all-zero input still gives bias outputs downstream
+        for a, b in zip(with_it.state_dict().values(), without.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_the_progress_helper_wraps_an_iterable_only_when_asked():
+    """``_progress(iterable, enabled, desc, total=None)``: shared with mixed_precision's layer loop."""
+    from quanto_fx.calibrate import _progress
+
+    items = [1, 2, 3]
+    assert _progress(items, False, "calibrating") is items
+    assert list(_progress(items, True, "calibrating")) == items

@@ -1,12 +1,14 @@
 """Quantized modules against their float twins (SQNR bounds), in every activation mode."""
 
+import warnings
+
 import pytest
 import torch
 from torch.nn.utils import prune
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from quanto_fx import QTensor, calibration, qint4, qint8
+from quanto_fx import QTensor, calibration, qint4, qint8, quantize
 from quanto_fx.kernels.dynamic_mm import INT8_CPU_KERNEL_ERROR
 from quanto_fx.nn import QConv2d, QLayerNorm, QLinear, QRMSNorm, qmodule_class_for
 
@@ -215,3 +217,106 @@ def test_a_pruned_qlinear_quantizes_its_pruned_weight():
         weight = QTensor.quantize(q.weight, qint8, axis=0).dequantize()
         expected = torch.nn.functional.linear(x, weight, q.bias)
         assert relative_error(q(x), expected) < VNNI_TOLERANCE  # the kernels' 16-bit rounding of x
+
+
+class GemmaStyleRMSNorm(torch.nn.Module):
+    """transformers' GemmaRMSNorm (Gemma 1-3, Qwen3-Next alike): ``(1 + weight) * x_hat``, weight zeros."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        x_hat = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x_hat * (1.0 + self.weight.float())).type_as(x)
+
+
+class LlamaStyleRMSNorm(torch.nn.Module):
+    """transformers' LlamaRMSNorm, without transformers: ``weight * x_hat``."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.variance_epsilon = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x_hat = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x_hat.to(x.dtype)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_gemma_style_rmsnorm_stays_float(trained):
+    """Named like an RMSNorm, with a 1-d weight and a float eps, but ``(1 + weight) * x_hat``: swapped for
+    QRMSNorm it returned ``weight * x_hat``, all zeros with Gemma's initial weight."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), GemmaStyleRMSNorm(32))
+    if trained:
+        with torch.no_grad():
+            model[1].weight.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 32)
+    expected = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize(model, activations=None)
+    assert sqnr(expected, model(x)) > 35
+    assert type(model[1]) is GemmaStyleRMSNorm and isinstance(model[0], QLinear)
+    assert any("GemmaStyleRMSNorm is named like an RMSNorm but stays float" in str(w.message) for w in caught)
+
+
+def test_a_llama_style_rmsnorm_is_recognized_on_the_meta_device_too():
+    """The probe telling Llama from Gemma runs on a copy: it takes meta skeletons (requantize) and leaves the
+    global RNG alone."""
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        skeleton = LlamaStyleRMSNorm(32)
+    assert qmodule_class_for(skeleton) is QRMSNorm
+    with pytest.warns(UserWarning, match="stays float"):
+        assert qmodule_class_for(GemmaStyleRMSNorm(32)) is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    norm = LlamaStyleRMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(-1, 2)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(QRMSNorm.from_module(norm, activations=None)(x), norm(x))
+
+
+def static_modules():
+    conv = QConv2d.from_module(torch.nn.Conv2d(3, 4, 3))
+    return [
+        (QLinear.from_module(torch.nn.Linear(8, 4)), torch.randn(16, 8)),
+        (conv, torch.randn(2, 3, 6, 6)),
+        (QLayerNorm.from_module(torch.nn.LayerNorm(8)), torch.randn(16, 8) + 2),
+        (QRMSNorm.from_module(torch.nn.RMSNorm(8)), torch.randn(16, 8) + 2),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["linear", "conv", "layernorm", "rmsnorm"])
+def test_static_outputs_keep_their_scale_while_calibration_goes_on(index):
+    """A static output (or input) QTensor held the module's scale buffer itself: the next calibration step
+    updated it in place and changed the value of every tensor already returned."""
+    q, x1 = static_modules()[index]
+    x2 = x1 * 10
+    with torch.no_grad(), calibration():
+        y1 = q(x1)
+        qx1 = q.quantize_input(x1) if index < 2 else None
+        first = y1.dequantize().clone()
+        q(x2)
+    assert torch.equal(y1.dequantize(), first)
+    if qx1 is not None:  # the input quantized at the scale x1 alone calibrated
+        torch.testing.assert_close(qx1._scale, x1.abs().max() / 127)
+
+
+def test_a_fused_static_output_keeps_its_scale_when_the_buffers_are_reloaded():
+    """Eager inference's fused static GEMM wrapped ``out_scale`` into its output too: load_state_dict (an
+    in-place copy into the buffers) then changed outputs already computed."""
+    q = QLinear.from_module(torch.nn.Linear(8, 4))
+    x = torch.randn(16, 8)
+    calibrate(q, x)
+    q.freeze()
+    with torch.no_grad():
+        y = q(x)
+    first = y.dequantize().clone()
+    state = q.state_dict()
+    state["out_scale"] = state["out_scale"] * 10
+    q.load_state_dict(state)
+    assert torch.equal(y.dequantize(), first)

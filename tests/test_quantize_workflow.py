@@ -192,3 +192,59 @@ def test_requantize_errors_name_the_module():
         requantize(Net(), qnet.state_dict(), {"decoder": qmap["norm"]})
     with pytest.raises(ValueError, match="module 'norm' is a LayerNorm, which does not quantize to QLinear"):
         requantize(Net(), qnet.state_dict(), {"norm": qmap["head.0"]})
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm, torch.nn.RMSNorm])
+def test_norms_without_affine_parameters_quantize_calibrate_and_freeze(norm):
+    """A norm built with elementwise_affine=False has no weight: quantize() read the scales' device from it
+    and failed with AttributeError."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), norm(16, elementwise_affine=False), torch.nn.Linear(16, 8)
+    )
+    x = torch.randn(32, 16)
+    expected = model(x)
+    qmodel = quantize(model, inplace=False)
+    assert qmodel[1].weight is None and qmodel[1].in_scale.device == x.device
+    with torch.no_grad(), calibration():
+        qmodel(x)
+    freeze(qmodel)
+    assert isinstance(qmodel[1](x), QTensor)
+    assert sqnr(expected, dequantized(qmodel(x))) > 25
+    rebuilt = requantize(copy.deepcopy(model), qmodel.state_dict(), quantization_map(qmodel))
+    assert torch.equal(rebuilt(x)._data, qmodel(x)._data)
+
+
+class Tied(torch.nn.Module):
+    """One Linear registered under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = self.a
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+def test_a_module_under_two_names_is_quantized_once_under_both():
+    """named_modules() names a shared module once: quantize() swapped only that name, the other stayed a
+    float Linear sharing the weight."""
+    tied = quantize(Tied(), activations=None)
+    assert isinstance(tied.a, QLinear) and tied.b is tied.a
+    # A pattern matching either name selects the module; excluding either name keeps it float under both.
+    by_b = quantize(Tied(), activations=None, include="b")
+    assert isinstance(by_b.a, QLinear) and by_b.b is by_b.a and type(by_b.head) is torch.nn.Linear
+    kept = quantize(Tied(), activations=None, exclude="b")
+    assert type(kept.a) is torch.nn.Linear and kept.b is kept.a and isinstance(kept.head, QLinear)
+
+
+def test_requantize_rebuilds_a_module_under_two_names():
+    tied = freeze(quantize(Tied(), activations=None))
+    with torch.device("meta"):
+        skeleton = Tied()
+    rebuilt = requantize(skeleton, tied.state_dict(), quantization_map(tied))
+    assert isinstance(rebuilt.b, QLinear) and rebuilt.b is rebuilt.a
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), tied(x))

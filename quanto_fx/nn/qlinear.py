@@ -60,7 +60,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
     - static: input quantized at ``in_scale``, int8 x int8 -> int32 (``aten._int_mm``) plus an int32 bias
       (at scale ``in_scale * weight_scale``), requantized to an int8 QTensor at ``out_scale``.
     - dynamic: per-token int8 input scales computed at run time; int32 accumulation rescaled to float.
-      float8 activations (with float8 weights) are dynamic too: ``quanto_fx::float8_mm`` (torch._scaled_mm).
+      float8 activations (with float8 weights) are dynamic too, per-token float8 scales:
+      ``quanto_fx::float8_dynamic_mm`` in eager inference (``torch._scaled_mm`` where the GPU has it).
 
     In eager inference (no gradient needed, not calibrating) the activation paths call the fused kernels of
     ``quanto_fx.kernels`` (GEMM and epilogue in one op, the same results). Training, calibration and
@@ -186,7 +187,7 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             if qbias is None:
                 return None  # the QTensor path computes this layer in float (counted as a fallback)
             qbias = qbias.reshape(-1)
-        out_scale = self.out_scale.to(qx.dtype)
+        out_scale = self.out_scale.to(qx.dtype, copy=True)  # the output must not alias the buffer
         rows = qx._data.reshape(-1, self.in_features)
         data = _fused_ops(rows).int8_mm_requantize(rows, w._data.t(), qx._scale, w_scale, qbias, out_scale)
         return QTensor(data.reshape(*qx.shape[:-1], self.out_features), out_scale, None, _trusted=True)

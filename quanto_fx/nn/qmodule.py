@@ -3,6 +3,7 @@ the registry that maps float module classes to their quantized twins."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -150,8 +151,9 @@ class QModuleMixin:
         self.weight = module.weight
         if "bias" in self._parameters:
             self.bias = module.bias
-        self.in_scale = torch.ones((), device=module.weight.device)
-        self.out_scale = torch.ones((), device=module.weight.device)
+        device = _device_of(module)
+        self.in_scale = torch.ones((), device=device)
+        self.out_scale = torch.ones((), device=device)
         return self.train(module.training)
 
     @property
@@ -201,7 +203,7 @@ class QModuleMixin:
 
     def quantize_input(self, x: torch.Tensor) -> QTensor:
         """Static int8 input at ``in_scale`` (an int8 per-tensor QTensor input is taken as it is)."""
-        qmin, qmax, _ = value_range(self.activation_qtype)
+        qmax = value_range(self.activation_qtype)[1]
         state = active_calibration()
         if isinstance(x, QTensor):
             if x.qdtype == torch.int8 and x.axis is None:
@@ -213,17 +215,19 @@ class QModuleMixin:
         if state is not None:
             update_scale(self.in_scale, x, qmax, state)
             state.modules_seen.add(id(self))
-        return QTensor.quantize(x, self.activation_qtype, self.in_scale.to(x.dtype))
+        # A copy of the buffer (0-d, cheap): a later calibration step or load_state_dict updates the buffer in
+        # place, which must not change a QTensor built now (or one autograd saved for backward).
+        return QTensor.quantize(x, self.activation_qtype, self.in_scale.to(x.dtype, copy=True))
 
     def quantize_output(self, y: torch.Tensor) -> QTensor:
         """Static int8 output at ``out_scale`` (int32 accumulators are rescaled, floats quantized)."""
-        qmin, qmax, _ = value_range(self.activation_qtype)
+        qmax = value_range(self.activation_qtype)[1]
         state = active_calibration()
         if state is not None:
             values = y.dequantize() if isinstance(y, QTensor) else y
             update_scale(self.out_scale, values, qmax, state)
             state.modules_seen.add(id(self))
-        scale = self.out_scale.to(y.dtype)
+        scale = self.out_scale.to(y.dtype, copy=True)  # the output must not alias the buffer (quantize_input)
         if isinstance(y, QTensor):
             return y.rescale(self.activation_qtype, scale)
         return QTensor.quantize(y, self.activation_qtype, scale)
@@ -234,6 +238,13 @@ class QModuleMixin:
         acts = self.activation_qtype.name if self.activation_qtype else None
         mode = f", activation_mode={self.activation_mode}" if acts else ""
         return f"{base}, weights={weights}, activations={acts}{mode}"
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s tensors live: a norm without affine parameters has no weight, maybe no tensor at
+    all (then the default device)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.get_default_device() if tensor is None else tensor.device
 
 
 def float_value(x: torch.Tensor) -> torch.Tensor:
