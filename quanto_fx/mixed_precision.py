@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibrate import _progress
 from .debug import _float, sqnr_db
 from .nn.qmodule import DEFAULT_GROUP_SIZE
 from .qtypes import get_qtype, qint4, qint8, qtype
@@ -194,7 +195,7 @@ def choose_precision(
     float_choices = {name: None for name in layers}
     sensitivity: dict[str, dict[str, float]] = {name: {} for name in layers}
     measurements = [(name, c) for name in layers for c in allowed[name] if c is not None]
-    for name, choice in _progress(measurements, progress):
+    for name, choice in _progress(measurements, progress, "layer sensitivity"):
         sensitivity[name][choice.name] = evaluate(float_choices | {name: choice})
 
     level = {name: 0 for name in layers}  # index into allowed[name]
@@ -226,13 +227,3 @@ def choose_precision(
         group_size=group_size,
         steps=steps,
     )
-
-
-def _progress(items: list, enabled: bool):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc="layer sensitivity", leave=False)
