@@ -320,3 +320,39 @@ def test_a_fused_static_output_keeps_its_scale_when_the_buffers_are_reloaded():
     state["out_scale"] = state["out_scale"] * 10
     q.load_state_dict(state)
     assert torch.equal(y.dequantize(), first)
+
+
+@pytest.mark.parametrize(
+    "in_features", [8, 64]
+)  # 8: too narrow for the VNNI kernels (the blocked float GEMM)
+@pytest.mark.parametrize(
+    "weights, activations, mode",
+    [(qint8, None, "static"), (qint4, None, "static"), (qint8, qint8, "dynamic"), (qint8, qint8, "static")],
+    ids=["int8-weights", "int4-weights", "w8a8-dynamic", "w8a8-static"],
+)
+def test_a_frozen_layer_called_in_grad_mode_trains_its_bias(in_features, weights, activations, mode):
+    # After freeze the weight is fixed but the bias stays a trainable Parameter: called without no_grad, the
+    # fused ops (which have no gradient) must neither crash nor drop the bias's gradient.
+    if weights is qint4 and in_features % 32:
+        pytest.skip("int4 groups of 32 need a multiple of 32 input features")
+    torch.manual_seed(0)
+    layer = quantize(
+        torch.nn.Linear(in_features, 8),
+        weights=weights,
+        activations=activations,
+        activation_mode=mode,
+        group_size=32,
+        inplace=False,
+    )
+    x = torch.randn(3, in_features)
+    if activations is not None and mode == "static":
+        with torch.no_grad(), calibration():
+            layer(x)
+    layer.freeze()
+    with torch.no_grad():
+        expected = layer(x)
+    out = layer(x)
+    out, expected = (t.dequantize() if isinstance(t, QTensor) else t for t in (out, expected))
+    assert_close_to_max(out.detach(), expected, 1e-2)  # the same layer, its bias added outside the op
+    out.sum().backward()
+    assert layer.bias.grad is not None and torch.equal(layer.bias.grad, torch.full((8,), 3.0))

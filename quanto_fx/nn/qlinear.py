@@ -106,7 +106,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         if self.activation_mode == "dynamic":
             return self._dynamic(input)
         qx = self.quantize_input(input)
-        if self._inference(qx, self.tensor_attribute("weight")) and active_calibration() is None:
+        inference = self._inference(qx, self.tensor_attribute("weight"))
+        if inference and _trained(self.bias) is None and active_calibration() is None:
             out = self._fused_static(qx)
             if out is not None:
                 return out
@@ -124,10 +125,14 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             # x's quantization and the GEMM in one op: on the CPU one C++ call, where the torch ops of the
             # QTensor path below cost ~90 us a layer at M = 1
             ops, bias = _fused_ops(flat), self.tensor_attribute("bias")
+            late_bias = _trained(bias)
+            bias = None if late_bias is not None else bias
             if w._data.dtype == torch.int8:  # (int8 weights take int8 activations, float8 ones float8)
                 out = ops.int8_dynamic_mm(flat, w._data, w._scale, bias)
             else:
                 out = ops.float8_dynamic_mm(flat, w._data, w._scale, bias, self.activation_qtype.dtype)
+            if late_bias is not None:
+                out = out + late_bias
         else:
             rows = QTensor.quantize(flat, self.activation_qtype, axis=0)
             out = F.linear(rows, w, self.bias)  # per-row x per-column scales: float out
@@ -154,7 +159,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             # Eager inference calls the weight-only op directly: at M = 1 the two subclass dispatches of
             # F.linear(x, PackedQTensor) (t, then mm) cost ~0.1 ms, a third of a 4096 x 4096 int4 GEMV.
             rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-            ops = _fused_ops(rows)
+            ops, late_bias = _fused_ops(rows), _trained(bias)
+            bias = None if late_bias is not None else bias
             if packed:
                 out = ops.lowbit_weight_mm(
                     rows, w._packed, w._scale_zeros, w._kernel, w.qtype.bits, w.group_size, bias
@@ -162,6 +168,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             else:
                 gemm = ops.int8_weight_mm if w._data.dtype == torch.int8 else ops.float8_weight_mm
                 out = gemm(rows, w._data, w._scale, bias)
+            if late_bias is not None:
+                out = out + late_bias
             return out if rows is x else out.reshape(*x.shape[:-1], self.out_features)
         if w.requires_grad:  # training the float weight: the straight-through float path
             return F.linear(x, float_value(w), bias)
@@ -170,6 +178,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         return F.linear(x, w if packed else float_value(w), bias)
 
     def _inference(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        # The bias may still be trained (a frozen weight, a trainable bias: the default after freeze): the
+        # ops take no gradient, so _trained(bias) is added after them, where autograd sees it.
         """Whether to call the fused kernels: eager, no gradient needed, a dtype they take."""
         if torch.compiler.is_compiling():
             return False  # trace the QTensor chain: the backend's passes fuse it (and report it)
@@ -191,3 +201,10 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         rows = qx._data.reshape(-1, self.in_features)
         data = _fused_ops(rows).int8_mm_requantize(rows, w._data.t(), qx._scale, w_scale, qbias, out_scale)
         return QTensor(data.reshape(*qx.shape[:-1], self.out_features), out_scale, None, _trusted=True)
+
+
+def _trained(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``bias`` when autograd needs it (it requires grad, in grad mode), else None. The fused ops have no
+    gradient: such a bias is added to their output in torch (rounded to x's dtype after the GEMM, where the
+    ops round once), or, for the static int8 layer, the QTensor path runs."""
+    return bias if bias is not None and bias.requires_grad and torch.is_grad_enabled() else None
