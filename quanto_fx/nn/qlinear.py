@@ -13,10 +13,9 @@ from ..calibrate import active_calibration
 from ..qtypes import qint8
 from ..tensor import PackedQTensor, QTensor
 from ..tensor.ops_matmul import gemm_bound, quantize_int32_bias
+from ..tensor.quantization import GEMM_FLOAT_DTYPES
 from .qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, float_value, register_qmodule
 
-# Float dtypes the fused kernels take and return (quanto_fx.kernels.checks.RESCALE_OUT_DTYPES).
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The quanto_fx.kernels ops the eager forward calls.
 _FUSED_OPS = ("float8_dynamic_mm", "int8_dynamic_mm", "int8_mm_requantize")
 _FUSED_OPS += ("int8_weight_mm", "float8_weight_mm", "lowbit_weight_mm")
@@ -185,7 +184,7 @@ class QLinear(QModuleMixin, torch.nn.Linear):
             return False  # trace the QTensor chain: the backend's passes fuse it (and report it)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return False
-        return x.dtype in _FUSED_DTYPES
+        return x.dtype in GEMM_FLOAT_DTYPES  # the float dtypes the fused kernels take and return
 
     def _fused_static(self, qx: QTensor) -> QTensor | None:
         """int8 GEMM + int32 bias + requantization at ``out_scale`` in one op; None if the bias overflows."""
