@@ -115,7 +115,9 @@ def run(steps: int = 300, verbose: bool = True) -> dict[str, dict[str, float]]:
     )
     plan = choose_precision(model, [calibration_ids], budget=MIXED_BUDGET_DB, progress=verbose)
     results["W4/W8 mixed"] = evaluate(plan.apply(model), reference, held_out) | {
-        "weights": plan.weight_bytes / plan.float_bytes
+        "weights": plan.weight_bytes / plan.float_bytes,
+        "float_layers": plan.counts().get("float", 0),
+        "int4_layers": plan.counts().get("qint4", 0),
     }
 
     if verbose:

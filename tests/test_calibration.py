@@ -126,8 +126,10 @@ def test_calibrate_passes_dict_batches_as_keywords():
             return self.proj(features)
 
     q = quantize(Keyword())
-    assert calibrate(q, [{"features": torch.randn(2, 8)}] * 2) == 2
-    assert q.proj.in_scale.item() != 1.0
+    features = torch.randn(2, 8)
+    assert calibrate(q, [{"features": features}] * 2) == 2
+    # the batches reached the layer: its input scale is their absmax scale (both batches alike)
+    assert q.proj.in_scale.item() == pytest.approx(features.abs().max().item() / 127, rel=1e-6)
 
 
 def calibrated(batches, observer):
@@ -155,8 +157,11 @@ def test_all_zero_and_empty_batches_say_nothing(observer, uninformative):
 
 def test_the_progress_helper_wraps_an_iterable_only_when_asked():
     """``_progress(iterable, enabled, desc, total=None)``: shared with mixed_precision's layer loop."""
+    from tqdm.auto import tqdm
+
     from quanto_fx.calibrate import _progress
 
     items = [1, 2, 3]
     assert _progress(items, False, "calibrating") is items
-    assert list(_progress(items, True, "calibrating")) == items
+    bar = _progress(items, True, "calibrating")
+    assert isinstance(bar, tqdm) and bar.desc == "calibrating" and list(bar) == items

@@ -12,6 +12,8 @@ import torch
 from quanto_fx.kernels import cpu_vnni_mm, weight_only
 from quanto_fx.tensor.packing import pack
 
+from .utils import WEIGHT_ONLY_TOLERANCE, assert_close_to_max
+
 OPS = ("quanto_fx::int8_weight_mm", "quanto_fx::lowbit_weight_mm", "quanto_fx::float8_weight_mm")
 pytestmark = pytest.mark.skipif(not cpu_vnni_mm.available(), reason="needs the CPU kernel library")
 
@@ -179,6 +181,12 @@ def test_other_int8_calls_go_to_the_python_implementation(python_calls, monkeypa
     assert python_calls
     expected = weight_only.int8_weight_mm_torch(x, w, scale)
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.nan_to_num(), expected.nan_to_num())
+    # and that implementation is right: x's NaN row stays NaN, the others match the float reference (aten's
+    # bf16 kernels at worst, WEIGHT_ONLY_TOLERANCE)
+    reference = weight_only.per_channel_weight_mm_reference(x.double(), w, scale.double())
+    finite = slice(1, None) if case == "x not finite" else slice(None)
+    assert case != "x not finite" or out[0].isnan().all()
+    assert_close_to_max(out[finite].double(), reference[finite], WEIGHT_ONLY_TOLERANCE)
 
 
 def test_errors_are_raised_by_the_python_implementation():

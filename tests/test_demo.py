@@ -50,9 +50,11 @@ def test_layer_report_covers_every_quantized_module_worst_first(demo):
 def test_mixed_precision_meets_its_budget_with_int4_and_int8_layers(demo):
     plan = demo["plan"]
     counts = plan.counts()
-    assert plan.score >= plan.budget == 0.99
+    assert plan.score >= plan.budget
     assert counts.get("qint4", 0) > 0 and counts.get("qint8", 0) > 0  # all-int4 misses the budget (0.945)
-    assert plan.weight_bytes < 0.26 * plan.float_bytes  # smaller than int8 everywhere (0.2578x)
+    # no layer kept float and some at int4: fewer bytes than int8 everywhere (int4 in groups of 128 stores
+    # 0.5625 bytes a weight, int8 1 plus its row scale)
+    assert "float" not in counts
     # on the held-out evaluation sentences the plan stays close to its budget, compiled like eager
     variants = demo["variants"]
     mixed = variants["W4/W8 mixed, eager"]

@@ -49,7 +49,9 @@ def test_transformer_example_quantizes_end_to_end():
     # int4 weights cost accuracy; the mixed plan (budget 30 dB on calibration windows) buys most of it back
     w4, mixed = results["W4 (int4 weights)"], results["W4/W8 mixed"]
     assert w4["perplexity"] < 1.05 * float_ppl and mixed["sqnr_db"] > w4["sqnr_db"] + 3
-    assert mixed["sqnr_db"] > 28 and mixed["weights"] < 0.26  # held-out, and smaller than int8 everywhere
+    assert mixed["sqnr_db"] > 28  # on held-out windows
+    # no layer kept float, some at int4: fewer bytes than int8 everywhere (0.5625 bytes a weight at int4)
+    assert mixed["float_layers"] == 0 and mixed["int4_layers"] > 0
 
 
 def test_llama_decoder_compiles_with_every_linear_fused():

@@ -118,6 +118,7 @@ def test_float8_models_track_float(fqtype, min_sqnr, activations):
     assert q[0].weight._data.dtype == fqtype.dtype
     with torch.no_grad():
         out = q(x)
+    # float8 activations add x's own float8 rounding (e4m3: 3 mantissa bits, ~25 dB alone): 4 dB of slack
     assert sqnr(reference, out) > min_sqnr - (4 if activations else 0)
 
 

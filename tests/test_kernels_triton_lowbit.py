@@ -377,10 +377,14 @@ def test_autotuned_launches_pick_the_decode_kernel_up_to_16_rows(monkeypatch):
     assert calls[2][1]({"BLOCK_M": 16, "BLOCK_N": 16}) == (6,)
 
 
-@pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
+# M -> the tier its launch autotunes over, written out at each tier's edges: decode up to 16 rows, one row
+# tile up to 64, prefill past it.
+TIER_OF_M = {1: 16, 16: 16, 17: 64, 64: 64, 65: None, 4096: None}
+
+
+@pytest.mark.parametrize("m", TIER_OF_M)
 def test_int8_pruned_configs_are_the_tier(m):
-    tier = next(tier for max_m, tier in INT8_CONFIG_TIERS.items() if max_m is None or m <= max_m)
-    assert _prune_int8_configs(INT8_CONFIGS, {"M": m}) == tier
+    assert _prune_int8_configs(INT8_CONFIGS, {"M": m}) == INT8_CONFIG_TIERS[TIER_OF_M[m]]
 
 
 # -- autotuning configs (no kernel) -----------------------------------------------------------------------
@@ -392,7 +396,9 @@ def test_int8_pruned_configs_are_the_tier(m):
 def test_decode_configs_fit_the_group(group_size, bits, dtype):
     x = torch.empty(1, 256, dtype=dtype)
     configs = _prune_gemv_configs(GEMV_CONFIGS, {"M": 1, "x_ptr": x}, BITS=bits, GROUP_SIZE=group_size)
-    assert configs and len(configs) <= len(GEMV_CONFIGS)
+    # each config fitted, none lost: the (tile, slices, warps, stages) of GEMV_CONFIGS, BLOCK_K aside
+    shape = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["SLICES"], c.num_warps, c.num_stages)  # noqa: E731
+    assert sorted(map(shape, configs)) == sorted(map(shape, GEMV_CONFIGS))
     for c in configs:
         block_k = c.kwargs["BLOCK_K"]
         assert c.kwargs["BLOCK_M"] == 16 and block_k >= min_block_k(bits)
@@ -404,10 +410,10 @@ def test_decode_configs_fit_the_group(group_size, bits, dtype):
 
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
+@pytest.mark.parametrize("m", [17, 64, 65, 4096])  # (M <= 16 takes the decode kernels' configs)
 def test_pruned_configs_fit_the_group_and_the_tier(m, group_size, bits):
     configs = _prune_configs(CONFIGS, {"M": m}, BITS=bits, GROUP_SIZE=group_size)
-    tier = next(tier for max_m, tier in CONFIG_TIERS.items() if max_m is None or m <= max_m)
+    tier = CONFIG_TIERS[TIER_OF_M[m]]
     assert configs and len(configs) <= len(tier)
     for c in configs:  # in one group when the group allows it, else the smallest block tl.dot takes
         block_k = c.kwargs["BLOCK_K"]

@@ -51,8 +51,17 @@ def test_plan_bytes_and_table_describe_the_choice():
         for n in ("0", "2")
     ) + (64 * 128 // 2 + 64 * 2 * 4 if plan.choices["4"] == qint4 else 64 * 128 + 64 * 4)
     assert plan.weight_bytes == expected and plan.float_bytes == (128 * 128 * 2 + 64 * 128) * 4
-    table = str(plan)
-    assert "budget 15.0" in table and all(name in table for name in ("0", "2", "4"))
+    lines = str(plan).splitlines()
+    # one row per layer: its name, its chosen format, its score alone in each format
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:4]}
+    assert {name: row[0] for name, row in rows.items()} == {
+        name: choice.name if choice is not None else "float" for name, choice in plan.choices.items()
+    }
+    for name, row in rows.items():
+        assert [float(v) for v in row[1:]] == pytest.approx(
+            [plan.sensitivity[name].get(f, float("nan")) for f in ("qint4", "qint8")], abs=1e-4, nan_ok=True
+        )
+    assert lines[-1].startswith(f"score {plan.score:.4f} (budget 15.0)")
     assert sum(plan.counts().values()) == 3
 
 

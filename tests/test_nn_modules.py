@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.utils import prune
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -66,8 +67,9 @@ def test_qlinear_takes_an_int8_qtensor_input_as_is():
     q = QLinear.from_module(torch.nn.Linear(8, 4))
     x = torch.randn(16, 8)
     calibrate(q, x)
-    qx = QTensor.quantize(x, scale=q.in_scale)
-    assert torch.equal(q(qx)._data, q(x)._data)
+    qx = QTensor.quantize(x, scale=q.in_scale * 2)  # another scale than the layer's: kept, not requantized
+    assert q.quantize_input(qx) is qx
+    assert torch.equal(q(qx).dequantize(), q.quantize_output(F.linear(qx, q.qweight, q.bias)).dequantize())
 
 
 def test_qlinear_uses_int32_bias_at_product_scale():
@@ -323,18 +325,25 @@ def test_a_fused_static_output_keeps_its_scale_when_the_buffers_are_reloaded():
 
 
 @pytest.mark.parametrize(
-    "in_features", [8, 64]
-)  # 8: too narrow for the VNNI kernels (the blocked float GEMM)
-@pytest.mark.parametrize(
-    "weights, activations, mode",
-    [(qint8, None, "static"), (qint4, None, "static"), (qint8, qint8, "dynamic"), (qint8, qint8, "static")],
-    ids=["int8-weights", "int4-weights", "w8a8-dynamic", "w8a8-static"],
+    "in_features, weights, activations, mode",
+    [
+        (
+            8,
+            qint8,
+            None,
+            "static",
+        ),  # 8 input features: too narrow for the VNNI kernels (the blocked float GEMM)
+        (64, qint8, None, "static"),
+        (64, qint4, None, "static"),  # (int4 in groups of 32: 64 features)
+        (8, qint8, qint8, "dynamic"),
+        (64, qint8, qint8, "dynamic"),
+        (8, qint8, qint8, "static"),
+        (64, qint8, qint8, "static"),
+    ],
 )
 def test_a_frozen_layer_called_in_grad_mode_trains_its_bias(in_features, weights, activations, mode):
     # After freeze the weight is fixed but the bias stays a trainable Parameter: called without no_grad, the
     # fused ops (which have no gradient) must neither crash nor drop the bias's gradient.
-    if weights is qint4 and in_features % 32:
-        pytest.skip("int4 groups of 32 need a multiple of 32 input features")
     torch.manual_seed(0)
     layer = quantize(
         torch.nn.Linear(in_features, 8),
