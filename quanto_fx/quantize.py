@@ -11,6 +11,7 @@ from .nn.qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, check_qtypes, qmodule_
 from .qtypes import qint8, qtype
 from .tensor import PACKED_QTYPES
 from .tensor.groupwise import check_group_size
+from .tensor.quantization import check_finite
 
 __all__ = ["quantize", "freeze", "quantization_map", "requantize"]
 
@@ -138,12 +139,20 @@ def _qmodules(model: torch.nn.Module) -> list[tuple[str, QModuleMixin]]:
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Store the weights of every quantized module as integer QTensors (int8: ~0.25x the fp32 bytes).
 
+    All or nothing, one layer at a time: every float weight is first checked for what quantization refuses
+    (NaN or infinity), then each layer is converted in turn, so a failure leaves every weight float and the
+    peak memory stays the float model plus one layer's temporaries.
+
     Raises:
-        ValueError: the model holds no quantized module (call ``quantize(model)`` first).
+        ValueError: the model holds no quantized module (call ``quantize(model)`` first), or a layer's weight
+            holds a non-finite value (the message names the layer; no weight is then changed).
     """
     qmodules = _qmodules(model)
     if not qmodules:
         raise ValueError("freeze: the model has no quantized module; call quantize(model) first")
+    for name, module in qmodules:
+        if module.weight_qtype is not None and not module.frozen:
+            check_finite(module.weight.detach(), f"cannot freeze {name or '<root>'!r}: its weight")
     for _, module in qmodules:
         module.freeze()
     return model

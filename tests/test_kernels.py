@@ -170,21 +170,41 @@ def test_zero_sized(device):
 
 
 @pytest.mark.parametrize(
-    "change, error",
+    "change, error, message",
     [
-        (lambda args: {**args, "a": args["a"].float()}, TypeError),
-        (lambda args: {**args, "b": args["b"][:-1]}, ValueError),
-        (lambda args: {**args, "a_scale": args["a_scale"].view(1, -1)}, ValueError),
-        (lambda args: {**args, "b_scale": args["b_scale"].int()}, TypeError),
-        (lambda args: {**args, "bias": torch.zeros(3)}, ValueError),
+        (
+            lambda args: {**args, "a": args["a"].float()},
+            TypeError,
+            r"int8_mm expects int8 operands, got torch\.float32 and torch\.int8",
+        ),
+        (
+            lambda args: {**args, "b": args["b"][:-1]},
+            ValueError,
+            r"int8_mm: incompatible shapes \(5, 24\) @ \(23, 8\)",
+        ),
+        (
+            lambda args: {**args, "a_scale": args["a_scale"].view(1, -1)},
+            ValueError,
+            r"a_scale must be 0-d or shaped \(5, 1\), got \(1, 5\)",
+        ),
+        (
+            lambda args: {**args, "b_scale": args["b_scale"].int()},
+            TypeError,
+            r"b_scale must be a floating point tensor, got torch\.int32",
+        ),
+        (
+            lambda args: {**args, "bias": torch.zeros(3)},
+            ValueError,
+            r"bias must be shaped \(8,\), got \(3,\)",
+        ),
     ],
 )
-def test_bad_arguments_raise_also_while_tracing(change, error):
+def test_bad_arguments_raise_also_while_tracing(change, error, message):
     a, b, a_scale, b_scale, _ = make_operands(5, 24, 8)
     args = change({"a": a, "b": b, "a_scale": a_scale, "b_scale": b_scale, "bias": None})
-    with pytest.raises(error):
+    with pytest.raises(error, match=f"^{message}$"):
         RESCALE(*args.values(), torch.float32)
-    with pytest.raises(error), torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+    with pytest.raises(error, match=f"^{message}$"), torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         RESCALE(*(mode.from_tensor(t) if t is not None else None for t in args.values()), torch.float32)
 
 

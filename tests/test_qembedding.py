@@ -1,5 +1,7 @@
 """QEmbedding: quantized embedding tables (int8 / float8 per row, int4 / int2 per group), looked up by row."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,10 @@ def test_functional_embedding_on_an_int8_table_is_the_row_gather():
 
 @pytest.mark.parametrize("wqtype", [qint8, qint4])
 def test_out_of_range_indices_raise_like_a_float_table(wqtype):
-    q = freeze(quantize(model(), weights=wqtype, activations=None, inplace=False, group_size=64))
+    float_model = model()
+    q = freeze(quantize(float_model, weights=wqtype, activations=None, inplace=False, group_size=64))
     for bad in (-1, 500):
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match="^index out of range in self$") as float_error:
+            float_model[0](torch.tensor([bad]))
+        with pytest.raises(IndexError, match=f"^{re.escape(str(float_error.value))}$"):
             q[0](torch.tensor([bad]))
