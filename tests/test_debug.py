@@ -25,4 +25,8 @@ def test_layer_report_rows_worst_first_and_names_the_degraded_layer():
     values = [r["sqnr_db"] for r in report.rows]
     assert values == sorted(values) and all(math.isfinite(v) for v in values)
     assert report.worst(1)[0]["name"] == "3" and values[0] < 10 < values[-1]
-    assert "3" in str(report).splitlines()[1]
+    # the table: a header, then one row per layer, worst first, whose first column is the layer's name
+    header, *lines = str(report).splitlines()
+    assert header.split()[0] == "layer"
+    assert lines[0].split() == ["3", "QLinear", f"{values[0]:.1f}"]
+    assert [line.split()[0] for line in lines] == names

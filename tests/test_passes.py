@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
 
 from quanto_fx import QTensor
 from quanto_fx.passes import RULES, STAGES, GraphReport, counters, run_passes
@@ -27,6 +28,20 @@ def compile_with_report(fn, *inputs, fusion=True):
     return out, "\n".join(codes), reports
 
 
+def assert_fused(code, op, relu_flags):
+    """The generated ``code`` calls ``quanto_fx::op`` once per entry of ``relu_flags``, in that order, each
+    with that relu flag as its last argument (inductor writes it ``True)`` or ``relu=False)``), and runs no
+    other GEMM: no ``_int_mm`` and no float mm / addmm / bmm a rewrite could have put in its place."""
+    call = f"torch.ops.quanto_fx.{op}.default("
+    FileCheck().check_count(call, len(relu_flags), exactly=True).run(code)
+    in_order = FileCheck()
+    for relu in relu_flags:
+        in_order = in_order.check(call).check_same(f"{relu})")
+    in_order.run(code)
+    for gemm in ("_int_mm", "extern_kernels.mm(", "extern_kernels.addmm(", "extern_kernels.bmm("):
+        FileCheck().check_not(gemm).run(code)
+
+
 def operands(x_axis=None, w_axis=0, m=24, k=32, n=16):
     x = QTensor.quantize(torch.randn(m, k), axis=x_axis)
     w = QTensor.quantize(torch.randn(n, k), axis=w_axis)
@@ -44,6 +59,7 @@ def test_rescale_rule_per_tensor_column_or_row(x_axis, w_axis):
     # the runtime multiplies by (x_scale * w_scale): the outer-product rule takes both factors
     assert counters["rescale_outer"] == 1 and "quanto_fx.int8_mm_rescale.default(" in code
     assert "_int_mm" not in code
+    assert_fused(code, "int8_mm_rescale", [False])
 
 
 def test_rescale_rule_with_a_precomputed_scale():
@@ -56,6 +72,7 @@ def test_rescale_rule_with_a_precomputed_scale():
         out, code, _ = compile_with_report(fn, a, b, scale)
         torch.testing.assert_close(out, fn(a, b, scale), rtol=1e-6, atol=1e-6)
         assert counters["rescale"] == 1 and "_int_mm" not in code
+        assert_fused(code, "int8_mm_rescale", [False])
 
 
 def test_a_full_matrix_scale_is_refused_with_a_reason():
@@ -78,6 +95,7 @@ def test_rescale_outer_rule_for_per_row_times_per_column():
     out, code, _ = compile_with_report(fn, x, w, bias)
     torch.testing.assert_close(out, fn(x, w, bias), rtol=1e-5, atol=1e-5)
     assert counters["rescale_outer_bias"] == 1 and "_int_mm" not in code
+    assert_fused(code, "int8_mm_rescale", [False])
 
 
 def test_requantize_rule_is_bit_exact():
@@ -89,6 +107,7 @@ def test_requantize_rule_is_bit_exact():
     out, code, _ = compile_with_report(fn, x, w, out_scale)
     assert torch.equal(out, fn(x, w, out_scale))
     assert counters["requantize"] == 1 and "_int_mm" not in code
+    assert_fused(code, "int8_mm_requantize", [False])
 
 
 def test_requantize_3d_with_relu_epilogue():
@@ -102,6 +121,8 @@ def test_requantize_3d_with_relu_epilogue():
     assert torch.equal(out, fn(x, w, bias, out_scale)) and out.min() >= 0
     assert counters["requantize_bias_3d"] == 1
     assert counters["sink_requantize_relu"] == 1 and counters["requantize_bias_relu"] == 1
+    # one requantizing GEMM on the flattened 3-d input, the relu folded into it (its flag is True)
+    assert_fused(code, "int8_mm_requantize", [True])
 
 
 def test_a_rescale_to_int16_keeps_its_own_requantization():

@@ -9,10 +9,18 @@ from quanto_fx import PackedQTensor, QTensor, qfloat8_e4m3fn, qint2, qint4
 
 
 def test_flatten_unflatten_roundtrip():
-    qx = QTensor.quantize(torch.randn(3, 4), axis=0)
+    qx = QTensor.quantize(torch.randn(3, 4, dtype=torch.bfloat16), axis=0)
     names, meta = qx.__tensor_flatten__()
-    rebuilt = QTensor.__tensor_unflatten__({n: getattr(qx, n) for n in names}, meta, qx.shape, qx.stride())
-    assert torch.equal(rebuilt._data, qx._data) and rebuilt.axis == qx.axis
+    # the inner tensors and the context __tensor_unflatten__ reads: the codes, the scales, then the axis
+    assert names == ["_data", "_scale"] and meta == (0,)
+    # rebuilt from copies, so nothing below can hold merely because it reads qx's own tensors
+    inner = {name: getattr(qx, name).clone() for name in names}
+    rebuilt = QTensor.__tensor_unflatten__(inner, meta, qx.shape, qx.stride())
+    assert type(rebuilt) is QTensor and rebuilt._data is inner["_data"] and rebuilt._scale is inner["_scale"]
+    # the outer dtype comes from the bfloat16 scales, not float32
+    assert rebuilt.dtype == torch.bfloat16 and rebuilt.shape == qx.shape == (3, 4)
+    assert rebuilt.axis == qx.axis == 0 and rebuilt.qdtype == torch.int8
+    assert torch.equal(rebuilt.dequantize(), qx.dequantize()) and rebuilt.dequantize().dtype == torch.bfloat16
 
 
 def test_qtensor_inputs_under_aot_eager():
