@@ -65,7 +65,8 @@ def test_static_mlp_is_fused_and_bit_exact(static_run):
     assert torch.equal(out._data, ref._data) and torch.equal(out._scale, ref._scale)
     # Two fused requantizing GEMMs, the relu folded into the first; no bare _int_mm or rescale left.
     FileCheck().check_count("torch.ops.quanto_fx.int8_mm_requantize.default(", 2, exactly=True).run(code)
-    FileCheck().check("torch.ops.quanto_fx.int8_mm_requantize.default(").check("True").run(code)
+    call = "torch.ops.quanto_fx.int8_mm_requantize.default("
+    FileCheck().check(call).check_same("True)").check(call).check_same("False)").run(code)  # relu: 1st only
     FileCheck().check_not("aten._int_mm").run(code)
     # the traced 3-d chains are fused, and the relu module that follows folds into the first
     assert rule_counts == {"requantize_bias_3d": 2, "sink_requantize_relu": 1, "requantize_bias_relu": 1}
