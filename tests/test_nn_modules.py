@@ -234,19 +234,6 @@ class GemmaStyleRMSNorm(torch.nn.Module):
         return (x_hat * (1.0 + self.weight.float())).type_as(x)
 
 
-class LlamaStyleRMSNorm(torch.nn.Module):
-    """transformers' LlamaRMSNorm, without transformers: ``weight * x_hat``."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.variance_epsilon = eps
-        self.weight = torch.nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x_hat = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x_hat.to(x.dtype)
-
-
 @pytest.mark.parametrize("trained", [False, True])
 def test_a_gemma_style_rmsnorm_stays_float(trained):
     """Named like an RMSNorm, with a 1-d weight and a float eps, but ``(1 + weight) * x_hat``: swapped for
@@ -270,12 +257,12 @@ def test_a_llama_style_rmsnorm_is_recognized_on_the_meta_device_too():
     global RNG alone."""
     rng = torch.get_rng_state()
     with torch.device("meta"):
-        skeleton = LlamaStyleRMSNorm(32)
+        skeleton = LlamaRMSNorm(32)
     assert qmodule_class_for(skeleton) is QRMSNorm
     with pytest.warns(UserWarning, match="stays float"):
         assert qmodule_class_for(GemmaStyleRMSNorm(32)) is None
     assert torch.equal(torch.get_rng_state(), rng)
-    norm = LlamaStyleRMSNorm(32, eps=1e-5)
+    norm = LlamaRMSNorm(32, eps=1e-5)
     with torch.no_grad():
         norm.weight.uniform_(-1, 2)
     x = torch.randn(2, 5, 32)
