@@ -133,11 +133,9 @@ def _check_frozen_weights(model: torch.nn.Module, qmap: dict[str, dict]) -> None
     """Each frozen module's loaded weight is what its map entry says it is: load_state_dict checks shapes, not
     the qtype (a float8 weight under a qint8 entry would run the float8 kernels), the axis or the groups."""
     for name, entry in qmap.items():
-        weight = model.get_submodule(name).weight
-        qtype = entry.get("weights")
-        if not entry.get("frozen") or qtype is None:
+        if not entry.get("frozen") or entry.get("weights") is None:
             continue
-        qtype = get_qtype(qtype)
+        weight, qtype = model.get_submodule(name).weight, get_qtype(entry["weights"])
         if isinstance(weight, PackedQTensor):
             ok = weight.qtype == qtype and weight.group_size == entry.get("group_size", weight.group_size)
             found = f"a {weight.qtype.name} PackedQTensor in groups of {weight.group_size}"
