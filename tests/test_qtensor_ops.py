@@ -191,6 +191,16 @@ def test_a_non_finite_float_bias_is_added_in_float(bad):
     torch.testing.assert_close(dequantized(lin), dequantized(qx) @ dequantized(qw).t() + bias, equal_nan=True)
 
 
+def test_a_bias_next_to_the_int32_minimum_is_added_in_float():
+    # |-2**31| does not fit int32: the bound on the accumulator must not wrap around to a small number
+    acc = int32_acc([[-(2**31), 0]], 1.0)
+    bias = torch.tensor([-1.0, 0.0])
+    expected = acc._data.double() + bias.double()  # -2**31 - 1 lies outside int32: the sum is float
+    torch.testing.assert_close(dequantized(acc + bias).double(), expected, rtol=1e-6, atol=0)
+    with pytest.raises(OverflowError, match="add_: the bias does not fit int32"):
+        acc.add_(bias)
+
+
 def test_empty_int32_qtensor_plus_a_bias():
     acc = int32_acc(torch.zeros(0, 4), 0.5)
     out = acc + torch.ones(4)

@@ -48,8 +48,13 @@ def _keeps_shape(a: QTensor, b: torch.Tensor) -> bool:
 
 
 def _acc_bound(data: torch.Tensor):
-    """max |data| of an int32 accumulator (0 when empty): how far a bias may move it within int32."""
-    return data.abs().amax() if data.numel() else 0
+    """max |data| of an int32 accumulator (0 when empty), in int64: how far a bias may move it within int32.
+
+    From amax and amin, since int32's abs() of -2**31 is -2**31 itself.
+    """
+    if not data.numel():
+        return 0
+    return torch.maximum(data.amax().to(torch.int64), -data.amin().to(torch.int64))
 
 
 def same_scales(tensors) -> bool:
