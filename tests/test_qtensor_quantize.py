@@ -144,3 +144,71 @@ def test_float64_scales_dequantize_and_rescale_in_float64():
     assert torch.equal(
         wide.rescale(torch.int32, torch.tensor(1.0, dtype=torch.float64))._data.double(), expected
     )
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+QMAX = {torch.int8: 127, torch.int16: 2**15 - 1, torch.int32: 2**31 - 1}
+
+
+@pytest.mark.parametrize("float_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("int_dtype", QMAX, ids=str)
+def test_absmax_codes_keep_their_sign(float_dtype, int_dtype):
+    # qmax rounds up to 2**15 in bfloat16 / float16 and to 2**31 in float32, so 1.0 lands one code past qmax
+    # and must saturate to it; a float16 int32 scale is floored at finfo.tiny = 2**-14 (1 / 2**31 underflows).
+    expected = {torch.int8: [127, -32], torch.int16: [32767, -8192], torch.int32: [2**31 - 1, -(2**29)]}
+    if float_dtype == torch.float16 and int_dtype != torch.int8:
+        expected[int_dtype] = [2**14, -(2**12)]
+    q = QTensor.quantize(torch.tensor([1.0, -0.25], dtype=float_dtype), int_dtype)
+    assert q._data.tolist() == expected[int_dtype]
+
+
+@pytest.mark.parametrize("float_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("int_dtype", QMAX, ids=str)
+def test_codes_saturate_at_both_ends_without_wrapping(float_dtype, int_dtype):
+    # 2**-24 is a float16 subnormal, exact in every float dtype: 3e4 / 2**-24 is past every qmax
+    x = torch.tensor([3e4, -3e4, 1.0], dtype=float_dtype)
+    q = QTensor.quantize(x, int_dtype, scale=torch.tensor(2**-24, dtype=float_dtype))
+    qmax = QMAX[int_dtype]
+    assert q._data.tolist() == [qmax, -qmax, min(2**24, qmax)]
+
+
+@pytest.mark.parametrize("float_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("int_dtype", QMAX, ids=str)
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
+def test_codes_match_the_float64_reference(float_dtype, int_dtype, magnitude):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 64, generator=g, dtype=torch.float64) * magnitude).to(float_dtype)
+    qmax = QMAX[int_dtype]
+    for axis in (None, 0):
+        q = QTensor.quantize(x, int_dtype, axis=axis)
+        # and at a scale 4x too small, where many values saturate
+        small = (q._scale / 4).clamp_min(torch.finfo(float_dtype).tiny)
+        for qs in (q, QTensor.quantize(x, int_dtype, small, axis=axis)):
+            quotient = x.double() / qs._scale.double()
+            reference = torch.round(quotient).clamp(-qmax, qmax)
+            codes = qs._data.double()
+            if int_dtype != torch.int8:
+                assert torch.equal(codes, reference)
+                continue
+            # int8 codes divide in x's dtype (the kernels' arithmetic): off by at most one, and only where
+            # x's dtype cannot tell the quotient from the tie between the two codes (within its eps * |q|)
+            off = codes != reference
+            assert torch.all((codes - reference).abs() <= 1)
+            tie_distance = (quotient - (codes + reference) / 2).abs()
+            assert torch.all(tie_distance[off] <= torch.finfo(float_dtype).eps * quotient.abs()[off])
+
+
+def test_rescale_to_int32_saturates_without_wrapping():
+    # float32 rounds 2**31 - 1 up to 2**31, past int32
+    wide = QTensor(torch.tensor([2**31 - 1, -(2**31) + 1, 5], dtype=torch.int32), torch.tensor(1.0))
+    assert wide.rescale(torch.int32, torch.tensor(1.0))._data.tolist() == [2**31 - 1, -(2**31) + 1, 5]
+
+
+def test_wide_quantize_traces_under_compile():
+    def f(x):
+        return QTensor.quantize(x, torch.int32).dequantize()
+
+    x = torch.tensor([1.0, -0.25, 3.0], dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x)) and compiled(x).tolist() == [1.0, -0.25, 3.0]

@@ -11,6 +11,8 @@ from ..qtypes import qtype
 
 # Storage dtypes a QTensor may hold: integers, and float8 (values scaled into the float8 range).
 INT_DTYPES = (torch.int8, torch.int16, torch.int32)
+# Codes x's float dtype may not hold: quantized in float64 (see quantize_data).
+WIDE_INT_DTYPES = (torch.int16, torch.int32)
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DATA_DTYPES = INT_DTYPES + FLOAT8_DTYPES
 # Float dtypes the weight-only and low-bit GEMM kernels take as activations (and return).
@@ -88,6 +90,10 @@ def absmax_scale(x: torch.Tensor, qmax: int, axis: int | None = None) -> torch.T
     The result is a 0-d tensor for per-tensor scales, else shaped like ``x`` with size 1 on every dimension
     but ``axis`` (it broadcasts against ``x``). It is never zero: an all-zero slice gets the smallest
     normal float of ``x.dtype``, which quantizes it exactly to zeros.
+
+    For int16 / int32, x's dtype may round ``qmax`` up (to 2**15 in float16 and bfloat16, 2**31 in float32):
+    the absmax then lands one code past ``qmax`` and saturates to it. A float16 int32 scale is finfo.tiny
+    (every float16 absmax / 2**31 is below it), so its codes stay below 2**30.
     """
     peak = absmax(x, axis)
     check_finite(peak, "input")
@@ -95,16 +101,29 @@ def absmax_scale(x: torch.Tensor, qmax: int, axis: int | None = None) -> torch.T
 
 
 def round_and_clamp(x: torch.Tensor, qmin: float, qmax: float, dtype: torch.dtype) -> torch.Tensor:
-    """Round half to even, saturate to [qmin, qmax] and cast to ``dtype`` (float8: the cast rounds)."""
+    """Round half to even, saturate to [qmin, qmax] and cast to ``dtype`` (float8: the cast rounds).
+
+    int16 / int32 codes are saturated in float64, which holds every int32: x's dtype may round ``qmax`` up
+    (32767 to 32768 in bfloat16, 2**31 - 1 to 2**31 in float32), from where the cast wraps to -qmax - 1.
+    """
     if dtype in FLOAT8_DTYPES:
         return x.clamp(qmin, qmax).to(dtype)
+    if dtype in WIDE_INT_DTYPES:
+        x = x.to(torch.float64)  # exact: the round gives what it would in x's dtype
     return torch.round(x).clamp_(qmin, qmax).to(dtype)
 
 
 def quantize_data(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Integer data of ``x`` at ``scale``: ``clamp(round(x / scale), qmin, qmax)``."""
+    """Integer data of ``x`` at ``scale``: ``clamp(round(x / scale), qmin, qmax)``.
+
+    int8 and float8 codes divide in x's dtype: the arithmetic the C++ and Triton kernels reproduce bit for
+    bit. int16 / int32 codes divide in float64, which holds them all: x's dtype may not (float16 overflows
+    past 65504 to inf, bfloat16 keeps 8 bits).
+    """
+    if dtype in WIDE_INT_DTYPES:
+        x, scale = x.to(torch.float64), scale.to(torch.float64)
     return round_and_clamp(x / scale, qmin, qmax, dtype)
 
 
