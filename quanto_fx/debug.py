@@ -56,6 +56,11 @@ class LayerReport:
         return "\n".join(lines)
 
 
+def _quantized_names(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s quantized modules ("" for the model itself)."""
+    return [name for name, m in model.named_modules() if isinstance(m, QModuleMixin)]
+
+
 def _record_outputs(model: torch.nn.Module, names: set[str], store: dict) -> list:
     def recorder(name):
         return lambda module, inputs, output: store.__setitem__(name, _float(output))
@@ -71,11 +76,20 @@ def layer_report(float_model: torch.nn.Module, qmodel: torch.nn.Module, *inputs,
     modules are matched by name.
 
     Raises:
-        ValueError: ``qmodel`` has no quantized module, or one that ``float_model`` lacks.
+        ValueError: ``qmodel`` has no quantized module, or one that ``float_model`` lacks; ``float_model``
+            has quantized modules (it is ``qmodel`` itself after the default in-place ``quantize``).
     """
-    names = {name for name, m in qmodel.named_modules() if isinstance(m, QModuleMixin)}
+    names = set(_quantized_names(qmodel))
     if not names:
         raise ValueError("layer_report: qmodel has no quantized module")
+    # Its outputs are the reference: quantized ones would hide the error (inf dB when it is qmodel itself).
+    if quantized := _quantized_names(float_model):
+        what = "is qmodel itself" if float_model is qmodel else "has quantized modules"
+        raise ValueError(
+            f"layer_report: float_model {what} ({[n or '<root>' for n in quantized[:5]]}); pass the float "
+            "model: quantize() works in place by default, so quantize a copy (quantize(model, "
+            "inplace=False)) or keep one (copy.deepcopy(model)) before quantizing"
+        )
     missing = names - {name for name, _ in float_model.named_modules()}
     if missing:
         raise ValueError(f"layer_report: float_model lacks the quantized modules {sorted(missing)[:5]}")

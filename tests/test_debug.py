@@ -1,10 +1,12 @@
 """layer_report: per-module output SQNR of a quantized copy against its float model."""
 
+import copy
 import math
 
+import pytest
 import torch
 
-from quanto_fx import calibration, layer_report, quantize
+from quanto_fx import calibration, layer_report, qint8, quantize
 from quanto_fx.nn import QModuleMixin
 
 
@@ -30,3 +32,17 @@ def test_layer_report_rows_worst_first_and_names_the_degraded_layer():
     assert header.split()[0] == "layer"
     assert lines[0].split() == ["3", "QLinear", f"{values[0]:.1f}"]
     assert [line.split()[0] for line in lines] == names
+
+
+def test_layer_report_refuses_a_quantized_float_model():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(2, 8)
+    float_copy = copy.deepcopy(model)
+    qmodel = quantize(model, weights=qint8, activations=None)  # in place, the default: qmodel is model
+    with pytest.raises(ValueError, match=r"float_model is qmodel itself \(\['0', '2'\]\).*inplace=False"):
+        layer_report(model, qmodel, x)
+    # another quantized model is no reference either
+    with pytest.raises(ValueError, match=r"float_model has quantized modules \(\['0', '2'\]\)"):
+        layer_report(copy.deepcopy(qmodel), qmodel, x)
+    # the float model kept aside: the int8 weights' error is finite
+    assert all(math.isfinite(r["sqnr_db"]) for r in layer_report(float_copy, qmodel, x).rows)
