@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from fnmatch import fnmatch
 
 import torch
@@ -177,6 +178,31 @@ def quantization_map(model: torch.nn.Module) -> dict[str, dict]:
     }
 
 
+def _check_float_skeleton(model: torch.nn.Module) -> None:
+    """``requantize`` (and ``load``) quantize the skeleton as the map says: it must not be quantized yet."""
+    quantized = [name or "<root>" for name, m in model.named_modules() if isinstance(m, QModuleMixin)]
+    if quantized:
+        raise ValueError(
+            f"the skeleton is already quantized (quantized modules: {quantized[:5]}); requantize and load "
+            "expect the float model's skeleton, as built before quantize()"
+        )
+
+
+def _check_materialized(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a skeleton whose meta tensors the state does not replace: non-persistent buffers (position ids,
+    rotary frequencies) are in no state_dict, and would stay on meta to fail or mislead at run time."""
+    named = itertools.chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+    )
+    left = [name for name, tensor in named if tensor.is_meta and name not in state]
+    if left:
+        raise ValueError(
+            f"{left} would stay on the meta device: the state_dict does not hold them (non-persistent "
+            "buffers are never stored in checkpoints); build the skeleton on a real device, e.g. under "
+            '`with torch.device("cpu"):`, or materialize these tensors first'
+        )
+
+
 def requantize(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], qmap: dict[str, dict], strict: bool = True
 ) -> torch.nn.Module:
@@ -186,9 +212,13 @@ def requantize(
     the state_dict are assigned, not copied.
 
     Raises:
-        ValueError: a map entry names no module, or a module whose quantized class differs from the map;
-            RuntimeError (from ``load_state_dict``): missing, unexpected or mis-shaped keys.
+        ValueError: an already quantized skeleton, meta tensors that ``state_dict`` does not replace
+            (non-persistent buffers), a map entry that names no module, or a module whose quantized class
+            differs from the map; RuntimeError (from ``load_state_dict``): missing, unexpected or mis-shaped
+            keys.
     """
+    _check_float_skeleton(model)
+    _check_materialized(model, state_dict)
     replacements = {}
     for name, entry in qmap.items():
         try:

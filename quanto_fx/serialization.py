@@ -18,6 +18,7 @@ from .qtypes import get_qtype
 from .quantize import quantization_map, requantize
 from .tensor import PackedQTensor, QTensor
 from .tensor.packed_qtensor import PACKED_QTYPES, check_packed_values
+from .tensor.quantization import check_scale_values
 
 __all__ = ["save", "load"]
 
@@ -26,6 +27,8 @@ FORMAT_VERSION = "2"  # 2 added PackedQTensor entries; version 1 files (QTensors
 READABLE_VERSIONS = ("1", "2")
 # The stored parts of each quantized tensor class, as key suffixes of the tensor's state_dict key.
 _PARTS = {cls.__name__: cls.STORED for cls in (QTensor, PackedQTensor)}
+# The static activation scale buffers every quantized module has (QModuleMixin.init_quantization).
+_ACTIVATION_SCALES = ("in_scale", "out_scale")
 
 
 def _describe(value: torch.Tensor) -> tuple[str, dict] | None:
@@ -66,7 +69,13 @@ def _rebuild(kind: str, parts: dict[str, torch.Tensor], info: dict) -> torch.Ten
 
 
 def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s state_dict and quantization map to one safetensors file at ``path``."""
+    """Write ``model``'s state_dict and quantization map to one safetensors file at ``path``.
+
+    Raises:
+        ValueError: the model has no quantized module; IsADirectoryError: ``path`` is a directory.
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"save: {path} is a directory; pass the path of the file to write")
     qmap = quantization_map(model)
     if not qmap:
         raise ValueError("save: the model has no quantized module; call quantize(model) first")
@@ -94,6 +103,9 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    # Checked apart: the handler below turns every other OSError into "not a readable safetensors file".
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no quanto_fx checkpoint at {path}: the file does not exist")
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -113,7 +125,23 @@ def _parse(metadata: dict[str, str], key: str):
         raise ValueError(f"corrupted quanto_fx checkpoint: metadata {key!r} is missing or not JSON") from e
 
 
-def _state_dict(tensors: dict[str, torch.Tensor], qtensors: dict[str, dict]) -> dict[str, torch.Tensor]:
+def _checked(what: str, check, *args):
+    """``check(*args)``, its TypeError / ValueError raised as a corrupted checkpoint naming ``what``."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"corrupted quanto_fx checkpoint: {what}: {e}") from e
+
+
+def _is_activation_scale(key: str, qmap: dict[str, dict]) -> bool:
+    module, _, name = key.rpartition(".")
+    return name in _ACTIVATION_SCALES and module in qmap
+
+
+def _state_dict(
+    tensors: dict[str, torch.Tensor], qtensors: dict[str, dict], qmap: dict[str, dict]
+) -> dict[str, torch.Tensor]:
+    """The state_dict the checkpoint holds, its quantized tensors rebuilt and every scale checked."""
     state = dict(tensors)
     for key, info in qtensors.items():
         kind = info.get("type", "QTensor") if isinstance(info, dict) else None
@@ -122,10 +150,13 @@ def _state_dict(tensors: dict[str, torch.Tensor], qtensors: dict[str, dict]) -> 
         names = {part: f"{key}.{part}" for part in _PARTS[kind]}
         if any(name not in tensors for name in names.values()):
             raise ValueError(f"corrupted quanto_fx checkpoint: {kind} {key!r} lacks one of {_PARTS[kind]}")
-        try:
-            state[key] = _rebuild(kind, {part: state.pop(name) for part, name in names.items()}, info)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"corrupted quanto_fx checkpoint: {kind} {key!r}: {e}") from e
+        parts = {part: state.pop(name) for part, name in names.items()}
+        state[key] = _checked(f"{kind} {key!r}", _rebuild, kind, parts, info)
+    # Calibration only writes finite positive scales; any other would fail at the first eager forward, or
+    # give garbage under torch.compile, where the value checks are skipped.
+    for key, value in state.items():
+        if _is_activation_scale(key, qmap):
+            _checked(f"activation scale {key!r}", check_scale_values, value)
     return state
 
 
@@ -136,18 +167,20 @@ def _check_frozen_weights(model: torch.nn.Module, qmap: dict[str, dict]) -> None
         if not entry.get("frozen") or entry.get("weights") is None:
             continue
         weight, qtype = model.get_submodule(name).weight, get_qtype(entry["weights"])
+        packed = qtype in PACKED_QTYPES
+        grouping = f"in groups of {entry.get('group_size')}" if packed else "per output channel"
         if isinstance(weight, PackedQTensor):
             ok = weight.qtype == qtype and weight.group_size == entry.get("group_size", weight.group_size)
             found = f"a {weight.qtype.name} PackedQTensor in groups of {weight.group_size}"
         elif isinstance(weight, QTensor):
-            ok = weight.qdtype == qtype.dtype and weight.axis == 0 and qtype not in PACKED_QTYPES
+            ok = weight.qdtype == qtype.dtype and weight.axis == 0 and not packed
             found = f"a {weight.qdtype} QTensor along axis {weight.axis}"
         else:
             ok, found = False, f"a {type(weight).__name__}"
         if not ok:
             raise ValueError(
-                f"corrupted quanto_fx checkpoint: {name!r} is frozen with {qtype.name} weights (per output "
-                f"channel, or in groups of {entry.get('group_size')} for int4 / int2), but holds {found}"
+                f"corrupted quanto_fx checkpoint: {name!r} is frozen with {qtype.name} weights ({grouping}), "
+                f"but holds {found}"
             )
 
 
@@ -156,7 +189,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
     says, load its tensors, and return it. Bit-exact: data and scales are restored as saved.
 
     Nothing is unpickled. On any error — unreadable or foreign file, unknown qtype, missing, extra or
-    mis-shaped keys — a ValueError names the problem and ``model`` is left as it was.
+    mis-shaped keys, non-finite or non-positive scales, an already quantized skeleton, meta tensors the
+    checkpoint does not replace (non-persistent buffers) — a ValueError names the problem and ``model`` is
+    left as it was; a ``path`` that does not exist raises FileNotFoundError.
     """
     tensors, metadata = _read(path)
     qmap = _parse(metadata, "quantization_map")
@@ -173,7 +208,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
         for field in ("weights", "activations"):
             if entry.get(field) is not None:
                 get_qtype(entry[field])  # raises ValueError naming the unknown qtype
-    state = _state_dict(tensors, qtensors)
+    state = _state_dict(tensors, qtensors, qmap)
     # Rebuild on a copy and commit only when everything loaded.
     work = copy.deepcopy(model)
     try:

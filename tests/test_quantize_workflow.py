@@ -192,6 +192,28 @@ def test_requantize_errors_name_the_module():
         requantize(Net(), qnet.state_dict(), {"decoder": qmap["norm"]})
     with pytest.raises(ValueError, match="module 'norm' is a LayerNorm, which does not quantize to QLinear"):
         requantize(Net(), qnet.state_dict(), {"norm": qmap["head.0"]})
+    with pytest.raises(ValueError, match=r"skeleton is already quantized \(quantized modules: \['conv'"):
+        requantize(quantize(Net()), qnet.state_dict(), qmap)
+
+
+class Shifted(Net):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.ones(()), persistent=False)  # in no state_dict
+
+    def forward(self, x):
+        return super().forward(x + self.shift)
+
+
+def test_requantize_refuses_a_meta_skeleton_whose_buffers_no_state_dict_holds():
+    qnet = freeze(quantize(Shifted(), activations=None))
+    with torch.device("meta"):
+        skeleton = Shifted()
+    with pytest.raises(ValueError, match=r"\['shift'\] would stay on the meta device: the state_dict"):
+        requantize(skeleton, qnet.state_dict(), quantization_map(qnet))
+    rebuilt = requantize(Shifted(), qnet.state_dict(), quantization_map(qnet))
+    x = inputs()
+    assert torch.equal(rebuilt(x), qnet(x))
 
 
 @pytest.mark.parametrize("norm", [torch.nn.LayerNorm, torch.nn.RMSNorm])

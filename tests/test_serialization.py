@@ -1,6 +1,7 @@
 """quanto_fx.save / load: bit-exact round trips, and clear refusals that leave the model as it was."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -206,3 +207,97 @@ def test_garbage_and_truncated_files(tmp_path, saved, content):
 def test_save_refuses_a_float_model(tmp_path):
     with pytest.raises(ValueError, match="no quantized module"):
         quanto_fx.save(net(), tmp_path / "x.safetensors")
+
+
+def test_load_into_a_missing_path_raises_file_not_found(tmp_path):
+    path = tmp_path / "nowhere.safetensors"
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        quanto_fx.load(path, net())
+
+
+def test_save_into_a_directory_is_refused(saved, tmp_path):
+    qnet, _, _ = saved
+    with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))} is a directory"):
+        quanto_fx.save(qnet, tmp_path)
+
+
+def test_an_already_quantized_skeleton_is_refused(saved):
+    _, path, _ = saved
+    skeleton = quantize(net())
+    with pytest.raises(
+        ValueError, match="skeleton is already quantized .* expect the float model.s skeleton"
+    ):
+        quanto_fx.load(path, skeleton)
+
+
+def test_a_weight_of_another_qtype_is_described_without_groups(saved):
+    # an int8 weight under a float8 entry: the message says what float8 weights are, no int4 group size
+    _, path, _ = saved
+    _, metadata = read(path)
+    qmap = json.loads(metadata["quantization_map"])
+    qmap["0"] |= {"weights": "qfloat8_e4m3fn", "activations": None}
+    rewrite(path, metadata=metadata | {"quantization_map": json.dumps(qmap)})
+    model = net()
+    with pytest.raises(ValueError, match="qfloat8_e4m3fn weights \\(per output channel\\), but holds") as e:
+        quanto_fx.load(path, model)
+    assert "None" not in str(e.value)
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize("key", ["0.in_scale", "3.out_scale"])
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        (float("nan"), "non-finite"),
+        (float("inf"), "non-finite"),
+        (-0.5, "strictly positive"),
+        (0.0, "strictly positive"),
+    ],
+)
+def test_a_bad_activation_scale_is_refused(saved, key, value, problem):
+    # calibration only writes finite positive scales (update_scale keeps 1.0 or the last one otherwise)
+    _, path, _ = saved
+    tensors, _ = read(path)
+    tensors[key] = torch.tensor(value)
+    rewrite(path, tensors=tensors)
+    model = net()
+    with pytest.raises(ValueError, match=f"activation scale '{key}'.*{problem}"):
+        quanto_fx.load(path, model)
+    assert_untouched(model)
+
+
+class WithPositions(torch.nn.Module):
+    """A Linear after an offset held in a non-persistent buffer, like BERT's position ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 4)
+        self.register_buffer("offset", torch.arange(16.0), persistent=False)
+
+    def forward(self, x):
+        return self.linear(x + self.offset)
+
+
+def test_a_meta_skeleton_with_non_persistent_buffers_is_refused(tmp_path):
+    path = tmp_path / "positions.safetensors"
+    quanto_fx.save(freeze(quantize(WithPositions(), activations=None)), path)
+    with torch.device("meta"):
+        skeleton = WithPositions()
+    with pytest.raises(ValueError, match="\\['offset'\\] would stay on the meta device.*non-persistent"):
+        quanto_fx.load(path, skeleton)
+    assert type(skeleton.linear) is torch.nn.Linear and skeleton.linear.weight.is_meta  # untouched
+    loaded = quanto_fx.load(path, WithPositions())  # a real skeleton keeps its own buffer
+    assert torch.equal(loaded.offset, torch.arange(16.0))
+
+
+def test_a_meta_transformers_skeleton_names_every_buffer_left_on_meta(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    path = tmp_path / "bert.safetensors"
+    quanto_fx.save(freeze(quantize(transformers.BertModel(config), activations=None)), path)
+    with torch.device("meta"):
+        skeleton = transformers.BertModel(config)
+    with pytest.raises(ValueError, match="embeddings.position_ids.*embeddings.token_type_ids.*meta device"):
+        quanto_fx.load(path, skeleton)
