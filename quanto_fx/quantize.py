@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
+from collections import Counter
 from fnmatch import fnmatch
 
 import torch
@@ -56,6 +58,47 @@ def _unmatched(patterns: list[str] | None, names: list[str]) -> list[str]:
     return [p for p in patterns or [] if not any(fnmatch(n, p) for n in names)]
 
 
+def _check_something_quantized(modules, replacements: dict, include: list[str] | None) -> None:
+    """Refuse a call that would quantize nothing, or an ``include`` pattern whose modules all stay float:
+    a silent no-op is almost always a mistake (a pattern naming a Linear subclass, a model of Conv1D)."""
+    for pattern in include or []:
+        matched = [(names, m) for names, m in modules if any(fnmatch(n, pattern) for n in names)]
+        if not any(id(m) in replacements for _, m in matched):
+            classes = sorted({type(m).__name__ for _, m in matched})
+            raise ValueError(
+                f"include pattern {pattern!r} matches no module that quantize() replaces (it matches "
+                f"{', '.join(classes)}: excluded, or of classes quanto_fx does not quantize)"
+            )
+    if not replacements:
+        classes = sorted({type(m).__name__ for _, m in modules})
+        raise ValueError(
+            f"quantize() found no module to quantize (the model holds {', '.join(classes)}); supported: "
+            "Linear, Conv2d, Embedding, LayerNorm, RMSNorm, and classes added with nn.register_qmodule"
+        )
+
+
+def _warn_weights_left_float(modules, replacements: dict, include, exclude) -> None:
+    """Warn about selected modules with a weight matrix that stay float, for want of a quantized class."""
+    left = [
+        (names[0], type(m).__name__)
+        for names, m in modules
+        if id(m) not in replacements
+        and not isinstance(m, QModuleMixin)
+        and _selected(names, include, exclude)
+        and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
+        and m.weight.ndim >= 2
+    ]
+    if left:
+        counts = ", ".join(f"{cls} x{n}" for cls, n in Counter(cls for _, cls in left).items())
+        warnings.warn(
+            f"quantize(): {len(left)} module(s) with weights stay float, of classes quanto_fx does not "
+            f"quantize: {counts} (first: {left[0][0]!r}). Subclasses of supported classes are not swapped, "
+            "since their forward may differ: register a quantized class with quanto_fx.nn.register_qmodule, "
+            "or exclude these modules to silence this warning",
+            stacklevel=3,
+        )
+
+
 def quantize(
     model: torch.nn.Module,
     weights: qtype | str | None = qint8,
@@ -93,10 +136,17 @@ def quantize(
             quantized Linear's in_features; exclude the layers it does not divide).
 
     Raises:
-        ValueError: unsupported qtypes or mode, patterns matching nothing, an already quantized model, a
-            group size that does not divide a layer's features (the message names the layer).
+        ValueError: unsupported qtypes or mode, both qtypes None, patterns matching nothing, an ``include``
+            pattern whose modules all stay float, a model with no module to quantize, an already quantized
+            model, a group size that does not divide a layer's features (the message names the layer).
+
+    Warns:
+        UserWarning: selected modules with a weight matrix stay float, their classes having no quantized
+            class (``transformers``' ``Conv1D``, subclasses of ``nn.Linear``); the warning names them.
     """
     weights, activations = check_qtypes(weights, activations, activation_mode)
+    if weights is None and activations is None:
+        raise ValueError("weights=None and activations=None quantize nothing: set at least one of them")
     include, exclude = _patterns(include), _patterns(exclude)
     modules = _modules_with_names(model)
     names = [name for module_names, _ in modules for name in module_names]
@@ -130,6 +180,8 @@ def quantize(
             replacements[id(module)] = qcls.from_module(module, **settings)
         except ValueError as e:
             raise ValueError(f"cannot quantize {module_names[0] or '<root>'!r}: {e}") from e
+    _check_something_quantized(modules, replacements, include)
+    _warn_weights_left_float(modules, replacements, include, exclude)
     return _replace(model, replacements)
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -61,6 +62,10 @@ def test_include_exclude_patterns():
     ({"weights": qint4}, "weights=qint4 is weight-only"),
     ({"weights": qint4, "activations": None}, "cannot quantize .conv.: Conv2d layers take qint8 or float8"),
     ({"weights": "qint7"}, "unknown qtype 'qint7'"),
+    ({"weights": None, "activations": None}, "weights=None and activations=None quantize nothing"),
+    ({"include": "head.1"}, r"'head.1' matches no module that quantize\(\) replaces \(it matches ReLU"),
+    ({"include": "head"}, r"include pattern 'head' matches no module .* \(it matches Sequential"),
+    ({"include": ["conv", "head.2"], "exclude": "head.2"}, r"'head.2' matches no module .*: excluded"),
 ])  # fmt: skip
 def test_bad_arguments_leave_the_model_unmodified(kwargs, message):
     net = Net()
@@ -75,6 +80,31 @@ def test_quantizing_twice_and_freezing_a_float_model_are_refused():
         quantize(net)
     with pytest.raises(ValueError, match="call quantize"):
         freeze(Net())
+
+
+def test_a_model_with_nothing_to_quantize_is_refused():
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"no module to quantize \(the model holds Conv1d, ReLU, Sequential"):
+        quantize(model)
+    assert type(model[0]) is torch.nn.Conv1d
+
+
+class ScaledLinear(torch.nn.Linear):  # a subclass may compute another function: it is not swapped
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_modules_with_weights_that_stay_float_are_named_in_a_warning():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), ScaledLinear(16, 16), ScaledLinear(16, 16), torch.nn.Conv1d(1, 1, 1)
+    )
+    message = r"3 module\(s\) with weights stay float.*ScaledLinear x2, Conv1d x1 \(first: '1'\)"
+    with pytest.warns(UserWarning, match=message):
+        quantize(model, weights=qint4, activations=None, group_size=16)
+    assert isinstance(model[0], QLinear) and type(model[1]) is ScaledLinear
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded modules are the user's choice: no warning
+        quantize(torch.nn.Sequential(torch.nn.Linear(8, 8), ScaledLinear(8, 8)), exclude="1")
 
 
 def test_root_module_is_quantized_too():
