@@ -107,6 +107,24 @@ def test_modules_with_weights_that_stay_float_are_named_in_a_warning():
         quantize(torch.nn.Sequential(torch.nn.Linear(8, 8), ScaledLinear(8, 8)), exclude="1")
 
 
+def test_freeze_warns_about_static_layers_that_calibration_never_reached():
+    net, x = Net(), inputs()
+    qnet = quantize(net, inplace=False)
+    with torch.no_grad(), calibration():
+        qnet.conv(x)  # only the first layer sees samples
+    message = r"3 static layer\(s\) were never calibrated .*\['norm', 'head.0', 'head.2'\]"
+    with pytest.warns(UserWarning, match=message):
+        freeze(qnet)
+    calibrated = quantize(net, inplace=False)
+    with torch.no_grad(), calibration():
+        calibrated(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freeze(calibrated)
+        freeze(quantize(net, inplace=False, activation_mode="dynamic"))  # dynamic scales need no calibration
+    assert sqnr(net(x), dequantized(calibrated(x))) > 25
+
+
 def test_root_module_is_quantized_too():
     q = quantize(torch.nn.Linear(4, 4), activations=None)
     assert isinstance(q, QLinear)
