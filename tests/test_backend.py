@@ -168,6 +168,22 @@ def test_conv_model_compiles_like_eager():
     assert sqnr(dequantized(ref), dequantized(out)) > 40
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fusion", ["auto", True])
+def test_static_16_bit_graphs_are_bit_exact_with_eager(dtype, fusion):
+    # Two eager paths (the fused no-grad op, the QTensor ops of grad mode) and the compiled graph each
+    # requantize with the accumulator scale rounded to x's dtype, as the QTensor ops hold it
+    x = torch.randn(2, 16, 64, dtype=dtype)
+    q = quantized(mlp().to(dtype), x)
+    out, _ = compile_and_run(q, x, options={"fusion": fusion})
+    with torch.no_grad():
+        ref = q(x)
+    with_grad = q(x.clone().requires_grad_())
+    assert torch.equal(ref._data, with_grad._data) and torch.equal(ref._scale, with_grad._scale)
+    assert torch.equal(out._data, ref._data) and torch.equal(out._scale, ref._scale)
+    assert sqnr(mlp().to(dtype)(x).float(), dequantized(ref).float()) > 25  # and close to the float model
+
+
 def linear_chain(x, w, bias):
     """A chain written with QTensor ops: per-row int8 activations, per-column int8 weights, float out."""
     return F.linear(QTensor.quantize(x, axis=0), w, bias)

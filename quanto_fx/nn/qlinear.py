@@ -189,16 +189,19 @@ class QLinear(QModuleMixin, torch.nn.Linear):
     def _fused_static(self, qx: QTensor) -> QTensor | None:
         """int8 GEMM + int32 bias + requantization at ``out_scale`` in one op; None if the bias overflows."""
         w = self.qweight
-        w_scale = w._scale.t()  # (1, N): per output column
+        # The int32 accumulator's scale (1, N) as the QTensor path holds it, in x's dtype (a 16-bit product
+        # rounds): both paths, and the compiled graph, then requantize with the same multiplier.
+        acc_scale = qx._scale * w._scale.t()
         qbias = None
         if self.bias is not None:
-            qbias = quantize_int32_bias(self.bias, qx._scale * w_scale, gemm_bound(self.in_features))
+            qbias = quantize_int32_bias(self.bias, acc_scale, gemm_bound(self.in_features))
             if qbias is None:
                 return None  # the QTensor path computes this layer in float (counted as a fallback)
             qbias = qbias.reshape(-1)
         out_scale = self.out_scale.to(qx.dtype, copy=True)  # the output must not alias the buffer
         rows = qx._data.reshape(-1, self.in_features)
-        data = _fused_ops(rows).int8_mm_requantize(rows, w._data.t(), qx._scale, w_scale, qbias, out_scale)
+        ops = _fused_ops(rows)
+        data = ops.int8_mm_requantize(rows, w._data.t(), acc_scale.new_ones(()), acc_scale, qbias, out_scale)
         return QTensor(data.reshape(*qx.shape[:-1], self.out_features), out_scale, None, _trusted=True)
 
 
