@@ -76,7 +76,12 @@ ERRORS = [
     ("NaN weight at freeze", lambda: freeze(quantize(nan_weight_model(), activations=None)),
      ValueError, r"^cannot freeze '2': its weight contains non-finite values \(NaN or Inf\)"),
     ("NaN weight at forward", lambda: quantize(nan_weight_model(), activations=None)(torch.randn(2, 8)),
-     ValueError, "non-finite"),
+     ValueError, r"^the weight of this QLinear contains non-finite values"),
+    ("NaN int4 weight at forward",
+     lambda: quantize(nan_weight_model(torch.nn.Sequential(torch.nn.Linear(16, 4))), qint4, None, group_size=16)(
+         torch.randn(2, 16)
+     ),
+     ValueError, r"^the weight of this QLinear contains non-finite values"),
     ("NaN in QTensor.quantize", lambda: QTensor.quantize(x_with(float("nan"))), ValueError, "non-finite"),
     ("NaN with explicit scale", lambda: QTensor.quantize(x_with(float("nan")), scale=torch.tensor(0.1)),
      ValueError, "non-finite"),
@@ -85,6 +90,7 @@ ERRORS = [
      ValueError, "non-finite"),
     ("integer input to quantize", lambda: QTensor.quantize(torch.arange(4)), TypeError, "floating point"),
     ("int64 storage", lambda: QTensor.quantize(torch.randn(3), torch.int64), ValueError, "torch.int64"),
+    ("unknown qtype name", lambda: QTensor.quantize(torch.randn(3), "qint7"), ValueError, "unknown qtype 'qint7'"),
     ("static float8 activations", lambda: quantize(mlp(), quanto_fx.qfloat8_e4m3fn, quanto_fx.qfloat8_e4m3fn),
      ValueError, "needs activation_mode='dynamic'"),
     ("float8 activations, int8 weights",

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quanto_fx import QTensor, qint2, qint4, qint8
+from quanto_fx.qtypes import get_qtype
 
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=3)
 
@@ -212,3 +213,18 @@ def test_wide_quantize_traces_under_compile():
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), f(x)) and compiled(x).tolist() == [1.0, -0.25, 3.0]
+
+
+@pytest.mark.parametrize("name", ["qint8", "qfloat8_e4m3fn"])
+def test_a_qtype_name_quantizes_as_the_qtype(name):
+    x = torch.randn(4, 8)
+    by_name, by_qtype = QTensor.quantize(x, name, axis=0), QTensor.quantize(x, get_qtype(name), axis=0)
+    assert by_name._data.dtype == get_qtype(name).dtype
+    assert torch.equal(by_name._data.float(), by_qtype._data.float())
+    assert torch.equal(by_name._scale, by_qtype._scale)
+
+
+def test_rescale_takes_a_qtype_name():
+    wide = QTensor.quantize(torch.randn(4, 8), torch.int16, axis=0)
+    scale = torch.full((4, 1), 0.05)
+    assert torch.equal(wide.rescale("qint8", scale)._data, wide.rescale(qint8, scale)._data)

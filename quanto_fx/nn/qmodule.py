@@ -11,7 +11,7 @@ import torch
 from ..calibrate import active_calibration, update_scale
 from ..qtypes import get_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtype
 from ..tensor import PACKED_QTYPES, PackedQTensor, QTensor
-from ..tensor.quantization import value_range
+from ..tensor.quantization import check_finite, value_range
 
 __all__ = ["QModuleMixin", "register_qmodule", "qmodule_class_for", "ACTIVATION_MODES", "DEFAULT_GROUP_SIZE"]
 
@@ -181,13 +181,18 @@ class QModuleMixin:
 
     def _quantize_weight(self, weight: torch.Tensor):
         """int8 / float8: per output channel; int4 / int2: packed, per group of ``group_size`` inputs."""
-        if self.weight_qtype in PACKED_QTYPES:
-            shift = SHIFTED_GROUPS[self.weight_qtype]
-            # A weight being trained is dequantized at once: no GEMM kernel layout to build for it.
-            training = weight.requires_grad and torch.is_grad_enabled()
-            gemm_layout = self.GEMM_WEIGHT and not training
-            return PackedQTensor.quantize(weight, self.weight_qtype, self.group_size, shift, gemm_layout)
-        return QTensor.quantize(weight, self.weight_qtype, axis=0)
+        try:
+            if self.weight_qtype in PACKED_QTYPES:
+                shift = SHIFTED_GROUPS[self.weight_qtype]
+                # A weight being trained is dequantized at once: no GEMM kernel layout to build for it.
+                training = weight.requires_grad and torch.is_grad_enabled()
+                gemm_layout = self.GEMM_WEIGHT and not training
+                return PackedQTensor.quantize(weight, self.weight_qtype, self.group_size, shift, gemm_layout)
+            return QTensor.quantize(weight, self.weight_qtype, axis=0)
+        except ValueError:
+            # QTensor.quantize calls any tensor "input": a NaN in the weight would pass for one in x
+            check_finite(weight.detach(), f"the weight of this {type(self).__name__}")
+            raise
 
     def freeze(self) -> None:
         """Replace the float weight by its integer QTensor (about a quarter of the bytes for int8)."""

@@ -78,7 +78,7 @@ class QTensor(QuantizedTensor):
     def quantize(
         cls,
         tensor: torch.Tensor,
-        int_dtype: torch.dtype | qtype = torch.int8,
+        int_dtype: torch.dtype | qtype | str = torch.int8,
         scale: torch.Tensor | None = None,
         *,
         axis: int | None = None,
@@ -88,7 +88,8 @@ class QTensor(QuantizedTensor):
         Args:
             tensor: the float tensor.
             int_dtype: torch.int8 / int16 / int32 / a float8 dtype, or a quanto_fx qtype (qint8, qint4, qint2,
-                qfloat8_e4m3fn, qfloat8_e5m2). float8 values are saturated, then rounded by the cast.
+                qfloat8_e4m3fn, qfloat8_e5m2) or its name. float8 values are saturated, then rounded by the
+                cast.
             scale: the scale to use; by default the absmax scale (per tensor or per ``axis``).
             axis: None for a per-tensor scale, else the dimension of per-channel scales.
 
@@ -125,7 +126,7 @@ class QTensor(QuantizedTensor):
         return DequantizeSTE.apply(self)
 
     def rescale(
-        self, int_dtype: torch.dtype | qtype = torch.int8, scale: torch.Tensor | None = None
+        self, int_dtype: torch.dtype | qtype | str = torch.int8, scale: torch.Tensor | None = None
     ) -> QTensor:
         """Requantize to ``int_dtype`` at a new scale (typically int32 or int16 accumulators down to int8).
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..qtypes import qtype
+from ..qtypes import get_qtype, qtype
 
 # Storage dtypes a QTensor may hold: integers, and float8 (values scaled into the float8 range).
 INT_DTYPES = (torch.int8, torch.int16, torch.int32)
@@ -19,12 +19,14 @@ DATA_DTYPES = INT_DTYPES + FLOAT8_DTYPES
 GEMM_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def value_range(qdtype: torch.dtype | qtype) -> tuple[float, float, torch.dtype]:
+def value_range(qdtype: torch.dtype | qtype | str) -> tuple[float, float, torch.dtype]:
     """Return ``(qmin, qmax, storage dtype)`` of a symmetric range: integers or a float8 format.
 
     The range is symmetric (``qmin == -qmax``, e.g. [-127, 127] for int8, +-448 for float8_e4m3fn) so that
     negation never saturates and zero needs no zero-point, as the seed's strict symmetric scheme requires.
     """
+    if isinstance(qdtype, str):
+        qdtype = get_qtype(qdtype)  # a qtype's name, as quantize() takes it
     if isinstance(qdtype, qtype):
         # The qtype's own qmin / qmax, computed from its dtype and bits as qtypes.py builds them: under
         # torch.compile, dynamo traces a float attribute that differed between recompiles of shared code
