@@ -140,6 +140,16 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     return iterable
 
 
+def _run_batch(model: torch.nn.Module, batch):
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, else ``model(batch)`` (also for
+    mixed_precision's samples)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
 def calibrate(
     model: torch.nn.Module,
     batches,
@@ -162,12 +172,7 @@ def calibrate(
     count = 0
     with torch.no_grad(), calibration(momentum, observer):
         for batch in _progress(batches, progress, "calibrating", total):
-            if isinstance(batch, dict):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            _run_batch(model, batch)
             count += 1
             if count == max_batches:
                 break

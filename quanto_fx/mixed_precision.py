@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibrate import _progress
+from .calibrate import _progress, _run_batch
 from .debug import _float, sqnr_db
 from .nn.qmodule import DEFAULT_GROUP_SIZE
 from .qtypes import get_qtype, qint4, qint8, qtype
@@ -113,15 +113,11 @@ def _quantizable(layer: torch.nn.Module) -> bool:
     return not (isinstance(layer, torch.nn.Embedding) and layer.max_norm is not None)
 
 
-def _as_args(sample) -> tuple:
-    return sample if isinstance(sample, tuple) else (sample,)
-
-
 @torch.no_grad()
 def _outputs(model, samples: list) -> torch.Tensor:
     outs = []
     for sample in samples:
-        out = _float(model(*_as_args(sample)))
+        out = _float(_run_batch(model, sample))
         if out is None:
             raise TypeError(
                 "choose_precision: the model must return a float tensor, or a tuple or mapping (such as a "
@@ -147,7 +143,8 @@ def choose_precision(
 
     Args:
         model: the float model (left untouched).
-        samples: inputs to run the model on: tensors, or tuples of positional arguments.
+        samples: inputs to run the model on, as ``calibrate`` takes batches: tensors, tuples or lists of
+            positional arguments, or dicts of keyword arguments.
         budget: the lowest acceptable ``score`` of the quantized model's outputs against the float ones.
         score: ``score(float_outputs, quantized_outputs) -> float``, higher is better, on the flattened
             outputs of all samples; by default their SQNR in dB.

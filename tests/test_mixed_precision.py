@@ -120,3 +120,25 @@ def test_embeddings_are_candidates_unless_they_renormalize():
     assert set(choose_precision(model, ids, budget=10.0, progress=False).choices) == {"0", "1"}
     model[0].max_norm = 1.0
     assert set(choose_precision(model, ids, budget=10.0, progress=False).choices) == {"1"}
+
+
+class KeywordModel(torch.nn.Module):
+    """Called as transformers models are, with keyword arguments (a dict batch)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, scale=1.0):
+        return self.model(inputs * scale)
+
+
+@pytest.mark.parametrize("as_batch", [lambda x: {"inputs": x, "scale": 2.0}, lambda x: [x, 2.0]])
+def test_samples_take_the_batches_calibrate_takes(as_batch):
+    model = KeywordModel(model_with_a_fragile_layer())
+    inputs = samples()
+    plan = choose_precision(model, [as_batch(x) for x in inputs], budget=15.0, progress=False)
+    # scored on the model's outputs for those arguments: the same plan as scoring x * 2 directly
+    direct = choose_precision(model.model, [2.0 * x for x in inputs], budget=15.0, progress=False)
+    assert {n.removeprefix("model."): q for n, q in plan.choices.items()} == direct.choices
+    assert plan.score == pytest.approx(direct.score, abs=1e-6)
