@@ -361,3 +361,13 @@ def test_incompatible_shapes_and_devices_raise():
     if torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError), match="device"):
             torch.mm(q(torch.randn(3, 4)), q(torch.randn(4, 2, device="cuda")))
+
+
+def test_numpy_tolist_and_item_give_the_float_value():
+    qx = q(torch.randn(3, 4), axis=0)
+    value = dequantized(qx)
+    assert (qx.numpy() == value.numpy()).all() and qx.numpy().dtype == value.numpy().dtype
+    assert qx.tolist() == value.tolist()
+    assert qx[1, 2].item() == value[1, 2].item()
+    with pytest.raises(RuntimeError, match="requires grad"):  # as for any tensor: detach first
+        q(torch.randn(3, requires_grad=True)).numpy()

@@ -125,6 +125,14 @@ class QTensor(QuantizedTensor):
 
         return DequantizeSTE.apply(self)
 
+    def numpy(self, *, force: bool = False):
+        """The float value as a NumPy array, as ``item()`` gives it (torch refuses subclasses here)."""
+        return self.dequantize().numpy(force=force)
+
+    def tolist(self):
+        """The float value as nested lists, as ``item()`` gives it (torch refuses subclasses here)."""
+        return self.dequantize().tolist()
+
     def rescale(
         self, int_dtype: torch.dtype | qtype | str = torch.int8, scale: torch.Tensor | None = None
     ) -> QTensor:
