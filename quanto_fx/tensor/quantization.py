@@ -11,8 +11,6 @@ from ..qtypes import get_qtype, qtype
 
 # Storage dtypes a QTensor may hold: integers, and float8 (values scaled into the float8 range).
 INT_DTYPES = (torch.int8, torch.int16, torch.int32)
-# Codes x's float dtype may not hold: quantized in float64 (see quantize_data).
-WIDE_INT_DTYPES = (torch.int16, torch.int32)
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DATA_DTYPES = INT_DTYPES + FLOAT8_DTYPES
 # Float dtypes the weight-only and low-bit GEMM kernels take as activations (and return).
@@ -102,17 +100,27 @@ def absmax_scale(x: torch.Tensor, qmax: int, axis: int | None = None) -> torch.T
     return (peak / qmax).clamp_min(torch.finfo(x.dtype).tiny)
 
 
+# Significand bits of the float dtypes: every integer up to 2**bits is exact in them.
+_SIGNIFICAND_BITS = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+
+def _holding_codes(dtype: torch.dtype, qmax: float) -> torch.dtype:
+    """``dtype`` when it holds every integer code up to ``qmax`` exactly, else float64, which holds every
+    int32 (int32 codes in float32, int16 codes in 16-bit floats): there the clamp bound itself would round up
+    (2**31 - 1 to 2**31, 32767 to 32768 in bfloat16) and the cast wrap to -qmax - 1."""
+    return dtype if qmax < 2 ** _SIGNIFICAND_BITS.get(dtype, 0) else torch.float64
+
+
 def round_and_clamp(x: torch.Tensor, qmin: float, qmax: float, dtype: torch.dtype) -> torch.Tensor:
     """Round half to even, saturate to [qmin, qmax] and cast to ``dtype`` (float8: the cast rounds).
 
-    int16 / int32 codes are saturated in float64, which holds every int32: x's dtype may round ``qmax`` up
-    (32767 to 32768 in bfloat16, 2**31 - 1 to 2**31 in float32), from where the cast wraps to -qmax - 1.
+    In place on ``x``, a temporary of the caller's: freezing a layer then holds one float temporary of its
+    weight, not two. Integer codes that x's dtype does not hold are rounded in float64 (exact: the round
+    gives what it would in x's dtype).
     """
     if dtype in FLOAT8_DTYPES:
-        return x.clamp(qmin, qmax).to(dtype)
-    if dtype in WIDE_INT_DTYPES:
-        x = x.to(torch.float64)  # exact: the round gives what it would in x's dtype
-    return torch.round(x).clamp_(qmin, qmax).to(dtype)
+        return x.clamp_(qmin, qmax).to(dtype)
+    return x.to(_holding_codes(x.dtype, qmax)).round_().clamp_(qmin, qmax).to(dtype)
 
 
 def quantize_data(
@@ -120,12 +128,13 @@ def quantize_data(
 ) -> torch.Tensor:
     """Integer data of ``x`` at ``scale``: ``clamp(round(x / scale), qmin, qmax)``.
 
-    int8 and float8 codes divide in x's dtype: the arithmetic the C++ and Triton kernels reproduce bit for
-    bit. int16 / int32 codes divide in float64, which holds them all: x's dtype may not (float16 overflows
-    past 65504 to inf, bfloat16 keeps 8 bits).
+    Divided in x's dtype (for int8 and float8 codes, the arithmetic the C++ and Triton kernels reproduce
+    bit for bit), except where it does not hold every code (int32 codes of float32 x, int16 / int32 codes of
+    16-bit x): there in float64 (float16 would also overflow past 65504 to inf, bfloat16 keeps 8 bits).
     """
-    if dtype in WIDE_INT_DTYPES:
-        x, scale = x.to(torch.float64), scale.to(torch.float64)
+    wide = x.dtype if dtype in FLOAT8_DTYPES else _holding_codes(x.dtype, qmax)
+    if wide != x.dtype:
+        x, scale = x.to(wide), scale.to(wide)
     return round_and_clamp(x / scale, qmin, qmax, dtype)
 
 
