@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 from collections import Counter
 from fnmatch import fnmatch
@@ -264,19 +263,15 @@ def _check_float_skeleton(model: torch.nn.Module) -> None:
         )
 
 
-def _check_materialized(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Refuse a skeleton whose meta tensors the state does not replace: non-persistent buffers (position ids,
-    rotary frequencies) are in no state_dict, and would stay on meta to fail or mislead at run time."""
-    named = itertools.chain(
-        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
-    )
-    left = [name for name, tensor in named if tensor.is_meta and name not in state]
-    if left:
-        raise ValueError(
-            f"{left} would stay on the meta device: the state_dict does not hold them (non-persistent "
-            "buffers are never stored in checkpoints); build the skeleton on a real device, e.g. under "
-            '`with torch.device("cpu"):`, or materialize these tensors first'
-        )
+def _meta_non_persistent_buffers(model: torch.nn.Module) -> list[str]:
+    """Non-persistent buffers (position ids, rotary frequencies) on the meta device: no state_dict holds
+    them, so loading cannot materialize them, and they would fail or mislead at run time."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules(remove_duplicate=False)
+        for name, buffer in module._buffers.items()  # in registration order (the set's order varies)
+        if name in module._non_persistent_buffers_set and buffer is not None and buffer.is_meta
+    ]
 
 
 def requantize(
@@ -285,16 +280,21 @@ def requantize(
     """Rebuild a quantized model from its float skeleton, a quantized state_dict and its quantization map.
 
     The skeleton may live on the meta device (``with torch.device("meta"): model = Model()``): tensors of
-    the state_dict are assigned, not copied.
+    the state_dict are assigned, not copied. Its non-persistent buffers are in no state_dict: with
+    ``strict`` they must not be on meta; ``strict=False`` (loading shards one at a time) leaves them to you.
 
     Raises:
-        ValueError: an already quantized skeleton, meta tensors that ``state_dict`` does not replace
-            (non-persistent buffers), a map entry that names no module, or a module whose quantized class
-            differs from the map; RuntimeError (from ``load_state_dict``): missing, unexpected or mis-shaped
-            keys.
+        ValueError: an already quantized skeleton, non-persistent buffers on the meta device (``strict``),
+            a map entry that names no module, or a module whose quantized class differs from the map;
+            RuntimeError (from ``load_state_dict``): missing, unexpected or mis-shaped keys.
     """
     _check_float_skeleton(model)
-    _check_materialized(model, state_dict)
+    if strict and (meta := _meta_non_persistent_buffers(model)):
+        raise ValueError(
+            f"the skeleton's non-persistent buffers {meta[:5]} are on the meta device, and no state_dict "
+            'holds them: build the skeleton on a real device (e.g. under `with torch.device("cpu"):`) or '
+            "materialize these buffers first"
+        )
     replacements = {}
     for name, entry in qmap.items():
         try:

@@ -257,11 +257,28 @@ def test_requantize_refuses_a_meta_skeleton_whose_buffers_no_state_dict_holds():
     qnet = freeze(quantize(Shifted(), activations=None))
     with torch.device("meta"):
         skeleton = Shifted()
-    with pytest.raises(ValueError, match=r"\['shift'\] would stay on the meta device: the state_dict"):
+    with pytest.raises(ValueError, match=r"non-persistent buffers \['shift'\] are on the meta device"):
         requantize(skeleton, qnet.state_dict(), quantization_map(qnet))
     rebuilt = requantize(Shifted(), qnet.state_dict(), quantization_map(qnet))
     x = inputs()
     assert torch.equal(rebuilt(x), qnet(x))
+
+
+def test_requantize_loads_shards_into_a_meta_skeleton_without_strict():
+    qnet = calibrated_frozen_net()
+    state, qmap = qnet.state_dict(), quantization_map(qnet)
+    first = {k: v for k, v in state.items() if not k.startswith("head.")}
+    with torch.device("meta"):
+        skeleton = Net()
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict: a missing key is load_state_dict's error
+        requantize(skeleton, first, qmap)
+    with torch.device("meta"):
+        skeleton = Net()
+    rebuilt = requantize(skeleton, first, qmap, strict=False)  # one shard, then the other
+    second = {k: v for k, v in state.items() if k.startswith("head.")}
+    rebuilt.load_state_dict(second, strict=False, assign=True)
+    x = inputs()
+    assert torch.equal(rebuilt(x)._data, qnet(x)._data)
 
 
 @pytest.mark.parametrize("norm", [torch.nn.LayerNorm, torch.nn.RMSNorm])
