@@ -198,9 +198,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     Raises:
         ValueError: the model holds no quantized module (call ``quantize(model)`` first), or a layer's weight
             holds a non-finite value (the message names the layer; no weight is then changed).
-
-    Warns:
-        UserWarning: static layers that calibration never reached (their scales are still 1.0).
     """
     qmodules = _qmodules(model)
     if not qmodules:
@@ -210,28 +207,7 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
             check_finite(module.weight.detach(), f"cannot freeze {name or '<root>'!r}: its weight")
     for _, module in qmodules:
         module.freeze()
-    _warn_uncalibrated(qmodules)
     return model
-
-
-def _warn_uncalibrated(qmodules: list[tuple[str, QModuleMixin]]) -> None:
-    """Warn about static layers whose scales are still the uncalibrated 1.0: their int8 activations round
-    every value below 0.5 to 0, so such a model outputs mostly zeros."""
-    names = [
-        name or "<root>"
-        for name, m in qmodules
-        if m.is_static
-        and not m.out_scale.is_meta
-        and bool(m.in_scale == 1)
-        and bool(m.out_scale == 1)  # norms leave in_scale at 1: their out_scale decides
-    ]
-    if names:
-        warnings.warn(
-            f"freeze(): {len(names)} static layer(s) were never calibrated (scales still 1.0, so their int8 "
-            f"activations round every value below 0.5 to 0): {names[:5]}. Run the model on representative "
-            "inputs inside `with calibration():` before freeze(), or quantize with activation_mode='dynamic'",
-            stacklevel=3,
-        )
 
 
 def quantization_map(model: torch.nn.Module) -> dict[str, dict]:

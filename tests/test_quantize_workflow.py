@@ -107,21 +107,32 @@ def test_modules_with_weights_that_stay_float_are_named_in_a_warning():
         quantize(torch.nn.Sequential(torch.nn.Linear(8, 8), ScaledLinear(8, 8)), exclude="1")
 
 
-def test_freeze_warns_about_static_layers_that_calibration_never_reached():
+def test_a_static_layer_run_uncalibrated_warns_once():
     net, x = Net(), inputs()
-    qnet = quantize(net, inplace=False)
+    qnet = freeze(quantize(net, inplace=False))
     with torch.no_grad(), calibration():
         qnet.conv(x)  # only the first layer sees samples
-    message = r"3 static layer\(s\) were never calibrated .*\['norm', 'head.0', 'head.2'\]"
-    with pytest.warns(UserWarning, match=message):
-        freeze(qnet)
+    with pytest.warns(UserWarning, match="static activation scales are still 1.0") as record:
+        qnet(x)
+    warned = sorted(str(w.message).split(":")[0] for w in record if "still 1.0" in str(w.message))
+    assert warned == ["QLayerNorm", "QLinear", "QLinear"]  # the conv was calibrated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qnet(x)  # once per layer
+
+
+def test_calibrated_and_reloaded_static_layers_do_not_warn():
+    net, x = Net(), inputs()
     calibrated = quantize(net, inplace=False)
     with torch.no_grad(), calibration():
         calibrated(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        freeze(calibrated)
-        freeze(quantize(net, inplace=False, activation_mode="dynamic"))  # dynamic scales need no calibration
+        freeze(calibrated)(x)
+        fresh = freeze(quantize(Net()))  # frozen before its scales are loaded, as the README shows
+        fresh.load_state_dict(calibrated.state_dict(), assign=True)
+        assert torch.equal(fresh(x)._data, calibrated(x)._data)
+        freeze(quantize(net, inplace=False, activation_mode="dynamic"))(x)  # dynamic: no scales to calibrate
     assert sqnr(net(x), dequantized(calibrated(x))) > 25
 
 

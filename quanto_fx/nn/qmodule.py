@@ -4,6 +4,7 @@ the registry that maps float module classes to their quantized twins."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -131,6 +132,7 @@ class QModuleMixin:
         self.group_size = group_size
         self.register_buffer("in_scale", torch.ones((), device=device))
         self.register_buffer("out_scale", torch.ones((), device=device))
+        self._calibration_checked = False  # see _check_calibrated_once
 
     @classmethod
     def from_module(
@@ -206,10 +208,27 @@ class QModuleMixin:
 
     # -- activations ------------------------------------------------------------------------------------
 
+    def _check_calibrated_once(self, state) -> None:
+        """At a static layer's first eager call outside calibration, warn if its scales are still the
+        uncalibrated 1.0: int8 activations then round every value below 0.5 to 0 (mostly zeros out). Not
+        at freeze(): a frozen model may be about to load calibrated scales."""
+        if state is not None or self._calibration_checked or torch.compiler.is_compiling():
+            return
+        self._calibration_checked = True
+        if self.out_scale.is_meta or not (bool(self.in_scale == 1) and bool(self.out_scale == 1)):
+            return  # (norms leave in_scale at 1: their out_scale decides)
+        warnings.warn(
+            f"{type(self).__name__}: static activation scales are still 1.0 (never calibrated), so int8 "
+            "activations round every value below 0.5 to 0. Run the model on representative inputs inside "
+            "`with calibration():` first, load calibrated scales, or quantize with activation_mode='dynamic'",
+            stacklevel=3,  # the layer's forward
+        )
+
     def quantize_input(self, x: torch.Tensor) -> QTensor:
         """Static int8 input at ``in_scale`` (an int8 per-tensor QTensor input is taken as it is)."""
         qmax = value_range(self.activation_qtype)[1]
         state = active_calibration()
+        self._check_calibrated_once(state)
         if isinstance(x, QTensor):
             if x.qdtype == torch.int8 and x.axis is None:
                 if state is not None:
@@ -228,6 +247,7 @@ class QModuleMixin:
         """Static int8 output at ``out_scale`` (int32 accumulators are rescaled, floats quantized)."""
         qmax = value_range(self.activation_qtype)[1]
         state = active_calibration()
+        self._check_calibrated_once(state)
         if state is not None:
             values = y.dequantize() if isinstance(y, QTensor) else y
             update_scale(self.out_scale, values, qmax, state)
