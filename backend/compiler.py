@@ -146,12 +146,7 @@ def quanto_backend(
         from .explain import dump_text
 
         dump_text(Path(opts.dump_dir), f"graph_{graph_id}_captured.py", gm.code)
-    patches: dict = {
-        "post_grad_custom_pre_pass": QuantoGraphPass(opts, graph_id),
-        # Round 16-bit intermediates as eager does (inductor keeps them in float32 by default): a static
-        # bfloat16 / float16 graph's int8 codes then equal eager mode's, where ~1 in 3 differed by one.
-        "emulate_precision_casts": True,
-    }
+    patches: dict = {"post_grad_custom_pre_pass": QuantoGraphPass(opts, graph_id)}
     if opts.observed or session is not None:
         patches["fx_graph_cache"] = False  # a cache hit would skip the passes and leave nothing to report
     if mode is not None:
