@@ -49,6 +49,13 @@ def _fused_ops(rows: torch.Tensor) -> types.SimpleNamespace:
     return _fused_op_overloads()
 
 
+@functools.cache
+def _one(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A shared 0-d 1.0, never written: the a_scale of a requantize whose whole scale is its b_scale (one
+    allocation fewer per static call)."""
+    return torch.ones((), device=device, dtype=dtype)
+
+
 @register_qmodule(torch.nn.Linear)
 class QLinear(QModuleMixin, torch.nn.Linear):
     """A quantized ``nn.Linear``.
@@ -201,7 +208,8 @@ class QLinear(QModuleMixin, torch.nn.Linear):
         out_scale = self.out_scale.to(qx.dtype, copy=True)  # the output must not alias the buffer
         rows = qx._data.reshape(-1, self.in_features)
         ops = _fused_ops(rows)
-        data = ops.int8_mm_requantize(rows, w._data.t(), acc_scale.new_ones(()), acc_scale, qbias, out_scale)
+        one = _one(acc_scale.device, acc_scale.dtype)
+        data = ops.int8_mm_requantize(rows, w._data.t(), one, acc_scale, qbias, out_scale)
         return QTensor(data.reshape(*qx.shape[:-1], self.out_features), out_scale, None, _trusted=True)
 
 
