@@ -17,7 +17,7 @@ import torch
 
 from .calibrate import _progress, _run_batch
 from .debug import _float, sqnr_db
-from .nn.qmodule import DEFAULT_GROUP_SIZE
+from .nn.qmodule import DEFAULT_GROUP_SIZE, qmodule_class_for
 from .qtypes import get_qtype, qint4, qint8, qtype
 from .quantize import _patterns, _selected, freeze, quantize
 from .tensor import PACKED_QTYPES
@@ -109,7 +109,10 @@ def _allowed(
 
 
 def _quantizable(layer: torch.nn.Module) -> bool:
-    # An Embedding with max_norm renormalizes its table in place: QEmbedding refuses it.
+    # quantize() swaps it (not a subclass such as MultiheadAttention's out_proj), and not an Embedding with
+    # max_norm, which renormalizes its table in place: QEmbedding refuses it.
+    if qmodule_class_for(layer) is None:
+        return False
     return not (isinstance(layer, torch.nn.Embedding) and layer.max_norm is not None)
 
 
@@ -174,7 +177,7 @@ def choose_precision(
     layers = {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, LAYER_TYPES) and _quantizable(m) and _selected(name, include, exclude)
+        if isinstance(m, LAYER_TYPES) and _quantizable(m) and _selected([name], include, exclude)
     }
     if not layers:
         raise ValueError("choose_precision: no nn.Linear or nn.Embedding layer of the model is selected")

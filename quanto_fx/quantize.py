@@ -84,8 +84,8 @@ def _warn_weights_left_float(modules, replacements: dict, include, exclude) -> N
         if id(m) not in replacements
         and not isinstance(m, QModuleMixin)
         and _selected(names, include, exclude)
-        and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
-        and m.weight.ndim >= 2
+        and isinstance(weight := m._parameters.get("weight"), torch.nn.Parameter)  # not computed ones
+        and weight.ndim >= 2
     ]
     if left:
         counts = ", ".join(f"{cls} x{n}" for cls, n in Counter(cls for _, cls in left).items())

@@ -142,3 +142,22 @@ def test_samples_take_the_batches_calibrate_takes(as_batch):
     direct = choose_precision(model.model, [2.0 * x for x in inputs], budget=15.0, progress=False)
     assert {n.removeprefix("model."): q for n, q in plan.choices.items()} == direct.choices
     assert plan.score == pytest.approx(direct.score, abs=1e-6)
+
+
+def test_include_and_exclude_match_whole_layer_names():
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(12)])
+
+    def chosen(**patterns):
+        plan = choose_precision(model, [torch.randn(2, 16)], budget=10.0, progress=False, **patterns)
+        return set(plan.choices)
+
+    assert chosen(include="11") == {"11"}
+    assert chosen(include="1*") == {"1", "10", "11"}
+    assert chosen(exclude=["1", "1?"]) == {str(i) for i in range(12)} - {"1", "10", "11"}
+
+
+def test_linear_subclasses_quantize_does_not_swap_are_not_candidates():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    plan = choose_precision(layer, [torch.randn(2, 5, 16)], budget=10.0, progress=False)
+    assert set(plan.choices) == {"linear1", "linear2"}  # not self_attn.out_proj, a Linear subclass
+    plan.apply(layer)
