@@ -12,7 +12,7 @@ import torch
 from .nn.qmodule import DEFAULT_GROUP_SIZE, QModuleMixin, check_qtypes, qmodule_class_for
 from .qtypes import qint8, qtype
 from .tensor import PACKED_QTYPES
-from .tensor.groupwise import check_group_size
+from .tensor.groupwise import check_group_size, check_group_size_value
 from .tensor.quantization import check_finite
 
 __all__ = ["quantize", "freeze", "quantization_map", "requantize"]
@@ -69,6 +69,8 @@ def _check_something_quantized(modules, replacements: dict, include: list[str] |
                 f"{', '.join(classes)}: excluded, or of classes quanto_fx does not quantize)"
             )
     if not replacements:
+        if any(qmodule_class_for(m) is not None for _, m in modules):  # (include was checked above)
+            raise ValueError("quantize() found no module to quantize: `exclude` excludes every supported one")
         classes = sorted({type(m).__name__ for _, m in modules})
         raise ValueError(
             f"quantize() found no module to quantize (the model holds {', '.join(classes)}); supported: "
@@ -146,6 +148,8 @@ def quantize(
     weights, activations = check_qtypes(weights, activations, activation_mode)
     if weights is None and activations is None:
         raise ValueError("weights=None and activations=None quantize nothing: set at least one of them")
+    if weights in PACKED_QTYPES:
+        check_group_size_value(group_size)  # a setting of the call, not of the first layer it would reach
     include, exclude = _patterns(include), _patterns(exclude)
     modules = _modules_with_names(model)
     names = [name for module_names, _ in modules for name in module_names]

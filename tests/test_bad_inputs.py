@@ -54,7 +54,9 @@ ERRORS = [
     ("group size not dividing features", lambda: quantize(mlp(), weights=qint4, activations=None, group_size=64),
      ValueError, "cannot quantize .0.: group_size 64 does not divide the 8 input features"),
     ("group size not a power of two", lambda: quantize(mlp(), weights=qint4, activations=None, group_size=12),
-     ValueError, "power of two"),
+     ValueError, r"^group_size must be a power of two >= 16, got 12$"),  # the call's setting: no layer named
+    ("everything excluded", lambda: quantize(mlp(), exclude="*"),
+     ValueError, "found no module to quantize: `exclude` excludes every supported one"),
     ("unsupported activations", lambda: quantize(mlp(), activations=qint4), ValueError, "activations=qint4"),
     ("bad activation mode", lambda: quantize(mlp(), activation_mode="per-token"), ValueError, "activation_mode"),
     ("include matches nothing", lambda: quantize(mlp(), include="encoder.*"), ValueError, "match no module"),

@@ -21,11 +21,16 @@ from .quantization import check_finite
 MIN_GROUP_SIZE = 16
 
 
+def check_group_size_value(group_size: int) -> None:
+    """Raise ValueError unless ``group_size`` is a power of two >= ``MIN_GROUP_SIZE``."""
+    if not isinstance(group_size, int) or group_size < MIN_GROUP_SIZE or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
+
+
 def check_group_size(group_size: int, in_features: int) -> None:
     """Raise ValueError unless ``group_size`` is a power of two >= ``MIN_GROUP_SIZE`` dividing
     ``in_features``."""
-    if not isinstance(group_size, int) or group_size < MIN_GROUP_SIZE or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
+    check_group_size_value(group_size)
     if in_features % group_size:
         raise ValueError(
             f"group_size {group_size} does not divide the {in_features} input features; choose a group size "
