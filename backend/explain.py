@@ -72,7 +72,13 @@ class ExplainReport:
         lines.append("\n-- fusion " + "-" * 50)
         for i, report in enumerate(self.pass_reports):
             lines.append(format_graph_report(i, report))
-            lines += [f"  rejected by {r['rule']} at {r['node']}: {r['reason']}" for r in report.rejected]
+            # A rule that refused for the reason a GEMM was left for adds nothing here (to_dict keeps it)
+            said = {u["reason"] for u in report.unfused}
+            lines += [
+                f"  rejected by {r['rule']} at {r['node']}: {r['reason']}"
+                for r in report.rejected
+                if r["reason"] not in said
+            ]
         lines.append("\n-- generated code " + "-" * 42)
         kernels = ", ".join(f"{k} x{v}" for k, v in self.fused_kernels.items()) or "none"
         lines.append(f"fused kernels: {kernels}; aten._int_mm calls left: {self.unfused_int_mm_in_code}")
