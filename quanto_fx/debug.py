@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .nn import QModuleMixin
+from .quantize import _qmodules
 from .tensor import QTensor
 
 __all__ = ["LayerReport", "layer_report"]
@@ -56,11 +56,6 @@ class LayerReport:
         return "\n".join(lines)
 
 
-def _quantized_names(model: torch.nn.Module) -> list[str]:
-    """Names of ``model``'s quantized modules ("" for the model itself)."""
-    return [name for name, m in model.named_modules() if isinstance(m, QModuleMixin)]
-
-
 def _record_outputs(model: torch.nn.Module, names: set[str], store: dict) -> list:
     def recorder(name):
         return lambda module, inputs, output: store.__setitem__(name, _float(output))
@@ -79,11 +74,11 @@ def layer_report(float_model: torch.nn.Module, qmodel: torch.nn.Module, *inputs,
         ValueError: ``qmodel`` has no quantized module, or one that ``float_model`` lacks; ``float_model``
             has quantized modules (it is ``qmodel`` itself after the default in-place ``quantize``).
     """
-    names = set(_quantized_names(qmodel))
+    names = {name for name, _ in _qmodules(qmodel)}
     if not names:
         raise ValueError("layer_report: qmodel has no quantized module")
     # Its outputs are the reference: quantized ones would hide the error (inf dB when it is qmodel itself).
-    if quantized := _quantized_names(float_model):
+    if quantized := [name for name, _ in _qmodules(float_model)]:
         what = "is qmodel itself" if float_model is qmodel else "has quantized modules"
         raise ValueError(
             f"layer_report: float_model {what} ({[n or '<root>' for n in quantized[:5]]}); pass the float "

@@ -235,8 +235,7 @@ def quantization_map(model: torch.nn.Module) -> dict[str, dict]:
 
 def _check_float_skeleton(model: torch.nn.Module) -> None:
     """``requantize`` (and ``load``) quantize the skeleton as the map says: it must not be quantized yet."""
-    quantized = [name or "<root>" for name, m in model.named_modules() if isinstance(m, QModuleMixin)]
-    if quantized:
+    if quantized := [name or "<root>" for name, _ in _qmodules(model)]:
         raise ValueError(
             f"the skeleton is already quantized (quantized modules: {quantized[:5]}); requantize and load "
             "expect the float model's skeleton, as built before quantize()"

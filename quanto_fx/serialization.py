@@ -189,9 +189,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
     says, load its tensors, and return it. Bit-exact: data and scales are restored as saved.
 
     Nothing is unpickled. On any error — unreadable or foreign file, unknown qtype, missing, extra or
-    mis-shaped keys, non-finite or non-positive scales, an already quantized skeleton, meta tensors the
-    checkpoint does not replace (non-persistent buffers) — a ValueError names the problem and ``model`` is
-    left as it was; a ``path`` that does not exist raises FileNotFoundError.
+    mis-shaped keys, non-finite or non-positive scales, an already quantized skeleton, non-persistent
+    buffers left on the meta device (no checkpoint holds them) — a ValueError names the problem and
+    ``model`` is left as it was; a ``path`` that does not exist raises FileNotFoundError.
     """
     tensors, metadata = _read(path)
     qmap = _parse(metadata, "quantization_map")

@@ -4,8 +4,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
-from quanto_fx import PackedQTensor, QTensor, qfloat8_e4m3fn, qint2, qint4
+from quanto_fx import PackedQTensor, QTensor, calibration, freeze, qfloat8_e4m3fn, qint2, qint4, quantize
 
 
 def test_flatten_unflatten_roundtrip():
@@ -86,3 +87,22 @@ def test_compiling_quantized_weights_does_not_warn_about_the_cache_key():
         warnings.simplefilter("always")
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     assert not [w for w in caught if "_stable_hash_for_caching" in str(w.message)]
+
+
+def test_an_eager_call_between_compiled_calls_does_not_recompile_a_static_model():
+    # The first eager call outside calibration marks each static layer checked for calibration: a graph
+    # that read (and guarded on) that flag would be compiled again after it
+    model = quantize(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)))
+    x = torch.randn(4, 16)
+    with torch.no_grad(), calibration():
+        model(x)
+    freeze(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        first = compiled(x)
+        model(x)
+        again = compiled(x)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(first._data, again._data)

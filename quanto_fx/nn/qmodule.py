@@ -212,7 +212,8 @@ class QModuleMixin:
         """At a static layer's first eager call outside calibration, warn if its scales are still the
         uncalibrated 1.0: int8 activations then round every value below 0.5 to 0 (mostly zeros out). Not
         at freeze(): a frozen model may be about to load calibrated scales."""
-        if state is not None or self._calibration_checked or torch.compiler.is_compiling():
+        # is_compiling() first: dynamo then never reads (and guards on) the flag
+        if torch.compiler.is_compiling() or state is not None or self._calibration_checked:
             return
         self._calibration_checked = True
         if self.out_scale.is_meta or not (bool(self.in_scale == 1) and bool(self.out_scale == 1)):
